@@ -1,0 +1,264 @@
+"""Audio I/O through ffmpeg (via ffmpeg-python): decode anything to 16 kHz mono float32,
+check a clip, and write 16 kHz FLAC.
+
+This module is the one place that resolves the ffmpeg binary (:func:`ffmpeg_exe`).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import re
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ffmpeg
+import numpy as np
+
+from pipeline import atomic
+
+SAMPLE_RATE = 16000
+# Local inputs may only open local files: a crafted playlist or concat file cannot make
+# ffmpeg reach the network or other paths through a protocol.
+LOCAL_PROTOCOLS = "file,pipe"
+# ffmpeg prefixes messages with "[name @ 0x55d1...]": addresses differ per run, drop them so
+# that reasons recorded in manifests are reproducible.
+_CONTEXT_PREFIX = re.compile(r"\[[^\]]*@ 0x[0-9a-fA-F]+\]\s*")
+
+
+class DecodeError(RuntimeError):
+    """ffmpeg could not decode an input; ``reason`` is ffmpeg's own last message."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary: $DASHENG_FFMPEG, else ``ffmpeg`` on PATH (Debian, conda),
+    else the static binary shipped in the imageio-ffmpeg wheel."""
+    override = os.environ.get("DASHENG_FFMPEG")
+    if override:
+        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
+            raise FileNotFoundError(f"DASHENG_FFMPEG={override!r} is not an executable file")
+        return override
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise FileNotFoundError(
+            "no ffmpeg found: install the project (pip install -e .) or put ffmpeg on PATH"
+        ) from exc
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@functools.cache
+def ffmpeg_version() -> str:
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-version"], capture_output=True, text=True)
+    first = out.stdout.splitlines()[0] if out.stdout else "unknown"
+    return first.removeprefix("ffmpeg version ").split(" ")[0]
+
+
+@functools.cache
+def resampler() -> str:
+    """``soxr`` when this ffmpeg has libsoxr (high quality), else ffmpeg's own ``swr``."""
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-version"], capture_output=True, text=True)
+    return "soxr" if "--enable-libsoxr" in out.stdout else "swr"
+
+
+def versions() -> dict[str, str]:
+    """Audio-tool versions for provenance stamps."""
+    return {"ffmpeg": ffmpeg_version(), "resampler": resampler()}
+
+
+def ffmpeg_input_name(source: str | os.PathLike) -> str:
+    """Name ffmpeg should open: URLs as they are, local paths as ``file:<absolute path>``
+    so that a file called ``concat:...`` or ``-x`` is never read as a protocol or option."""
+    text = os.fspath(source)
+    if "://" in text:
+        return text
+    return "file:" + os.path.abspath(text)
+
+
+def _decode_args(source: str | os.PathLike, sample_rate: int, start_s: float | None,
+                 duration_s: float | None):
+    input_kwargs = {}
+    if start_s:
+        input_kwargs["ss"] = f"{start_s:.6f}"
+    if duration_s is not None:
+        input_kwargs["t"] = f"{duration_s:.6f}"
+    name = ffmpeg_input_name(source)
+    if name.startswith("file:"):
+        input_kwargs["protocol_whitelist"] = LOCAL_PROTOCOLS
+    stream = ffmpeg.input(name, **input_kwargs)
+    stream = stream.output(
+        "pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate,
+        af=f"aresample=resampler={resampler()}", vn=None, sn=None,
+    )
+    return stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(cmd=ffmpeg_exe())
+
+
+class _StderrTail(threading.Thread):
+    """Drains a pipe (so ffmpeg never blocks on it) and keeps its last lines."""
+
+    def __init__(self, pipe, keep: int = 20):
+        super().__init__(daemon=True)
+        self.pipe = pipe
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def run(self) -> None:
+        for raw in iter(self.pipe.readline, b""):
+            line = _CONTEXT_PREFIX.sub("", raw.decode("utf-8", "replace")).strip()
+            if line:
+                self.lines.append(line)
+        self.pipe.close()
+
+    def reason(self, returncode: int) -> str:
+        return self.lines[-1] if self.lines else f"ffmpeg exited with status {returncode}"
+
+
+def stream(source: str | os.PathLike, block_samples: int, *, sample_rate: int = SAMPLE_RATE,
+           start_s: float | None = None, duration_s: float | None = None,
+           strict: bool = True) -> Iterator[np.ndarray]:
+    """Decode ``source`` and yield consecutive float32 blocks of ``block_samples`` (the last
+    one shorter). Memory stays bounded whatever the file's length.
+
+    Raises :class:`DecodeError` at the end when ffmpeg fails, or, with ``strict``, when it
+    reported decoding errors (a truncated or damaged file) even though it went on."""
+    args = _decode_args(source, sample_rate, start_s, duration_s)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail = _StderrTail(proc.stderr)
+    tail.start()
+    nbytes = block_samples * 4
+    finished = False
+    try:
+        while True:
+            chunk = _read_exact(proc.stdout, nbytes)
+            if not chunk:
+                break
+            usable = len(chunk) - len(chunk) % 4
+            yield np.frombuffer(chunk[:usable], dtype="<f4").astype(np.float32, copy=True)
+            if len(chunk) < nbytes:
+                break
+        finished = True
+    finally:
+        if not finished:  # the consumer stopped early: do not leave ffmpeg running
+            proc.kill()
+        proc.stdout.close()
+        returncode = proc.wait()
+        tail.join(timeout=5)
+    if returncode != 0:
+        raise DecodeError(os.fspath(source), tail.reason(returncode))
+    if strict and tail.lines:
+        raise DecodeError(os.fspath(source), f"decoding errors (damaged or truncated file): {tail.lines[-1]}")
+
+
+def _read_exact(pipe, nbytes: int) -> bytes:
+    parts = []
+    remaining = nbytes
+    while remaining:
+        data = pipe.read(remaining)
+        if not data:
+            break
+        parts.append(data)
+        remaining -= len(data)
+    return b"".join(parts)
+
+
+def decode(source: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE, start_s: float | None = None,
+           duration_s: float | None = None, strict: bool = True,
+           block_samples: int = SAMPLE_RATE * 60) -> np.ndarray:
+    """Decode a whole file (or the segment ``start_s`` + ``duration_s``) to float32 mono."""
+    blocks = list(stream(source, block_samples, sample_rate=sample_rate, start_s=start_s,
+                         duration_s=duration_s, strict=strict))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+@dataclass(frozen=True)
+class ClipRules:
+    """What a clip must satisfy to be used (config section ``audio``)."""
+
+    min_duration_s: float = 0.1
+    max_duration_s: float = 3600.0
+    too_long: str = "truncate"  # or "reject"
+    silence_dbfs: float = -90.0
+    decode_errors: str = "reject"  # or "keep": keep what decoded before the damage
+
+    @classmethod
+    def from_config(cls, audio_cfg: dict) -> "ClipRules":
+        return cls(
+            min_duration_s=float(audio_cfg["min_duration_s"]),
+            max_duration_s=float(audio_cfg["max_duration_s"]),
+            too_long=str(audio_cfg["too_long"]),
+            silence_dbfs=float(audio_cfg["silence_dbfs"]),
+            decode_errors=str(audio_cfg["decode_errors"]),
+        )
+
+
+def check_clip(samples: np.ndarray, rules: ClipRules, sample_rate: int = SAMPLE_RATE) -> str | None:
+    """Why a decoded clip cannot be used, or None when it is fine."""
+    if samples.size == 0:
+        return "no audio decoded (empty or zero-length stream)"
+    if not np.isfinite(samples).all():
+        bad = int((~np.isfinite(samples)).sum())
+        return f"{bad} of {samples.size} samples are NaN or infinite"
+    seconds = samples.size / sample_rate
+    if seconds < rules.min_duration_s:
+        return f"too short: {seconds:.3f} s < audio.min_duration_s={rules.min_duration_s:g}"
+    peak = float(np.abs(samples).max())
+    peak_db = 20 * np.log10(peak) if peak > 0 else float("-inf")
+    if peak_db < rules.silence_dbfs:
+        return f"silent: peak {peak_db:.1f} dBFS < audio.silence_dbfs={rules.silence_dbfs:g}"
+    return None
+
+
+def encode_flac(samples: np.ndarray, path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write mono float32 samples as 16-bit FLAC, atomically and bit-exactly (no encoder tags)."""
+    samples = np.ascontiguousarray(samples, dtype="<f4")
+    with atomic.atomic_path(path) as tmp:
+        args = (
+            ffmpeg.input("pipe:", format="f32le", ar=sample_rate, ac=1)
+            .output(str(tmp), format="flac", acodec="flac", sample_fmt="s16",
+                    fflags="+bitexact", **{"flags:a": "+bitexact", "map_metadata": "-1"})
+            .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-y")
+            .compile(cmd=ffmpeg_exe())
+        )
+        proc = subprocess.run(args, input=samples.tobytes(), capture_output=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise DecodeError(os.fspath(path), lines[-1] if lines else "flac encoding failed")
+
+
+def load_clip(source: str | os.PathLike, rules: ClipRules, *, start_s: float | None = None,
+              duration_s: float | None = None, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray | None, str, str]:
+    """Decode and check one clip. Returns ``(samples, status_reason, note)``: samples is None
+    when the clip is rejected, with the reason; ``note`` says when it was truncated."""
+    limit = rules.max_duration_s
+    # Decode a second more than the limit, to know whether the clip is longer than it.
+    span = limit + 1.0 if duration_s is None else min(duration_s, limit + 1.0)
+    try:
+        samples = decode(source, sample_rate=sample_rate, start_s=start_s, duration_s=span,
+                         strict=rules.decode_errors == "reject")
+    except DecodeError as exc:
+        return None, f"undecodable: {exc.reason}", ""
+    note = ""
+    cap_samples = int(round(limit * sample_rate))
+    if samples.size > cap_samples:
+        if rules.too_long == "reject":
+            return None, (f"too long: over audio.max_duration_s={limit:g} s "
+                          "(raise it, or set audio.too_long: truncate)"), ""
+        samples = samples[:cap_samples]
+        note = f"truncated to audio.max_duration_s={limit:g} s"
+    reason = check_clip(samples, rules, sample_rate)
+    if reason:
+        return None, reason, note
+    return samples, "", note
