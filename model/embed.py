@@ -1,0 +1,64 @@
+"""Frame (25 Hz) and clip embeddings from a Dasheng encoder, as the paper's downstream protocol
+uses them: last layer, frames at 40 ms, clip = mean of the real frames."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from model.encoder import DashengEncoder
+from model.frontend import HOP_LENGTH, SAMPLE_RATE
+from model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_mel, check_sample_rate, check_waveform
+
+FRAME_MS = 1000 * SAMPLES_PER_TOKEN / SAMPLE_RATE  # 40 ms between frame embeddings
+# A frame embedding covers mel frames 4k..4k+3, centred at 10·(4k..4k+3) ms: its centre is 15 ms later.
+FRAME_CENTRE_MS = 1000 * HOP_LENGTH * (FRAMES_PER_TOKEN - 1) / 2 / SAMPLE_RATE
+
+
+class Embeddings(NamedTuple):
+    frames: torch.Tensor  # (B, T, D) float32 at 25 Hz; zeros at padding
+    clip: torch.Tensor  # (B, D) mean of each item's real frames
+    num_frames: torch.Tensor  # (B,) long: real frames per item
+
+
+def frame_times_ms(num_frames: int) -> torch.Tensor:
+    """Centre of each frame embedding in milliseconds, (num_frames,) float32."""
+    return torch.arange(num_frames, dtype=torch.float32) * FRAME_MS + FRAME_CENTRE_MS
+
+
+def _pool(frames: torch.Tensor, num_frames: torch.Tensor | None) -> Embeddings:
+    B, T, _ = frames.shape
+    if num_frames is None:
+        num_frames = torch.full((B,), T, dtype=torch.long)
+    real = torch.arange(T, device=frames.device) < num_frames.to(frames.device)[:, None]  # (B, T)
+    frames = torch.where(real[..., None], frames.float(), 0.0)
+    clip = frames.sum(dim=1) / num_frames.to(frames.device)[:, None]
+    return Embeddings(frames, clip, num_frames.cpu())
+
+
+def _eval_no_grad(encoder: DashengEncoder, fn):
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():  # not inference_mode: its tensors could not feed a trained probe
+            return fn()
+    finally:
+        encoder.train(was_training)
+
+
+def embed(encoder: DashengEncoder, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, lengths=None) -> Embeddings:
+    """Mono audio (B, S) at 16 kHz → embeddings; ``lengths`` (B,) in samples for padded batches
+    (an item then has ``length // 640`` real frames)."""
+    check_sample_rate(sample_rate)
+    audio, lengths = check_waveform(audio, lengths)
+    frames = _eval_no_grad(encoder, lambda: encoder(audio, lengths))
+    return _pool(frames, None if lengths is None else lengths // SAMPLES_PER_TOKEN)
+
+
+def embed_mel(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None) -> Embeddings:
+    """dB log-mel (B, 64, T) as the data stage stores it → embeddings; ``valid_frames`` (B,) mel
+    frames of real audio (an item then has ``valid_frames // 4`` real frame embeddings)."""
+    mel, valid_frames = check_mel(mel, valid_frames)
+    frames = _eval_no_grad(encoder, lambda: encoder.forward_mel(mel, valid_frames))
+    return _pool(frames, None if valid_frames is None else valid_frames // FRAMES_PER_TOKEN)
