@@ -91,18 +91,20 @@ def ffmpeg_input_name(source: str | os.PathLike) -> str:
 
 def _decode_args(source: str | os.PathLike, sample_rate: int, start_s: float | None,
                  duration_s: float | None):
-    input_kwargs = {}
+    input_kwargs, output_kwargs = {}, {}
     if start_s:
-        input_kwargs["ss"] = f"{start_s:.6f}"
+        input_kwargs["ss"] = f"{start_s:.6f}"  # input seek: fast and sample-accurate for audio
     if duration_s is not None:
-        input_kwargs["t"] = f"{duration_s:.6f}"
+        # ffmpeg's -t counts timestamps, which may start a few ms late after a seek: ask for a
+        # little more and let stream() cut the exact number of samples.
+        output_kwargs["t"] = f"{duration_s + 0.5:.6f}"
     name = ffmpeg_input_name(source)
     if name.startswith("file:"):
         input_kwargs["protocol_whitelist"] = LOCAL_PROTOCOLS
     stream = ffmpeg.input(name, **input_kwargs)
     stream = stream.output(
         "pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate,
-        af=f"aresample=resampler={resampler()}", vn=None, sn=None,
+        af=f"aresample=resampler={resampler()}", vn=None, sn=None, **output_kwargs,
     )
     return stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(cmd=ffmpeg_exe())
 
@@ -135,30 +137,35 @@ def stream(source: str | os.PathLike, block_samples: int, *, sample_rate: int = 
     Raises :class:`DecodeError` at the end when ffmpeg fails, or, with ``strict``, when it
     reported decoding errors (a truncated or damaged file) even though it went on."""
     args = _decode_args(source, sample_rate, start_s, duration_s)
+    cap = None if duration_s is None else int(round(duration_s * sample_rate))
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tail = _StderrTail(proc.stderr)
     tail.start()
-    nbytes = block_samples * 4
-    finished = False
+    emitted = 0
+    reached_end = capped = False
     try:
         while True:
-            chunk = _read_exact(proc.stdout, nbytes)
-            if not chunk:
+            want = block_samples if cap is None else min(block_samples, cap - emitted)
+            if want <= 0:
+                capped = True
                 break
+            chunk = _read_exact(proc.stdout, want * 4)
             usable = len(chunk) - len(chunk) % 4
-            yield np.frombuffer(chunk[:usable], dtype="<f4").astype(np.float32, copy=True)
-            if len(chunk) < nbytes:
+            if usable:
+                emitted += usable // 4
+                yield np.frombuffer(chunk[:usable], dtype="<f4").astype(np.float32, copy=True)
+            if len(chunk) < want * 4:
+                reached_end = True
                 break
-        finished = True
     finally:
-        if not finished:  # the consumer stopped early: do not leave ffmpeg running
+        if not reached_end:  # capped, or the consumer stopped early: stop ffmpeg
             proc.kill()
         proc.stdout.close()
         returncode = proc.wait()
         tail.join(timeout=5)
-    if returncode != 0:
+    if reached_end and returncode != 0:
         raise DecodeError(os.fspath(source), tail.reason(returncode))
-    if strict and tail.lines:
+    if (reached_end or capped) and strict and tail.lines:
         raise DecodeError(os.fspath(source), f"decoding errors (damaged or truncated file): {tail.lines[-1]}")
 
 
@@ -204,21 +211,79 @@ class ClipRules:
         )
 
 
-def check_clip(samples: np.ndarray, rules: ClipRules, sample_rate: int = SAMPLE_RATE) -> str | None:
-    """Why a decoded clip cannot be used, or None when it is fine."""
-    if samples.size == 0:
+def check_stats(n_samples: int, n_nonfinite: int, peak: float, rules: ClipRules,
+                sample_rate: int = SAMPLE_RATE) -> str | None:
+    """Why a decoded clip cannot be used (from its running statistics), or None."""
+    if n_samples == 0:
         return "no audio decoded (empty or zero-length stream)"
-    if not np.isfinite(samples).all():
-        bad = int((~np.isfinite(samples)).sum())
-        return f"{bad} of {samples.size} samples are NaN or infinite"
-    seconds = samples.size / sample_rate
+    if n_nonfinite:
+        return f"{n_nonfinite} of {n_samples} samples are NaN or infinite"
+    seconds = n_samples / sample_rate
     if seconds < rules.min_duration_s:
         return f"too short: {seconds:.3f} s < audio.min_duration_s={rules.min_duration_s:g}"
-    peak = float(np.abs(samples).max())
     peak_db = 20 * np.log10(peak) if peak > 0 else float("-inf")
     if peak_db < rules.silence_dbfs:
         return f"silent: peak {peak_db:.1f} dBFS < audio.silence_dbfs={rules.silence_dbfs:g}"
     return None
+
+
+def check_clip(samples: np.ndarray, rules: ClipRules, sample_rate: int = SAMPLE_RATE) -> str | None:
+    """Why a decoded clip cannot be used, or None when it is fine."""
+    finite = np.isfinite(samples)
+    peak = float(np.abs(samples[finite]).max()) if finite.any() else 0.0
+    return check_stats(samples.size, int(samples.size - finite.sum()), peak, rules, sample_rate)
+
+
+class ClipReader:
+    """Decode one clip as consecutive blocks while checking it against the rules.
+
+    Iterate it to the end, then read ``reason`` ("" when the clip is usable) and ``note``
+    (set when it was truncated). Blocks are only trustworthy once ``reason`` is empty: a
+    damaged file is only known to be damaged when ffmpeg finishes. Memory is one block.
+    """
+
+    def __init__(self, source: str | os.PathLike, rules: ClipRules, block_samples: int, *,
+                 start_s: float | None = None, duration_s: float | None = None,
+                 sample_rate: int = SAMPLE_RATE):
+        self.source, self.rules, self.block_samples = source, rules, block_samples
+        self.start_s, self.duration_s, self.sample_rate = start_s, duration_s, sample_rate
+        self.reason = "not read yet"
+        self.note = ""
+        self.n_samples = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        rules, sr = self.rules, self.sample_rate
+        limit = int(round(rules.max_duration_s * sr))
+        # Decode a second more than the limit, to know whether the clip is longer than it.
+        span = rules.max_duration_s + 1.0
+        span = span if self.duration_s is None else min(self.duration_s, span)
+        n = nonfinite = 0
+        peak = 0.0
+        try:
+            for block in stream(self.source, self.block_samples, sample_rate=sr, start_s=self.start_s,
+                                duration_s=span, strict=rules.decode_errors == "reject"):
+                truncated = n + block.size > limit
+                if truncated:
+                    if rules.too_long == "reject":
+                        self.reason = (f"too long: over audio.max_duration_s={rules.max_duration_s:g} s "
+                                       "(raise it, or set audio.too_long: truncate)")
+                        return
+                    block = block[:limit - n]
+                    self.note = f"truncated to audio.max_duration_s={rules.max_duration_s:g} s"
+                finite = np.isfinite(block)
+                nonfinite += int(block.size - finite.sum())
+                if finite.any():
+                    peak = max(peak, float(np.abs(block[finite]).max()))
+                n += block.size
+                self.n_samples = n
+                if block.size:
+                    yield block
+                if truncated:
+                    break
+        except DecodeError as exc:
+            self.reason = f"undecodable: {exc.reason}"
+            return
+        self.reason = check_stats(n, nonfinite, peak, rules, sr) or ""
 
 
 def encode_flac(samples: np.ndarray, path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE) -> None:
@@ -240,25 +305,11 @@ def encode_flac(samples: np.ndarray, path: str | os.PathLike, *, sample_rate: in
 
 def load_clip(source: str | os.PathLike, rules: ClipRules, *, start_s: float | None = None,
               duration_s: float | None = None, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray | None, str, str]:
-    """Decode and check one clip. Returns ``(samples, status_reason, note)``: samples is None
-    when the clip is rejected, with the reason; ``note`` says when it was truncated."""
-    limit = rules.max_duration_s
-    # Decode a second more than the limit, to know whether the clip is longer than it.
-    span = limit + 1.0 if duration_s is None else min(duration_s, limit + 1.0)
-    try:
-        samples = decode(source, sample_rate=sample_rate, start_s=start_s, duration_s=span,
-                         strict=rules.decode_errors == "reject")
-    except DecodeError as exc:
-        return None, f"undecodable: {exc.reason}", ""
-    note = ""
-    cap_samples = int(round(limit * sample_rate))
-    if samples.size > cap_samples:
-        if rules.too_long == "reject":
-            return None, (f"too long: over audio.max_duration_s={limit:g} s "
-                          "(raise it, or set audio.too_long: truncate)"), ""
-        samples = samples[:cap_samples]
-        note = f"truncated to audio.max_duration_s={limit:g} s"
-    reason = check_clip(samples, rules, sample_rate)
-    if reason:
-        return None, reason, note
-    return samples, "", note
+    """Decode and check one whole clip. Returns ``(samples, reason, note)``: samples is None
+    when the clip is rejected (``reason`` says why); ``note`` says when it was truncated."""
+    reader = ClipReader(source, rules, sample_rate * 60, start_s=start_s, duration_s=duration_s,
+                        sample_rate=sample_rate)
+    blocks = list(reader)
+    if reader.reason:
+        return None, reader.reason, reader.note
+    return np.concatenate(blocks), "", reader.note

@@ -1,0 +1,25 @@
+# The Dasheng pipeline as one DAG. Stages live in workflow/rules/ (one file each), their
+# logic in the pipeline/ and model/ packages (`python -m ...` entry points).
+#   snakemake --cores 2 all                       the embedded demo (config/config.yaml)
+#   snakemake --cores 8 --configfile config/audioset.yaml all
+#   snakemake --profile slurm all                 on a SLURM cluster
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/sources.smk"
+include: "workflow/rules/features.smk"
+
+
+rule all:
+    input:
+        rules.dataset_manifest.output,
+    default_target: True

@@ -1,0 +1,235 @@
+"""Log-mel features: 16 kHz audio → 10 s windows → dB log-mel → one Parquet shard per chunk.
+
+The front end is Dasheng's (see ``../shared/design/dasheng-facts.md``): torchaudio
+``MelSpectrogram`` (n_fft 512, hop 160, 64 mels, 0-8 kHz, centred, power 2), then dB
+(10·log10, amin 1e-10) clamped at ``top_db`` below the maximum of EACH window — never of the
+batch, so a window's features do not depend on its batch mates.
+
+A clip is cut into consecutive windows of ``window_s`` (10 s = 160 000 samples → 1001 frames).
+Each window is computed on its own samples, exactly as the model's front end sees a 10 s input.
+A shorter clip or a clip's tail gives a partial window: its frames are computed on the real
+samples only, then padded to 1001 frames with the window's minimum value; ``valid_frames`` is
+``samples // hop + 1``. A tail shorter than ``min_tail_s`` is dropped (a clip's first window
+is always kept).
+
+``python -m pipeline.mel`` turns one chunk manifest into one shard plus a shard manifest that
+accounts for every clip of the chunk (ok, failed or rejected, and at which stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+
+from pipeline import audio, manifest, provenance, shards
+
+
+@dataclass(frozen=True)
+class MelParams:
+    sample_rate: int = 16000
+    n_fft: int = 512
+    win_length: int = 512
+    hop_length: int = 160
+    n_mels: int = 64
+    f_min: float = 0.0
+    f_max: float = 8000.0
+    top_db: float = 120.0
+    window_s: float = 10.0
+
+    @classmethod
+    def from_config(cls, mel_cfg: dict) -> "MelParams":
+        return cls(**{k: type(getattr(cls, k))(mel_cfg[k]) for k in cls.__dataclass_fields__})
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * self.sample_rate))
+
+    @property
+    def window_frames(self) -> int:
+        return self.window_samples // self.hop_length + 1
+
+    def frames_for(self, n_samples: int) -> int:
+        return n_samples // self.hop_length + 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class LogMel(torch.nn.Module):
+    """(B, samples) float32 waveform → (B, n_mels, frames) dB log-mel, top_db per item."""
+
+    def __init__(self, params: MelParams):
+        super().__init__()
+        self.params = params
+        self.spectrogram = torchaudio.transforms.MelSpectrogram(
+            sample_rate=params.sample_rate, n_fft=params.n_fft, win_length=params.win_length,
+            hop_length=params.hop_length, n_mels=params.n_mels, f_min=params.f_min, f_max=params.f_max,
+            center=True,
+        )
+
+    @torch.no_grad()
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        power = self.spectrogram(wave)                                   # (B, F, T)
+        db = 10.0 * torch.log10(torch.clamp(power, min=1e-10))           # (B, F, T)
+        floor = db.amax(dim=(-2, -1), keepdim=True) - self.params.top_db  # (B, 1, 1): per item
+        return torch.maximum(db, floor)
+
+
+def split_windows(samples: np.ndarray, params: MelParams, min_tail_s: float) -> list[tuple[int, np.ndarray]]:
+    """Consecutive windows of a clip as (start sample, samples); a short tail is dropped."""
+    size = params.window_samples
+    min_tail = int(round(min_tail_s * params.sample_rate))
+    out = []
+    for start in range(0, samples.size, size):
+        piece = samples[start:start + size]
+        if start > 0 and piece.size < size and piece.size < min_tail:
+            break
+        out.append((start, piece))
+    return out
+
+
+def compute(logmel: LogMel, pieces: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    """Log-mel of windows as ((n_mels, window_frames) float32, valid frames): full windows in
+    one batch, partial ones one by one (so padding never touches their real frames)."""
+    params = logmel.params
+    out: list[tuple[np.ndarray, int] | None] = [None] * len(pieces)
+    full = [i for i, p in enumerate(pieces) if p.size == params.window_samples]
+    if full:
+        batch = torch.from_numpy(np.stack([pieces[i] for i in full]))
+        mels = logmel(batch).numpy()
+        for j, i in enumerate(full):
+            out[i] = (mels[j], params.window_frames)
+    for i, piece in enumerate(pieces):
+        if out[i] is not None:
+            continue
+        mel = logmel(torch.from_numpy(piece)[None])[0].numpy()
+        valid = mel.shape[1]
+        padded = np.full((params.n_mels, params.window_frames), mel.min(), dtype=np.float32)
+        padded[:, :valid] = mel
+        out[i] = (padded, valid)
+    return out
+
+
+class ShardBuilder:
+    """Accumulates a chunk's windows, computes log-mel in batches and writes the shard."""
+
+    def __init__(self, writer: shards.ShardWriter, logmel: LogMel, source: str, batch_size: int):
+        self.writer, self.logmel, self.source, self.batch_size = writer, logmel, source, batch_size
+        self.pending: list[tuple[str, int, float, list[str], np.ndarray]] = []
+        n_mels = logmel.params.n_mels
+        self.stats = {"frames": 0, "sum": np.zeros(n_mels), "sumsq": np.zeros(n_mels)}
+
+    def add_clip(self, clip_id: str, labels: list[str], windows: list[tuple[int, np.ndarray]]) -> None:
+        sr = self.logmel.params.sample_rate
+        for index, (start, piece) in enumerate(windows):
+            self.pending.append((clip_id, index, start / sr, labels, piece))
+        if sum(p[4].size == self.logmel.params.window_samples for p in self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        results = compute(self.logmel, [p[4] for p in self.pending])
+        for (clip_id, index, start_s, labels, _), (mel, valid) in zip(self.pending, results):
+            half = mel.astype(np.float16)
+            real = half[:, :valid].astype(np.float64)
+            self.stats["frames"] += valid
+            self.stats["sum"] += real.sum(axis=1)
+            self.stats["sumsq"] += (real ** 2).sum(axis=1)
+            self.writer.add(clip_id, self.source, index, start_s, valid, labels, half)
+        self.pending = []
+
+    def stats_json(self) -> dict:
+        return {"frames": int(self.stats["frames"]),
+                "sum": [float(v) for v in self.stats["sum"]],
+                "sumsq": [float(v) for v in self.stats["sumsq"]]}
+
+
+def _read_clip(row: dict, rules: audio.ClipRules, params: MelParams) -> tuple[list[np.ndarray], str, str]:
+    """Decode one clip into window-sized blocks (runs in a prefetch thread)."""
+    reader = audio.ClipReader(row["audio"], rules, params.window_samples,
+                              start_s=row.get("audio_offset_s") or None, duration_s=row.get("audio_duration_s"),
+                              sample_rate=params.sample_rate)
+    blocks = list(reader)
+    return blocks, reader.reason, reader.note
+
+
+def run_chunk(manifest_path: str, shard_path: str, out: str, params: dict, threads: int = 1) -> dict:
+    torch.set_num_threads(max(1, threads))
+    fetch = manifest.read(manifest_path)
+    mel_params = MelParams.from_config(params["mel"])
+    rules = audio.ClipRules.from_config(params["audio"])
+    min_tail_s = float(params["mel"]["min_tail_s"])
+    stamp = provenance.stamp(params, params.get("seed"), audio.versions())
+    meta = {"format_version": shards.FORMAT_VERSION, "mel": mel_params.as_dict(), "provenance": stamp}
+    writer = shards.ShardWriter(shard_path, mel_params.n_mels, mel_params.window_frames, meta,
+                                int(params["shards"]["row_group_size"]), params["shards"]["compression"])
+    builder = ShardBuilder(writer, LogMel(mel_params), fetch["source"], int(params["mel"]["batch_size"]))
+    clips: list[dict] = []
+    ok_rows = [c for c in fetch["clips"] if c["status"] == "ok"]
+    try:
+        with cf.ThreadPoolExecutor(max_workers=int(params["audio"]["decode_threads"])) as pool:
+            # Decoding (ffmpeg processes) runs ahead of the mel computation, a bounded distance.
+            ahead = 2 * int(params["audio"]["decode_threads"])
+            futures = {}
+            from tqdm import tqdm
+            progress = tqdm(total=len(fetch["clips"]), desc=f"mel {fetch['source']} chunk {fetch['chunk']}",
+                            unit="clip", file=sys.stdout, mininterval=5)
+            ok_index = 0
+            for row in fetch["clips"]:
+                while len(futures) < ahead and ok_index < len(ok_rows):
+                    nxt = ok_rows[ok_index]
+                    futures[id(nxt)] = pool.submit(_read_clip, nxt, rules, mel_params)
+                    ok_index += 1
+                progress.update(1)
+                if row["status"] != "ok":
+                    clips.append({**_account(row), "stage": "fetch"})
+                    continue
+                blocks, reason, note = futures.pop(id(row)).result()
+                if reason:
+                    clips.append(manifest.clip(row["clip_id"], "rejected", reason, stage="mel"))
+                    continue
+                samples = np.concatenate(blocks)
+                windows = split_windows(samples, mel_params, min_tail_s)
+                builder.add_clip(row["clip_id"], row.get("labels") or [], windows)
+                clips.append(manifest.clip(row["clip_id"], "ok", stage="mel", windows=len(windows),
+                                           duration_s=round(samples.size / mel_params.sample_rate, 6),
+                                           **({"note": note} if note else {})))
+            progress.close()
+        builder.flush()
+        rows, digest, size = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    doc = manifest.write(out, stage="mel", source=fetch["source"], chunk=fetch["chunk"], clips=clips,
+                         provenance=stamp, shard=shard_path, rows=rows, sha256=digest, bytes=size,
+                         mel=mel_params.as_dict(), stats=builder.stats_json())
+    manifest.print_summary(f"mel {fetch['source']} chunk {fetch['chunk']} ({rows} windows)", clips)
+    return doc
+
+
+def _account(row: dict) -> dict:
+    return {"clip_id": row["clip_id"], "status": row["status"], "reason": row["reason"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.mel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", required=True, help="chunk manifest from the fetch/ingest step")
+    parser.add_argument("--shard", required=True, help="Parquet shard to write")
+    parser.add_argument("--out", required=True, help="shard manifest (JSON) to write")
+    parser.add_argument("--params", required=True, help="JSON: mel, audio, shards, seed")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    run_chunk(args.manifest, args.shard, args.out, json.loads(args.params), args.threads)
+
+
+if __name__ == "__main__":
+    main()

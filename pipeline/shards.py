@@ -1,0 +1,256 @@
+"""The log-mel Parquet shard format: schema, writer, reader, verification and the dataset
+manifest that lists every shard.
+
+One row per 10 s window::
+
+    clip_id       string
+    source        string (dictionary)
+    window        int32    window index within the clip
+    start_s       float64  window start within the clip (s)
+    valid_frames  int32    frames holding audio; the rest is padding
+    labels        list<string>
+    mel           fixed_shape_tensor<float16, [n_mels, frames]>  dB log-mel (before init_bn)
+
+The mel column is stored uncompressed and without statistics (dB values barely compress and
+reading must be fast); the other columns use the configured codec. The schema metadata key
+``dasheng`` holds JSON with the mel parameters, the provenance stamp and the format version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import atomic, manifest, provenance
+
+FORMAT_VERSION = 1
+META_KEY = b"dasheng"
+SMALL_COLUMNS = ("clip_id", "source", "window", "start_s", "valid_frames", "labels")
+
+
+class ShardError(ValueError):
+    """A shard is missing, damaged, or does not match what the reader expects."""
+
+
+def schema(n_mels: int, frames: int, meta: dict) -> pa.Schema:
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("source", pa.string()),
+            ("window", pa.int32()),
+            ("start_s", pa.float64()),
+            ("valid_frames", pa.int32()),
+            ("labels", pa.list_(pa.string())),
+            ("mel", pa.fixed_shape_tensor(pa.float16(), [n_mels, frames])),
+        ],
+        metadata={META_KEY: provenance.canonical_json(meta).encode()},
+    )
+
+
+def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Writes rows in row groups of ``row_group_size`` to a temporary file; ``close()``
+    returns (rows, sha256, bytes) and renames it to ``path``. Abort leaves nothing behind."""
+
+    def __init__(self, path: str | Path, n_mels: int, frames: int, meta: dict, row_group_size: int,
+                 compression: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = atomic.temp_path_for(self.path)
+        self.schema = schema(n_mels, frames, meta)
+        self.shape = (n_mels, frames)
+        self.row_group_size = row_group_size
+        codec = "NONE" if compression == "none" else compression.upper()
+        # Column paths as Parquet names them (list columns have a ".list.element" leaf).
+        small = [c if c != "labels" else "labels.list.element" for c in SMALL_COLUMNS]
+        self.writer = pq.ParquetWriter(
+            self.tmp, self.schema,
+            compression={**{c: codec for c in small}, "mel.list.element": "NONE"},
+            use_dictionary=["source", "labels.list.element"],
+            write_statistics=small,
+            data_page_size=1 << 20,
+        )
+        self.pending: list[dict] = []
+        self.rows = 0
+
+    def add(self, clip_id: str, source: str, window: int, start_s: float, valid_frames: int,
+            labels: list[str], mel: np.ndarray) -> None:
+        if mel.shape != self.shape:
+            raise ShardError(f"mel of {clip_id} window {window} has shape {mel.shape}, expected {self.shape}")
+        self.pending.append({"clip_id": clip_id, "source": source, "window": window, "start_s": start_s,
+                             "valid_frames": valid_frames, "labels": labels, "mel": mel.astype(np.float16)})
+        if len(self.pending) >= self.row_group_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        rows = self.pending
+        mel = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([r["mel"] for r in rows]))
+        columns = [pa.array([r[name] for r in rows], type=self.schema.field(name).type) for name in SMALL_COLUMNS]
+        table = pa.Table.from_arrays([*columns, mel], schema=self.schema)
+        self.writer.write_table(table, row_group_size=self.row_group_size)
+        self.rows += len(rows)
+        self.pending = []
+
+    def close(self) -> tuple[int, str, int]:
+        self._flush()
+        self.writer.close()
+        digest = sha256_file(self.tmp)
+        size = self.tmp.stat().st_size
+        atomic.commit(self.tmp, self.path)
+        return self.rows, digest, size
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``dasheng`` metadata of a shard (mel parameters, provenance, format version)."""
+    try:
+        sch = pq.read_schema(path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard missing") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc}); rebuild it") from None
+    raw = (sch.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ShardError(f"{path}: no '{META_KEY.decode()}' schema metadata: not a shard of this pipeline")
+    missing = [n for n in (*SMALL_COLUMNS, "mel") if n not in sch.names]
+    if missing:
+        raise ShardError(f"{path}: wrong schema, missing column(s) {missing}")
+    return json.loads(raw)
+
+
+def verify(path: str | Path, sha256: str) -> None:
+    """Raise :class:`ShardError` naming the file when its bytes do not match the manifest."""
+    try:
+        actual = sha256_file(path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard listed in the dataset manifest is missing; rerun its mel rule") from None
+    if actual != sha256:
+        raise ShardError(f"{path}: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}...: "
+                         "the shard is damaged or was changed; delete it and rerun its mel rule")
+
+
+def iter_batches(path: str | Path, batch_size: int = 64, columns: tuple[str, ...] = ("mel", "valid_frames"),
+                 row_groups: list[int] | None = None) -> Iterator[dict]:
+    """Stream a shard as dicts of numpy arrays (mel as float16 [B, n_mels, frames])."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=row_groups,
+                                 use_threads=False):
+        out = {}
+        for name in columns:
+            col = batch.column(name)
+            if name == "mel":
+                out[name] = col.to_numpy_ndarray()
+            elif pa.types.is_list(col.type) or pa.types.is_string(col.type):
+                out[name] = col.to_pylist()
+            else:
+                out[name] = col.to_numpy()
+        yield out
+
+
+# --------------------------------------------------------------------------- dataset manifest
+
+def combine_stats(parts: list[dict], n_mels: int) -> dict:
+    """Per-mel-bin mean and std over the valid frames of all shards."""
+    frames = sum(p["frames"] for p in parts)
+    total = np.zeros(n_mels)
+    total_sq = np.zeros(n_mels)
+    for p in parts:
+        total += np.asarray(p["sum"], dtype=np.float64)
+        total_sq += np.asarray(p["sumsq"], dtype=np.float64)
+    if frames == 0:
+        return {"frames": 0, "mean": [0.0] * n_mels, "std": [0.0] * n_mels}
+    mean = total / frames
+    std = np.sqrt(np.maximum(total_sq / frames - mean ** 2, 0.0))
+    return {"frames": int(frames), "mean": [round(float(v), 6) for v in mean],
+            "std": [round(float(v), 6) for v in std]}
+
+
+def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, rejects_out: str) -> dict:
+    shards, rejects, stats = [], [], []
+    totals = {"clips": 0, "ok": 0, "failed": 0, "rejected": 0, "windows": 0, "hours": 0.0, "bytes": 0}
+    mel_params = None
+    for path in shard_manifests:
+        doc = manifest.read(path)
+        if mel_params is None:
+            mel_params = doc["mel"]
+        elif doc["mel"] != mel_params:
+            raise ShardError(f"{path}: mel parameters {doc['mel']} differ from the other shards' {mel_params}")
+        shards.append({"path": doc["shard"], "source": doc["source"], "chunk": doc["chunk"], "rows": doc["rows"],
+                       "clips": doc["summary"]["ok"], "sha256": doc["sha256"], "bytes": doc["bytes"]})
+        stats.append(doc["stats"])
+        for c in doc["clips"]:
+            totals["clips"] += 1
+            totals[c["status"]] += 1
+            if c["status"] != "ok":
+                rejects.append({"source": doc["source"], "chunk": doc["chunk"], "clip_id": c["clip_id"],
+                                "status": c["status"], "stage": c.get("stage", "mel"), "reason": c["reason"]})
+        totals["windows"] += doc["rows"]
+        totals["bytes"] += doc["bytes"]
+        totals["hours"] += doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
+    totals["hours"] = round(totals["hours"], 6)
+    n_mels = mel_params["n_mels"] if mel_params else 0
+    stamp = provenance.stamp(params, params.get("seed"))
+    doc = {"format_version": FORMAT_VERSION, "mel": mel_params, "shards": shards, "totals": totals,
+           "stats": combine_stats(stats, n_mels), "provenance": stamp}
+    atomic.write_json(out, doc)
+    atomic.write_json(rejects_out, {"rejects": rejects, "count": len(rejects), "provenance": stamp})
+    print(f"dataset: {len(shards)} shards, {totals['windows']} windows ({totals['hours']:.3f} h of audio), "
+          f"clips ok {totals['ok']} / failed {totals['failed']} / rejected {totals['rejected']}", flush=True)
+    return doc
+
+
+def load_dataset_manifest(path: str | Path) -> dict:
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: dataset manifest missing; run the data stage first") from None
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: dataset manifest format {doc.get('format_version')} is not {FORMAT_VERSION}")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.shards", description="shard utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    man = sub.add_parser("manifest", help="aggregate shard manifests into the dataset manifest")
+    man.add_argument("--params", required=True)
+    man.add_argument("--out", required=True)
+    man.add_argument("--rejects", required=True)
+    man.add_argument("shard_manifests", nargs="+")
+    ver = sub.add_parser("verify", help="check every shard of a dataset manifest against its sha256")
+    ver.add_argument("manifest")
+    args = parser.parse_args(argv)
+    if args.command == "manifest":
+        build_dataset_manifest(args.shard_manifests, json.loads(args.params), args.out, args.rejects)
+    else:
+        doc = load_dataset_manifest(args.manifest)
+        for shard in doc["shards"]:
+            verify(shard["path"], shard["sha256"])
+        print(f"{len(doc['shards'])} shards verified", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

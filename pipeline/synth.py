@@ -1,0 +1,126 @@
+"""Deterministic synthetic sounds (numpy only), the material of the demo corpus and of the
+demo evaluation tasks.
+
+Every generator takes a ``numpy.random.Generator`` and returns float32 mono samples at
+16 kHz; the same generator state gives the same samples on every machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SR = 16000
+FAMILIES = ("tone", "harmonic", "chirp", "noise", "clicks", "am", "fm", "mixture")
+NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0, "blue": -1.0}
+
+
+def midi_to_hz(note: float) -> float:
+    return 440.0 * 2.0 ** ((note - 69) / 12)
+
+
+def _time(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.float64) / SR
+
+
+def envelope(n: int, attack_s: float, release_s: float) -> np.ndarray:
+    """Linear attack, flat sustain, linear release."""
+    env = np.ones(n)
+    a = min(n, max(1, int(attack_s * SR)))
+    r = min(n - a, max(1, int(release_s * SR)))
+    env[:a] = np.linspace(0.0, 1.0, a, endpoint=False)
+    if r > 0:
+        env[n - r:] = np.linspace(1.0, 0.0, r)
+    return env
+
+
+def tone(n: int, freq: float, phase: float = 0.0) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * _time(n) + phase)
+
+
+def harmonic(n: int, f0: float, n_harmonics: int, rolloff: float, decay_s: float) -> np.ndarray:
+    """A plucked/struck note: harmonics with 1/k**rolloff amplitudes and exponential decay."""
+    t = _time(n)
+    out = np.zeros(n)
+    for k in range(1, n_harmonics + 1):
+        if k * f0 >= SR / 2:
+            break
+        out += np.sin(2 * np.pi * k * f0 * t) * k ** -rolloff * np.exp(-t * k / (decay_s * 2))
+    return out * np.exp(-t / decay_s)
+
+
+def chirp(n: int, f_start: float, f_end: float) -> np.ndarray:
+    """Exponential sweep from f_start to f_end over the clip."""
+    t = _time(n)
+    duration = max(t[-1], 1.0 / SR)
+    k = np.log(f_end / f_start) / duration
+    return np.sin(2 * np.pi * f_start * (np.exp(k * t) - 1) / k)
+
+
+def coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """Noise with a 1/f**exponent power spectrum (0 white, 1 pink, 2 brown, -1 blue)."""
+    spectrum = rng.standard_normal(n // 2 + 1) + 1j * rng.standard_normal(n // 2 + 1)
+    freqs = np.fft.rfftfreq(n, 1 / SR)
+    freqs[0] = freqs[1] if n > 1 else 1.0
+    spectrum *= freqs ** (-exponent / 2)
+    out = np.fft.irfft(spectrum, n)
+    return out / (np.abs(out).max() + 1e-12)
+
+
+def clicks(rng: np.random.Generator, n: int, rate_hz: float, jitter: float) -> np.ndarray:
+    """A click train (short decaying bursts) at ``rate_hz`` with relative timing jitter."""
+    out = np.zeros(n)
+    click = np.exp(-np.arange(int(0.004 * SR)) / (0.0008 * SR)) * rng.choice([-1.0, 1.0], int(0.004 * SR))
+    period = SR / rate_hz
+    pos = rng.uniform(0, period)
+    while pos < n:
+        i = int(pos)
+        seg = click[: n - i]
+        out[i:i + seg.size] += seg
+        pos += period * (1 + rng.uniform(-jitter, jitter))
+    return out
+
+
+def am(n: int, carrier: float, mod_hz: float, depth: float) -> np.ndarray:
+    return (1 - depth / 2 + depth / 2 * np.sin(2 * np.pi * mod_hz * _time(n))) * tone(n, carrier)
+
+
+def fm(n: int, carrier: float, mod_hz: float, index: float) -> np.ndarray:
+    t = _time(n)
+    return np.sin(2 * np.pi * carrier * t + index * np.sin(2 * np.pi * mod_hz * t))
+
+
+def normalise(x: np.ndarray, peak_dbfs: float) -> np.ndarray:
+    return x / (np.abs(x).max() + 1e-12) * 10 ** (peak_dbfs / 20)
+
+
+def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:
+    """A random sound of one family (its parameters drawn from ``rng``), peak 1."""
+    if family == "tone":
+        x = tone(n, rng.uniform(80, 4000), rng.uniform(0, 2 * np.pi)) * envelope(n, 0.02, 0.05)
+    elif family == "harmonic":
+        x = harmonic(n, midi_to_hz(rng.integers(36, 96)), int(rng.integers(3, 16)),
+                     rng.uniform(0.5, 2.0), rng.uniform(0.3, 3.0))
+    elif family == "chirp":
+        lo, hi = sorted(rng.uniform(60, 7000, 2))
+        f0, f1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
+        x = chirp(n, f0, f1) * envelope(n, 0.02, 0.05)
+    elif family == "noise":
+        colour = list(NOISE_COLOURS)[int(rng.integers(len(NOISE_COLOURS)))]
+        x = coloured_noise(rng, n, NOISE_COLOURS[colour])
+    elif family == "clicks":
+        x = clicks(rng, n, rng.uniform(2, 40), rng.uniform(0, 0.3))
+    elif family == "am":
+        x = am(n, rng.uniform(150, 3000), rng.uniform(2, 30), rng.uniform(0.5, 1.0))
+    elif family == "fm":
+        x = fm(n, rng.uniform(150, 3000), rng.uniform(2, 200), rng.uniform(0.5, 8.0))
+    elif family == "mixture":
+        parts = rng.choice([f for f in FAMILIES if f != "mixture"], size=int(rng.integers(2, 4)), replace=False)
+        x = sum(normalise(render(rng, str(p), n), -rng.uniform(0, 12)) for p in parts)
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return x / (np.abs(x).max() + 1e-12)
+
+
+def noise_floor(rng: np.random.Generator, n: int, dbfs: float = -70.0) -> np.ndarray:
+    """A faint white floor so that no synthetic clip is digitally silent."""
+    return rng.standard_normal(n) * 10 ** (dbfs / 20)

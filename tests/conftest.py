@@ -1,0 +1,35 @@
+import os
+
+import pytest
+
+from helpers import HEAR_TASK, SHARED, SPEECH_COMMANDS
+
+# Keep torch/BLAS from oversubscribing the 2-core machine when tests run jobs in parallel.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def hear_task():
+    if not HEAR_TASK.is_dir():
+        pytest.skip(f"shared fixture {HEAR_TASK} is absent (set DASHENG_SHARED to the shared folder)")
+    return HEAR_TASK
+
+
+@pytest.fixture
+def speech_commands():
+    if not SPEECH_COMMANDS.is_dir():
+        pytest.skip(f"shared fixture {SPEECH_COMMANDS} is absent (set DASHENG_SHARED to the shared folder)")
+    return SPEECH_COMMANDS
+
+
+@pytest.fixture
+def loopback():
+    from loopback import Server
+
+    with Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    return SHARED

@@ -1,0 +1,41 @@
+# Stage 2: features. One job per chunk: decode (16 kHz mono), cut into 10 s windows,
+# log-mel, one Parquet shard + a shard manifest accounting for every clip. Then one job
+# aggregates the dataset manifest (shards, sha256, per-bin mean/std) and the rejects list.
+
+
+rule mel_chunk:
+    input:
+        fetch_manifest,
+    output:
+        shard=f"{OUT}/shards/{{source}}/{{chunk}}.parquet",
+        manifest=f"{OUT}/shards/{{source}}/{{chunk}}.json",
+    log:
+        f"{LOGS}/features/{{source}}/{{chunk}}.log",
+    wildcard_constraints:
+        chunk=r"\d+",
+    params:
+        cfg=features_params(),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m pipeline.mel --manifest {input:q} --shard {output.shard:q} "
+        "--out {output.manifest:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule dataset_manifest:
+    input:
+        all_shard_manifests(),
+    output:
+        manifest=f"{OUT}/dataset/manifest.json",
+        rejects=f"{OUT}/dataset/rejects.json",
+    log:
+        f"{LOGS}/features/dataset_manifest.log",
+    params:
+        cfg=features_params(),
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/dataset_manifest.py"

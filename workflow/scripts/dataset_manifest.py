@@ -1,0 +1,11 @@
+"""Aggregate the shard manifests (a `script:` so that any number of inputs fits)."""
+import contextlib
+import json
+
+from pipeline import shards
+
+with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    shards.build_dataset_manifest(
+        list(snakemake.input), json.loads(snakemake.params.cfg),
+        snakemake.output.manifest, snakemake.output.rejects,
+    )
