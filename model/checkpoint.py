@@ -80,6 +80,10 @@ def _describe_fit(state_dict: dict[str, torch.Tensor]) -> str:
     )
 
 
+def _natural(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
 def _listing(keys: list[str], limit: int = 12) -> str:
     more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -88,8 +92,8 @@ def _listing(keys: list[str], limit: int = 12) -> str:
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``model.load_state_dict(strict=True)`` with an error that says what differs and what would fit."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(state_dict), key=_natural)
+    unexpected = sorted(set(state_dict) - set(expected), key=_natural)
     wrong_shape = [
         f"{k} {tuple(state_dict[k].shape)} (model: {tuple(v.shape)})"
         for k, v in expected.items()
@@ -107,8 +111,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         if isinstance(model, MaskedAutoencoder):
             encoder_keys = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
         raise CheckpointError(
-            f"{source} does not fit this model ({_model_label(model)}): " + "; ".join(problems)
-            + f". {_describe_fit(encoder_keys)}"
+            f"{source} does not fit this model ({_model_label(model)}); {_describe_fit(encoder_keys)}. "
+            + "; ".join(problems)
         )
     model.load_state_dict(state_dict, strict=True)
 
@@ -225,9 +229,11 @@ def _read_torch_file(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        culprit = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
+        culprit = culprit.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain containers "
-            f"(it could run code when unpickled), so it is not a plain weights file. ({str(exc).splitlines()[0]})"
+            f"(unpickling it could run code), so it is not a plain weights file. {culprit}".rstrip()
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc

@@ -1,0 +1,126 @@
+"""embed() and the HEAR module API, with the HEAR validator's own checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_testutil import noise
+
+from model import hear
+from model.checkpoint import save_checkpoint
+from model.embed import embed, embed_mel, frame_times_ms
+from model.frontend import LogMel
+
+
+def test_embed_frames_and_clip_mean(tiny):
+    wav = noise(3, 11.0)
+    out = embed(tiny, wav)
+    assert out.frames.shape == (3, 275, 192) and out.clip.shape == (3, 192)
+    assert out.num_frames.tolist() == [275] * 3
+    torch.testing.assert_close(out.clip, out.frames.mean(dim=1))
+    assert not out.frames.requires_grad and not tiny.training
+
+
+def test_clip_embedding_excludes_padding(tiny):
+    wav = noise(2, 4.0, seed=1)
+    lengths = torch.tensor([64000, 32000])
+    out = embed(tiny, wav, lengths=lengths)
+    assert out.num_frames.tolist() == [100, 50]
+    assert torch.all(out.frames[1, 50:] == 0)
+    torch.testing.assert_close(out.clip[1], out.frames[1, :50].mean(dim=0))
+    # equal to the item cut to its length, up to the last frames' view of the padding
+    alone = embed(tiny, wav[1:, :32000 + 256])  # the frames of 50 tokens see 96 samples past the cut
+    torch.testing.assert_close(out.frames[1, :50], alone.frames[0, :50], atol=1e-5, rtol=1e-5)
+    mel = embed_mel(tiny, LogMel()(wav), valid_frames=torch.tensor([401, 201]))
+    assert mel.num_frames.tolist() == [100, 50]
+    torch.testing.assert_close(mel.clip, out.clip, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_restores_training_mode(tiny):
+    tiny.train()
+    try:
+        embed(tiny, noise(1, 1.0))
+        assert tiny.training
+    finally:
+        tiny.eval()
+
+
+def test_wrong_sample_rate_is_refused(tiny):
+    with pytest.raises(ValueError, match="expected audio at 16000 Hz, got 44100 Hz"):
+        embed(tiny, noise(1, 1.0), sample_rate=44100)
+
+
+def test_frame_times():
+    t = frame_times_ms(4)
+    assert t.tolist() == [15.0, 55.0, 95.0, 135.0]
+
+
+@pytest.fixture(scope="module")
+def hear_model():
+    return hear.load_model("random:tiny", device="cpu")
+
+
+def test_model_attributes(hear_model):
+    assert hear_model.sample_rate == 16000
+    assert hear_model.scene_embedding_size == hear_model.timestamp_embedding_size == 192
+    assert isinstance(hear_model, torch.nn.Module)
+
+
+@pytest.mark.parametrize("seconds", [1.07, 1.98, 4.0])
+def test_validator_timestamp_checks(hear_model, seconds):
+    audio = torch.rand(3, int(seconds * 16000)) * 2 - 1  # white noise in [-1, 1], as the validator's
+    emb, ts = hear.get_timestamp_embeddings(audio, hear_model)
+    assert emb.dtype == torch.float32 and ts.dtype == torch.float32
+    assert emb.ndim == 3 and emb.shape[0] == 3 and emb.shape[2] == hear_model.timestamp_embedding_size
+    assert ts.shape == emb.shape[:2]
+    hops = torch.diff(ts, dim=1)
+    assert torch.all((hops - hops.mean()).abs() <= 1.0)  # regular within 1 ms
+    assert hops.mean() <= 50  # the validator warns above 50 ms
+    assert torch.all(ts[:, -1] <= seconds * 1000)  # last timestamp within the audio
+    assert ts[0, 0] >= 0
+    assert emb.shape[1] == (int(seconds * 16000) // 160 + 1) // 4
+
+
+def test_validator_scene_checks(hear_model):
+    audio = torch.rand(4, int(2.74 * 16000)) * 2 - 1
+    scene = hear.get_scene_embeddings(audio, hear_model)
+    assert scene.shape == (4, hear_model.scene_embedding_size) and scene.dtype == torch.float32
+    emb, _ = hear.get_timestamp_embeddings(audio, hear_model)
+    torch.testing.assert_close(scene, emb.mean(dim=1))
+    assert not torch.allclose(scene[0], scene[1])
+
+
+def test_batches_larger_than_the_model_batch(hear_model):
+    audio = noise(5, 1.0)
+    small = hear.HearModel(hear_model.encoder, batch_size=2)
+    torch.testing.assert_close(hear.get_scene_embeddings(audio, small), hear.get_scene_embeddings(audio, hear_model))
+
+
+def test_load_model_paths(tmp_path, tiny):
+    path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    model = hear.load_model(str(path), device="cpu")
+    assert torch.equal(model.encoder.blocks[0].attn.qkv.weight, tiny.blocks[0].attn.qkv.weight)
+    torch.save({"model": tiny.state_dict(), "config": {"num_heads": 3}}, tmp_path / "official.pt")
+    model = hear.load_model(str(tmp_path / "official.pt"), device="cpu")
+    audio = noise(2, 1.5)
+    torch.testing.assert_close(hear.get_scene_embeddings(audio, model), embed(tiny, audio).clip)
+    # random weights: the same every time for a size
+    a, b = hear.load_model("random:tiny", device="cpu"), hear.load_model("random:tiny", device="cpu")
+    assert torch.equal(a.encoder.patch_embed.proj.weight, b.encoder.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="unknown model size"):
+        hear.load_model("random:huge")
+
+
+@pytest.mark.parametrize(
+    "audio, message",
+    [
+        (torch.zeros(16000), "Tensor[n_sounds, n_samples]"),
+        (torch.zeros(2, 2, 16000), "Tensor[n_sounds, n_samples]"),
+        (torch.zeros(0, 16000), "at least one sound"),
+        (torch.zeros(2, 100), "at least 640 samples"),
+        (torch.full((2, 16000), float("nan")), "NaN"),
+    ],
+)
+def test_hear_bad_audio(hear_model, audio, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        hear.get_scene_embeddings(audio, hear_model)
