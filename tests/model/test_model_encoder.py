@@ -180,3 +180,18 @@ def test_bad_mels_are_refused(tiny, mel, valid, message):
 def test_unknown_size_is_refused():
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         DashengEncoder("huge")
+
+
+def test_shard_window_with_valid_frames_equals_the_clip_alone(tiny):
+    # the data stage's partial window: mel of the real samples, padded to 1001 frames with its
+    # minimum, valid_frames = samples // 160 + 1 (here 4.8 s: 481 frames → 120 tokens)
+    clip = noise(1, 4.8, seed=13)
+    mel = LogMel()(clip)
+    assert mel.shape[-1] == 481
+    window = torch.cat([mel, mel.min().expand(1, 64, 1001 - 481)], dim=-1).half()
+    out = run_mel(tiny, window, torch.tensor([481]))
+    alone = run(tiny, clip)
+    assert alone.shape[1] == 120
+    torch.testing.assert_close(out[:, :120], alone, atol=0.05, rtol=0)  # float16 storage of dB values
+    exact = run_mel(tiny, window.float(), torch.tensor([481]))
+    torch.testing.assert_close(exact[:, :120], run_mel(tiny, mel.half().float()), atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchaudio
 from model_testutil import noise
@@ -88,3 +89,11 @@ def test_init_bn_full_batch_is_plain_batchnorm():
     ref = torch.nn.BatchNorm2d(64, momentum=0.01).train()
     out = bn(mel, torch.tensor([50, 50, 50]))
     torch.testing.assert_close(out, ref(mel[:, None].transpose(1, 2)).transpose(1, 2)[:, 0])
+
+
+def test_the_data_stage_computes_the_same_mel():
+    mel_stage = pytest.importorskip("pipeline.mel", reason="the data stage's mel module")
+    params = mel_stage.MelParams()
+    assert {k: v for k, v in params.as_dict().items() if k != "window_s"} == MEL_PARAMS
+    wav = torch.cat([noise(2, 3.0), torch.zeros(1, 48000)])
+    torch.testing.assert_close(mel_stage.LogMel(params)(wav), LogMel()(wav), rtol=0, atol=0)
