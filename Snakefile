@@ -19,7 +19,18 @@ include: "workflow/rules/sources.smk"
 include: "workflow/rules/features.smk"
 
 
+# Every per-chunk artifact is a target too: Snakemake does not re-create a deleted
+# intermediate file whose consumers are up to date, so listing them makes a rerun redo
+# exactly the chunks whose outputs are missing.
+rule data:
+    input:
+        all_fetch_manifests(),
+        all_shards("parquet"),
+        all_shards("json"),
+        rules.dataset_manifest.output,
+
+
 rule all:
     input:
-        rules.dataset_manifest.output,
+        rules.data.input,
     default_target: True

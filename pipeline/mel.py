@@ -104,13 +104,13 @@ def compute(logmel: LogMel, pieces: list[np.ndarray]) -> list[tuple[np.ndarray, 
     full = [i for i, p in enumerate(pieces) if p.size == params.window_samples]
     if full:
         batch = torch.from_numpy(np.stack([pieces[i] for i in full]))
-        mels = logmel(batch).numpy()
+        mels = np.ascontiguousarray(logmel(batch).numpy())  # torchaudio returns a transposed view
         for j, i in enumerate(full):
             out[i] = (mels[j], params.window_frames)
     for i, piece in enumerate(pieces):
         if out[i] is not None:
             continue
-        mel = logmel(torch.from_numpy(piece)[None])[0].numpy()
+        mel = np.ascontiguousarray(logmel(torch.from_numpy(piece)[None])[0].numpy())
         valid = mel.shape[1]
         padded = np.full((params.n_mels, params.window_frames), mel.min(), dtype=np.float32)
         padded[:, :valid] = mel

@@ -93,7 +93,8 @@ class ShardWriter:
         if mel.shape != self.shape:
             raise ShardError(f"mel of {clip_id} window {window} has shape {mel.shape}, expected {self.shape}")
         self.pending.append({"clip_id": clip_id, "source": source, "window": window, "start_s": start_s,
-                             "valid_frames": valid_frames, "labels": labels, "mel": mel.astype(np.float16)})
+                             "valid_frames": valid_frames, "labels": labels,
+                             "mel": np.ascontiguousarray(mel, dtype=np.float16)})
         if len(self.pending) >= self.row_group_size:
             self._flush()
 
@@ -101,7 +102,7 @@ class ShardWriter:
         if not self.pending:
             return
         rows = self.pending
-        mel = pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([r["mel"] for r in rows]))
+        mel = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack([r["mel"] for r in rows])))
         columns = [pa.array([r[name] for r in rows], type=self.schema.field(name).type) for name in SMALL_COLUMNS]
         table = pa.Table.from_arrays([*columns, mel], schema=self.schema)
         self.writer.write_table(table, row_group_size=self.row_group_size)

@@ -34,6 +34,15 @@ def test_round_trip_schema_and_row_groups(tmp_path):
     assert list(np.concatenate([b["valid_frames"] for b in batches])) == [11, 10, 9, 8, 7]
 
 
+def test_any_memory_layout_is_stored_as_n_mels_by_frames(tmp_path):
+    w = shards.ShardWriter(tmp_path / "s.parquet", 4, 11, {}, 2, "none")
+    m = np.arange(44, dtype=np.float32).reshape(11, 4).T  # a transposed (Fortran-ordered) view
+    w.add("c", "s", 0, 0.0, 11, [], m)
+    w.close()
+    [batch] = shards.iter_batches(tmp_path / "s.parquet", 4)
+    assert np.array_equal(batch["mel"][0], m.astype(np.float16))
+
+
 def test_abort_leaves_nothing(tmp_path):
     path = tmp_path / "s.parquet"
     w, _ = writer(path)

@@ -94,7 +94,10 @@ def fetch_manifest(wildcards):
     return f"{OUT}/manifests/{wildcards.source}/{wildcards.chunk}.json"
 
 
-def all_shard_manifests():
-    return [
-        f"{OUT}/shards/{name}/{chunk}.json" for name in SOURCES for chunk in CHUNKS[name]
-    ]
+def all_fetch_manifests():
+    return [f"{OUT}/manifests/{name}/{chunk}.json" for name in SOURCES for chunk in CHUNKS[name]]
+
+
+def all_shards(ext):
+    """Every chunk's shard (ext "parquet") or shard manifest (ext "json")."""
+    return [f"{OUT}/shards/{name}/{chunk}.{ext}" for name in SOURCES for chunk in CHUNKS[name]]

@@ -27,7 +27,8 @@ rule mel_chunk:
 
 rule dataset_manifest:
     input:
-        all_shard_manifests(),
+        manifests=all_shards("json"),
+        shards=all_shards("parquet"),
     output:
         manifest=f"{OUT}/dataset/manifest.json",
         rejects=f"{OUT}/dataset/rejects.json",

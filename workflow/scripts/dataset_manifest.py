@@ -6,6 +6,6 @@ from pipeline import shards
 
 with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
     shards.build_dataset_manifest(
-        list(snakemake.input), json.loads(snakemake.params.cfg),
+        list(snakemake.input.manifests), json.loads(snakemake.params.cfg),
         snakemake.output.manifest, snakemake.output.rejects,
     )
