@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torchaudio
 
+from model.frontend import PerClipDecibels
 from pipeline import audio, manifest, provenance, shards
 
 
@@ -63,24 +64,26 @@ class MelParams:
         return asdict(self)
 
 
-class LogMel(torch.nn.Module):
-    """(B, samples) float32 waveform → (B, n_mels, frames) dB log-mel, top_db per item."""
+class LogMel(torch.nn.Sequential):
+    """(B, samples) float32 waveform → (B, n_mels, frames) dB log-mel, top_db per item.
+
+    The model's own front end (``model.frontend``) with configurable parameters: the same
+    torchaudio transform followed by the same per-clip decibel step."""
 
     def __init__(self, params: MelParams):
-        super().__init__()
-        self.params = params
-        self.spectrogram = torchaudio.transforms.MelSpectrogram(
-            sample_rate=params.sample_rate, n_fft=params.n_fft, win_length=params.win_length,
-            hop_length=params.hop_length, n_mels=params.n_mels, f_min=params.f_min, f_max=params.f_max,
-            center=True,
+        super().__init__(
+            torchaudio.transforms.MelSpectrogram(
+                sample_rate=params.sample_rate, n_fft=params.n_fft, win_length=params.win_length,
+                hop_length=params.hop_length, n_mels=params.n_mels, f_min=params.f_min, f_max=params.f_max,
+                center=True,
+            ),
+            PerClipDecibels(params.top_db),
         )
+        self.params = params
 
     @torch.no_grad()
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        power = self.spectrogram(wave)                                   # (B, F, T)
-        db = 10.0 * torch.log10(torch.clamp(power, min=1e-10))           # (B, F, T)
-        floor = db.amax(dim=(-2, -1), keepdim=True) - self.params.top_db  # (B, 1, 1): per item
-        return torch.maximum(db, floor)
+        return super().forward(wave)
 
 
 def split_windows(samples: np.ndarray, params: MelParams, min_tail_s: float) -> list[tuple[int, np.ndarray]]:

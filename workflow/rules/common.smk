@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: paths, chunk lists known at config time, per-rule params.
+# Helpers shared by the stage files (paths, chunk lists known at config time, job params).
 import json
 import math
 import os
@@ -8,9 +8,8 @@ from pipeline import lists, local, provenance
 
 # Jobs run `python -m pipeline...`/`model...` from this checkout, in whatever environment
 # runs them (the project's .venv, or a per-rule conda env with --sdm conda).
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
-)
+# (Snakemake formats the prefix too, hence the doubled braces.)
+shell.prefix('export PYTHONPATH="%s${{PYTHONPATH:+:$PYTHONPATH}}"; ' % workflow.basedir)
 
 OUT = config["out_dir"]
 LOGS = f"{OUT}/logs"

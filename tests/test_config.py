@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from helpers import REPO
+
+SCHEMA = str(REPO / "config" / "schema.yaml")
+CONFIGS = sorted((REPO / "config").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "schema.yaml"], ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    config = yaml.safe_load(path.read_text())
+    validate(config, SCHEMA, set_default=True)
+    assert config["mel"]["n_mels"] == 64 and config["mel"]["hop_length"] == 160  # defaults filled in
+    for src in config["sources"].values():
+        assert "chunk_size" in src
+
+
+def test_corpus_configs_cover_the_paper_datasets():
+    names = {p.stem for p in CONFIGS}
+    assert {"audioset", "vggsound", "acav100m", "mtg_jamendo", "config", "schema"} <= names
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"sources": {"d": {"type": "demo"}}, "mell": {}}, "'mell' was unexpected"),
+        ({"sources": {"d": {"type": "demo", "clip": 3}}}, "'clip' was unexpected"),
+        ({"sources": {"d": {"type": "youtube"}}}, "'list' is a required property"),
+        ({"sources": {"d": {"type": "youtube", "list": "x", "format": "csv"}}}, "'csv' is not one of"),
+        ({"sources": {"../x": {"type": "demo"}}}, "does not match"),
+        ({"sources": {"d": {"type": "demo"}}, "audio": {"too_long": "cut"}}, "'cut' is not one of"),
+    ],
+)
+def test_bad_keys_fail_with_a_message_naming_them(config, message):
+    with pytest.raises(Exception, match=message):
+        validate(config, SCHEMA, set_default=True)
