@@ -198,10 +198,8 @@ class MaskedAutoencoder(nn.Module):
             torch.full((B,), N, device=mel.device) if valid_frames is None else valid_frames // FRAMES_PER_TOKEN
         )
 
-        with torch.autocast(device_type=mel.device.type, enabled=False):
-            target = patchify(mel)  # (B, N, 256), dB before init_bn
-            tokens = self.encoder.tokenize(mel, valid_frames)  # (B, D, 1, N)
-        x = self.encoder.add_positions(tokens)  # (B, N, D)
+        target = patchify(mel)  # (B, N, 256) fp32, dB before init_bn
+        x = self.encoder.add_positions(self.encoder.tokenize(mel, valid_frames))  # (B, N, D)
         if N % GROUP:
             x = torch.cat([x, x.new_zeros(B, 1, x.shape[-1])], dim=1)  # (B, N2, D), one padding token
 

@@ -1,0 +1,142 @@
+"""Training batches from log-mel Parquet shards.
+
+The unit of work is a *part*: one row group of one shard (256 windows). For epoch ``e``:
+
+* every pass over the data visits all parts in an order drawn from ``rng([seed, e, pass])`` (the
+  same order on every rank), and *stream* ``s`` of ``S = world_size × loader_workers`` streams
+  reads the parts at positions ``s, s + S, s + 2S, ...`` of it — each part goes to exactly one
+  stream per pass;
+* each stream mixes its rows through a shuffle buffer seeded by ``rng([seed, e, rank, worker])``
+  and yields whole batches until it has produced its share of the epoch's batches (an epoch is a
+  fixed number of batches, so passes repeat as needed).
+
+So an epoch's batches depend only on (seed, epoch, world size, loader workers): a run resumed at
+an epoch boundary sees exactly the batches the uninterrupted run saw. ``torch.utils.data.DataLoader``
+interleaves its workers' batches in a fixed order, which keeps that true with several workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline import shards
+
+
+@dataclass(frozen=True)
+class Part:
+    path: str
+    row_group: int
+    rows: int
+
+
+def parts_of(paths: list[str]) -> list[Part]:
+    """Every non-empty row group of the given shards, in order."""
+    out = []
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        for i in range(meta.num_row_groups):
+            rows = meta.row_group(i).num_rows
+            if rows:
+                out.append(Part(str(path), i, rows))
+    return out
+
+
+def read_part(part: Part) -> tuple[np.ndarray, np.ndarray]:
+    """(mel float16 (R, 64, T), valid_frames int64 (R,)) of one row group."""
+    [batch] = list(shards.iter_batches(part.path, batch_size=part.rows, columns=("mel", "valid_frames"),
+                                       row_groups=[part.row_group]))
+    return batch["mel"], batch["valid_frames"].astype(np.int64)
+
+
+def split_count(total: int, n: int, i: int) -> int:
+    """Share ``i`` of ``total`` items split as evenly as possible into ``n`` shares."""
+    return total // n + (1 if i < total % n else 0)
+
+
+class TrainBatches(IterableDataset):
+    """One rank's batches of one epoch: dicts {"mel": float16 (B, 64, T), "valid_frames": (B,)}."""
+
+    def __init__(self, parts: list[Part], batch_size: int, batches: int, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1024):
+        if not parts:
+            raise ValueError("no training data: the shard list is empty")
+        self.parts, self.batch_size, self.batches = parts, batch_size, batches
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.shuffle_buffer = max(shuffle_buffer, batch_size)
+
+    def _parts_of_stream(self, stream: int, streams: int) -> Iterator[Part]:
+        n = len(self.parts)
+        for pass_no in range(1 << 30):
+            order = np.random.default_rng([self.seed, self.epoch, pass_no]).permutation(n)
+            if n >= streams:
+                mine = order[stream::streams]
+            else:  # fewer parts than streams: every stream reads one part per pass, cyclically
+                mine = order[[(stream + pass_no * streams) % n]]
+            for i in mine:
+                yield self.parts[int(i)]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        stream, streams = self.rank * workers + worker, self.world_size * workers
+        todo = split_count(self.batches, workers, worker)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        buf_mel: list[np.ndarray] = []
+        buf_valid: list[int] = []
+        out_mel: list[np.ndarray] = []
+        out_valid: list[int] = []
+        parts = self._parts_of_stream(stream, streams)
+        while todo > 0:
+            mel, valid = read_part(next(parts))
+            for row in range(mel.shape[0]):
+                if len(buf_mel) < self.shuffle_buffer:
+                    buf_mel.append(mel[row])
+                    buf_valid.append(int(valid[row]))
+                    continue
+                j = int(rng.integers(len(buf_mel)))
+                out_mel.append(buf_mel[j])
+                out_valid.append(buf_valid[j])
+                buf_mel[j], buf_valid[j] = mel[row], int(valid[row])
+                if len(out_mel) == self.batch_size:
+                    yield collate(out_mel, out_valid)
+                    out_mel, out_valid = [], []
+                    todo -= 1
+                    if todo == 0:
+                        return
+
+
+def collate(mels: list[np.ndarray], valid: list[int]) -> dict:
+    return {"mel": torch.from_numpy(np.stack(mels)), "valid_frames": torch.tensor(valid, dtype=torch.long)}
+
+
+class ValidationBatches:
+    """A fixed, unshuffled set of validation batches: one rank's share of the first
+    ``max_rows`` rows of the validation parts (every rank sees the same set every epoch)."""
+
+    def __init__(self, parts: list[Part], batch_size: int, max_rows: int, rank: int = 0, world_size: int = 1):
+        self.parts, self.batch_size, self.max_rows = parts, batch_size, max_rows
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        seen = 0
+        mels, valid = [], []
+        for part in self.parts:
+            mel, frames = read_part(part)
+            for row in range(mel.shape[0]):
+                if seen >= self.max_rows:
+                    break
+                if seen % self.world_size == self.rank:
+                    mels.append(mel[row])
+                    valid.append(int(frames[row]))
+                    if len(mels) == self.batch_size:
+                        yield collate(mels, valid)
+                        mels, valid = [], []
+                seen += 1
+        if mels:
+            yield collate(mels, valid)
