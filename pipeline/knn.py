@@ -1,0 +1,97 @@
+"""k-nearest-neighbour classification on mean-pooled clip embeddings: ``python -m pipeline.knn``.
+
+As the paper's Table 5: k = 10, cosine similarity, accuracy. scikit-learn's
+``KNeighborsClassifier(metric="cosine", algorithm="brute")`` (uniform votes; a tie goes to the
+label listed first in the vocabulary). Splits follow HEAR's rotation: a train/valid/test task is
+scored on its test split, a k-fold task on every fold in turn (test fold i) with the scores
+averaged. There is nothing to tune, so the neighbours are drawn from train and valid together
+(``use_valid: false`` keeps valid out). Multiclass scene tasks only: for event and multilabel tasks
+the result says it was skipped and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from model.extract import load_meta, load_split
+from pipeline import atomic, hear_tasks, provenance
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int = 10) -> float:
+    """Accuracy of a k-NN (cosine) classifier; ``k`` is capped at the number of references."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ValueError(f"k-NN needs references and queries, got {len(train_x)} and {len(test_x)}")
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_x)), metric="cosine", algorithm="brute")
+    clf.fit(train_x, train_y)
+    return float((clf.predict(test_x) == test_y).mean())
+
+
+def _xy(task: hear_tasks.Task, emb_dir: Path, splits) -> tuple[np.ndarray, np.ndarray]:
+    index = task.label_index
+    xs, ys = [], []
+    for split in splits:
+        arr = load_split(emb_dir, split)
+        labels = task.split_labels(split)
+        xs.append(arr["clip"])
+        ys.append(np.array([index[labels[str(f)][0]] for f in arr["files"]], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool = True, seed: int = 0,
+        stamp_section: dict | None = None) -> dict:
+    task = hear_tasks.load_task(task_dir)
+    emb_dir = Path(emb_dir)
+    meta = load_meta(emb_dir)
+    result = {
+        "method": "knn", "model": meta["model"], "task": task.name, "task_dir": str(task_dir),
+        "domain": task.metadata.get("domain"), "embedding_type": task.embedding_type, "split_mode": task.split_mode,
+        "primary_metric": "top1_acc", "k": k, "use_valid": use_valid,
+        "embeddings_provenance": meta.get("provenance"),
+        "provenance": provenance.stamp(stamp_section if stamp_section is not None else {"k": k, "use_valid": use_valid}, seed),
+    }
+    if task.is_event or task.prediction_type != "multiclass":
+        why = "event task" if task.is_event else "multilabel task (accuracy is undefined)"
+        print(f"k-NN skipped for {task.name}: {why}")
+        return {**result, "skipped": why, "metrics": {}, "folds": []}
+    folds = []
+    for fold in task.folds():
+        refs = fold.train + (fold.valid if use_valid else ())
+        tx, ty = _xy(task, emb_dir, refs)
+        qx, qy = _xy(task, emb_dir, fold.test)
+        acc = knn_accuracy(tx, ty, qx, qy, k)
+        folds.append({"index": fold.index, "references": list(refs), "test": list(fold.test),
+                      "n_references": int(len(tx)), "n_test": int(len(qx)), "top1_acc": acc})
+        print(f"  split {fold.index} (test {', '.join(fold.test)}): k-NN top1_acc {acc:.4f}")
+    accs = np.array([f["top1_acc"] for f in folds])
+    print(f"k-NN (k={k}) {meta['model']}/{task.name}: top1_acc {accs.mean():.4f} ± {accs.std():.4f}")
+    return {**result, "metrics": {"top1_acc": {"mean": float(accs.mean()), "std": float(accs.std()),
+                                               "folds": [float(a) for a in accs]}}, "folds": folds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.knn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--embeddings", required=True)
+    parser.add_argument("--params", default="{}", help="JSON: seed, knn {k, use_valid}")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    params = json.loads(args.params)
+    knn = params.get("knn", {})
+    try:
+        result = run(args.task, args.embeddings, int(knn.get("k", 10)), bool(knn.get("use_valid", True)),
+                     int(params.get("seed", 0)), params)
+    except (hear_tasks.TaskError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    atomic.write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
