@@ -17,6 +17,8 @@ validate(config, "config/schema.yaml", set_default=True)
 include: "workflow/rules/common.smk"
 include: "workflow/rules/sources.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/training.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 # Every per-chunk artifact is a target too: Snakemake does not re-create a deleted
@@ -33,4 +35,6 @@ rule data:
 rule all:
     input:
         rules.data.input,
+        rules.train.output,
+        rules.evaluate.input,
     default_target: True

@@ -208,7 +208,7 @@ def train_worker(cfg: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss_sum = loss_sum + out.loss.detach()  # stays on the device: no sync per step
             if rank == 0 and (i % cfg["log_every"] == 0 or i == bpe - 1):
-                loss = float(out.loss)  # rank 0's own batch loss at this step
+                loss = out.loss.detach().item()  # rank 0's own batch loss at this step
                 rows.append({"epoch": epoch, "step": step, "lr": f"{lr:.8g}", "train_loss": f"{loss:.6f}", "val_loss": ""})
                 writer.add_scalar("train/loss", loss, step)
                 writer.add_scalar("train/lr", lr, step)
@@ -276,18 +276,21 @@ def _start_ray(address: str | None, cfg: dict, state_dir: Path) -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports are once per epoch
+    # Ray's own INFO/WARNING chatter (per-report lines, the state-API polling of a cluster without
+    # dashboard) would drown the log; errors still reach it, and the progress bar shows the rest.
+    quiet = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, logging_config=quiet)
         return
     cpus = cfg["workers"] * cfg["cpus_per_worker"]
     ray.init(num_cpus=cpus, num_gpus=cfg["workers"] if cfg["use_gpu"] else 0, include_dashboard=False,
-             object_store_memory=cfg["object_store_mb"] << 20, log_to_driver=True,
+             object_store_memory=cfg["object_store_mb"] << 20, logging_config=quiet,
              _temp_dir=os.environ.get("DASHENG_RAY_TMP") or tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
 
-def export(best: list[tuple[Path, float]], cfg: dict, stamp: dict, out_dir: Path) -> Path:
-    """Average the encoders of the best checkpoints and save the result."""
-    states = [encoder_state(folder / "model.safetensors") for folder, _ in best]
+def export(best: list[tuple[Path, float, int]], cfg: dict, stamp: dict, out_dir: Path) -> Path:
+    """Average the encoders of the best checkpoints (folder, val loss, epoch) and save the result."""
+    states = [encoder_state(folder / "model.safetensors") for folder, _, _ in best]
     encoder = DashengEncoder(encoder_config(cfg["size"]))
     encoder.load_state_dict(average_state_dicts(states))
     return save_checkpoint(encoder, out_dir / "encoder.safetensors", provenance=stamp)
@@ -342,20 +345,20 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
         ray.shutdown()
     if result.error:
         raise result.error
-    best = sorted(((Path(c.path), float(m["val_loss"])) for c, m in result.best_checkpoints),
-                  key=lambda item: (item[1], str(item[0])))[: cfg["average_best"]]
+    best = sorted(((Path(c.path), float(m["val_loss"]), int(m["epoch"])) for c, m in result.best_checkpoints),
+                  key=lambda item: (item[1], item[2]))[: cfg["average_best"]]
     stamp = provenance.stamp(params, cfg["seed"])
     path = export(best, cfg, stamp, out)
     shutil.copyfile(state / "metrics.csv", out / "metrics.csv")
     shutil.copyfile(state / "throughput.csv", out / "throughput.csv")
     summary = {"encoder": str(path), "size": cfg["size"], "decoder": cfg["decoder"], "run": name,
-               "averaged": [{"checkpoint": p.name, "val_loss": v} for p, v in best],
+               "averaged": [{"epoch": e, "val_loss": v} for _, v, e in best],
                "epochs": cfg["epochs"], "final_val_loss": _last_val_loss(out / "metrics.csv"),
                "provenance": stamp}
     atomic.write_json(out / "summary.json", summary)
     _loss_curve(out / "metrics.csv", out / "loss_curve.png")
     print(f"exported {path} (mean of {len(best)} best checkpoints, val loss "
-          f"{', '.join(f'{v:.4f}' for _, v in best)})", flush=True)
+          f"{', '.join(f'{v:.4f}' for _, v, _ in best)})", flush=True)
     return summary
 
 

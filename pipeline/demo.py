@@ -1,7 +1,7 @@
 """Demo source: a deterministic synthetic corpus (no network), the embedded default.
 
-Clip ``i`` of a corpus with seed ``s`` is drawn from ``numpy.random.default_rng([s, 0, i])``
-alone, so it is the same whatever the chunking or the number of jobs. Families (the clip's
+Clip ``i`` of a corpus with seed ``s`` and stream ``k`` (default 0) is drawn from
+``numpy.random.default_rng([s, k, i])`` alone, so it is the same whatever the chunking or the number of jobs. Families (the clip's
 label): tones, harmonic notes, chirps, coloured noise, clicks, AM and FM sounds, and mixtures
 of those. Durations are uniform in [min_s, max_s], so some clips span two 10 s windows.
 
@@ -20,17 +20,18 @@ import numpy as np
 
 from pipeline import atomic, audio, manifest, provenance, synth
 
-# Separate random streams of one seed: pre-training corpus vs evaluation tasks.
+# The pre-training corpus's default random stream; the demo evaluation tasks use others.
 CORPUS_STREAM = 0
 
 
-def clip_id(index: int) -> str:
-    return f"demo-{index:06d}"
+def clip_id(index: int, stream: int = CORPUS_STREAM) -> str:
+    return f"demo-{index:06d}" if stream == CORPUS_STREAM else f"demo{stream}-{index:06d}"
 
 
-def make_clip(seed: int, index: int, min_s: float, max_s: float) -> tuple[np.ndarray, str]:
+def make_clip(seed: int, index: int, min_s: float, max_s: float,
+              stream: int = CORPUS_STREAM) -> tuple[np.ndarray, str]:
     """Samples (float32, 16 kHz) and family of clip ``index``."""
-    rng = np.random.default_rng([seed, CORPUS_STREAM, index])
+    rng = np.random.default_rng([seed, stream, index])
     family = synth.FAMILIES[int(rng.integers(len(synth.FAMILIES)))]
     n = int(rng.uniform(min_s, max_s) * synth.SR)
     x = synth.normalise(synth.render(rng, family, n), -rng.uniform(1, 20))
@@ -50,8 +51,9 @@ def run_chunk(chunk: str, params: dict, out: str, audio_dir: str) -> None:
     clips = []
     from tqdm import tqdm
     for index in tqdm(indices, desc=f"demo chunk {chunk}", unit="clip", file=sys.stdout, mininterval=5):
-        samples, family = make_clip(int(params["seed"]), index, float(src["min_s"]), float(src["max_s"]))
-        cid = clip_id(index)
+        stream = int(src["stream"])
+        samples, family = make_clip(int(params["seed"]), index, float(src["min_s"]), float(src["max_s"]), stream)
+        cid = clip_id(index, stream)
         reason = audio.check_clip(samples, rules)
         if reason:
             clips.append(manifest.clip(cid, "rejected", reason, labels=[family]))

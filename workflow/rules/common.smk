@@ -100,3 +100,140 @@ def all_fetch_manifests():
 def all_shards(ext):
     """Every chunk's shard (ext "parquet") or shard manifest (ext "json")."""
     return [f"{OUT}/shards/{name}/{chunk}.{ext}" for name in SOURCES for chunk in CHUNKS[name]]
+
+
+def training_params():
+    """Params of the training job: the training section and the seed."""
+    return as_json({"training": config["training"], "seed": config["seed"]})
+
+
+def training_threads():
+    t = config["training"]
+    return t["workers"] * t["cpus_per_worker"] if not t["use_gpu"] else t["cpus_per_worker"]
+
+
+# -- evaluation (stage 4; the rules are in evaluate.smk, which sets EVAL, EVAL_OUT, EVAL_TASKS) --
+
+
+def _eval_demo_task_names():
+    from pipeline import demo_tasks as _demo_tasks
+
+    demo = EVAL["demo_tasks"]
+    speech = demo["speech"]
+    wanted = list(demo["tasks"])
+    extra = [t for t in _demo_tasks.available("true" if speech is True else "false" if speech is False else "auto")
+             if t in _demo_tasks.SPEECH]
+    return wanted + [t for t in extra if t not in wanted]
+
+
+def _eval_tasks():
+    """Task name → {"dir", "demo", "domain", "paper_name"}."""
+    tasks = {}
+    for name in _eval_demo_task_names():
+        tasks[name] = {"dir": f"{EVAL_OUT}/tasks/{name}", "demo": True, "domain": None, "paper_name": None}
+    for name, spec in EVAL["tasks"].items():
+        if name in tasks:
+            raise ValueError(f"config key evaluation.tasks.{name}: the name is taken by a demo task; rename it")
+        check_inside(f"evaluation.tasks.{name}.path", spec["path"])
+        tasks[name] = {"dir": spec["path"], "demo": False, "domain": spec["domain"], "paper_name": spec["paper_name"]}
+    return tasks
+
+
+def _model_spec(name):
+    """The model's config with defaults resolved (paths, the random encoder's size and seed)."""
+    spec = {k: v for k, v in config["models"][name].items() if k != "enabled"}
+    if spec["type"] == "checkpoint" and not spec.get("path"):
+        if name != "trained":
+            raise ValueError(f"config key models.{name}.path: a checkpoint model needs a path")
+        spec["path"] = TRAINED_DEFAULT
+    if spec["type"] == "random":
+        spec["size"] = spec.get("size") or config.get("training", {}).get("size", "base")
+        spec["seed"] = config["seed"] if spec.get("seed") is None else spec["seed"]
+    if spec["type"] == "hear_module" and not spec.get("module"):
+        raise ValueError(f"config key models.{name}.module: a hear_module model needs a module name")
+    return spec
+
+
+def _produced_by_a_rule(path):
+    return any(str(o) == path for r in workflow.rules for o in r.output)
+
+
+def eval_models():
+    """Names of the models to evaluate (``enabled: auto``: the weights exist or a rule makes them)."""
+    if not EVAL["enabled"]:
+        return []
+    names = []
+    for name, m in config["models"].items():
+        enabled = m["enabled"]
+        if enabled == "auto":
+            path = _model_spec(name).get("path")
+            enabled = not path or os.path.exists(path) or _produced_by_a_rule(path)
+        if enabled:
+            names.append(name)
+    return names
+
+
+def eval_task_dir(wildcards):
+    return EVAL_TASKS[wildcards.task]["dir"]
+
+
+def eval_weights(wildcards):
+    """The model's weights file, so that Snakemake (re)builds embeddings when it changes (a HEAR
+    module's path is an input only when it names a file)."""
+    spec = _model_spec(wildcards.model)
+    path = spec.get("path")
+    if path and (spec["type"] == "checkpoint" or os.path.isfile(path)):
+        return [path]
+    return []
+
+
+def eval_embed_params(wildcards):
+    return as_json({
+        "seed": config["seed"],
+        "batch_size": EVAL["batch_size"],
+        "frames": EVAL["frames"],
+        "decode_threads": EVAL["decode_threads"],
+    })
+
+
+def eval_probe_params():
+    return as_json({"seed": config["seed"], "probe": EVAL["probe"]})
+
+
+def eval_knn_params():
+    return as_json({"seed": config["seed"], "knn": EVAL["knn"]})
+
+
+def eval_results_params(wildcards=None):
+    return as_json({
+        "seed": config["seed"],
+        "models": eval_models(),
+        "tasks": {n: {"domain": t["domain"], "paper_name": t["paper_name"]} for n, t in EVAL_TASKS.items()},
+    })
+
+
+def eval_result_files(wildcards=None):
+    models, tasks = eval_models(), list(EVAL_TASKS)
+    files = [f"{EVAL_OUT}/probe/{m}/{t}.json" for m in models for t in tasks]
+    if EVAL["knn"]["enabled"]:
+        files += [f"{EVAL_OUT}/knn/{m}/{t}.json" for m in models for t in tasks]
+    return files
+
+
+def eval_training_metrics():
+    return EVAL["training_metrics"] or f"{OUT}/training/metrics.csv"
+
+
+def evaluation_targets(wildcards=None):
+    if not EVAL["enabled"] or not EVAL_TASKS or not eval_models():
+        return []
+    targets = [
+        f"{EVAL_OUT}/results/scores.csv",
+        f"{EVAL_OUT}/results/comparison.csv",
+        f"{EVAL_OUT}/plots/domains.png",
+        f"{EVAL_OUT}/plots/tasks.png",
+    ]
+    metrics_csv = eval_training_metrics()
+    if os.path.exists(metrics_csv) or _produced_by_a_rule(metrics_csv):
+        targets.append(f"{EVAL_OUT}/plots/loss_curve.png")
+    return targets

@@ -1,0 +1,241 @@
+"""MAE pre-training with Ray Train: schedule, averaging, loader, input checks, and real runs of
+two CPU workers on demo shards (loss falls, kill -9 and resume, a lost worker)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from helpers import read_json, snakemake
+from model import loader, schedule
+from model.averaging import average_state_dicts
+from pipeline import atomic, shards
+
+DATA_CONFIG = {
+    "sources": {
+        "demo": {"type": "demo", "clips": 32, "chunk_size": 16, "min_s": 4.0, "max_s": 10.0},
+        "demo_valid": {"type": "demo", "stream": 1000, "clips": 8, "chunk_size": 8, "min_s": 4.0, "max_s": 10.0},
+    }
+}
+TRAINING = {
+    "size": "tiny", "epochs": 3, "batches_per_epoch": 4, "global_batch": 8, "lr": 1e-3, "warmup_epochs": 1,
+    "validation_sources": ["demo_valid"], "validation_rows": 8, "workers": 2, "use_gpu": False,
+    "cpus_per_worker": 1, "loader_workers": 0, "shuffle_buffer": 16, "log_every": 1, "object_store_mb": 128,
+    "decoder": None, "weight_decay": 0.01, "final_lr_fraction": 0.1, "optimizer": "adamw8bit",
+    "mask_ratio": 0.75, "precision": "auto", "compile": False, "keep_best": 4, "average_best": 2,
+    "max_failures": 2, "verify_shards": True, "nodes": 1, "gpus_per_node": 0, "mem_mb": 4000, "runtime_min": 30,
+}
+
+
+# ----------------------------------------------------------------------------- units
+
+def test_schedule_values():
+    lr = lambda step: schedule.learning_rate(step, 3e-4, warmup_steps=100, total_steps=1100, final_fraction=0.1)
+    assert lr(0) == 0.0
+    assert lr(50) == pytest.approx(1.5e-4)
+    assert lr(100) == pytest.approx(3e-4)
+    assert lr(600) == pytest.approx(3e-5 + 2.7e-4 * 0.5)  # half way through the cosine
+    assert lr(1100) == pytest.approx(3e-5)
+    assert lr(5000) == pytest.approx(3e-5)  # stays at the floor
+    assert all(lr(s) >= lr(s + 1) for s in range(100, 1100))
+
+
+def test_checkpoint_average_is_the_mean_of_the_weights():
+    sds = [{"w": torch.full((2, 2), float(v)), "n": torch.tensor(v)} for v in (1, 2, 6)]
+    avg = average_state_dicts(sds)
+    assert torch.equal(avg["w"], torch.full((2, 2), 3.0))
+    assert int(avg["n"]) == 1  # integer buffers (num_batches_tracked) come from the first
+    with pytest.raises(ValueError, match="different keys"):
+        average_state_dicts([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+def _tagged_shards(folder: Path, n_shards=3, rows=10) -> list[str]:
+    """Shards whose mel holds the row's global number, so batches can be traced to rows."""
+    paths = []
+    for s in range(n_shards):
+        path = folder / f"s{s}.parquet"
+        w = shards.ShardWriter(path, 64, 8, {}, 5, "none")
+        for r in range(rows):
+            tag = s * rows + r
+            w.add(f"c{tag}", "x", 0, 0.0, 8 - r % 3, [], np.full((64, 8), tag, np.float32))
+        w.close()
+        paths.append(str(path))
+    return paths
+
+
+def _rows(batches) -> list[int]:
+    return [int(m[0, 0]) for b in batches for m in b["mel"].float()]
+
+
+def test_loader_is_deterministic_per_epoch_and_splits_parts(tmp_path):
+    parts = loader.parts_of(_tagged_shards(tmp_path))
+    assert len(parts) == 6 and all(p.rows == 5 for p in parts)
+    make = lambda epoch, rank: loader.TrainBatches(parts, 3, 2, seed=7, epoch=epoch, rank=rank, world_size=2,
+                                                   shuffle_buffer=4)
+    a, b = list(make(0, 0)), list(make(0, 0))
+    assert _rows(a) == _rows(b)  # same (seed, epoch, rank): same batches
+    assert _rows(make(1, 0)) != _rows(a)  # another epoch: another order
+    assert not set(_rows(make(0, 0))) & set(_rows(make(0, 1)))  # ranks read disjoint parts in a pass
+    batch = a[0]
+    assert batch["mel"].dtype == torch.float16 and batch["mel"].shape == (3, 64, 8)
+    tags = [int(m[0, 0]) for m in batch["mel"].float()]
+    assert batch["valid_frames"].tolist() == [8 - (t % 10) % 3 for t in tags]  # valid frames travel with rows
+
+
+def test_loader_splits_an_epoch_between_dataloader_workers(tmp_path):
+    parts = loader.parts_of(_tagged_shards(tmp_path))
+    data = loader.TrainBatches(parts, 2, 5, seed=1, epoch=0, shuffle_buffer=2)
+    one = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
+    again = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
+    assert len(one) == 5 and _rows(one) == _rows(again)
+    assert [loader.split_count(5, 2, i) for i in (0, 1)] == [3, 2]
+
+
+def test_validation_batches_are_fixed_and_shared_between_ranks(tmp_path):
+    parts = loader.parts_of(_tagged_shards(tmp_path))
+    r0 = _rows(loader.ValidationBatches(parts, 4, 9, 0, 2))
+    r1 = _rows(loader.ValidationBatches(parts, 4, 9, 1, 2))
+    assert sorted(r0 + r1) == list(range(9)) and r0 == [0, 2, 4, 6, 8]
+
+
+# ----------------------------------------------------------------------------- real runs
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    work = tmp_path_factory.mktemp("train-data")
+    snakemake(work, DATA_CONFIG, "data")
+    return work
+
+
+def train(work: Path, name: str, training=None, wait=True, **popen):
+    params = {"training": {**TRAINING, **(training or {})}, "seed": 0}
+    cmd = [sys.executable, "-m", "model.train", "--dataset", "results/demo/dataset/manifest.json",
+           "--params", json.dumps(params), "--state-dir", f"state-{name}", "--out-dir", f"out-{name}"]
+    env = {**os.environ, "DASHENG_RAY_TMP": str(Path("/tmp") / f"ray-{os.getpid()}-{name}")}
+    log = open(work / f"{name}.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, **popen)
+    if wait:
+        assert proc.wait(timeout=600) == 0, (work / f"{name}.log").read_text()[-4000:]
+    return proc
+
+
+def val_losses(metrics: Path) -> list[float]:
+    with open(metrics, newline="") as fh:
+        return [float(r["val_loss"]) for r in csv.DictReader(fh) if r["val_loss"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards):
+    train(demo_shards, "a")
+    return demo_shards / "out-a"
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_train_and_the_loss_falls(uninterrupted):
+    with open(uninterrupted / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(12))
+    train_losses = [float(r["train_loss"]) for r in rows]
+    assert np.mean(train_losses[-4:]) < np.mean(train_losses[:4])
+    vals = val_losses(uninterrupted / "metrics.csv")
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    summary = read_json(uninterrupted / "summary.json")
+    assert len(summary["averaged"]) == 2 and round(summary["averaged"][0]["val_loss"], 6) == min(vals)
+    assert (uninterrupted / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(summary["provenance"]) == {"config_hash", "seed", "versions", "git_sha"}
+
+
+@pytest.mark.slow
+def test_exported_encoder_loads_in_the_hear_module(uninterrupted):
+    from model import hear
+
+    model = hear.load_model(str(uninterrupted / "encoder.safetensors"))
+    assert model.scene_embedding_size == 192 and model.sample_rate == 16000
+    emb = hear.get_scene_embeddings(torch.randn(2, 16000) * 0.1, model)
+    assert emb.shape == (2, 192) and torch.isfinite(emb).all()
+
+
+def _first_checkpoint(state: Path, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(state.glob("mae-*/checkpoint_*/state.json")):
+            time.sleep(1.0)  # let Ray record it
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_and_matches_the_uninterrupted_run(demo_shards, uninterrupted):
+    proc = train(demo_shards, "b", wait=False)
+    _first_checkpoint(demo_shards / "state-b")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (demo_shards / "out-b" / "encoder.safetensors").exists()
+    train(demo_shards, "b")
+    log = (demo_shards / "b.log").read_text()
+    assert val_losses(demo_shards / "out-b/metrics.csv") == val_losses(uninterrupted / "metrics.csv")
+    assert (demo_shards / "out-b/metrics.csv").read_bytes() == (uninterrupted / "metrics.csv").read_bytes()
+    assert (demo_shards / "out-b/encoder.safetensors").read_bytes() == (uninterrupted / "encoder.safetensors").read_bytes()
+    assert log.count("training tiny MAE") == 2
+
+
+@pytest.mark.slow
+def test_a_lost_worker_is_restarted_from_the_last_checkpoint(demo_shards, uninterrupted):
+    proc = train(demo_shards, "c", wait=False)
+    _first_checkpoint(demo_shards / "state-c")
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline()) or p.name().startswith("ray::RayTrainWorker")]
+    assert victims, "no Ray Train worker process found"
+    victims[-1].kill()
+    assert proc.wait(timeout=600) == 0, (demo_shards / "c.log").read_text()[-4000:]
+    assert val_losses(demo_shards / "out-c/metrics.csv") == val_losses(uninterrupted / "metrics.csv")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _dataset(work: Path) -> dict:
+    return read_json(work / "results/demo/dataset/manifest.json")
+
+
+def test_bad_training_inputs_are_refused_before_training(demo_shards, tmp_path):
+    from model.train import TrainingInputError, select_shards
+
+    root = demo_shards
+    good = _dataset(root)
+    with pytest.raises(TrainingInputError, match="lists no shards"):
+        select_shards({**good, "shards": []}, ["demo_valid"], root, True)
+    with pytest.raises(TrainingInputError, match="differ from the model's"):
+        select_shards({**good, "mel": {**good["mel"], "n_mels": 128}}, ["demo_valid"], root, True)
+    with pytest.raises(TrainingInputError, match="does not have"):
+        select_shards(good, ["nope"], root, True)
+    bad = json.loads(json.dumps(good))
+    bad["shards"][1]["sha256"] = "0" * 64
+    with pytest.raises(shards.ShardError, match=bad["shards"][1]["path"].replace(".", r"\.")):
+        select_shards(bad, ["demo_valid"], root, True)
+    train, valid = select_shards(good, ["demo_valid"], root, True)
+    assert len(train) == 2 and len(valid) == 1 and all(Path(p).is_absolute() for p in train + valid)
+
+
+def test_the_cli_names_a_damaged_shard_and_exits(demo_shards, tmp_path):
+    work = tmp_path
+    (work / "results").symlink_to(demo_shards / "results")
+    manifest = _dataset(demo_shards)
+    manifest["shards"][0]["sha256"] = "f" * 64
+    atomic.write_json(work / "bad.json", manifest)
+    params = {"training": TRAINING, "seed": 0}
+    proc = subprocess.run([sys.executable, "-m", "model.train", "--dataset", "bad.json", "--params", json.dumps(params),
+                           "--state-dir", "st", "--out-dir", "out"], cwd=work, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: ") and f"{manifest['shards'][0]['path']}: sha256" in proc.stderr
+    assert "does not match the manifest" in proc.stderr
+    assert not (work / "st").exists() or not any((work / "st").rglob("checkpoint_*"))

@@ -1,0 +1,36 @@
+# Stage 3: MAE pre-training with Ray Train, from the dataset manifest's shards.
+# Ray's state (checkpoints, metrics, TensorBoard) lives in {OUT}/training_state/, outside the
+# declared outputs (Snakemake deletes those before a job): a rerun after a crash resumes from
+# the last checkpoint. Locally the job starts its own Ray instance; under SLURM the launcher
+# starts a Ray head on the first node and workers on the others (workflow/scripts/ray_slurm.sh).
+
+
+rule train:
+    input:
+        dataset=f"{OUT}/dataset/manifest.json",
+        shards=all_shards("parquet"),
+    output:
+        encoder=f"{OUT}/training/encoder.safetensors",
+        sidecar=f"{OUT}/training/encoder.json",
+        metrics=f"{OUT}/training/metrics.csv",
+        throughput=f"{OUT}/training/throughput.csv",
+        summary=f"{OUT}/training/summary.json",
+        curve=f"{OUT}/training/loss_curve.png",
+    log:
+        f"{LOGS}/training/train.log",
+    params:
+        cfg=training_params(),
+        state=f"{OUT}/training_state",
+        out=f"{OUT}/training",
+        launcher=workflow.source_path("../scripts/ray_slurm.sh"),
+    threads: training_threads()
+    resources:
+        nodes=config["training"]["nodes"],
+        gpus_per_node=config["training"]["gpus_per_node"],
+        mem_mb=config["training"]["mem_mb"],
+        runtime=config["training"]["runtime_min"],
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "bash {params.launcher:q} python -m model.train --dataset {input.dataset:q} "
+        "--params {params.cfg:q} --state-dir {params.state:q} --out-dir {params.out:q} > {log:q} 2>&1"
