@@ -9,7 +9,7 @@ Held out from the demo pre-training audio: clip ``i`` of task stream ``s`` is dr
 | ``demo_pitch`` | NSynth pitch | 24 MIDI notes 48–71 (labels are JSON numbers) | 288 × 1 s | train/valid/test | pitch_acc, chroma_acc |
 | ``demo_timbre`` | instrument family | 5 waveforms (sine, square, sawtooth, triangle, pulse) | 200 × 1 s | 5 new folds | top1_acc |
 | ``demo_noise`` | environment texture | 6 (white, pink, brown, blue noise, crackle, hum) | 180 × 1 s | 4 pre-split folds | top1_acc |
-| ``demo_events`` | DCASE 2016 task 2 | 4 events (beep, chirp, knock, noise burst) with known onsets | 80 × 4 s | train/valid/test | onset F 200 ms |
+| ``demo_events`` | DCASE 2016 task 2 | 4 events (beep, chirp, knock, noise burst) with known onsets | 60 × 3 s | train/valid/test | onset F 200 ms |
 
 With ``espeak-ng`` on PATH (a Debian package; optional) three speech tasks are available too:
 ``demo_keyword`` (10 words, Speech-Commands-like), ``demo_language`` (5 languages reading random
@@ -74,7 +74,7 @@ SPECS = {
         Spec("demo_timbre", 2, "music", "scene", "new_split_kfold", ("top1_acc",), WAVEFORMS, 40, 1.0, nfolds=5),
         Spec("demo_noise", 3, "env", "scene", "presplit_kfold", ("top1_acc",), TEXTURES, 30, 1.0, nfolds=4),
         Spec("demo_events", 4, "env", "event", "trainvaltest", ("event_onset_200ms_fms", "segment_1s_er"),
-             EVENTS, 80, 4.0),
+             EVENTS, 60, 3.0),
         Spec("demo_keyword", 5, "speech", "scene", "trainvaltest", ("top1_acc",), KEYWORDS, 16, 1.0,
              needs_espeak=True),
         Spec("demo_language", 6, "speech", "scene", "new_split_kfold", ("top1_acc",), LANGUAGES, 24, 2.0,

@@ -50,7 +50,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool 
     emb_dir = Path(emb_dir)
     meta = load_meta(emb_dir)
     result = {
-        "method": "knn", "model": meta["model"], "task": task.name, "task_dir": str(task_dir),
+        "method": "knn", "model": meta["model"], "task": task.name, "task_dir": str(task_dir), "task_mode": task.metadata.get("mode"),
         "domain": task.metadata.get("domain"), "embedding_type": task.embedding_type, "split_mode": task.split_mode,
         "primary_metric": "top1_acc", "k": k, "use_valid": use_valid,
         "embeddings_provenance": meta.get("provenance"),

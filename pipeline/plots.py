@@ -1,0 +1,168 @@
+"""Figures of the evaluation: ``python -m pipeline.plots``.
+
+- ``domains``: grouped bars of the primary probe score per domain (Env / Speech / Music / Other and
+  their average), one bar per model, as the paper's Table 4;
+- ``tasks``: a radar of the primary probe score of every task, one polygon per model, like the
+  paper's Figure 1 (bars when there are fewer than 3 tasks);
+- ``loss``: the training loss curve from a CSV with columns ``step`` or ``epoch``, ``train_loss`` and
+  (optionally, may be empty on some rows) ``val_loss``.
+
+PNG files, written atomically, with the provenance stamp in the PNG's ``Description`` text chunk.
+Rendering uses matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline import atomic, provenance  # noqa: E402
+from pipeline.metrics import LOWER_IS_BETTER  # noqa: E402
+from pipeline.results import DOMAIN_TITLES, DOMAINS, domain_averages  # noqa: E402
+
+
+def _save(fig, path: str | Path, stamp: dict) -> None:
+    path = Path(path)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight",
+                    metadata={"Description": json.dumps({"provenance": stamp}, sort_keys=True), "Software": None})
+    plt.close(fig)
+
+
+def _read_scores(path: str | Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["score"] = float(r["score"]) if r["score"] not in ("", None) else None
+        r["primary"] = r["primary"] in ("True", "true", "1")
+    return rows
+
+
+def domain_bars(rows: list[dict], models: list[str], path: str | Path, stamp: dict) -> None:
+    avgs = domain_averages(rows, models)
+    groups = [d for d in (*DOMAINS, "other", "average") if any(d in avgs[m] for m in models)]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) + 2), 4))
+    if not groups:
+        ax.text(0.5, 0.5, "no probe scores", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        width = 0.8 / max(1, len(models))
+        x = np.arange(len(groups))
+        for i, m in enumerate(models):
+            vals = [avgs[m][g][0] * 100 if g in avgs[m] else np.nan for g in groups]
+            bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m)
+            for b, v in zip(bars, vals):
+                if not math.isnan(v):
+                    ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, [DOMAIN_TITLES[g] for g in groups])
+        ax.set_ylabel("primary probe score ×100")
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.set_title("HEAR probe: mean primary score per domain")
+        ax.grid(axis="y", alpha=0.3)
+    _save(fig, path, stamp)
+
+
+def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dict) -> None:
+    prim = [r for r in rows if r["method"] == "probe" and r["primary"] and r["score"] is not None]
+    tasks = sorted({r["task"] for r in prim}, key=lambda t: (next(r["domain"] for r in prim if r["task"] == t), t))
+    lookup = {(r["task"], r["model"]): r for r in prim}
+
+    def value(t, m):
+        r = lookup.get((t, m))
+        if r is None:
+            return np.nan
+        return (1 - r["score"]) * 100 if r["metric"] in LOWER_IS_BETTER else r["score"] * 100
+
+    if len(tasks) >= 3:
+        fig = plt.figure(figsize=(6.5, 6))
+        ax = fig.add_subplot(projection="polar")
+        angles = np.linspace(0, 2 * np.pi, len(tasks), endpoint=False)
+        for m in models:
+            vals = np.array([value(t, m) for t in tasks])
+            ax.plot(np.append(angles, angles[0]), np.append(vals, vals[0]), marker="o", ms=3, label=m)
+            ax.fill(np.append(angles, angles[0]), np.nan_to_num(np.append(vals, vals[0])), alpha=0.08)
+        ax.set_xticks(angles, tasks, fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_rlabel_position(90)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.05, 1.05))
+        ax.set_title("Primary probe score per task (×100)", pad=20)
+    else:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        width = 0.8 / max(1, len(models))
+        x = np.arange(len(tasks))
+        for i, m in enumerate(models):
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, [value(t, m) for t in tasks], width, label=m)
+        ax.set_xticks(x, tasks)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("primary probe score ×100")
+        ax.legend(fontsize=8)
+        ax.set_title("Primary probe score per task")
+    _save(fig, path, stamp)
+
+
+def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
+    import pandas as pd
+
+    df = pd.read_csv(metrics_csv)
+    xcol = "step" if "step" in df.columns else "epoch" if "epoch" in df.columns else None
+    if xcol is None or "train_loss" not in df.columns:
+        raise ValueError(f"{metrics_csv}: expected columns 'step' or 'epoch' and 'train_loss' (optionally "
+                         f"'val_loss'), got {list(df.columns)}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col, style in (("train_loss", "-"), ("val_loss", "o-")):
+        if col in df.columns:
+            part = df[[xcol, col]].apply(pd.to_numeric, errors="coerce").dropna()
+            if len(part):
+                ax.plot(part[xcol], part[col], style, ms=3, label=col.replace("_", " "))
+    ax.set_xlabel(xcol)
+    ax.set_ylabel("MAE loss (normalised MSE on masked tokens)")
+    ax.set_title("Pre-training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path, stamp)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.plots", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("scores", help="domain bars and task radar from scores.csv")
+    s.add_argument("--scores", required=True)
+    s.add_argument("--domains", required=True, help="output PNG")
+    s.add_argument("--tasks", required=True, help="output PNG")
+    s.add_argument("--params", default="{}", help="JSON: seed, models (order)")
+    lo = sub.add_parser("loss", help="training loss curve")
+    lo.add_argument("--metrics", required=True, help="CSV: step|epoch, train_loss, val_loss")
+    lo.add_argument("--out", required=True)
+    lo.add_argument("--params", default="{}")
+    args = parser.parse_args(argv)
+    params = json.loads(args.params)
+    stamp = provenance.stamp(params, params.get("seed"))
+    if args.cmd == "scores":
+        rows = _read_scores(args.scores)
+        models = list(params.get("models") or dict.fromkeys(r["model"] for r in rows))
+        domain_bars(rows, models, args.domains, stamp)
+        task_radar(rows, models, args.tasks, stamp)
+        print(f"wrote {args.domains} and {args.tasks}")
+    else:
+        try:
+            loss_curve(args.metrics, args.out, stamp)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

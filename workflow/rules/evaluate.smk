@@ -1,0 +1,157 @@
+# Stage 4: evaluation. For every (model, task): embeddings (frame + clip, per split), the HEAR
+# MLP probe and k-NN; then the score tables, the comparison with the paper and the plots.
+# Tasks: the demo tasks (synthesised by `demo_task`, in HEAR format) and any HEAR task folder
+# named in config["evaluation"]["tasks"]. Models: config["models"] (trained encoder, random-init
+# encoder, log-mel baseline, official Dasheng checkpoints, HEAR-API modules).
+# Include this file after the stage that exports the trained encoder: a model with
+# `enabled: auto` is evaluated when its weights exist or a rule of the workflow produces them.
+EVAL = config["evaluation"]
+EVAL_OUT = f"{OUT}/eval"
+EVAL_LOGS = f"{LOGS}/eval"
+TRAINED_DEFAULT = f"{OUT}/training/encoder.safetensors"
+EVAL_TASKS = _eval_tasks() if EVAL["enabled"] else {}
+EVAL_MODEL_NAMES = constraint(list(config["models"]))
+
+
+rule demo_task:
+    output:
+        directory(f"{EVAL_OUT}/tasks/{{task}}"),
+    log:
+        f"{EVAL_LOGS}/tasks/{{task}}.log",
+    wildcard_constraints:
+        task=constraint([n for n, t in EVAL_TASKS.items() if t["demo"]]),
+    params:
+        cfg=as_json({"seed": config["seed"], "demo_tasks": {"scale": EVAL["demo_tasks"]["scale"]}}),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m pipeline.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule embed:
+    input:
+        task=eval_task_dir,
+        weights=eval_weights,
+    output:
+        directory(f"{EVAL_OUT}/embeddings/{{model}}/{{task}}"),
+    log:
+        f"{EVAL_LOGS}/embeddings/{{model}}/{{task}}.log",
+    wildcard_constraints:
+        model=EVAL_MODEL_NAMES,
+        task=constraint(list(EVAL_TASKS)),
+    params:
+        cfg=eval_embed_params,
+        spec=lambda wc: as_json(_model_spec(wc.model)),
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m model.extract --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
+        "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule probe:
+    input:
+        task=eval_task_dir,
+        embeddings=f"{EVAL_OUT}/embeddings/{{model}}/{{task}}",
+    output:
+        f"{EVAL_OUT}/probe/{{model}}/{{task}}.json",
+    log:
+        f"{EVAL_LOGS}/probe/{{model}}/{{task}}.log",
+    wildcard_constraints:
+        model=EVAL_MODEL_NAMES,
+        task=constraint(list(EVAL_TASKS)),
+    params:
+        cfg=eval_probe_params(),
+    threads: EVAL["threads"]
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m pipeline.probe --task {input.task:q} --embeddings {input.embeddings:q} "
+        "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule knn:
+    input:
+        task=eval_task_dir,
+        embeddings=f"{EVAL_OUT}/embeddings/{{model}}/{{task}}",
+    output:
+        f"{EVAL_OUT}/knn/{{model}}/{{task}}.json",
+    log:
+        f"{EVAL_LOGS}/knn/{{model}}/{{task}}.log",
+    wildcard_constraints:
+        model=EVAL_MODEL_NAMES,
+        task=constraint(list(EVAL_TASKS)),
+    params:
+        cfg=eval_knn_params(),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m pipeline.knn --task {input.task:q} --embeddings {input.embeddings:q} "
+        "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule eval_results:
+    input:
+        results=eval_result_files,
+        paper=os.path.join(workflow.basedir, "config", "paper_results.csv"),
+    output:
+        scores=report(f"{EVAL_OUT}/results/scores.csv", caption="../report/scores.rst", category="Evaluation"),
+        scores_md=f"{EVAL_OUT}/results/scores.md",
+        comparison=report(
+            f"{EVAL_OUT}/results/comparison.csv", caption="../report/comparison.rst", category="Evaluation"
+        ),
+        comparison_md=f"{EVAL_OUT}/results/comparison.md",
+        summary=f"{EVAL_OUT}/results/summary.json",
+    log:
+        f"{EVAL_LOGS}/results.log",
+    params:
+        cfg=eval_results_params,
+        out_dir=lambda wildcards, output: os.path.dirname(output.scores),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m pipeline.results --inputs {input.results:q} --paper {input.paper:q} "
+        "--params {params.cfg:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule eval_plots:
+    input:
+        f"{EVAL_OUT}/results/scores.csv",
+    output:
+        domains=report(f"{EVAL_OUT}/plots/domains.png", caption="../report/domains.rst", category="Evaluation"),
+        tasks=report(f"{EVAL_OUT}/plots/tasks.png", caption="../report/tasks.rst", category="Evaluation"),
+    log:
+        f"{EVAL_LOGS}/plots.log",
+    params:
+        cfg=eval_results_params,
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m pipeline.plots scores --scores {input:q} --domains {output.domains:q} "
+        "--tasks {output.tasks:q} --params {params.cfg:q} > {log:q} 2>&1"
+
+
+rule eval_loss_curve:
+    input:
+        eval_training_metrics(),
+    output:
+        report(f"{EVAL_OUT}/plots/loss_curve.png", caption="../report/loss_curve.rst", category="Training"),
+    log:
+        f"{EVAL_LOGS}/loss_curve.log",
+    params:
+        cfg=as_json({"seed": config["seed"]}),
+    conda:
+        "../../envs/eval.yaml"
+    shell:
+        "python -m pipeline.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+
+
+rule evaluate:
+    input:
+        evaluation_targets,
