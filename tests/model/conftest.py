@@ -11,7 +11,7 @@ from model.encoder import DashengEncoder
 
 @pytest.fixture(autouse=True)
 def _modest_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # the machine's 2 cores at most
     torch.manual_seed(0)
 
 
