@@ -157,9 +157,12 @@ def event_score(metric: str, reference: list[dict], estimated: list[dict], label
         by_file_ref.setdefault(e["file"], []).append(e)
     for e in estimated:
         by_file_est.setdefault(e["file"], []).append(e)
-    for f in by_file_ref:
-        m.evaluate(reference_event_list=_container(by_file_ref[f]), estimated_event_list=_container(by_file_est.get(f, [])))
-    results = m.results()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # sed_eval's class-wise means over empty classes
+        for f in by_file_ref:
+            m.evaluate(reference_event_list=_container(by_file_ref[f]),
+                       estimated_event_list=_container(by_file_est.get(f, [])))
+        results = m.results()
     if metric == "segment_1s_er":
         return float(results["overall"]["error_rate"]["error_rate"])
     return float(results["overall"]["f_measure"]["f_measure"])
