@@ -283,18 +283,26 @@ def wav_bytes(samples: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def trainvaltest_split(i: int, count: int) -> str:
+    """Split of the ``i``-th of ``count`` clips: 60 % train, 20 % valid, 20 % test (at least one each)."""
+    n_valid = n_test = max(1, round(0.2 * count))
+    if i < count - n_valid - n_test:
+        return "train"
+    return "valid" if i < count - n_test else "test"
+
+
 def assign_splits(spec: Spec, labels: list[str]) -> list[str]:
-    """Split of each clip, stratified by class for scene tasks (clip order is class-interleaved)."""
-    if spec.split_mode == "trainvaltest":
-        pattern = ["train"] * 6 + ["valid"] * 2 + ["test"] * 2  # 60/20/20
-    else:
-        pattern = [f"fold{i:02d}" for i in range(spec.nfolds)]
+    """Split of each clip, stratified by class (clip order is class-interleaved)."""
+    count = {label: labels.count(label) for label in set(labels)}
     seen: dict[str, int] = {}
     out = []
     for label in labels:
         i = seen.get(label, 0)
         seen[label] = i + 1
-        out.append(pattern[i % len(pattern)])
+        if spec.split_mode == "trainvaltest":
+            out.append(trainvaltest_split(i, count[label]))
+        else:
+            out.append(f"fold{i % spec.nfolds:02d}")
     return out
 
 
@@ -358,8 +366,7 @@ def generate(name: str, out: str | Path, seed: int, scale: float = 1.0, params: 
 
 
 def _event_splits(count: int) -> list[str]:
-    pattern = ["train"] * 6 + ["valid"] * 2 + ["test"] * 2
-    return [pattern[i % len(pattern)] for i in range(count)]
+    return [trainvaltest_split(i, count) for i in range(count)]
 
 
 def main(argv: list[str] | None = None) -> None:

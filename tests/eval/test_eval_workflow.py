@@ -1,0 +1,80 @@
+"""The evaluation stage through real Snakemake runs."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from helpers import HEAR_TASK, read_json, snakemake
+from model.checkpoint import save_checkpoint
+from model.encoder import DashengEncoder
+
+pytestmark = pytest.mark.slow
+
+
+def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(DashengEncoder("tiny"), tmp_path / "tiny.safetensors", seed=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "metrics.csv").write_text("epoch,step,train_loss,val_loss\n0,1,1.2,\n0,2,1.0,\n1,3,0.9,0.95\n")
+    tasks = {"spoken_digit": {"path": str(HEAR_TASK)}} if HEAR_TASK.is_dir() else {}
+    config = {
+        "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
+        "evaluation": {
+            "demo_tasks": {"tasks": ["demo_events"], "speech": False, "scale": 0.4},
+            "tasks": tasks,
+            "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 30, "patience": 3},
+            "training_metrics": "metrics.csv",
+        },
+        "models": {"trained": {"type": "checkpoint", "path": str(ckpt)}, "logmel": {"type": "logmel"}},
+    }
+    snakemake(work, config, "evaluate")
+    out = work / "results/demo/eval"
+    task_names = ["demo_events", *tasks]
+    for model in ("trained", "logmel"):
+        for task in task_names:
+            meta = read_json(out / f"embeddings/{model}/{task}/meta.json")
+            assert meta["dim"] == (192 if model == "trained" else 64) and meta["rejected"] == 0
+            assert read_json(out / f"embeddings/{model}/{task}/rejects.json") == {"rejects": []}
+            probe = read_json(out / f"probe/{model}/{task}.json")
+            assert set(probe["provenance"]) == {"config_hash", "seed", "versions", "git_sha"}
+            assert (work / f"results/demo/logs/eval/probe/{model}/{task}.log").is_file()
+    events = read_json(out / "probe/trained/demo_events.json")
+    assert events["primary_metric"] == "event_onset_200ms_fms" and len(events["folds"]) == 1
+    assert 0.0 <= events["metrics"]["event_onset_200ms_fms"]["mean"] <= 1.0
+    assert read_json(out / "knn/trained/demo_events.json")["skipped"] == "event task"
+    with open(out / "results/scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    probe_rows = {(r["model"], r["task"], r["metric"]) for r in rows if r["method"] == "probe"}
+    assert ("trained", "demo_events", "event_onset_200ms_fms") in probe_rows
+    assert ("logmel", "demo_events", "segment_1s_er") in probe_rows
+    if tasks:
+        digits = read_json(out / "probe/logmel/spoken_digit.json")
+        assert len(digits["folds"]) == 5 and digits["folds"][2]["test"] and digits["split_mode"] == "new_split_kfold"
+        assert [f["valid"] for f in digits["folds"]] == [["fold01"], ["fold02"], ["fold03"], ["fold04"], ["fold00"]]
+        knn = [r for r in rows if r["method"] == "knn" and r["task"] == "spoken_digit"]
+        assert {r["model"] for r in knn} == {"trained", "logmel"} and all(r["n_splits"] == "5" for r in knn)
+    assert "# Evaluation scores" in (out / "results/scores.md").read_text()
+    assert "No evaluated task shares a name" in (out / "results/comparison.md").read_text()
+    for png in ("domains", "tasks", "loss_curve"):
+        assert (out / f"plots/{png}.png").stat().st_size > 5000
+    # nothing left to do on a rerun
+    again = snakemake(work, config, "evaluate", "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # the report holds the tables and plots
+    snakemake(work, config, "evaluate", "--report", "report.html")
+    html = (work / "report.html").read_text(errors="replace")
+    assert "scores.csv" in html and "domains.png" in html and "loss_curve.png" in html
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    config = {
+        "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
+        "evaluation": {"demo_tasks": {"tasks": ["demo_noise"], "speech": False}},
+        "models": {"official": {"type": "checkpoint", "path": "dasheng_base.pt"}},
+    }
+    proc = snakemake(tmp_path, config, "evaluate", "-n", check=False)
+    assert proc.returncode != 0
+    assert "dasheng_base.pt" in proc.stdout + proc.stderr
