@@ -131,3 +131,15 @@ def test_demo_tasks_are_deterministic_held_out_hear_folders(tmp_path):
     demo_tasks.generate("demo_pitch", tmp_path / "c/demo_pitch", seed=1, scale=0.3)
     assert _tree_hash(tmp_path / "c/demo_pitch") != _tree_hash(tmp_path / "a/demo_pitch")
     assert demo_tasks.available("false") == list(demo_tasks.SYNTHETIC)
+
+
+@pytest.mark.skipif(demo_tasks.espeak_exe() is None, reason="espeak-ng is not installed (the speech demo tasks are optional)")
+def test_speech_demo_tasks_with_espeak(tmp_path):
+    for name in demo_tasks.SPEECH:
+        demo_tasks.generate(name, tmp_path / name, seed=0, scale=0.2)
+        task = hear_tasks.load_task(tmp_path / name)
+        assert task.metadata["domain"] == "speech"
+        clip = task.clips(task.splits[0])[0][0]
+        x = hear_tasks.load_audio(clip)
+        assert x.shape == (int(task.metadata["sample_duration"] * 16000),) and np.abs(x).max() > 0.01
+    assert demo_tasks.available("auto") == list(demo_tasks.SYNTHETIC + demo_tasks.SPEECH)
