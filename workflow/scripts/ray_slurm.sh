@@ -32,22 +32,50 @@ cpus=${RAY_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}}
 gpus=${RAY_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 tmp=${RAY_TMP:-/tmp/ray-${USER:-user}-${SLURM_JOB_ID:-local}}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
-worker_pids=()
+pids=()
 
 teardown() {
   local status=$?
   echo "ray_slurm: stopping the Ray cluster (exit status $status)" >&2
-  for pid in "${worker_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  ray stop --force >/dev/null 2>&1 || true
+  # `ray start --block` stops its own node's processes on SIGTERM (srun forwards it to the
+  # remote nodes); `ray stop` is not used: it would also stop other Ray instances of this user.
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   exit "$status"
 }
 trap teardown EXIT
 trap 'exit 143' TERM INT
 
+count_nodes() {
+  python - "$head_ip:$port" <<'PY' 2>/dev/null || echo 0
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+PY
+}
+
+wait_for_nodes() {  # wait_for_nodes N: up to 5 minutes
+  local have=0
+  for _ in $(seq 1 150); do
+    for pid in "${pids[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        echo "ray_slurm: a Ray node process (pid $pid) exited during start-up; see the messages above" >&2
+        return 1
+      fi
+    done
+    have=$(count_nodes)
+    if (( have >= $1 )); then return 0; fi
+    sleep 2
+  done
+  echo "ray_slurm: only $have of $1 nodes joined the Ray cluster" >&2
+  return 1
+}
+
 echo "ray_slurm: head $head ($head_ip:$port), workers: ${node_list[*]:1}" >&2
-ray start --head --node-ip-address="$head_ip" --port="$port" --num-cpus="$cpus" --num-gpus="$gpus" \
-  --temp-dir="$tmp" --include-dashboard=false --disable-usage-stats >&2
+ray start --head --block --node-ip-address="$head_ip" --port="$port" --num-cpus="$cpus" --num-gpus="$gpus" \
+  --temp-dir="$tmp" --include-dashboard=false --disable-usage-stats >&2 &
+pids+=($!)
+wait_for_nodes 1
 
 for node in "${node_list[@]:1}"; do
   if [[ -n "${RAY_WORKER_LAUNCH:-}" ]]; then
@@ -59,24 +87,8 @@ for node in "${node_list[@]:1}"; do
       ray start --address="$head_ip:$port" --num-cpus="$cpus" --num-gpus="$gpus" --block \
       --disable-usage-stats >&2 &
   fi
-  worker_pids+=($!)
+  pids+=($!)
 done
-
-# Wait (up to 5 minutes) until every node has joined.
-want=${#node_list[@]}
-for _ in $(seq 1 300); do
-  have=$(python - "$head_ip:$port" <<'PY'
-import sys, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-print(sum(1 for n in ray.nodes() if n["Alive"]))
-PY
-) || have=0
-  if (( have >= want )); then break; fi
-  sleep 1
-done
-if (( have < want )); then
-  echo "ray_slurm: only $have of $want nodes joined the Ray cluster" >&2
-  exit 1
-fi
-echo "ray_slurm: $have nodes up" >&2
+wait_for_nodes "${#node_list[@]}"
+echo "ray_slurm: ${#node_list[@]} nodes up" >&2
 "$@" --address "$head_ip:$port"
