@@ -19,6 +19,20 @@ def test_shipped_configs_are_valid(path):
         assert "chunk_size" in src
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_training_presets_are_valid(path):
+    config = {"sources": {"d": {"type": "demo"}}, **yaml.safe_load(path.read_text())}
+    validate(config, SCHEMA, set_default=True)
+    assert config["training"]["size"] == path.stem
+
+
+def test_presets_follow_the_paper():
+    load = lambda name: yaml.safe_load((REPO / "config" / "presets" / f"{name}.yaml").read_text())["training"]
+    base, big = load("base"), load("1.2B")
+    assert (base["lr"], base["weight_decay"], base["global_batch"], base["batches_per_epoch"]) == (3e-4, 0.01, 256, 15000)
+    assert (big["lr"], big["weight_decay"], big["decoder"]) == (2e-4, 0.0, "dec-56m")
+
+
 def test_corpus_configs_cover_the_paper_datasets():
     names = {p.stem for p in CONFIGS}
     assert {"audioset", "vggsound", "acav100m", "mtg_jamendo", "config", "schema"} <= names

@@ -108,8 +108,15 @@ def training_params():
 
 
 def training_threads():
+    """CPUs of the training job per node."""
     t = config["training"]
-    return t["workers"] * t["cpus_per_worker"] if not t["use_gpu"] else t["cpus_per_worker"]
+    per_node = -(-t["workers"] // t["nodes"])  # workers on each node
+    return per_node * t["cpus_per_worker"]
+
+
+def training_gres():
+    gpus = config["training"]["gpus_per_node"] if config["training"]["use_gpu"] else 0
+    return f"gpu:{gpus}" if gpus else ""
 
 
 # -- evaluation (stage 4; the rules are in evaluate.smk, which sets EVAL, EVAL_OUT, EVAL_TASKS) --

@@ -21,12 +21,16 @@ rule train:
     params:
         cfg=training_params(),
         state=f"{OUT}/training_state",
-        out=f"{OUT}/training",
+        out=lambda wildcards, output: os.path.dirname(output.encoder),
         launcher=workflow.source_path("../scripts/ray_slurm.sh"),
     threads: training_threads()
     resources:
+        # Names of snakemake-executor-plugin-slurm: one task per job; the launcher starts
+        # one Ray node per allocated node (srun), each using all the node's GPUs and CPUs.
         nodes=config["training"]["nodes"],
-        gpus_per_node=config["training"]["gpus_per_node"],
+        tasks=1,
+        cpus_per_task=training_threads(),
+        gres=training_gres(),
         mem_mb=config["training"]["mem_mb"],
         runtime=config["training"]["runtime_min"],
     conda:
