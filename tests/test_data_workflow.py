@@ -28,7 +28,7 @@ def file_hashes(root: Path, patterns=("shards/**/*", "manifests/**/*", "dataset/
 
 
 def test_demo_source_to_shards(tmp_path):
-    snakemake(tmp_path, DEMO, "all")
+    snakemake(tmp_path, DEMO, "data")
     out = tmp_path / "results/demo"
     dataset = read_json(out / "dataset/manifest.json")
     assert [s["chunk"] for s in dataset["shards"]] == ["00000", "00001", "00002"]
@@ -58,18 +58,18 @@ def test_demo_source_to_shards(tmp_path):
 
 
 def test_two_clean_runs_are_byte_identical(tmp_path):
-    snakemake(tmp_path / "a", DEMO, "all")
-    snakemake(tmp_path / "b", DEMO, "all")
+    snakemake(tmp_path / "a", DEMO, "data")
+    snakemake(tmp_path / "b", DEMO, "data")
     a, b = file_hashes(tmp_path / "a/results/demo"), file_hashes(tmp_path / "b/results/demo")
     assert a == b and len(a) == 3 * 2 + 3 + 2
 
 
 def test_rerun_after_deleting_one_chunk_redoes_only_that_chunk(tmp_path):
-    snakemake(tmp_path, DEMO, "all")
+    snakemake(tmp_path, DEMO, "data")
     out = tmp_path / "results/demo"
     before = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/*")}
     (out / "shards/demo/00001.parquet").unlink()
-    proc = snakemake(tmp_path, DEMO, "all")
+    proc = snakemake(tmp_path, DEMO, "data")
     assert "mel_chunk" in proc.stdout + proc.stderr
     after = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/*")}
     changed = sorted(p.name for p in after if after[p] != before.get(p))
@@ -79,7 +79,7 @@ def test_rerun_after_deleting_one_chunk_redoes_only_that_chunk(tmp_path):
     # Deleting a chunk's audio manifest redoes that chunk's audio and shard, nothing else.
     before = after
     (out / "manifests/demo/00002.json").unlink()
-    proc = snakemake(tmp_path, DEMO, "all")
+    proc = snakemake(tmp_path, DEMO, "data")
     after = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/*")}
     assert sorted(p.name for p in after if after[p] != before.get(p)) == ["00002.json", "00002.parquet"]
     assert (proc.stdout + proc.stderr).count("rule demo_chunk") == 1
@@ -90,7 +90,7 @@ def test_local_folder_with_bad_files(tmp_path):
     expected = bad_corpus(corpus)
     config = {"sources": {"mine": {"type": "local", "root": str(corpus), "chunk_size": 6}},
               "audio": {"max_duration_s": 20}}
-    snakemake(tmp_path, config, "all")
+    snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     rejects = {r["clip_id"]: r for r in read_json(out / "dataset/rejects.json")["rejects"]}
     for rel, want in expected.items():
@@ -116,7 +116,7 @@ def test_local_source_streams_originals_without_keep_audio(tmp_path):
     tone(corpus / "x" / "b.mp3", 3.0)
     config = {"sources": {"raw": {"type": "local", "root": str(corpus), "labels": "folder"}},
               "audio": {"keep_audio": False}}
-    snakemake(tmp_path, config, "all")
+    snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     assert not (out / "audio").exists()
     batch = next(shards.iter_batches(out / "shards/raw/00000.parquet", 8, ("clip_id", "window", "valid_frames", "labels")))
@@ -127,7 +127,7 @@ def test_local_source_streams_originals_without_keep_audio(tmp_path):
 
 def test_hear_fixture_as_a_local_source(tmp_path, hear_task):
     config = {"sources": {"digits": {"type": "local", "root": str(hear_task / "44100"), "chunk_size": 40}}}
-    snakemake(tmp_path, config, "all")
+    snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     dataset = read_json(out / "dataset/manifest.json")
     n_files = sum(1 for _ in (hear_task / "44100").rglob("*.wav"))
@@ -148,7 +148,7 @@ def test_hear_fixture_as_a_local_source(tmp_path, hear_task):
 
 def test_speech_commands_with_folder_labels_and_a_long_file(tmp_path, speech_commands):
     config = {"sources": {"spc": {"type": "local", "root": str(speech_commands), "labels": "folder", "chunk_size": 100}}}
-    snakemake(tmp_path, config, "all")
+    snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     rows = list(shards.iter_batches(out / "shards/spc/00000.parquet", 1000, ("clip_id", "window", "labels", "valid_frames")))[0]
     noise = [i for i, c in enumerate(rows["clip_id"]) if c.startswith("_background_noise_/")]
@@ -173,7 +173,7 @@ def test_youtube_source_through_snakemake(tmp_path, loopback):
     )
     config = {"sources": {"as": {"type": "youtube", "list": str(listing), "format": "audioset", "chunk_size": 3,
                                  "url_template": loopback.url_template, "retries": 0, "socket_timeout_s": 5}}}
-    snakemake(tmp_path, config, "all")
+    snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     clips = read_json(out / "manifests/as/00000.json")["clips"] + read_json(out / "manifests/as/00001.json")["clips"]
     assert [(c["clip_id"], c["status"]) for c in clips] == [
@@ -185,7 +185,7 @@ def test_youtube_source_through_snakemake(tmp_path, loopback):
     hits = dict(loopback.hits)
     # Retrying failures: only the failed ID is asked for again, successes come from the cache.
     loopback.routes["gone0000000"] = File(media, "audio/mp4")
-    snakemake(tmp_path, config, "all", "--forcerun", "youtube_chunk")
+    snakemake(tmp_path, config, "data", "--forcerun", "youtube_chunk")
     assert loopback.hits["okAAAAAAAAA"] == hits["okAAAAAAAAA"] and loopback.hits["okBBBBBBBBB"] == hits["okBBBBBBBBB"]
     assert loopback.hits["gone0000000"] > hits["gone0000000"]
     assert read_json(out / "dataset/manifest.json")["totals"]["windows"] == 3
