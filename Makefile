@@ -36,7 +36,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	@echo ">> running the demo DAG: snakemake --cores $(CORES) all (config/config.yaml)"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) all
-	@echo ">> done: outputs under results/demo/"
+	@echo ">> writing the HTML report: snakemake --report results/demo/report.html"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --report results/demo/report.html all
+	@echo ">> done: results/demo/eval/results/scores.md (tables), results/demo/report.html (report)"
 
 test: $(STAMP)
 	@echo ">> running the tests: pytest"

@@ -356,7 +356,9 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
                "epochs": cfg["epochs"], "final_val_loss": _last_val_loss(out / "metrics.csv"),
                "provenance": stamp}
     atomic.write_json(out / "summary.json", summary)
-    _loss_curve(out / "metrics.csv", out / "loss_curve.png")
+    from pipeline import plots  # matplotlib: only the driver needs it
+
+    plots.loss_curve(out / "metrics.csv", out / "loss_curve.png", stamp)
     print(f"exported {path} (mean of {len(best)} best checkpoints, val loss "
           f"{', '.join(f'{v:.4f}' for _, v, _ in best)})", flush=True)
     return summary
@@ -366,34 +368,6 @@ def _last_val_loss(metrics_csv: Path) -> float | None:
     with open(metrics_csv, newline="") as fh:
         vals = [float(r["val_loss"]) for r in csv.DictReader(fh) if r["val_loss"]]
     return vals[-1] if vals else None
-
-
-def _loss_curve(metrics_csv: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, train, vsteps, val = [], [], [], []
-    with open(metrics_csv, newline="") as fh:
-        for r in csv.DictReader(fh):
-            steps.append(int(r["step"]) + 1)
-            train.append(float(r["train_loss"]))
-            if r["val_loss"]:
-                vsteps.append(int(r["step"]) + 1)
-                val.append(float(r["val_loss"]))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot(steps, train, lw=1, label="train (per step)")
-    ax.plot(vsteps, val, "o-", label="validation (per epoch)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("normalised MSE (masked tokens)")
-    ax.set_title("MAE pre-training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic.atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
