@@ -163,24 +163,27 @@ def scores_markdown(rows: list[dict], models: list[str], stamp: dict) -> str:
         parts.append("\n## Per-domain averages of the primary probe scores (number of tasks)\n\n"
                      "As the paper's Table 4: the mean over a domain's tasks; Average = mean of the domains.\n\n"
                      + markdown_table(["model"] + [DOMAIN_TITLES[d] for d in present], body))
-    helped = pretraining_effect(rows, models)
-    if helped:
-        parts.append("\n## Did pre-training help?\n\n"
-                     "Primary probe score of the trained encoder minus its random-init twin, and minus the "
-                     "log-mel baseline (×100; positive = the trained encoder is better).\n\n"
-                     + markdown_table(["task", "metric", "trained", "random-init", "log-mel", "trained − random",
-                                       "trained − log-mel"], helped))
+    for method, label in (("probe", "primary probe score"), ("knn", "k-NN accuracy")):
+        helped = pretraining_effect(rows, models, method)
+        if helped:
+            parts.append(f"\n## Did pre-training help? ({'MLP probe' if method == 'probe' else 'k-NN'})\n\n"
+                         f"The trained encoder's {label} minus its random-init twin's, and minus the log-mel "
+                         "baseline's (×100; positive = the trained encoder is better); the last row is the "
+                         "mean over tasks.\n\n"
+                         + markdown_table(["task", "metric", "trained", "random-init", "log-mel",
+                                           "trained − random", "trained − log-mel"], helped))
     parts.append(_provenance_md(stamp))
     return "".join(parts)
 
 
-def pretraining_effect(rows: list[dict], models: list[str]) -> list[list[str]]:
-    """Rows comparing 'trained' with 'random' and 'logmel' (when those models are evaluated)."""
+def pretraining_effect(rows: list[dict], models: list[str], method: str = "probe") -> list[list[str]]:
+    """Rows comparing 'trained' with 'random' and 'logmel' on one method's primary scores (when
+    those models are evaluated), and a last row with the means over tasks."""
     if "trained" not in models or not ({"random", "logmel"} & set(models)):
         return []
-    lookup = {(r["task"], r["model"]): r for r in rows if r["method"] == "probe" and r["primary"]}
-    out = []
-    for task in sorted({r["task"] for r in rows if r["method"] == "probe"}):
+    lookup = {(r["task"], r["model"]): r for r in rows if r["method"] == method and r["primary"]}
+    out, scores = [], {"trained": [], "random": [], "logmel": []}
+    for task in sorted({r["task"] for r in rows if r["method"] == method}):
         t = lookup.get((task, "trained"))
         if not t or t["score"] is None:
             continue
@@ -190,6 +193,16 @@ def pretraining_effect(rows: list[dict], models: list[str]) -> list[list[str]]:
         cells += [_fmt(o["score"]) if o else "–" for o in others]
         cells += [f"{sign * (t['score'] - o['score']) * 100:+.1f}" if o and o["score"] is not None else "–"
                   for o in others]
+        out.append(cells)
+        for name, row in (("trained", t), ("random", others[0]), ("logmel", others[1])):
+            # signed so that higher is better for every metric; the mean row compares these
+            scores[name].append(sign * row["score"] if row and row["score"] is not None else None)
+    if len(out) > 1:
+        mean = {k: (sum(v) / len(v) if v and None not in v else None) for k, v in scores.items()}
+        cells = ["mean (higher is better)", "", _fmt(mean["trained"])]
+        cells += [_fmt(mean[k]) if mean[k] is not None else "–" for k in ("random", "logmel")]
+        cells += [f"{(mean['trained'] - mean[k]) * 100:+.1f}" if mean[k] is not None else "–"
+                  for k in ("random", "logmel")]
         out.append(cells)
     return out
 

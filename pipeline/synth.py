@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 SR = 16000
-FAMILIES = ("tone", "harmonic", "chirp", "noise", "clicks", "am", "fm", "mixture")
+FAMILIES = ("tone", "harmonic", "chirp", "noise", "clicks", "am", "fm", "melody", "chords", "babble", "scene",
+            "mixture")
+# Major and minor scales (semitones above the tonic) for melodies and chords.
+SCALES = ((0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10))
 NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0, "blue": -1.0}
 
 
@@ -89,6 +92,82 @@ def fm(n: int, carrier: float, mod_hz: float, index: float) -> np.ndarray:
     return np.sin(2 * np.pi * carrier * t + index * np.sin(2 * np.pi * mod_hz * t))
 
 
+def _segments(rng: np.random.Generator, n: int, min_s: float, max_s: float) -> list[tuple[int, int]]:
+    """Consecutive (start, end) sample ranges of random lengths covering ``n`` samples."""
+    out, start = [], 0
+    while start < n:
+        end = min(n, start + max(1, int(rng.uniform(min_s, max_s) * SR)))
+        out.append((start, end))
+        start = end
+    return out
+
+
+def melody(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Notes of a random scale, one after another, with one harmonic timbre (music-like)."""
+    tonic, scale = int(rng.integers(45, 70)), SCALES[int(rng.integers(len(SCALES)))]
+    harmonics, rolloff, decay = int(rng.integers(2, 12)), rng.uniform(0.6, 2.0), rng.uniform(0.2, 1.5)
+    out = np.zeros(n)
+    for start, end in _segments(rng, n, 0.12, 0.6):
+        note = tonic + scale[int(rng.integers(len(scale)))] + 12 * int(rng.integers(-1, 2))
+        m = end - start
+        out[start:end] = harmonic(m, midi_to_hz(note), harmonics, rolloff, decay) * envelope(m, 0.005, 0.03)
+    return out
+
+
+def chords(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Three- or four-note chords of a random scale, changing every 0.4-1.5 s."""
+    tonic, scale = int(rng.integers(40, 64)), SCALES[int(rng.integers(len(SCALES)))]
+    out = np.zeros(n)
+    for start, end in _segments(rng, n, 0.4, 1.5):
+        root = int(rng.integers(len(scale)))
+        m = end - start
+        for k in range(int(rng.integers(3, 5))):
+            step = root + 2 * k
+            note = tonic + scale[step % len(scale)] + 12 * (step // len(scale))
+            out[start:end] += harmonic(m, midi_to_hz(note), 6, 1.2, 2.0) * envelope(m, 0.01, 0.05)
+    return out
+
+
+def babble(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Speech-like sound: a glottal pulse train with a wandering pitch, shaped by vowel formants
+    that change every syllable (0.08-0.3 s), with short unvoiced gaps."""
+    t = _time(n)
+    f0 = rng.uniform(90, 240) * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t + rng.uniform(0, 6)))
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    source = sum(np.sin(k * phase) / k for k in range(1, 30))  # sawtooth-like pulse train
+    out = np.zeros(n)
+    for start, end in _segments(rng, n, 0.08, 0.3):
+        if rng.random() < 0.15:
+            continue  # a pause between syllables
+        f1, f2, f3 = rng.uniform(300, 900), rng.uniform(900, 2500), rng.uniform(2400, 3500)
+        seg = source[start:end]
+        spec = np.fft.rfft(seg)
+        f = np.fft.rfftfreq(seg.size, 1 / SR)
+        gain = sum(np.exp(-0.5 * ((f - fc) / (fc * 0.12)) ** 2) for fc in (f1, f2, f3))
+        out[start:end] = np.fft.irfft(spec * gain, seg.size) * envelope(seg.size, 0.01, 0.02)
+    return out
+
+
+def scene(rng: np.random.Generator, n: int) -> np.ndarray:
+    """An environment-like scene: a coloured-noise background with sparse short events."""
+    colour = list(NOISE_COLOURS)[int(rng.integers(len(NOISE_COLOURS)))]
+    out = normalise(coloured_noise(rng, n, NOISE_COLOURS[colour]), -rng.uniform(10, 25))
+    for _ in range(int(rng.integers(2, 8))):
+        m = int(rng.uniform(0.05, 0.5) * SR)
+        if m >= n:
+            continue
+        start = int(rng.integers(0, n - m))
+        kind = rng.integers(3)
+        if kind == 0:
+            event = tone(m, rng.uniform(300, 4000))
+        elif kind == 1:
+            event = chirp(m, rng.uniform(200, 1000), rng.uniform(1500, 6000))
+        else:
+            event = coloured_noise(rng, m, rng.uniform(-1, 2))
+        out[start:start + m] += event * envelope(m, 0.003, m / SR / 3)
+    return out
+
+
 def normalise(x: np.ndarray, peak_dbfs: float) -> np.ndarray:
     return x / (np.abs(x).max() + 1e-12) * 10 ** (peak_dbfs / 20)
 
@@ -113,6 +192,14 @@ def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:
         x = am(n, rng.uniform(150, 3000), rng.uniform(2, 30), rng.uniform(0.5, 1.0))
     elif family == "fm":
         x = fm(n, rng.uniform(150, 3000), rng.uniform(2, 200), rng.uniform(0.5, 8.0))
+    elif family == "melody":
+        x = melody(rng, n)
+    elif family == "chords":
+        x = chords(rng, n)
+    elif family == "babble":
+        x = babble(rng, n)
+    elif family == "scene":
+        x = scene(rng, n)
     elif family == "mixture":
         parts = rng.choice([f for f in FAMILIES if f != "mixture"], size=int(rng.integers(2, 4)), replace=False)
         x = sum(normalise(render(rng, str(p), n), -rng.uniform(0, 12)) for p in parts)

@@ -223,7 +223,7 @@ def eval_result_files(wildcards=None):
     models, tasks = eval_models(), list(EVAL_TASKS)
     files = [f"{EVAL_OUT}/probe/{m}/{t}.json" for m in models for t in tasks]
     if EVAL["knn"]["enabled"]:
-        files += [f"{EVAL_OUT}/knn/{m}/{t}.json" for m in models for t in tasks]
+        files += [f"{EVAL_OUT}/knn/{m}/{t}.json" for m in models for t in tasks if t not in EVAL["knn"]["exclude"]]
     return files
 
 
