@@ -27,7 +27,7 @@ include: "workflow/rules/evaluate.smk"
 rule data:
     input:
         all_fetch_manifests(),
-        all_shards("parquet"),
+        all_shards("dir"),
         all_shards("json"),
         rules.dataset_manifest.output,
 

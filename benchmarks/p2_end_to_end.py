@@ -28,7 +28,7 @@ DEFAULTS = {
             "f_max": 8000, "top_db": 120, "window_s": 10.0, "min_tail_s": 1.0, "batch_size": 16},
     "audio": {"keep_audio": False, "min_duration_s": 0.1, "max_duration_s": 3600, "too_long": "truncate",
               "silence_dbfs": -90, "decode_errors": "reject", "decode_threads": 2},
-    "shards": {"row_group_size": 256, "compression": "zstd"},
+    "shards": {"row_group_size": 256, "compression": "zstd", "max_rows": 2048},
     "seed": 0,
 }
 
@@ -63,7 +63,7 @@ def main() -> None:
                 list(pool.map(audio.decode, files))
 
         def end_to_end():
-            mel.run_chunk(str(man), str(tmp / "shard.parquet"), str(tmp / "shard.json"), DEFAULTS, threads=1)
+            mel.run_chunk(str(man), str(tmp / "shards"), str(tmp / "shard.json"), DEFAULTS, threads=1)
 
         timings = {"decode": [], "e2e": []}
         decode_only()

@@ -1,4 +1,4 @@
-"""Log-mel features: 16 kHz audio → 10 s windows → dB log-mel → one Parquet shard per chunk.
+"""Log-mel features: 16 kHz audio → 10 s windows → dB log-mel → Parquet shards, per chunk.
 
 The front end is Dasheng's (see ``../shared/design/dasheng-facts.md``): torchaudio
 ``MelSpectrogram`` (n_fft 512, hop 160, 64 mels, 0-8 kHz, centred, power 2), then dB
@@ -12,8 +12,9 @@ samples only, then padded to 1001 frames with the window's minimum value; ``vali
 ``samples // hop + 1``. A tail shorter than ``min_tail_s`` is dropped (a clip's first window
 is always kept).
 
-``python -m pipeline.mel`` turns one chunk manifest into one shard plus a shard manifest that
-accounts for every clip of the chunk (ok, failed or rejected, and at which stage).
+``python -m pipeline.mel`` turns one chunk manifest into a folder of shards (parts of at most
+``shards.max_rows`` windows, in clip order) plus a shard manifest that lists them and accounts for
+every clip of the chunk (ok, failed or rejected, and at which stage).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def compute(logmel: LogMel, pieces: list[np.ndarray]) -> list[tuple[np.ndarray, 
 class ShardBuilder:
     """Accumulates a chunk's windows, computes log-mel in batches and writes the shard."""
 
-    def __init__(self, writer: shards.ShardWriter, logmel: LogMel, source: str, batch_size: int):
+    def __init__(self, writer: shards.PartWriter, logmel: LogMel, source: str, batch_size: int):
         self.writer, self.logmel, self.source, self.batch_size = writer, logmel, source, batch_size
         self.pending: list[tuple[str, int, float, list[str], np.ndarray]] = []
         n_mels = logmel.params.n_mels
@@ -165,7 +166,7 @@ def _read_clip(row: dict, rules: audio.ClipRules, params: MelParams) -> tuple[li
     return blocks, reader.reason, reader.note
 
 
-def run_chunk(manifest_path: str, shard_path: str, out: str, params: dict, threads: int = 1) -> dict:
+def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, threads: int = 1) -> dict:
     torch.set_num_threads(max(1, threads))
     fetch = manifest.read(manifest_path)
     mel_params = MelParams.from_config(params["mel"])
@@ -173,8 +174,9 @@ def run_chunk(manifest_path: str, shard_path: str, out: str, params: dict, threa
     min_tail_s = float(params["mel"]["min_tail_s"])
     stamp = provenance.stamp(params, params.get("seed"), audio.versions())
     meta = {"format_version": shards.FORMAT_VERSION, "mel": mel_params.as_dict(), "provenance": stamp}
-    writer = shards.ShardWriter(shard_path, mel_params.n_mels, mel_params.window_frames, meta,
-                                int(params["shards"]["row_group_size"]), params["shards"]["compression"])
+    writer = shards.PartWriter(shard_dir, mel_params.n_mels, mel_params.window_frames, meta,
+                               int(params["shards"]["row_group_size"]), params["shards"]["compression"],
+                               int(params["shards"]["max_rows"]))
     builder = ShardBuilder(writer, LogMel(mel_params), fetch["source"], int(params["mel"]["batch_size"]))
     clips: list[dict] = []
     ok_rows = [c for c in fetch["clips"] if c["status"] == "ok"]
@@ -208,14 +210,16 @@ def run_chunk(manifest_path: str, shard_path: str, out: str, params: dict, threa
                                            **({"note": note} if note else {})))
             progress.close()
         builder.flush()
-        rows, digest, size = writer.close()
+        parts = writer.close()
     except BaseException:
         writer.abort()
         raise
+    rows = sum(part["rows"] for part in parts)
     doc = manifest.write(out, stage="mel", source=fetch["source"], chunk=fetch["chunk"], clips=clips,
-                         provenance=stamp, shard=shard_path, rows=rows, sha256=digest, bytes=size,
-                         mel=mel_params.as_dict(), stats=builder.stats_json())
-    manifest.print_summary(f"mel {fetch['source']} chunk {fetch['chunk']} ({rows} windows)", clips)
+                         provenance=stamp, shards=parts, rows=rows, mel=mel_params.as_dict(),
+                         stats=builder.stats_json())
+    manifest.print_summary(f"mel {fetch['source']} chunk {fetch['chunk']} ({rows} windows in {len(parts)} "
+                           f"shard(s))", clips)
     return doc
 
 
@@ -226,12 +230,12 @@ def _account(row: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.mel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="chunk manifest from the fetch/ingest step")
-    parser.add_argument("--shard", required=True, help="Parquet shard to write")
+    parser.add_argument("--shards", required=True, help="folder for the chunk's Parquet shards")
     parser.add_argument("--out", required=True, help="shard manifest (JSON) to write")
     parser.add_argument("--params", required=True, help="JSON: mel, audio, shards, seed")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    run_chunk(args.manifest, args.shard, args.out, json.loads(args.params), args.threads)
+    run_chunk(args.manifest, args.shards, args.out, json.loads(args.params), args.threads)
 
 
 if __name__ == "__main__":

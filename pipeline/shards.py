@@ -1,5 +1,6 @@
-"""The log-mel Parquet shard format: schema, writer, reader, verification and the dataset
-manifest that lists every shard.
+"""The log-mel Parquet shard format: schema, writers, reader, verification and the dataset
+manifest that lists every shard. A chunk's rows go to ``shards/<source>/<chunk>/part-NNN.parquet``
+files of at most ``shards.max_rows`` rows each.
 
 One row per 10 s window::
 
@@ -124,6 +125,50 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+class PartWriter:
+    """A chunk's rows as consecutive shard files ``<folder>/part-000.parquet``, ... of at most
+    ``max_rows`` rows each (a few hundred MB), whatever the chunk's size. ``close()`` returns one
+    entry per part: path, rows, clips, sha256, bytes."""
+
+    def __init__(self, folder: str | Path, n_mels: int, frames: int, meta: dict, row_group_size: int,
+                 compression: str, max_rows: int):
+        self.folder = Path(folder)
+        self.args = (n_mels, frames, meta, row_group_size, compression)
+        self.max_rows = max_rows
+        self.parts: list[dict] = []
+        self.current: ShardWriter | None = None
+        self.count = 0
+        self.clips: set[str] = set()
+
+    def add(self, clip_id: str, *row) -> None:
+        if self.current is None or self.count == self.max_rows:
+            self._finish()
+            self.current = ShardWriter(self.folder / f"part-{len(self.parts):03d}.parquet", *self.args)
+        self.current.add(clip_id, *row)
+        self.count += 1
+        self.clips.add(clip_id)
+
+    def _finish(self) -> None:
+        if self.current is None:
+            return
+        rows, digest, size = self.current.close()
+        self.parts.append({"path": str(self.current.path), "rows": rows, "clips": len(self.clips),
+                           "sha256": digest, "bytes": size})
+        self.current, self.count, self.clips = None, 0, set()
+
+    def close(self) -> list[dict]:
+        if not self.parts and self.current is None:  # an empty chunk still gets one (empty) part
+            self.current = ShardWriter(self.folder / "part-000.parquet", *self.args)
+        self._finish()
+        return self.parts
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+        for part in self.parts:
+            Path(part["path"]).unlink(missing_ok=True)
+
+
 def read_meta(path: str | Path) -> dict:
     """The ``dasheng`` metadata of a shard (mel parameters, provenance, format version)."""
     try:
@@ -198,8 +243,8 @@ def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, r
             mel_params = doc["mel"]
         elif doc["mel"] != mel_params:
             raise ShardError(f"{path}: mel parameters {doc['mel']} differ from the other shards' {mel_params}")
-        shards.append({"path": doc["shard"], "source": doc["source"], "chunk": doc["chunk"], "rows": doc["rows"],
-                       "clips": doc["summary"]["ok"], "sha256": doc["sha256"], "bytes": doc["bytes"]})
+        for i, part in enumerate(doc["shards"]):
+            shards.append({**part, "source": doc["source"], "chunk": doc["chunk"], "part": i})
         stats.append(doc["stats"])
         for c in doc["clips"]:
             totals["clips"] += 1
@@ -208,7 +253,7 @@ def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, r
                 rejects.append({"source": doc["source"], "chunk": doc["chunk"], "clip_id": c["clip_id"],
                                 "status": c["status"], "stage": c.get("stage", "mel"), "reason": c["reason"]})
         totals["windows"] += doc["rows"]
-        totals["bytes"] += doc["bytes"]
+        totals["bytes"] += sum(part["bytes"] for part in doc["shards"])
         totals["hours"] += doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
     totals["hours"] = round(totals["hours"], 6)
     n_mels = mel_params["n_mels"] if mel_params else 0

@@ -20,6 +20,7 @@ offsets and duplicates, so that each chunk job reads only its own rows.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import multiprocessing
@@ -158,9 +159,17 @@ def _child(conn, url, start_s, end_s, workdir, opts) -> None:
     conn.close()
 
 
+def _context():
+    """Attempts start from a fork server (a clean single-threaded process with yt-dlp already
+    imported): safe while several download threads run, and cheap."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.youtube", "yt_dlp"])
+    return ctx
+
+
 def attempt(url: str, start_s: float, end_s: float, workdir: str, opts: FetchOptions) -> dict:
     """One download attempt in a child process, killed after ``attempt_timeout_s``."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = _context()
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(sender, url, start_s, end_s, workdir, opts), daemon=True)
     proc.start()
@@ -299,14 +308,18 @@ def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: st
     atomic.clean_stale_temps(dest)
     for leftover in dest.glob(f".*{atomic.TEMP_MARK}*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    clips = []
     from tqdm import tqdm
-    for i, seg in enumerate(tqdm(segments, desc=f"{params['source']} chunk {chunk}", unit="clip",
-                                 file=sys.stdout, mininterval=5)):
+
+    def fetch(seg: lists.Segment) -> dict:
         row = fetch_clip(seg, dest, opts, keep_audio, rules)
-        clips.append(row)
         if opts.sleep_between_s and row.get("attempts"):
             time.sleep(opts.sleep_between_s)
+        return row
+
+    # Downloads wait on the network: several run at once; rows keep the list's order.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=int(src["download_threads"])) as pool:
+        clips = list(tqdm(pool.map(fetch, segments), total=len(segments), unit="clip", file=sys.stdout,
+                          desc=f"{params['source']} chunk {chunk}", mininterval=5))
     stamp = provenance.stamp(params, params.get("seed"), audio.versions())
     manifest.write(out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp)
     manifest.print_summary(f"{params['source']} chunk {chunk}", clips)

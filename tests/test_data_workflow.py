@@ -22,7 +22,7 @@ def file_hashes(root: Path, patterns=("shards/**/*", "manifests/**/*", "dataset/
     out = {}
     for pattern in patterns:
         for path in sorted(root.glob(pattern)):
-            if path.is_file():
+            if path.is_file() and not path.name.startswith("."):  # not Snakemake's .snakemake_timestamp
                 out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
@@ -36,19 +36,20 @@ def test_demo_source_to_shards(tmp_path):
     assert dataset["mel"]["n_mels"] == 64 and len(dataset["stats"]["mean"]) == 64
     for shard in dataset["shards"]:
         shards.verify(tmp_path / shard["path"], shard["sha256"])
+        assert shard["path"] == f"results/demo/shards/demo/{shard['chunk']}/part-000.parquet"
     # mel values against a direct torchaudio computation on the stored 16 kHz audio
     fetch = read_json(out / "manifests/demo/00000.json")
     first = fetch["clips"][0]
     samples = audio.decode(tmp_path / first["audio"])
     direct = mel.LogMel(mel.MelParams())(__import__("torch").from_numpy(samples[:160000])[None])[0].numpy()
-    batch = next(shards.iter_batches(out / "shards/demo/00000.parquet", 8,
+    batch = next(shards.iter_batches(out / "shards/demo/00000/part-000.parquet", 8,
                                      ("clip_id", "window", "valid_frames", "mel", "labels")))
     assert batch["clip_id"][0] == first["clip_id"] and batch["window"][0] == 0
     valid = int(batch["valid_frames"][0])
     assert valid == min(samples.size, 160000) // 160 + 1
     np.testing.assert_allclose(batch["mel"][0][:, :valid].astype(np.float32), direct[:, :valid], atol=0.07)
     assert batch["labels"][0] == first["labels"]
-    meta = shards.read_meta(out / "shards/demo/00000.parquet")
+    meta = shards.read_meta(out / "shards/demo/00000/part-000.parquet")
     assert set(meta["provenance"]) == {"config_hash", "seed", "versions", "git_sha"}
     assert meta["mel"]["top_db"] == 120.0
     # clips of more than 10 s have several windows
@@ -67,21 +68,23 @@ def test_two_clean_runs_are_byte_identical(tmp_path):
 def test_rerun_after_deleting_one_chunk_redoes_only_that_chunk(tmp_path):
     snakemake(tmp_path, DEMO, "data")
     out = tmp_path / "results/demo"
-    before = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/*")}
-    (out / "shards/demo/00001.parquet").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/**/*") if p.is_file() and p.name[0] != "."}
+    import shutil
+    shutil.rmtree(out / "shards/demo/00001")
     proc = snakemake(tmp_path, DEMO, "data")
     assert "mel_chunk" in proc.stdout + proc.stderr
-    after = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/*")}
-    changed = sorted(p.name for p in after if after[p] != before.get(p))
-    assert changed == ["00001.json", "00001.parquet"]
+    after = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/**/*") if p.is_file() and p.name[0] != "."}
+    changed = sorted(str(p.relative_to(out)) for p in after if after[p] != before.get(p))
+    assert changed == ["shards/demo/00001.json", "shards/demo/00001/part-000.parquet"]
     log = proc.stdout + proc.stderr
     assert "demo_chunk" not in log  # the audio of chunk 1 was not regenerated
     # Deleting a chunk's audio manifest redoes that chunk's audio and shard, nothing else.
     before = after
     (out / "manifests/demo/00002.json").unlink()
     proc = snakemake(tmp_path, DEMO, "data")
-    after = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/*")}
-    assert sorted(p.name for p in after if after[p] != before.get(p)) == ["00002.json", "00002.parquet"]
+    after = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/**/*") if p.is_file() and p.name[0] != "."}
+    changed = sorted(str(p.relative_to(out)) for p in after if after[p] != before.get(p))
+    assert changed == ["shards/demo/00002.json", "shards/demo/00002/part-000.parquet"]
     assert (proc.stdout + proc.stderr).count("rule demo_chunk") == 1
 
 
@@ -119,7 +122,7 @@ def test_local_source_streams_originals_without_keep_audio(tmp_path):
     snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     assert not (out / "audio").exists()
-    batch = next(shards.iter_batches(out / "shards/raw/00000.parquet", 8, ("clip_id", "window", "valid_frames", "labels")))
+    batch = next(shards.iter_batches(out / "shards/raw/00000/part-000.parquet", 8, ("clip_id", "window", "valid_frames", "labels")))
     assert batch["clip_id"] == ["x/a.wav", "x/a.wav", "x/b.mp3"]
     assert list(batch["window"]) == [0, 1, 0] and list(batch["valid_frames"]) == [1001, 201, 301]
     assert batch["labels"] == [["x"], ["x"], ["x"]]
@@ -138,7 +141,7 @@ def test_hear_fixture_as_a_local_source(tmp_path, hear_task):
     wav = hear_task / "44100" / fetch["clips"][0]["path"]
     direct = audio.decode(wav)
     assert direct.size == 16000  # 44.1 kHz, 1 s → 16 kHz
-    batch = next(shards.iter_batches(out / "shards/digits/00000.parquet", 1, ("mel", "valid_frames")))
+    batch = next(shards.iter_batches(out / "shards/digits/00000/part-000.parquet", 1, ("mel", "valid_frames")))
     stored = audio.decode(tmp_path / fetch["clips"][0]["audio"])
     np.testing.assert_allclose(stored, direct, atol=1.5 / 32768)  # the 16-bit FLAC copy
     ref = mel.LogMel(mel.MelParams())(__import__("torch").from_numpy(stored)[None])
@@ -150,7 +153,7 @@ def test_speech_commands_with_folder_labels_and_a_long_file(tmp_path, speech_com
     config = {"sources": {"spc": {"type": "local", "root": str(speech_commands), "labels": "folder", "chunk_size": 100}}}
     snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
-    rows = list(shards.iter_batches(out / "shards/spc/00000.parquet", 1000, ("clip_id", "window", "labels", "valid_frames")))[0]
+    rows = list(shards.iter_batches(out / "shards/spc/00000/part-000.parquet", 1000, ("clip_id", "window", "labels", "valid_frames")))[0]
     noise = [i for i, c in enumerate(rows["clip_id"]) if c.startswith("_background_noise_/")]
     assert [rows["window"][i] for i in noise] == list(range(7))  # 61 s: six 10 s windows and a 1 s tail
     assert rows["labels"][noise[0]] == ["_background_noise_"]
@@ -172,7 +175,8 @@ def test_youtube_source_through_snakemake(tmp_path, loopback):
         'okBBBBBBBBB, 2.500, 12.500, "/m/a,/m/c"\nbad id!, 0, 10, "/m/x"\nokAAAAAAAAA, 5.000, 15.000, "/m/a"\n'
     )
     config = {"sources": {"as": {"type": "youtube", "list": str(listing), "format": "audioset", "chunk_size": 3,
-                                 "url_template": loopback.url_template, "retries": 0, "socket_timeout_s": 5}}}
+                                 "url_template": loopback.url_template, "retries": 0, "socket_timeout_s": 5,
+                                 "download_threads": 3}}}
     snakemake(tmp_path, config, "data")
     out = tmp_path / "results/demo"
     clips = read_json(out / "manifests/as/00000.json")["clips"] + read_json(out / "manifests/as/00001.json")["clips"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +43,22 @@ def test_any_memory_layout_is_stored_as_n_mels_by_frames(tmp_path):
     w.close()
     [batch] = shards.iter_batches(tmp_path / "s.parquet", 4)
     assert np.array_equal(batch["mel"][0], m.astype(np.float16))
+
+
+def test_part_writer_splits_a_chunk_into_shards_of_max_rows(tmp_path):
+    w = shards.PartWriter(tmp_path / "chunk", 4, 11, {}, 2, "none", max_rows=3)
+    for i in range(7):
+        w.add(f"clip{i // 2}", "s", i % 2, 0.0, 11, [], np.full((4, 11), i, np.float32))
+    parts = w.close()
+    assert [p["rows"] for p in parts] == [3, 3, 1]
+    assert [Path(p["path"]).name for p in parts] == ["part-000.parquet", "part-001.parquet", "part-002.parquet"]
+    assert [p["clips"] for p in parts] == [2, 2, 1]
+    for p in parts:
+        shards.verify(p["path"], p["sha256"])
+    values = [int(b["mel"][i, 0, 0]) for p in parts for b in shards.iter_batches(p["path"], 8) for i in range(len(b["mel"]))]
+    assert values == list(range(7))
+    empty = shards.PartWriter(tmp_path / "empty", 4, 11, {}, 2, "none", max_rows=3).close()
+    assert len(empty) == 1 and empty[0]["rows"] == 0
 
 
 def test_abort_leaves_nothing(tmp_path):

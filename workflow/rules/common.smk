@@ -97,9 +97,10 @@ def all_fetch_manifests():
     return [f"{OUT}/manifests/{name}/{chunk}.json" for name in SOURCES for chunk in CHUNKS[name]]
 
 
-def all_shards(ext):
-    """Every chunk's shard (ext "parquet") or shard manifest (ext "json")."""
-    return [f"{OUT}/shards/{name}/{chunk}.{ext}" for name in SOURCES for chunk in CHUNKS[name]]
+def all_shards(kind):
+    """Every chunk's shard folder (kind "dir") or shard manifest (kind "json")."""
+    suffix = "" if kind == "dir" else f".{kind}"
+    return [f"{OUT}/shards/{name}/{chunk}{suffix}" for name in SOURCES for chunk in CHUNKS[name]]
 
 
 def training_params():

@@ -1,5 +1,6 @@
 # Stage 2: features. One job per chunk: decode (16 kHz mono), cut into 10 s windows,
-# log-mel, one Parquet shard + a shard manifest accounting for every clip. Then one job
+# log-mel, a folder of Parquet shards (parts of at most shards.max_rows windows) + a shard
+# manifest listing them and accounting for every clip. Then one job
 # aggregates the dataset manifest (shards, sha256, per-bin mean/std) and the rejects list.
 
 
@@ -7,7 +8,7 @@ rule mel_chunk:
     input:
         fetch_manifest,
     output:
-        shard=f"{OUT}/shards/{{source}}/{{chunk}}.parquet",
+        shards=directory(f"{OUT}/shards/{{source}}/{{chunk}}"),
         manifest=f"{OUT}/shards/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/features/{{source}}/{{chunk}}.log",
@@ -21,14 +22,14 @@ rule mel_chunk:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m pipeline.mel --manifest {input:q} --shard {output.shard:q} "
+        "python -m pipeline.mel --manifest {input:q} --shards {output.shards:q} "
         "--out {output.manifest:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule dataset_manifest:
     input:
         manifests=all_shards("json"),
-        shards=all_shards("parquet"),
+        shards=all_shards("dir"),
     output:
         manifest=f"{OUT}/dataset/manifest.json",
         rejects=f"{OUT}/dataset/rejects.json",

@@ -8,7 +8,7 @@
 rule train:
     input:
         dataset=f"{OUT}/dataset/manifest.json",
-        shards=all_shards("parquet"),
+        shards=all_shards("dir"),
     output:
         encoder=f"{OUT}/training/encoder.safetensors",
         sidecar=f"{OUT}/training/encoder.json",
