@@ -22,7 +22,8 @@ rule train:
         cfg=training_params(),
         state=f"{OUT}/training_state",
         out=lambda wildcards, output: os.path.dirname(output.encoder),
-        launcher=workflow.source_path("../scripts/ray_slurm.sh"),
+        # (not workflow.source_path(): that is a fresh cache path on every run, a params change)
+        launcher=os.path.join(workflow.basedir, "workflow", "scripts", "ray_slurm.sh"),
     threads: training_threads()
     resources:
         # Names of snakemake-executor-plugin-slurm: one task per job; the launcher starts

@@ -1,0 +1,98 @@
+"""The DAG as a user meets it: --until per stage, --forcerun of one stage, a change of mel
+parameters invalidating the shards and everything downstream but nothing upstream, and a large
+list building its DAG with the expected jobs."""
+
+import re
+
+import pytest
+
+from helpers import snakemake
+
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "sources": {
+        "demo": {"type": "demo", "clips": 12, "chunk_size": 6, "min_s": 3.0, "max_s": 8.0},
+        "demo_valid": {"type": "demo", "stream": 1000, "clips": 4, "chunk_size": 4, "min_s": 3.0, "max_s": 8.0},
+    },
+    "training": {"size": "tiny", "epochs": 1, "batches_per_epoch": 2, "global_batch": 4, "warmup_epochs": 0,
+                 "validation_sources": ["demo_valid"], "validation_rows": 4, "workers": 1, "use_gpu": False,
+                 "cpus_per_worker": 1, "loader_workers": 0, "shuffle_buffer": 8, "log_every": 1,
+                 "average_best": 1, "object_store_mb": 128, "gpus_per_node": 0, "mem_mb": 4000, "runtime_min": 30},
+    "evaluation": {"demo_tasks": {"tasks": ["demo_noise"], "scale": 0.2, "speech": False},
+                   "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 6, "patience": 2}},
+    "models": {"trained": {"type": "checkpoint"}, "logmel": {"type": "logmel"}},
+}
+STAGES = {  # --until target: the rules that may run (that stage and everything upstream)
+    "demo_chunk": {"demo_chunk"},
+    "mel_chunk": {"demo_chunk", "mel_chunk"},
+    "dataset_manifest": {"demo_chunk", "mel_chunk", "dataset_manifest"},
+    "train": {"demo_chunk", "mel_chunk", "dataset_manifest", "train"},
+    "embed": {"demo_chunk", "mel_chunk", "dataset_manifest", "train", "demo_task", "embed"},
+    "probe": {"demo_chunk", "mel_chunk", "dataset_manifest", "train", "demo_task", "embed", "probe"},
+}
+
+
+def planned(proc) -> dict[str, int]:
+    """Rule → job count from a dry run's job stats table."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def test_until_stops_after_each_stage(tmp_path):
+    everything = planned(snakemake(tmp_path, SMALL, "-n", "all"))
+    assert {"demo_chunk", "mel_chunk", "dataset_manifest", "train", "demo_task", "embed", "probe", "knn",
+            "eval_results", "eval_plots"} <= set(everything)
+    for rule, allowed in STAGES.items():
+        # No explicit target with --until: Snakemake 9 mis-schedules `--until RULE all` (its issue 823).
+        jobs = planned(snakemake(tmp_path, SMALL, "-n", "--until", rule))
+        assert rule in jobs and set(jobs) <= allowed, (rule, jobs)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dag")
+    snakemake(work, SMALL, "all")
+    return work
+
+
+def test_a_finished_run_has_nothing_to_do(finished):
+    assert planned(snakemake(finished, SMALL, "-n", "all")) == {}
+
+
+def test_forcerun_of_one_stage_redoes_it_and_what_depends_on_it(finished):
+    jobs = planned(snakemake(finished, SMALL, "-n", "--forcerun", "mel_chunk", "all"))
+    assert jobs["mel_chunk"] == 3 and jobs["dataset_manifest"] == 1 and jobs["train"] == 1
+    assert jobs["embed"] == 1  # the trained encoder's embeddings, not the log-mel baseline's
+    assert "demo_chunk" not in jobs and "demo_task" not in jobs
+    jobs = planned(snakemake(finished, SMALL, "-n", "--forcerun", "train", "all"))
+    assert set(jobs) >= {"train", "embed", "probe", "knn", "eval_results"}
+    assert not {"demo_chunk", "mel_chunk", "dataset_manifest", "demo_task"} & set(jobs)
+
+
+def test_changed_mel_parameters_invalidate_shards_and_downstream_only(finished):
+    changed = {**SMALL, "mel": {"f_max": 7600}}
+    jobs = planned(snakemake(finished, changed, "-n", "all"))
+    assert jobs["mel_chunk"] == 3 and jobs["dataset_manifest"] == 1 and jobs["train"] == 1
+    assert "demo_chunk" not in jobs and "demo_task" not in jobs
+    audio_manifest = finished / "results/demo/manifests/demo/00000.json"
+    before = audio_manifest.stat().st_mtime_ns
+    shard = finished / "results/demo/shards/demo/00000/part-000.parquet"
+    old = shard.read_bytes()
+    snakemake(finished, changed, "data")  # the data stage alone: the model would refuse f_max 7600
+    assert audio_manifest.stat().st_mtime_ns == before  # upstream untouched
+    assert shard.read_bytes() != old  # the shards were rebuilt with the new parameters
+    proc = snakemake(finished, changed, "all", check=False)
+    assert proc.returncode != 0 and "differ from the model's front end" in proc.stdout + proc.stderr
+
+
+def test_a_large_list_builds_its_dag_with_one_job_per_chunk(tmp_path):
+    listing = tmp_path / "ids.txt"
+    listing.write_bytes(b"".join(f"{i:011d}\n".encode() for i in range(200_000)))
+    config = {"sources": {"big": {"type": "youtube", "list": str(listing), "format": "acav100m", "chunk_size": 40_000}},
+              "training": {"validation_sources": ["big"]}, "evaluation": {"enabled": False}}
+    jobs = planned(snakemake(tmp_path, config, "-n", "data"))
+    assert jobs == {"youtube_index": 1, "youtube_chunk": 5, "mel_chunk": 5, "dataset_manifest": 1, "data": 1}
