@@ -1,0 +1,242 @@
+"""`--profile slurm` against a real single-node SLURM (slurmctld + slurmd + munge, brought up by
+scripts/slurm_local.sh): a small demo DAG (data, training, evaluation) runs through sbatch and
+gives the same outputs as a local run of the same config; the training rule's multi-node GPU
+request reaches sbatch as intended.
+
+Needs root and apt-get (or SLURM already installed); skips with a message otherwise. The
+cluster is started by a module fixture and stopped afterwards unless it was already running.
+"""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO, snakemake
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+PROFILE = REPO / "slurm" / "config.yaml"
+RUN_TIMEOUT_S = 420  # one Snakemake run through SLURM (about 2-3 minutes on 2 cores)
+
+# About the smallest DAG that still has every stage: 3 chunks of demo audio → 3 shards → dataset
+# manifest → 1 epoch of the tiny MAE on 1 CPU worker → one small demo task, trained encoder and
+# log-mel baseline, probe and k-NN → tables and plots (19 jobs).
+CONFIG = {
+    "sources": {
+        "demo": {"type": "demo", "clips": 8, "chunk_size": 4, "min_s": 2.0, "max_s": 6.0},
+        "demo_valid": {"type": "demo", "stream": 1000, "clips": 4, "chunk_size": 4, "min_s": 2.0, "max_s": 6.0},
+    },
+    "training": {
+        "size": "tiny", "epochs": 1, "batches_per_epoch": 2, "global_batch": 4, "warmup_epochs": 1,
+        "validation_sources": ["demo_valid"], "validation_rows": 4, "workers": 1, "cpus_per_worker": 1,
+        "use_gpu": False, "gpus_per_node": 0, "nodes": 1, "loader_workers": 0, "shuffle_buffer": 8,
+        "object_store_mb": 128, "keep_best": 1, "average_best": 1, "mem_mb": 3000, "runtime_min": 15,
+    },
+    "evaluation": {
+        "demo_tasks": {"tasks": ["demo_noise"], "speech": False, "scale": 0.2},
+        "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 10, "patience": 2},
+    },
+    "models": {"trained": {"type": "checkpoint"}, "logmel": {"type": "logmel"}},
+}
+
+# The training rule's request for 2 nodes with 2 GPUs each, 4 workers of 3 CPUs.
+GPU_TRAINING = {"nodes": 2, "workers": 4, "cpus_per_worker": 3, "use_gpu": True, "gpus_per_node": 2,
+                "mem_mb": 5000, "runtime_min": 7}
+
+
+def _script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running single-node cluster; yields its default partition."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the local SLURM cluster needs Linux")
+    if os.geteuid() != 0:
+        pytest.skip("bringing up a local SLURM cluster needs root (scripts/slurm_local.sh start)")
+    if not shutil.which("sbatch") and not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and apt-get is not available to install slurm-wlm and munge")
+    was_up = _script("status", timeout=60).returncode == 0
+    start = time.monotonic()
+    proc = _script("start")
+    if proc.returncode == 3:
+        pytest.skip(f"slurm-wlm/munge cannot be installed here: {proc.stderr.strip()[-500:]}")
+    assert proc.returncode == 0, f"scripts/slurm_local.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+    print(f"\nSLURM up in {time.monotonic() - start:.1f} s\n{proc.stdout}")
+    partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
+    default = next((p.rstrip("*") for p in partitions.split() if p.endswith("*")), partitions.split()[0])
+    try:
+        yield default
+    finally:
+        if not was_up:
+            stop = _script("stop", timeout=180)
+            print(stop.stdout, stop.stderr)
+
+
+def test_profile_defines_what_a_cluster_needs():
+    """The committed profile: what each site edits is there, and the two traps are handled."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    assert profile["executor"] == "slurm"
+    assert profile["slurm-status-command"] == "squeue"  # sacct fails without an accounting database
+    assert {"slurm_partition", "slurm_account", "runtime", "mem_mb", "cpus_per_task"} <= set(profile["default-resources"])
+    train = profile["set-resources"]["train"]
+    assert train["tasks_per_gpu"] == 0  # no --ntasks-per-gpu (G tasks per node of all the node's CPUs)
+    assert not {"nodes", "gres", "mem_mb", "runtime", "cpus_per_task"} & set(train)  # these come from the config
+    # every entry is commented (on its line or on the line above)
+    previous = ""
+    for line in PROFILE.read_text().splitlines():
+        if re.match(r"^\s*[a-z_-]+:", line):
+            assert "#" in line or previous.lstrip().startswith("#"), f"uncommented profile entry: {line}"
+        previous = line if line.strip() else previous
+
+
+def derived_profile(folder: Path, partition: str, prefix: str) -> Path:
+    """slurm/config.yaml with only the site-specific values changed: this cluster's partition, no
+    account (no accounting here), a unique job-name prefix, and a shorter first status poll."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    profile["default-resources"]["slurm_partition"] = partition
+    profile["default-resources"].pop("slurm_account")
+    profile["set-resources"]["train"]["slurm_partition"] = partition
+    profile["slurm-no-account"] = True
+    profile["slurm-jobname-prefix"] = prefix
+    profile["slurm-init-seconds-before-status-checks"] = 2
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return folder
+
+
+def our_jobs(prefix: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split()[1:2] and line.split()[1].startswith(prefix)]
+
+
+def cancel_jobs(prefix: str) -> None:
+    jobs = our_jobs(prefix)
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True)
+
+
+def snakemake_slurm(workdir: Path, config: dict, profile: Path, prefix: str, *args: str,
+                    timeout: int = RUN_TIMEOUT_S) -> tuple[int, str]:
+    """Run the workflow with `--profile <profile>`; never hangs: after `timeout` s the whole
+    process group gets SIGKILL (a stuck Snakemake ignores SIGTERM) and our jobs are scancel'ed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "test-config.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=True))
+    log = workdir / "snakemake-slurm.log"
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # The jobs inherit this environment (sbatch --export=ALL). Ray's socket paths must stay short.
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env["DASHENG_RAY_TMP"] = ray_tmp
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(cfg), "--profile", str(profile), *args]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            cancel_jobs(prefix)
+            raise AssertionError(f"snakemake --profile slurm did not finish in {timeout} s (killed):\n"
+                                 f"{log.read_text()[-6000:]}\n{subprocess.run(['squeue'], capture_output=True, text=True).stdout}")
+        finally:
+            cancel_jobs(prefix)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    return rc, log.read_text()
+
+
+def files_under(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def slurmctld_log() -> str:
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    path = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", config, re.M).group(1)
+    return Path(path).read_text(errors="replace")
+
+
+def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
+    partition = slurm_cluster
+    prefix = f"dashengtest{os.getpid()}"
+    profile = derived_profile(tmp_path / "profile", partition, prefix)
+
+    t0 = time.monotonic()
+    local = tmp_path / "local"
+    local_proc = snakemake(local, CONFIG, "all", timeout=RUN_TIMEOUT_S)
+    t1 = time.monotonic()
+    remote = tmp_path / "slurm"
+    rc, out = snakemake_slurm(remote, CONFIG, profile, prefix, "all")
+    t2 = time.monotonic()
+    print(f"local run {t1 - t0:.0f} s, SLURM run {t2 - t1:.0f} s")
+    assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
+
+    # (a) every job went through sbatch and SLURM ran it to completion
+    local_out = local_proc.stdout + local_proc.stderr
+    local_rules = sorted(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", local_out))
+    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
+    assert len(submitted) == len(local_rules) - 1 >= 15, out[-4000:]  # all jobs but the target rule `all`
+    rule_of = dict(re.findall(r"Finished jobid: (\d+) \(Rule: (\w+)\)", out))
+    assert sorted([rule_of[j] for j, _ in submitted] + ["all"]) == local_rules
+    assert "Falling back to 'sacct'" not in out  # the profile's squeue status check was used
+    ctld = slurmctld_log()
+    for _, slurm_id in submitted:
+        assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0\b", ctld), f"SLURM job {slurm_id}"
+    assert our_jobs(prefix) == []
+
+    # (b) the same outputs as the local run
+    a, b = local / "results/demo", remote / "results/demo"
+    for stage in ("manifests", "shards", "dataset", "audio"):
+        fa, fb = files_under(a / stage), files_under(b / stage)
+        assert fa.keys() == fb.keys() and fa, stage
+        for name in fa:
+            assert filecmp.cmp(fa[name], fb[name], shallow=False), f"{stage}/{name} differs"
+    for name in ("encoder.safetensors", "encoder.json"):
+        assert filecmp.cmp(a / "training" / name, b / "training" / name, shallow=False), name
+    assert read_csv(a / "training/metrics.csv") == read_csv(b / "training/metrics.csv")
+    for kind in ("probe", "knn"):
+        fa, fb = files_under(a / "eval" / kind), files_under(b / "eval" / kind)
+        assert fa.keys() == fb.keys() and len(fa) == 2, kind
+        for name in fa:
+            ja, jb = json.loads(fa[name].read_text()), json.loads(fb[name].read_text())
+            assert ja["metrics"] == jb["metrics"], f"{kind}/{name}"
+    score = lambda rows: [(r["model"], r["task"], r["method"], r["metric"], r["score"], r["std"]) for r in rows]
+    assert score(read_csv(a / "eval/results/scores.csv")) == score(read_csv(b / "eval/results/scores.csv"))
+    for png in ("domains", "tasks", "loss_curve"):
+        assert (b / f"eval/plots/{png}.png").stat().st_size > 0
+
+    # (c) the training rule's multi-node GPU request, as sbatch gets it: 2 nodes, 2 GPUs and
+    # workers/nodes x cpus_per_worker = 6 CPUs per node, one task; no --ntasks-per-gpu. This
+    # one-node cluster without GPUs rejects it: the call is in the error message.
+    gpu_config = {**CONFIG, "training": {**CONFIG["training"], **GPU_TRAINING}}
+    rc, out = snakemake_slurm(remote, gpu_config, profile, prefix, "train", timeout=120)
+    assert rc != 0
+    call = re.search(r"SLURM sbatch failed\. The error message was '(sbatch: error: [^']*)'.\s*sbatch call:\s*(sbatch [^\n]*)", out)
+    assert call, out[-4000:]
+    sbatch = call.group(2)
+    for flag in ("--nodes=2", "--gres=gpu:2", "--cpus-per-task=6", "--mem 5000", "-t 7", f"-p {partition}"):
+        assert re.search(rf"(^|\s){re.escape(flag)}(\s|$)", sbatch), (flag, sbatch)
+    assert "--ntasks-per-gpu" not in sbatch and "--ntasks" not in sbatch.split("--wrap")[0]
