@@ -19,6 +19,7 @@ include: "workflow/rules/sources.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 # Every per-chunk artifact is a target too: Snakemake does not re-create a deleted
@@ -37,4 +38,5 @@ rule all:
         rules.data.input,
         rules.train.output,
         rules.evaluate.input,
+        rules.provenance_table.output,
     default_target: True

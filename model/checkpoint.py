@@ -35,6 +35,7 @@ from pipeline.provenance import stamp
 
 FORMAT = "dasheng-pipeline/1"
 SUFFIX = ".safetensors"
+META_KEY = "dasheng"  # safetensors metadata entry: {"config": ..., "provenance": ...}
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -190,7 +191,9 @@ def save_checkpoint(
     if provenance is None:
         provenance = stamp(config, seed)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    metadata = {"config": json.dumps(config, sort_keys=True), "provenance": json.dumps(provenance, sort_keys=True)}
+    # One metadata entry: safetensors writes its metadata map in no fixed order, so two entries
+    # would make the same weights give different bytes from run to run.
+    metadata = {META_KEY: json.dumps({"config": config, "provenance": provenance}, sort_keys=True)}
     with atomic.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -203,7 +206,7 @@ def read_metadata(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return {k: json.loads(meta[k]) for k in ("config", "provenance") if k in meta}
+        return json.loads(meta[META_KEY]) if META_KEY in meta else {}
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
 

@@ -7,8 +7,11 @@ seed at the same commit give byte-identical artifacts.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -90,3 +93,33 @@ def stamp(section: Any, seed: int | None = None, extra_versions: dict[str, str] 
         "versions": versions,
         "git_sha": git_sha(),
     }
+
+
+def table(paths: list[str]) -> str:
+    """CSV with one row per artifact: its provenance stamp (for the HTML report)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["artifact", "config_hash", "seed", "git_sha", "versions"])
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        stamp = doc.get("provenance") or {}
+        versions = " ".join(f"{k}={v}" for k, v in sorted((stamp.get("versions") or {}).items()))
+        writer.writerow([path, stamp.get("config_hash"), stamp.get("seed"), stamp.get("git_sha"), versions])
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.provenance",
+                                     description="collect the provenance stamps of JSON artifacts into a CSV")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("artifacts", nargs="+", help="JSON files with a 'provenance' key")
+    args = parser.parse_args(argv)
+    from pipeline import atomic  # (atomic imports this module)
+
+    with atomic.atomic_open(args.out, "w", encoding="utf-8") as fh:
+        fh.write(table(args.artifacts))
+
+
+if __name__ == "__main__":
+    main()

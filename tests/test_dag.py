@@ -2,6 +2,7 @@
 parameters invalidating the shards and everything downstream but nothing upstream, and a large
 list building its DAG with the expected jobs."""
 
+import json
 import re
 
 import pytest
@@ -71,6 +72,34 @@ def test_forcerun_of_one_stage_redoes_it_and_what_depends_on_it(finished):
     jobs = planned(snakemake(finished, SMALL, "-n", "--forcerun", "train", "all"))
     assert set(jobs) >= {"train", "embed", "probe", "knn", "eval_results"}
     assert not {"demo_chunk", "mel_chunk", "dataset_manifest", "demo_task"} & set(jobs)
+
+
+def test_two_clean_runs_give_the_same_bytes_and_metrics(finished, tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from helpers import read_json
+
+    snakemake(tmp_path, SMALL, "all")
+    a, b = finished / "results/demo", tmp_path / "results/demo"
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+    pattern = ("shards/**/*.parquet", "shards/*/*.json", "manifests/*/*.json", "dataset/*.json",
+               "training/metrics.csv", "training/encoder.safetensors", "eval/results/scores.csv", "provenance.csv")
+    compared = 0
+    for glob in pattern:
+        for path in sorted(a.glob(glob)):
+            assert digest(path) == digest(b / path.relative_to(a)), path.relative_to(a)
+            compared += 1
+    assert compared == 15  # 3 shards, 3 shard manifests, 3 audio manifests, 2 dataset files, 4 more
+    # every artifact names its config hash, seed, versions and git SHA
+    keys = {"config_hash", "seed", "versions", "git_sha"}
+    for doc in ("dataset/manifest.json", "shards/demo/00000.json", "manifests/demo/00000.json",
+                "training/summary.json", "training/encoder.json", "eval/results/summary.json"):
+        assert set(read_json(a / doc)["provenance"]) == keys, doc
+    meta = json.loads(pq.read_schema(a / "shards/demo/00000/part-000.parquet").metadata[b"dasheng"])
+    assert set(meta["provenance"]) == keys
+    assert "config_hash,seed,git_sha,versions" in (a / "provenance.csv").read_text().splitlines()[0].replace("artifact,", "")
 
 
 def test_changed_mel_parameters_invalidate_shards_and_downstream_only(finished):

@@ -245,3 +245,11 @@ def evaluation_targets(wildcards=None):
     if os.path.exists(metrics_csv) or _produced_by_a_rule(metrics_csv):
         targets.append(f"{EVAL_OUT}/plots/loss_curve.png")
     return targets
+
+
+def provenance_artifacts():
+    """The run's main JSON artifacts (each carries a provenance stamp)."""
+    files = [f"{OUT}/dataset/manifest.json", f"{OUT}/training/summary.json"]
+    if EVAL["enabled"] and evaluation_targets():
+        files.append(f"{EVAL_OUT}/results/summary.json")
+    return files
