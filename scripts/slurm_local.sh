@@ -7,6 +7,10 @@
 #   scripts/slurm_local.sh stop     cancel every job of this cluster, stop the three daemons
 #   scripts/slurm_local.sh status   the daemons, sinfo and squeue (exit status 0 when all three run)
 #   scripts/slurm_local.sh purge    stop, then remove the config, state and logs that start wrote
+#   scripts/slurm_local.sh profile [DIR]
+#                                   write DIR/config.yaml (default .snakemake/slurm-local): the
+#                                   repository's slurm/config.yaml with this cluster's partition and
+#                                   no account, for `snakemake --profile DIR all` (no root needed)
 #
 # Every command is idempotent (start twice: the second finds the cluster up and changes nothing)
 # and prints what it does. The cluster has one node (this host, all its CPUs, its memory minus
@@ -256,10 +260,35 @@ cmd_purge() {
   say "packages stay installed (apt-get remove slurm-wlm munge to remove them)"
 }
 
+cmd_profile() {  # cmd_profile [DIR]
+  local repo dest src partition
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  src=$repo/slurm/config.yaml
+  dest=${1:-$repo/.snakemake/slurm-local}
+  [[ -s $src ]] || die "$src not found"
+  partition=$PARTITION
+  if command -v sinfo >/dev/null && sinfo -h -o %P >/dev/null 2>&1; then
+    partition=$(sinfo -h -o %P | grep -m1 '\*$' | tr -d '*' || true)
+    partition=${partition:-$PARTITION}
+  fi
+  mkdir -p "$dest"
+  {
+    echo "# Derived from $src by scripts/slurm_local.sh profile:"
+    echo "# partitions -> $partition, no account (the local cluster has no accounting)."
+    sed -E -e "s/^([[:space:]]*slurm_partition:[[:space:]]*)\"[^\"]*\"/\1\"$partition\"/" \
+        -e '/^[[:space:]]*slurm_account:/d' \
+        -e 's/^# (slurm-no-account: true)/\1/' "$src"
+  } > "$dest/config.yaml.tmp"
+  grep -q '^slurm-no-account: true' "$dest/config.yaml.tmp" || die "could not derive the profile (no slurm-no-account line in $src)"
+  mv "$dest/config.yaml.tmp" "$dest/config.yaml"
+  say "wrote $dest/config.yaml (partition $partition, no account): snakemake --profile $dest all"
+}
+
 case ${1:-} in
+  profile) shift; cmd_profile "$@" ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   purge) cmd_purge ;;
-  *) echo "usage: $0 start|stop|status|purge" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|purge|profile [DIR]" >&2; exit 2 ;;
 esac
