@@ -62,14 +62,14 @@ def select_shards(dataset: dict, validation_sources: list[str], root: Path, veri
         diff = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
         raise TrainingInputError(f"shards were computed with mel parameters that differ from the model's "
                                  f"front end (got, expected): {diff}; rebuild the shards with the model's parameters")
+    if verify:
+        shards.verify_all(dataset["shards"], root)
     train, valid = [], []
     for entry in dataset["shards"]:
         path = (root / entry["path"]).resolve()
         meta = shards.read_meta(path)
         if {k: float(meta["mel"].get(k, "nan")) for k in MEL_PARAMS} != expected:
             raise TrainingInputError(f"{entry['path']}: its mel parameters {meta['mel']} differ from the model's {MEL_PARAMS}")
-        if verify:
-            shards.verify(path, entry["sha256"])
         if entry["rows"] == 0:
             continue
         (valid if entry["source"] in validation_sources else train).append(str(path))

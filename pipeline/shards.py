@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -197,6 +199,38 @@ def verify(path: str | Path, sha256: str) -> None:
                          "the shard is damaged or was changed; delete it and rerun its mel rule")
 
 
+def quarantine(shard_path: str | Path) -> Path:
+    """Move a damaged shard's chunk outputs (its folder of parts and its shard manifest) into
+    ``shards/<source>/.damaged/``, so that rerunning Snakemake rebuilds exactly that chunk."""
+    folder = Path(shard_path).parent
+    damaged = folder.parent / ".damaged"
+    damaged.mkdir(exist_ok=True)
+    for item in (folder, folder.with_suffix(".json")):
+        target = damaged / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        if item.exists():
+            os.replace(item, target)
+    return damaged / folder.name
+
+
+def verify_all(entries: list[dict], root: str | Path = ".") -> None:
+    """Check every shard of a dataset (entries with path and sha256). Damaged or missing shards
+    are moved aside (:func:`quarantine`) and reported together in one :class:`ShardError`."""
+    problems = []
+    for entry in entries:
+        path = Path(root) / entry["path"]
+        try:
+            verify(path, entry["sha256"])
+        except ShardError as exc:
+            if path.exists():
+                quarantine(path)
+            problems.append(str(exc))
+    if problems:
+        raise ShardError(f"{len(problems)} shard(s) failed their check and were moved to .damaged/; "
+                         "run snakemake again to rebuild them (rule mel_chunk):\n  " + "\n  ".join(problems))
+
+
 def iter_batches(path: str | Path, batch_size: int = 64, columns: tuple[str, ...] = ("mel", "valid_frames"),
                  row_groups: list[int] | None = None) -> Iterator[dict]:
     """Stream a shard as dicts of numpy arrays (mel as float16 [B, n_mels, frames])."""
@@ -234,6 +268,8 @@ def combine_stats(parts: list[dict], n_mels: int) -> dict:
 
 
 def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, rejects_out: str) -> dict:
+    """Aggregate the shard manifests; with ``shards.verify`` every part is checked against the
+    sha256 its mel job recorded first (a damaged one is moved aside, naming the file)."""
     shards, rejects, stats = [], [], []
     totals = {"clips": 0, "ok": 0, "failed": 0, "rejected": 0, "windows": 0, "hours": 0.0, "bytes": 0}
     mel_params = None
@@ -255,6 +291,8 @@ def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, r
         totals["windows"] += doc["rows"]
         totals["bytes"] += sum(part["bytes"] for part in doc["shards"])
         totals["hours"] += doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
+    if params["shards"]["verify"]:
+        verify_all(shards)
     totals["hours"] = round(totals["hours"], 6)
     n_mels = mel_params["n_mels"] if mel_params else 0
     stamp = provenance.stamp(params, params.get("seed"))
@@ -293,8 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         build_dataset_manifest(args.shard_manifests, json.loads(args.params), args.out, args.rejects)
     else:
         doc = load_dataset_manifest(args.manifest)
-        for shard in doc["shards"]:
-            verify(shard["path"], shard["sha256"])
+        verify_all(doc["shards"])
         print(f"{len(doc['shards'])} shards verified", file=sys.stderr)
 
 

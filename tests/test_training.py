@@ -209,10 +209,18 @@ def _dataset(work: Path) -> dict:
     return read_json(work / "results/demo/dataset/manifest.json")
 
 
+def _copy_results(demo_shards: Path, tmp_path: Path) -> Path:
+    """A private copy of the data: a failed check moves damaged shards aside."""
+    import shutil
+
+    shutil.copytree(demo_shards / "results", tmp_path / "results", ignore=shutil.ignore_patterns("audio"))
+    return tmp_path
+
+
 def test_bad_training_inputs_are_refused_before_training(demo_shards, tmp_path):
     from model.train import TrainingInputError, select_shards
 
-    root = demo_shards
+    root = _copy_results(demo_shards, tmp_path)
     good = _dataset(root)
     with pytest.raises(TrainingInputError, match="lists no shards"):
         select_shards({**good, "shards": []}, ["demo_valid"], root, True)
@@ -220,17 +228,18 @@ def test_bad_training_inputs_are_refused_before_training(demo_shards, tmp_path):
         select_shards({**good, "mel": {**good["mel"], "n_mels": 128}}, ["demo_valid"], root, True)
     with pytest.raises(TrainingInputError, match="does not have"):
         select_shards(good, ["nope"], root, True)
+    train, valid = select_shards(good, ["demo_valid"], root, True)
+    assert len(train) == 2 and len(valid) == 1 and all(Path(p).is_absolute() for p in train + valid)
     bad = json.loads(json.dumps(good))
     bad["shards"][1]["sha256"] = "0" * 64
     with pytest.raises(shards.ShardError, match=bad["shards"][1]["path"].replace(".", r"\.")):
         select_shards(bad, ["demo_valid"], root, True)
-    train, valid = select_shards(good, ["demo_valid"], root, True)
-    assert len(train) == 2 and len(valid) == 1 and all(Path(p).is_absolute() for p in train + valid)
+    damaged = root / Path(bad["shards"][1]["path"]).parent
+    assert not damaged.exists() and (damaged.parent / ".damaged" / damaged.name).is_dir()  # moved aside
 
 
 def test_the_cli_names_a_damaged_shard_and_exits(demo_shards, tmp_path):
-    work = tmp_path
-    (work / "results").symlink_to(demo_shards / "results")
+    work = _copy_results(demo_shards, tmp_path)
     manifest = _dataset(demo_shards)
     manifest["shards"][0]["sha256"] = "f" * 64
     atomic.write_json(work / "bad.json", manifest)
