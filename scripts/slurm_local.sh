@@ -25,8 +25,9 @@
 #   SLURM_LOCAL_NO_INSTALL  1: never run apt-get (fail if the packages are missing)
 #   SLURM_LOCAL_TIMEOUT_S   seconds to wait for the node to become idle (default: 60)
 #
-# Exit status: 0 done, 1 error, 2 usage, 3 slurm-wlm/munge missing and not installable here
-# (no apt-get, apt-get failing, or SLURM_LOCAL_NO_INSTALL=1): tests skip on 3.
+# Exit status: 0 done, 1 error, 2 usage, 3 not possible on this machine (slurm-wlm/munge missing
+# and not installable: no apt-get, apt-get failing, SLURM_LOCAL_NO_INSTALL=1; or an
+# /etc/slurm/slurm.conf that this script did not write, i.e. a real cluster's): tests skip on 3.
 set -euo pipefail
 
 PARTITION=${SLURM_LOCAL_PARTITION:-debug}
@@ -46,13 +47,20 @@ PACKAGES=(slurm-wlm munge)
 say() { echo "slurm_local: $*"; }
 die() { echo "slurm_local: error: $*" >&2; exit 1; }
 cannot_install() { echo "slurm_local: cannot install: $*" >&2; exit 3; }
+not_here() { echo "slurm_local: not on this machine: $*" >&2; exit 3; }
 
 need_root() {
   [[ $(id -u) == 0 ]] || die "run as root (it installs packages and starts system daemons)"
 }
 
-alive() {  # alive PIDFILE: the process named in PIDFILE runs
-  [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive PIDFILE: the process named in PIDFILE runs (not a zombie, and it is the daemon)
+  local pid state
+  [[ -s $1 ]] || return 1
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || return 1
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ $state != Z && $state != X ]] || return 1
+  case $(cat "/proc/$pid/comm" 2>/dev/null) in munged|slurmctld|slurmd) return 0 ;; *) return 1 ;; esac
 }
 
 install_packages() {
@@ -87,7 +95,7 @@ write_conf() {  # sets CONF_CHANGED=1 when the file was (re)written
   local host text
   host=$(hostname -s)
   if [[ -e $CONF ]] && ! grep -qxF "$MARK" "$CONF"; then
-    die "$CONF exists and was not written by this script (a real cluster's?); not touching it"
+    not_here "$CONF exists and was not written by this script (a real cluster's?); not touching it"
   fi
   text="$MARK
 # Remove with: scripts/slurm_local.sh purge
@@ -118,6 +126,8 @@ JobCompType=jobcomp/none
 MinJobAge=300
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
+# A job without --mem gets 1 GB per CPU (not the whole node, which would serialise jobs).
+DefMemPerCPU=1024
 SchedulerType=sched/backfill
 ReturnToService=2
 KillWait=5
@@ -176,7 +186,7 @@ stop_daemon() {  # stop_daemon NAME PIDFILE: SIGTERM, then SIGKILL after 10 s
   pid=$(cat "$pidfile")
   say "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; return; }; sleep 0.1; done
+  for _ in $(seq 1 100); do alive "$pidfile" || { rm -f "$pidfile"; return; }; sleep 0.1; done
   say "$name did not stop in 10 s: SIGKILL"
   kill -KILL "$pid" 2>/dev/null || true
   rm -f "$pidfile"
@@ -185,11 +195,18 @@ stop_daemon() {  # stop_daemon NAME PIDFILE: SIGTERM, then SIGKILL after 10 s
 node_state() { sinfo -h -N -n "$(hostname -s)" -o %T 2>/dev/null | head -1; }
 
 wait_idle() {
-  local state=""
-  for _ in $(seq 1 $(( TIMEOUT * 2 ))); do
+  local state="" i resumed=0
+  for i in $(seq 1 $(( TIMEOUT * 2 ))); do
     state=$(node_state)
     case $state in
       idle|mixed|allocated|completing) say "node $(hostname -s) is $state: the cluster is up"; return ;;
+      down*|drain*|drained*|fail*)
+        # left down/drained by an earlier crash (e.g. slurmd killed with jobs running)
+        if (( resumed == 0 && i > 4 )); then
+          say "node $(hostname -s) is $state: scontrol update State=RESUME"
+          scontrol update NodeName="$(hostname -s)" State=RESUME || true
+          resumed=1
+        fi ;;
     esac
     sleep 0.5
   done

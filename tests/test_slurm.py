@@ -23,10 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from helpers import REPO, snakemake
 
@@ -79,7 +76,7 @@ def slurm_cluster():
     start = time.monotonic()
     proc = _script("start")
     if proc.returncode == 3:
-        pytest.skip(f"slurm-wlm/munge cannot be installed here: {proc.stderr.strip()[-500:]}")
+        pytest.skip(f"a local SLURM cluster cannot be set up here: {proc.stderr.strip()[-500:]}")
     assert proc.returncode == 0, f"scripts/slurm_local.sh start failed:\n{proc.stdout}\n{proc.stderr}"
     print(f"\nSLURM up in {time.monotonic() - start:.1f} s\n{proc.stdout}")
     partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
@@ -184,11 +181,6 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def safetensors_metadata(path: Path) -> dict:
-    with safe_open(str(path), "pt") as fh:
-        return fh.metadata()
-
-
 def slurmctld_log() -> str:
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
     path = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", config, re.M).group(1)
@@ -230,14 +222,8 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
         assert fa.keys() == fb.keys() and fa, stage
         for name in fa:
             assert filecmp.cmp(fa[name], fb[name], shallow=False), f"{stage}/{name} differs"
-    # The same weights and metadata. (Not the same bytes: safetensors writes its metadata map in
-    # a per-process random order, so even two local runs differ there, and so does the sha256 of
-    # the file recorded in encoder.json.)
-    wa, wb = load_file(a / "training/encoder.safetensors"), load_file(b / "training/encoder.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert safetensors_metadata(a / "training/encoder.safetensors") == safetensors_metadata(b / "training/encoder.safetensors")
-    sidecar = lambda root: {k: v for k, v in json.loads((root / "training/encoder.json").read_text()).items() if k != "sha256"}
-    assert sidecar(a) == sidecar(b)
+    for name in ("encoder.safetensors", "encoder.json"):  # the same weights, metadata and sha256
+        assert filecmp.cmp(a / "training" / name, b / "training" / name, shallow=False), name
     assert read_csv(a / "training/metrics.csv") == read_csv(b / "training/metrics.csv")
     for kind in ("probe", "knn"):
         fa, fb = files_under(a / "eval" / kind), files_under(b / "eval" / kind)
