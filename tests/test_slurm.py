@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, snakemake
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -140,21 +140,22 @@ def cancel_jobs(prefix: str) -> None:
         subprocess.run(["scancel", *jobs], capture_output=True)
 
 
-def snakemake_slurm(workdir: Path, config: dict, profile: Path, prefix: str, *args: str, label: str = "all",
-                    timeout: int = RUN_TIMEOUT_S) -> tuple[int, str]:
-    """Run the workflow with `--profile <profile>`; never hangs: after `timeout` s the whole
-    process group gets SIGKILL (a stuck Snakemake ignores SIGTERM) and our jobs are scancel'ed."""
+def run_snakemake(workdir: Path, config: dict, *args: str, prefix: str | None = None, label: str = "all",
+                  timeout: int = RUN_TIMEOUT_S) -> tuple[int, str]:
+    """Run the workflow (in its own process group, output to a file); never hangs: after `timeout`
+    s the whole group gets SIGKILL (a stuck Snakemake ignores SIGTERM) and the SLURM jobs whose
+    name starts with `prefix` are scancel'ed. Returns the exit status and the output."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / f"test-config-{label}.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=True))
-    log = workdir / f"snakemake-slurm-{label}.log"
+    log = workdir / f"snakemake-{label}.log"
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # The jobs inherit this environment (sbatch --export=ALL). Ray's socket paths must stay short.
+    # SLURM jobs inherit this environment (sbatch --export=ALL). Ray's socket paths must stay short.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     env["DASHENG_RAY_TMP"] = ray_tmp
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(cfg), "--profile", str(profile), *args]
+           "--configfile", str(cfg), *args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -163,11 +164,14 @@ def snakemake_slurm(workdir: Path, config: dict, profile: Path, prefix: str, *ar
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            cancel_jobs(prefix)
-            raise AssertionError(f"snakemake --profile slurm did not finish in {timeout} s (killed):\n"
-                                 f"{log.read_text()[-6000:]}\n{subprocess.run(['squeue'], capture_output=True, text=True).stdout}")
+            if prefix:
+                cancel_jobs(prefix)
+            queue = subprocess.run(["squeue"], capture_output=True, text=True).stdout if prefix else ""
+            raise AssertionError(f"{' '.join(cmd[2:])} did not finish in {timeout} s (killed):\n"
+                                 f"{log.read_text()[-6000:]}\n{queue}")
         finally:
-            cancel_jobs(prefix)
+            if prefix:
+                cancel_jobs(prefix)
             shutil.rmtree(ray_tmp, ignore_errors=True)
     return rc, log.read_text()
 
@@ -194,16 +198,16 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
 
     t0 = time.monotonic()
     local = tmp_path / "local"
-    local_proc = snakemake(local, CONFIG, "all", timeout=RUN_TIMEOUT_S)
+    rc, local_out = run_snakemake(local, CONFIG, "--cores", "2", "all")
+    assert rc == 0, f"the local run failed ({rc}):\n{local_out[-8000:]}"
     t1 = time.monotonic()
     remote = tmp_path / "slurm"
-    rc, out = snakemake_slurm(remote, CONFIG, profile, prefix, "all")
+    rc, out = run_snakemake(remote, CONFIG, "--profile", str(profile), "all", prefix=prefix)
     t2 = time.monotonic()
     print(f"local run {t1 - t0:.0f} s, SLURM run {t2 - t1:.0f} s")
     assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
 
     # (a) every job went through sbatch and SLURM ran it to completion
-    local_out = local_proc.stdout + local_proc.stderr
     local_rules = sorted(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", local_out))
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
     assert len(submitted) == len(local_rules) - 1 >= 15, out[-4000:]  # all jobs but the target rule `all`
@@ -243,7 +247,8 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     # workers/nodes x cpus_per_worker = 6 CPUs per node, one task; no --ntasks-per-gpu. This
     # one-node cluster without GPUs rejects it: the call is in the error message.
     gpu_config = {**CONFIG, "training": {**CONFIG["training"], **GPU_TRAINING}}
-    rc, out = snakemake_slurm(remote, gpu_config, profile, prefix, "train", label="gpu", timeout=120)
+    rc, out = run_snakemake(remote, gpu_config, "--profile", str(profile), "train", prefix=prefix, label="gpu",
+                            timeout=120)
     assert rc != 0
     call = re.search(r"SLURM sbatch failed\. The error message was '(sbatch: error: [^']*)'.\s*sbatch call:\s*(sbatch [^\n]*)", out)
     assert call, out[-4000:]
