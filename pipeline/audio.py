@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import ffmpeg

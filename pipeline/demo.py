@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import atomic, audio, manifest, provenance, synth
+from pipeline import atomic, audio, manifest, synth
 
 # The pre-training corpus's default random stream; the demo evaluation tasks use others.
 CORPUS_STREAM = 0
@@ -62,9 +62,7 @@ def run_chunk(chunk: str, params: dict, out: str, audio_dir: str) -> None:
         audio.encode_flac(samples, path)
         clips.append(manifest.clip(cid, "ok", audio=str(path), audio_offset_s=0.0, audio_duration_s=None,
                                    labels=[family], duration_s=round(samples.size / synth.SR, 6)))
-    stamp = provenance.stamp(params, params.get("seed"), audio.versions())
-    manifest.write(out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp)
-    manifest.print_summary(f"{params['source']} chunk {chunk}", clips)
+    manifest.write_fetch(out, params, chunk, clips, audio.versions())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,9 +122,7 @@ def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: st
     for rel in tqdm(files, desc=f"{params['source']} chunk {chunk}", unit="file", file=sys.stdout, mininterval=5):
         clips.append(ingest_file(rel, index["root"], labels_for(rel, src["labels"], table), dest, keep_audio,
                                  rules, bool(params["allow_outside_paths"])))
-    stamp = provenance.stamp(params, params.get("seed"), audio.versions())
-    manifest.write(out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp)
-    manifest.print_summary(f"{params['source']} chunk {chunk}", clips)
+    manifest.write_fetch(out, params, chunk, clips, audio.versions())
 
 
 def main(argv: list[str] | None = None) -> None:

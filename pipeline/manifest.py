@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from pipeline import atomic
+from pipeline import atomic, provenance
 
 STATUSES = ("ok", "failed", "rejected")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
@@ -60,6 +60,15 @@ def write(path: str | Path, *, stage: str, source: str, chunk: str, clips: list[
         **extra,
     }
     atomic.write_json(path, doc)
+    return doc
+
+
+def write_fetch(out: str | Path, params: dict, chunk: str, clips: list[dict], versions: dict) -> dict:
+    """Write a source job's chunk manifest (stamped with the job's params, seed and the given
+    tool versions) and print its summary."""
+    stamp = provenance.stamp(params, params.get("seed"), versions)
+    doc = write(out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp)
+    print_summary(f"{params['source']} chunk {chunk}", clips)
     return doc
 
 

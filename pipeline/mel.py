@@ -24,7 +24,6 @@ import concurrent.futures as cf
 import json
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,7 +134,9 @@ class ShardBuilder:
         sr = self.logmel.params.sample_rate
         for index, (start, piece) in enumerate(windows):
             self.pending.append((clip_id, index, start / sr, labels, piece))
-        if sum(p[4].size == self.logmel.params.window_samples for p in self.pending) >= self.batch_size:
+        # Count every pending window, full or partial: counting only full ones let a chunk of
+        # short clips (no full window) pile up in memory until the end of the chunk.
+        if len(self.pending) >= self.batch_size:
             self.flush()
 
     def flush(self) -> None:

@@ -343,12 +343,12 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
             "index": fold.index, "train": list(fold.train), "valid": list(fold.valid), "test": list(fold.test),
             "n_train": int(len(tr.x)), "n_test": int(len(te.x)), "val_score": trained.val_score,
             "epochs": trained.epochs, "best_epoch": trained.best_epoch,
-            "min_duration_ms": trained.min_duration_ms, "test": scores,
+            "min_duration_ms": trained.min_duration_ms, "scores": scores,
         })
         print(f"  split {fold.index} (test {', '.join(fold.test)}): "
               + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()))
     elapsed = time.perf_counter() - t0
-    summary = {m: _mean_std([f["test"][m] for f in fold_results]) for m in task.evaluation}
+    summary = {m: _mean_std([f["scores"][m] for f in fold_results]) for m in task.evaluation}
     print(f"probe done in {elapsed:.1f} s: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}"
                                                            for m, v in summary.items() if v["mean"] is not None))
     return {

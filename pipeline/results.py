@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 

@@ -320,9 +320,7 @@ def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: st
     with concurrent.futures.ThreadPoolExecutor(max_workers=int(src["download_threads"])) as pool:
         clips = list(tqdm(pool.map(fetch, segments), total=len(segments), unit="clip", file=sys.stdout,
                           desc=f"{params['source']} chunk {chunk}", mininterval=5))
-    stamp = provenance.stamp(params, params.get("seed"), audio.versions())
-    manifest.write(out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp)
-    manifest.print_summary(f"{params['source']} chunk {chunk}", clips)
+    manifest.write_fetch(out, params, chunk, clips, audio.versions())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import http.server
-import os
 import socket
 import threading
 import time

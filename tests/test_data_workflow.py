@@ -1,7 +1,6 @@
 """The data stage through real Snakemake runs on small configs."""
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -69,7 +68,6 @@ def test_rerun_after_deleting_one_chunk_redoes_only_that_chunk(tmp_path):
     snakemake(tmp_path, DEMO, "data")
     out = tmp_path / "results/demo"
     before = {p: p.stat().st_mtime_ns for p in out.glob("shards/demo/**/*") if p.is_file() and p.name[0] != "."}
-    import shutil
     shutil.rmtree(out / "shards/demo/00001")
     proc = snakemake(tmp_path, DEMO, "data")
     assert "mel_chunk" in proc.stdout + proc.stderr

@@ -1,7 +1,6 @@
 """The evaluation stage through real Snakemake runs."""
 
 import csv
-import json
 
 import pytest
 import torch
