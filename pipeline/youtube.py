@@ -245,7 +245,7 @@ def fetch_clip(seg: lists.Segment, dest: Path, opts: FetchOptions, keep_audio: b
 
 
 def _store(clip_id: str, result: dict, dest: Path, seg: lists.Segment, keep_audio: bool,
-           rules: audio.ClipRules, attempts: int, base: dict) -> dict:
+           rules: audio.ClipRules, attempts: int, base: dict) -> dict | None:
     """Check a finished download and move it into the audio store (as FLAC with keep_audio).
     Returns the manifest row, or None (with ``result["incomplete"]`` set) to retry."""
     name = manifest.storage_name(clip_id)
