@@ -63,6 +63,20 @@ def labels_for(rel: str, mode: str, table: dict[str, list[str]]) -> list[str]:
     return []
 
 
+def is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (os.walk gives them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A name with its non-UTF-8 bytes shown as \\xNN escapes (valid text for manifests and logs)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def inside(path: str, root: str) -> bool:
     real, real_root = os.path.realpath(path), os.path.realpath(root)
     return os.path.commonpath([real, real_root]) == real_root
@@ -73,6 +87,9 @@ def ingest_file(rel: str, root: str, labels: list[str], dest: Path, keep_audio: 
     """Check (and with keep_audio, convert) one file; returns its manifest row."""
     path = os.path.join(root, rel)
     base = {"path": rel, "labels": labels}
+    if not is_utf8(rel):  # ffmpeg-python and Parquet take text only: say so instead of failing the job
+        shown = printable(rel)
+        return manifest.clip(shown, "rejected", "file name is not valid UTF-8 (rename the file)", path=shown, labels=[])
     if not allow_outside and not inside(path, root):
         return manifest.clip(rel, "rejected", "link points outside the corpus root (allow_outside_paths is false)", **base)
     try:
@@ -101,7 +118,7 @@ def run_index(params: dict, out: str) -> None:
     print(f"{src['root']}: {len(files)} audio files, {len(ignored)} other files ignored "
           f"(extensions {', '.join(src['extensions'])})", flush=True)
     for name in ignored[:20]:
-        print(f"  ignored: {name}", flush=True)
+        print(f"  ignored: {printable(name)}", flush=True)
 
 
 def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: str) -> None:
