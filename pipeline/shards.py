@@ -185,7 +185,18 @@ def read_meta(path: str | Path) -> dict:
     missing = [n for n in (*SMALL_COLUMNS, "mel") if n not in sch.names]
     if missing:
         raise ShardError(f"{path}: wrong schema, missing column(s) {missing}")
-    return json.loads(raw)
+    meta = json.loads(raw)
+    mel = meta.get("mel") or {}
+    if {"n_mels", "window_s", "sample_rate", "hop_length"} <= set(mel):
+        # Column types too: a mel column of another shape or dtype would only fail (or worse, train)
+        # deep inside the training workers.
+        frames = int(round(mel["window_s"] * mel["sample_rate"])) // mel["hop_length"] + 1
+        expected = schema(int(mel["n_mels"]), frames, {})
+        wrong = [f"{f.name} is {sch.field(f.name).type}, expected {f.type}" for f in expected
+                 if not sch.field(f.name).type.equals(f.type)]
+        if wrong:
+            raise ShardError(f"{path}: wrong schema: {'; '.join(wrong)}")
+    return meta
 
 
 def verify(path: str | Path, sha256: str) -> None:
