@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import errno
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -228,6 +229,10 @@ def _account(row: dict) -> dict:
     return {"clip_id": row["clip_id"], "status": row["status"], "reason": row["reason"]}
 
 
+_STORAGE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                   errno.EFBIG: "file size limit exceeded"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.mel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="chunk manifest from the fetch/ingest step")
@@ -236,7 +241,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", required=True, help="JSON: mel, audio, shards, seed")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    run_chunk(args.manifest, args.shards, args.out, json.loads(args.params), args.threads)
+    try:
+        run_chunk(args.manifest, args.shards, args.out, json.loads(args.params), args.threads)
+    except OSError as exc:
+        why = _STORAGE_ERRORS.get(exc.errno)
+        if why is None:
+            raise
+        # The writers removed their temporary files: nothing is left under a final name.
+        raise SystemExit(f"error: {why} while writing the shards of {args.manifest} to {args.shards} "
+                         f"and {args.out} ({exc}); no partial shard was kept: free space and rerun") from None
 
 
 if __name__ == "__main__":
