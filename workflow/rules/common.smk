@@ -26,15 +26,18 @@ def constraint(names):
 
 
 def check_inside(key, path):
-    """With allow_outside_paths: false, refuse inputs outside the working directory."""
+    """With allow_outside_paths: false, refuse paths (inputs and out_dir) outside the working directory."""
     if config["allow_outside_paths"]:
         return
     real, here = os.path.realpath(path), os.path.realpath(".")
     if os.path.commonpath([real, here]) != here:
         raise ValueError(
             f"config key {key}: {path!r} lies outside the working directory and "
-            "allow_outside_paths is false; move the input or set allow_outside_paths: true"
+            "allow_outside_paths is false; move it inside or set allow_outside_paths: true"
         )
+
+
+check_inside("out_dir", OUT)
 
 
 def _count_chunks(name, src):
@@ -42,6 +45,8 @@ def _count_chunks(name, src):
         return lists.n_chunks(src["clips"], src["chunk_size"])
     if src["type"] == "youtube":
         check_inside(f"sources.{name}.list", src["list"])
+        if src["cookies"]:
+            check_inside(f"sources.{name}.cookies", src["cookies"])
         if not os.path.isfile(src["list"]):
             raise FileNotFoundError(
                 f"config key sources.{name}.list: segment list {src['list']!r} not found"
@@ -50,6 +55,8 @@ def _count_chunks(name, src):
     check_inside(f"sources.{name}.root", src["root"])
     if src["labels"] == "csv" and not src["labels_csv"]:
         raise ValueError(f"config key sources.{name}.labels_csv: required when labels is 'csv'")
+    if src["labels_csv"]:
+        check_inside(f"sources.{name}.labels_csv", src["labels_csv"])
     files, _ = local.list_files(src["root"], src["extensions"])
     src["_files"] = len(files)  # a change of the tree re-runs the index (it is a param)
     return lists.n_chunks(len(files), src["chunk_size"])
@@ -150,6 +157,8 @@ def _eval_tasks():
 def _model_spec(name):
     """The model's config with defaults resolved (paths, the random encoder's size and seed)."""
     spec = {k: v for k, v in config["models"][name].items() if k != "enabled"}
+    if spec.get("path") and (spec["type"] == "checkpoint" or os.path.exists(spec["path"])):
+        check_inside(f"models.{name}.path", spec["path"])
     if spec["type"] == "checkpoint" and not spec.get("path"):
         if name != "trained":
             raise ValueError(f"config key models.{name}.path: a checkpoint model needs a path")
@@ -229,6 +238,8 @@ def eval_result_files(wildcards=None):
 
 
 def eval_training_metrics():
+    if EVAL["training_metrics"]:
+        check_inside("evaluation.training_metrics", EVAL["training_metrics"])
     return EVAL["training_metrics"] or f"{OUT}/training/metrics.csv"
 
 
