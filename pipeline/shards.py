@@ -234,7 +234,7 @@ def verify_all(entries: list[dict], root: str | Path = ".") -> None:
         try:
             verify(path, entry["sha256"])
         except ShardError as exc:
-            if path.exists():
+            if path.parent.is_dir():  # a deleted part too: its chunk must be rebuilt whole
                 quarantine(path)
             problems.append(str(exc))
     if problems:

@@ -1,0 +1,82 @@
+"""kill -9 at seeded random points of a fetch job (yt-dlp against the loopback server), a mel job
+and training, one after the other in the same DAG, then a rerun: the DAG completes, every clip ends
+in exactly one final status, the shards and manifests are byte-identical to an uninterrupted run's,
+and the trained encoder has the same weights (CPU, fixed seed).
+
+Each kill either takes the whole run down (Snakemake and every job: a crash; Snakemake then asks
+for ``--unlock``, as a user would see) or only the job's process tree (the OOM killer: Snakemake
+sees the job fail, deletes its outputs and stops)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fault_util as fu
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
+
+
+def _weights(work):
+    return load_file(str(work / fu.OUT / "training/encoder.safetensors"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_at_random_points_then_rerun(tmp_path, server, reference, seed, figures):
+    ref_work = reference
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = fu.dag_config(fu.segment_list(work), server.url_template)
+    out = work / fu.OUT
+    rng = random.Random(seed)
+    plan = [  # stage, job marker, latest kill after the job is ready (s), ready condition
+        ("fetch", "pipeline.youtube chunk", 2.0, lambda: any((out / "audio/yt").rglob("*.flac"))),
+        ("mel", "pipeline.mel", 1.0, lambda: any(p.is_file() for p in (out / "shards").glob("*/*/*"))),
+        ("train", "model.train", 4.0, lambda: any((out / "training_state").rglob("checkpoint_*/state.json"))),
+    ]
+    kills, broken_after_kill = [], []
+    try:
+        for i, (stage, marker, max_delay, ready) in enumerate(plan):
+            mode = ("all", "job")[(seed + i) % 2]
+            proc = fu.start(work, cfg, "all", log_name=f"run{i}.log")
+            hit = fu.kill_at_random_point(proc, marker, rng, max_delay, mode=mode, ready=ready)
+            fu.sweep(fu.ray_tmp(work))
+            kills.append({"stage": stage, **hit})
+            broken_after_kill += fu.untrusted_finals(out)
+            if mode == "all":
+                fu.run(work, cfg, "--unlock")
+        final = fu.run(work, cfg, "all")
+        nothing_left = fu.run(work, cfg, "-n", "all")
+    finally:
+        fu.sweep(fu.ray_tmp(work))
+        fu.sweep(str(work))
+
+    ref_account, got_account = fu.accounting(ref_work), fu.accounting(work)
+    lost = fu.clips_lost(ref_account, got_account)
+    ref_digests, got_digests = fu.digests(ref_work / fu.OUT), fu.digests(out)
+    a, b = _weights(ref_work), _weights(work)
+    same_weights = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same_metrics = (out / "training/metrics.csv").read_bytes() == (ref_work / fu.OUT / "training/metrics.csv").read_bytes()
+    verified = fu.verify_dataset(work)
+    leftovers = [p for p in fu.temp_leftovers(out) if "training_state" not in p]
+    survived = (lost == 0 and got_digests == ref_digests and same_weights and same_metrics and not leftovers
+                and not broken_after_kill and "Nothing to be done" in nothing_left.stdout + nothing_left.stderr)
+    for k in kills:
+        figures.record("kill -9", f"{k['stage']} job (seed {seed})", tried=1, survived=int(survived), lost=lost,
+                       mode=k["mode"], delay_s=k["delay_s"])
+
+    assert final.returncode == 0
+    assert [k["stage"] for k in kills] == ["fetch", "mel", "train"]
+    assert broken_after_kill == [], "a file under a final name was not whole right after a kill"
+    assert lost == 0 and len(got_account) == len(ref_account) == sum(fu.DAG_CLIPS.values())
+    statuses = [s for _, s, _ in got_account.values()]
+    assert {k: statuses.count(k) for k in fu.DAG_CLIPS} == fu.DAG_CLIPS
+    assert got_digests == ref_digests and len(got_digests) > 10
+    assert verified == len([p for p in got_digests if p.endswith(".parquet")])
+    assert same_weights and same_metrics
+    assert leftovers == []
+    assert "Nothing to be done" in nothing_left.stdout + nothing_left.stderr
+
