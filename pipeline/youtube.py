@@ -255,8 +255,11 @@ def _store(clip_id: str, result: dict, dest: Path, seg: lists.Segment, keep_audi
     note = "segment downloaded" if result["sectioned"] else "whole file downloaded, segment cut locally"
     samples, reason, extra = audio.load_clip(result["path"], rules, start_s=offset or None, duration_s=duration)
     if samples is None:
-        status = "rejected" if reason.startswith(("silent", "too short", "too long")) else "failed"
-        return manifest.clip(clip_id, status, reason, attempts=attempts, note=note, **base)
+        if reason.startswith(("silent", "too short", "too long")):
+            return manifest.clip(clip_id, "rejected", reason, attempts=attempts, note=note, **base)
+        # A connection reset mid-transfer can leave a file that does not decode: try again.
+        result["incomplete"] = f"downloaded file {reason}"
+        return None
     # A connection closed mid-transfer can look like a clean end of file to ffmpeg: compare
     # with what the segment (or the media, when shorter) should hold.
     media = result.get("media_duration")

@@ -36,7 +36,7 @@ def test_damaged_shards_are_detected_named_and_rebuilt(tmp_path, reference, figu
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     deleted.unlink()
 
-    detect = fu.run(work, cfg, "--forcerun", "dataset_manifest", "data", check=False)
+    detect = fu.run(work, cfg, "data", "--forcerun", "dataset_manifest", check=False)
     text = detect.stdout + detect.stderr
     named = {
         "bit flip": f"{flipped.relative_to(work)}: sha256" in text,
@@ -52,7 +52,7 @@ def test_damaged_shards_are_detected_named_and_rebuilt(tmp_path, reference, figu
     # A truncated shard manifest: the job names it and says what to do (delete it); then it is rebuilt.
     manifest = out / "shards/yt/00000.json"
     manifest.write_text(manifest.read_text()[:200])
-    detect2 = fu.run(work, cfg, "--forcerun", "dataset_manifest", "data", check=False)
+    detect2 = fu.run(work, cfg, "data", "--forcerun", "dataset_manifest", check=False)
     text2 = detect2.stdout + detect2.stderr
     named_json = f"{manifest.relative_to(work)}: not a valid manifest" in text2 and "delete it and rerun its rule" in text2
     manifest.unlink()
