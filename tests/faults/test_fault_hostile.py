@@ -89,7 +89,8 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
         before = {p for p in tmp_path.rglob("*")}
         proc = fu.run(work, cfg, "data", check=False)
     out = work / fu.OUT
-    clips = [c for p in sorted((out / "shards").glob("*/*.json")) for c in fu.read_json(p)["clips"]]
+    docs = [fu.read_json(p) for p in sorted((out / "shards").glob("*/*.json"))]
+    clips = [{**c, "source": d["source"]} for d in docs for c in d["clips"]]
     by_id = {}
     for c in clips:
         by_id.setdefault(c["clip_id"], []).append(c)
@@ -98,15 +99,16 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
                    if p not in written and not any(parent in written for parent in p.parents))
     pwned = _markers(tmp_path, Path.cwd(), REPO)
 
-    local = [c for c in clips if c.get("path") is not None]
-    youtube = [c for c in clips if c.get("path") is None]
+    local = [c for c in clips if c["source"] == "mine"]
+    youtube = [c for c in clips if c["source"] == "yt"]
     want_local = {os.fsdecode(n) if isinstance(n, bytes) else n: s for n, s in LOCAL_NAMES.items()}
     got_local = {c["clip_id"]: c["status"] for c in local}
     non_utf8 = [c for c in local if "\\xe9" in c["clip_id"]]
     local_ok = (len(local) == len(LOCAL_NAMES) and len(non_utf8) == 1 and non_utf8[0]["status"] == "rejected"
                 and all(got_local.get(n) == s for n, s in want_local.items() if "latin1" not in n))
     escaped = by_id.get("speech/escape.wav", [{}])[0]
-    labels = {c["clip_id"]: c.get("labels") for c in local}
+    labels = {c["clip_id"]: c["labels"] for p in sorted((out / "manifests/mine").glob("*.json"))
+              for c in fu.read_json(p)["clips"]}
     yt_status = sorted(c["status"] for c in youtube)
     # the quoted newline splits into two rows: 8 list rows in all, one ok
     yt_ok = yt_status == ["ok"] + ["rejected"] * 7 and all(
@@ -201,8 +203,9 @@ def test_wrong_schema_parquet_is_refused_before_training(tmp_path, reference, fi
     for name, message in results.items():
         figures.record("hostile input", f"wrong-schema Parquet ({name})", tried=1,
                        survived=int(message.startswith(str(tmp_path))))
-    assert "mel is fixed_size_list<item: float>[64064]" in results["mel as float32"]
-    assert "expected extension<arrow.fixed_shape_tensor" in results["mel as float32"]
+    assert "wrong schema: mel is fixed_size_list<" in results["mel as float32"]
+    assert "float>[64064], expected extension<arrow.fixed_shape_tensor[value_type=halffloat, shape=[64,1001]]>" \
+        in results["mel as float32"]
     assert "missing column(s) ['mel']" in results["mel column missing"]
     assert "not a shard of this pipeline" in results["no pipeline metadata"]
     assert all(m.startswith(str(tmp_path)) for m in results.values()), results
