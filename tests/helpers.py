@@ -76,16 +76,27 @@ def bad_corpus(root: Path) -> dict[str, str]:
     }
 
 
-def snakemake(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run the real workflow with ``config`` (merged over nothing: schema defaults apply)."""
+def snakemake_env(**extra: str) -> dict:
+    """The environment of a workflow run: this venv's tools first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return {**env, **extra}
+
+
+def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
+    """The command line of a real workflow run with ``config`` (written to the work folder)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "test-config.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=True))
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(cfg), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            "--configfile", str(cfg), "--cores", "2", *args]
+
+
+def snakemake(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 900,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real workflow with ``config`` (merged over nothing: schema defaults apply)."""
+    proc = subprocess.run(snakemake_cmd(workdir, config, *args), capture_output=True, text=True, timeout=timeout,
+                          env=env or snakemake_env(), cwd=workdir)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -8,15 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
-import yaml
 
-from helpers import REPO
+import helpers
 
 OUT = "results/demo"
 # Provenance stamps carry the git SHA (with -dirty while tracked files are edited): pin it, so
@@ -25,39 +23,22 @@ GIT_SHA = "fault-suite"
 
 
 def env_for(workdir: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["DASHENG_GIT_SHA"] = GIT_SHA
-    env["OMP_NUM_THREADS"] = "1"
     # Ray's session folder (sockets: keep the path short), so that a sweep finds its processes.
-    env["DASHENG_RAY_TMP"] = ray_tmp(workdir)
-    return env
+    return helpers.snakemake_env(DASHENG_GIT_SHA=GIT_SHA, OMP_NUM_THREADS="1", DASHENG_RAY_TMP=ray_tmp(workdir))
 
 
 def ray_tmp(workdir: Path) -> str:
     return "/tmp/ray-f" + hashlib.md5(str(workdir).encode()).hexdigest()[:10]
 
 
-def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = workdir / "test-config.yaml"
-    cfg.write_text(yaml.safe_dump(config, sort_keys=True))
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--configfile", str(cfg), "--cores", "2", *args]
-
-
 def run(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """A real Snakemake run (foreground), with the suite's environment."""
-    proc = subprocess.run(snakemake_cmd(workdir, config, *args), capture_output=True, text=True,
-                          timeout=timeout, env=env_for(workdir), cwd=workdir)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return helpers.snakemake(workdir, config, *args, check=check, timeout=timeout, env=env_for(workdir))
 
 
 def start(workdir: Path, config: dict, *args: str, log_name: str = "snakemake.log") -> subprocess.Popen:
     """A real Snakemake run in the background, in a session of its own (so it can be killed whole)."""
-    cmd = snakemake_cmd(workdir, config, *args)
+    cmd = helpers.snakemake_cmd(workdir, config, *args)
     log = open(workdir / log_name, "ab")
     return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env_for(workdir),
                             start_new_session=True)
@@ -65,7 +46,7 @@ def start(workdir: Path, config: dict, *args: str, log_name: str = "snakemake.lo
 
 # ----------------------------------------------------------------------------- processes
 
-def _cmdline(p: psutil.Process) -> str:
+def cmdline(p: psutil.Process) -> str:
     try:
         return " ".join(p.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -97,7 +78,7 @@ def kill_session(popen: subprocess.Popen, extra_marker: str | None = None) -> No
     for _ in range(50):
         procs = session_processes(popen.pid)
         if extra_marker:
-            procs += [p for p in psutil.process_iter() if extra_marker in _cmdline(p)]
+            procs += [p for p in psutil.process_iter() if extra_marker in cmdline(p)]
         if not procs:
             break
         kill_all(procs)
@@ -107,7 +88,7 @@ def kill_session(popen: subprocess.Popen, extra_marker: str | None = None) -> No
 
 def sweep(marker: str) -> int:
     """Kill leftover processes whose command line holds ``marker`` (a work folder, a Ray session)."""
-    victims = [p for p in psutil.process_iter() if p.pid != os.getpid() and marker in _cmdline(p)]
+    victims = [p for p in psutil.process_iter() if p.pid != os.getpid() and marker in cmdline(p)]
     kill_all(victims)
     return len(victims)
 
@@ -125,14 +106,14 @@ def kill_at_random_point(popen: subprocess.Popen, marker: str, rng, max_delay: f
     while time.monotonic() < deadline:
         if popen.poll() is not None:
             raise AssertionError(f"the run ended (rc {popen.returncode}) before a {marker!r} job could be killed")
-        jobs = [p for p in session_processes(popen.pid) if marker in _cmdline(p) and "bash" not in p.name()]
+        jobs = [p for p in session_processes(popen.pid) if marker in cmdline(p) and "bash" not in p.name()]
         now = time.monotonic()
         if jobs and (ready is None or ready()):
             if target is None:
                 delay = rng.uniform(0, max_delay)
                 target = now + delay
             elif now >= target:
-                hit = _cmdline(jobs[0])
+                hit = cmdline(jobs[0])
                 if mode == "all":
                     kill_session(popen)
                 else:

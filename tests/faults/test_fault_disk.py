@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 import fault_util as fu
+import helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -37,7 +38,7 @@ def _limit_file_size(limit: int):
 
 
 def _run_limited(work: Path, cfg: dict, preexec) -> subprocess.CompletedProcess:
-    return subprocess.run(fu.snakemake_cmd(work, cfg, "data"), capture_output=True, text=True, timeout=600,
+    return subprocess.run(helpers.snakemake_cmd(work, cfg, "data"), capture_output=True, text=True, timeout=600,
                           env=fu.env_for(work), cwd=work, preexec_fn=preexec)
 
 
