@@ -8,6 +8,15 @@ from helpers import HEAR_TASK, SHARED, SPEECH_COMMANDS
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config):
+    # Provenance stamps carry the checkout's git SHA (``-dirty`` with local edits). Freeze the value
+    # the session starts with, so that editing a file while the suite runs cannot make two runs that
+    # a test compares byte for byte differ in their stamps. The value is still the real one.
+    from pipeline import provenance
+
+    os.environ.setdefault("DASHENG_GIT_SHA", provenance.git_sha())
+
+
 @pytest.fixture
 def hear_task():
     if not HEAR_TASK.is_dir():

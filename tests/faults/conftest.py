@@ -1,6 +1,8 @@
 """The fault suite's figures: every test records its cases (tried, survived, clips lost); at the end
 of the session they are written as JSON and Markdown (``fault-figures.{json,md}`` in pytest's base
-temporary folder, or where ``DASHENG_FAULT_FIGURES`` points) and printed in the summary."""
+temporary folder) and printed in the summary. Tests may add files of their own (a plot, raw samples)
+with ``figures.attach``. With ``DASHENG_FAULT_FIGURES=path/fault-figures.md`` all of them are also
+copied into that folder (``docs/reliability/`` holds the committed copy the README shows)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,15 @@ import pytest
 class Figures:
     def __init__(self):
         self.rows: list[dict] = []
+        self.attached: list[Path] = []
 
     def record(self, group: str, case: str, *, tried: int, survived: int, lost: int = 0, **details) -> None:
         self.rows.append({"group": group, "case": case, "tried": tried, "survived": survived,
                           "clips_lost": lost, **details})
+
+    def attach(self, path: Path) -> None:
+        """A file the test wrote that belongs with the figures (copied along with them)."""
+        self.attached.append(Path(path))
 
     def table(self) -> str:
         lines = ["| group | case | tried | survived | clips lost | details |", "|---|---|---|---|---|---|"]
@@ -46,9 +53,12 @@ def figures(request, tmp_path_factory):
     (base / "fault-figures.md").write_text(figs.table() + "\n")
     target = os.environ.get("DASHENG_FAULT_FIGURES")
     if target:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(base / "fault-figures.md", target)
-        shutil.copyfile(base / "fault-figures.json", Path(target).with_suffix(".json"))
+        shutil.copyfile(base / "fault-figures.json", target.with_suffix(".json"))
+        for path in figs.attached:
+            shutil.copyfile(path, target.parent / path.name)
 
 
 def pytest_terminal_summary(terminalreporter, config):
