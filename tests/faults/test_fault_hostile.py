@@ -132,10 +132,15 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
     assert len(stored) == 11 and all(p.isascii() and "/" not in p and not p.startswith("-") for p in stored)
 
 
-def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, hear_task, figures):
+def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
     """A ``.pt`` whose unpickling would run a command, given to the embedding job's entry point as a
     model's weights (``models.<name>.path``), in the zip and the legacy pickle formats: the job
-    fails naming the file, the command never runs, no embedding is written."""
+    fails naming the file, the command never runs, no embedding is written. (The task is a small
+    demo task in HEAR format, so that the case runs wherever the suite does.)"""
+    from pipeline import demo_tasks
+
+    hear_task = tmp_path / "task"
+    demo_tasks.generate("demo_noise", hear_task, seed=0, scale=0.1)
     marker = tmp_path / MARK
 
     class Payload:
