@@ -93,10 +93,11 @@ def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
 
 
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 900,
-              env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real workflow with ``config`` (merged over nothing: schema defaults apply)."""
+              env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    """Run the real workflow with ``config`` (merged over nothing: schema defaults apply);
+    ``popen`` goes to ``subprocess.run`` (``preexec_fn``, say)."""
     proc = subprocess.run(snakemake_cmd(workdir, config, *args), capture_output=True, text=True, timeout=timeout,
-                          env=env or snakemake_env(), cwd=workdir)
+                          env=env or snakemake_env(), cwd=workdir, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, snakemake_env
 
 pytestmark = pytest.mark.slow
 
@@ -149,11 +149,9 @@ def run_snakemake(workdir: Path, config: dict, *args: str, prefix: str | None = 
     cfg = workdir / f"test-config-{label}.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=True))
     log = workdir / f"snakemake-{label}.log"
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # SLURM jobs inherit this environment (sbatch --export=ALL). Ray's socket paths must stay short.
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env["DASHENG_RAY_TMP"] = ray_tmp
+    env = snakemake_env(DASHENG_RAY_TMP=ray_tmp)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
            "--configfile", str(cfg), *args]
     with open(log, "w") as fh:

@@ -17,23 +17,22 @@ import pyarrow.parquet as pq
 import helpers
 
 OUT = "results/demo"
-# Provenance stamps carry the git SHA (with -dirty while tracked files are edited): pin it, so
-# that runs minutes apart are byte-comparable whatever happens to the checkout meanwhile.
-GIT_SHA = "fault-suite"
 
 
 def env_for(workdir: Path) -> dict:
     # Ray's session folder (sockets: keep the path short), so that a sweep finds its processes.
-    return helpers.snakemake_env(DASHENG_GIT_SHA=GIT_SHA, OMP_NUM_THREADS="1", DASHENG_RAY_TMP=ray_tmp(workdir))
+    # (The git SHA of the stamps is frozen for the whole test session: tests/conftest.py.)
+    return helpers.snakemake_env(DASHENG_RAY_TMP=ray_tmp(workdir))
 
 
 def ray_tmp(workdir: Path) -> str:
     return "/tmp/ray-f" + hashlib.md5(str(workdir).encode()).hexdigest()[:10]
 
 
-def run(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600,
+        **popen) -> subprocess.CompletedProcess:
     """A real Snakemake run (foreground), with the suite's environment."""
-    return helpers.snakemake(workdir, config, *args, check=check, timeout=timeout, env=env_for(workdir))
+    return helpers.snakemake(workdir, config, *args, check=check, timeout=timeout, env=env_for(workdir), **popen)
 
 
 def start(workdir: Path, config: dict, *args: str, log_name: str = "snakemake.log") -> subprocess.Popen:

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 import fault_util as fu
-import helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -35,11 +34,6 @@ def _limit_file_size(limit: int):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     return apply
-
-
-def _run_limited(work: Path, cfg: dict, preexec) -> subprocess.CompletedProcess:
-    return subprocess.run(helpers.snakemake_cmd(work, cfg, "data"), capture_output=True, text=True, timeout=600,
-                          env=fu.env_for(work), cwd=work, preexec_fn=preexec)
 
 
 def _no_partial_chunk(out: Path) -> list[str]:
@@ -69,7 +63,7 @@ def _fill_disk_then_rerun(tmp_path, reference, figures, case: str, limit, lift):
     shutil.rmtree(out / "dataset")
     (out / "shards").mkdir()
     with limit(out / "shards") as preexec:
-        full = _run_limited(work, cfg, preexec)
+        full = fu.run(work, cfg, "data", check=False, preexec_fn=preexec)
         logs = "".join(p.read_text() for p in (out / "logs/features").rglob("*.log"))
         text = full.stdout + full.stderr + logs
         leftovers, broken, partial = fu.temp_leftovers(out), fu.untrusted_finals(out), _no_partial_chunk(out)
