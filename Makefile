@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo     set up .venv and run the embedded demo DAG (snakemake --cores $(CORES) all)"
 	@echo "make test     set up .venv and run the test suite (pytest)"
-	@echo "make lint     snakemake --lint"
+	@echo "make lint     lint-imports (layers), snakemake --lint, snakefmt --check"
 	@echo "make dry-run  show the demo DAG's jobs without running them"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@echo ">> installing pinned packages into $(VENV) (first time: a few minutes, torch is large)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
-	@$(BIN)/python -c 'from pipeline.audio import ffmpeg_exe; print(">> ffmpeg:", ffmpeg_exe())'
+	@$(BIN)/python -c 'from pipeline.common.audio import ffmpeg_exe; print(">> ffmpeg:", ffmpeg_exe())'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -40,12 +40,15 @@ demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --report results/demo/report.html all
 	@echo ">> done: results/demo/eval/results/scores.md (tables), results/demo/report.html (report)"
 
-test: $(STAMP)
+test: lint
 	@echo ">> running the tests: pytest"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
+	@echo ">> checking the layers (lint-imports), the workflow (snakemake --lint) and its format (snakefmt --check)"
+	$(BIN)/lint-imports
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile workflow/
 
 dry-run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --dry-run all

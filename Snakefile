@@ -1,5 +1,7 @@
-# The Dasheng pipeline as one DAG. Stages live in workflow/rules/ (one file each), their
-# logic in the pipeline/ and model/ packages (`python -m ...` entry points).
+# The Dasheng pipeline as one DAG, one rule file per stage (workflow/rules/), each calling the
+# entry points of its own package (pipeline/<stage>/, `python -m pipeline.<stage>.<module>`);
+# the model itself is the library in model/. Helpers of the rule files: workflow/rules/common.smk.
+#   sources (stage 1) -> features (2) -> training (3) -> evaluate (4) -> report
 #   snakemake --cores 2 all                       the embedded demo (config/config.yaml)
 #   snakemake --cores 8 --configfile config/audioset.yaml all
 #   snakemake --profile slurm all                 on a SLURM cluster
@@ -34,9 +36,9 @@ rule data:
 
 
 rule all:
+    default_target: True
     input:
         rules.data.input,
         rules.train.output,
         rules.evaluate.input,
         rules.provenance_table.output,
-    default_target: True

@@ -1,6 +1,6 @@
 """P1: log-mel throughput (seconds of audio per CPU-second), batched path vs a per-clip loop.
 
-Both compute the same features (pipeline.mel.LogMel, top_db per window) on the same 10 s
+Both compute the same features (model.frontend.LogMel, top_db per window) on the same 10 s
 windows, in one process with one torch thread; the figure is their ratio.
 
     python benchmarks/p1_logmel.py [--windows 64] [--batch 16] [--repeats 3]
@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline import mel
+from model.frontend import LogMel
+from pipeline.features import mel
 
 
 def cpu_seconds(fn, repeats: int) -> float:
@@ -35,19 +36,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    params = mel.MelParams()
-    logmel = mel.LogMel(params)
+    windowing = mel.Windowing(window_s=10.0, min_tail_s=1.0)
+    logmel = LogMel().eval()
     rng = np.random.default_rng(0)
-    pieces = [(rng.standard_normal(params.window_samples) * 0.1).astype(np.float32) for _ in range(args.windows)]
-    audio_s = args.windows * params.window_s
+    pieces = [(rng.standard_normal(windowing.window_samples) * 0.1).astype(np.float32) for _ in range(args.windows)]
+    audio_s = args.windows * windowing.window_s
 
     def batched():
         for i in range(0, len(pieces), args.batch):
-            mel.compute(logmel, pieces[i:i + args.batch])
+            mel.compute(logmel, pieces[i:i + args.batch], windowing)
 
     def loop():
-        for piece in pieces:
-            logmel(torch.from_numpy(piece)[None]).numpy()
+        with torch.no_grad():
+            for piece in pieces:
+                logmel(torch.from_numpy(piece)[None]).numpy()
 
     loop()  # warm-up
     t_loop = cpu_seconds(loop, args.repeats)

@@ -3,7 +3,7 @@
 Writes one shard of N 10 s windows (uncompressed mel column, as the pipeline writes it),
 then, warm page cache, best of several runs:
   * raw: read the file's bytes and view the mel payload as a float16 torch tensor;
-  * shard: pipeline.shards.iter_batches → torch.from_numpy per batch (mel + valid_frames).
+  * shard: pipeline.features.shards.iter_batches → torch.from_numpy per batch (mel + valid_frames).
 The figure is throughput(shard) / throughput(raw); goal ≥ 0.8.
 
     python benchmarks/p3_read.py [--rows 1024] [--batch 32]
@@ -12,17 +12,17 @@ The figure is throughput(shard) / throughput(raw); goal ≥ 0.8.
 from __future__ import annotations
 
 import argparse
-import warnings
 import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import shards
+from pipeline.features import shards
 
 
 def main() -> None:

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
+import secrets
+import sys
 import zipfile
 from dataclasses import asdict
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
@@ -30,8 +34,6 @@ from torch import nn
 from model.encoder import SIZES, DashengEncoder, EncoderConfig, size_name
 from model.frontend import MEL_PARAMS
 from model.mae import DecoderConfig, MaskedAutoencoder
-from pipeline import atomic
-from pipeline.provenance import stamp
 
 FORMAT = "dasheng-pipeline/1"
 SUFFIX = ".safetensors"
@@ -173,6 +175,33 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, then rename it to ``path``: a
+    process killed mid-write never leaves a file under the final name."""
+    tmp = str(path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"))
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def library_provenance(config: dict, seed: int | None = None) -> dict:
+    """The stamp a checkpoint gets when its caller gives none: a hash of the model config, the
+    seed and the library's versions (the pipeline passes its own, richer stamp)."""
+    versions = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for name in ("dasheng-pipeline", "torch", "safetensors"):
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {"config_hash": digest[:16], "seed": seed, "versions": versions, "git_sha": None}
+
+
 def save_checkpoint(
     model: DashengEncoder | MaskedAutoencoder,
     path: str | Path,
@@ -181,23 +210,25 @@ def save_checkpoint(
 ) -> Path:
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically; returns ``path``.
 
-    ``provenance``: the ``pipeline.provenance.stamp(...)`` of the run that made the weights;
-    by default a stamp of this model's config with ``seed``.
+    ``provenance``: the stamp of the run that made the weights (the pipeline passes
+    ``pipeline.common.provenance.stamp(...)``); by default :func:`library_provenance`.
     """
     path = Path(path)
     if path.suffix != SUFFIX:
         raise ValueError(f"checkpoint path must end in {SUFFIX}, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     config = model_config(model)
     if provenance is None:
-        provenance = stamp(config, seed)
+        provenance = library_provenance(config, seed)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # One metadata entry: safetensors writes its metadata map in no fixed order, so two entries
     # would make the same weights give different bytes from run to run.
     metadata = {META_KEY: json.dumps({"config": config, "provenance": provenance}, sort_keys=True)}
-    with atomic.atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    atomic.write_json(sidecar_path(path), {"config": config, "provenance": provenance, "weights": path.name, "sha256": sha})
+    sidecar = {"config": config, "provenance": provenance, "weights": path.name, "sha256": sha}
+    text = json.dumps(sidecar, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
+    _write_atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

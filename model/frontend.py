@@ -27,8 +27,8 @@ F_MAX = 8000.0
 TOP_DB = 120.0
 AMIN = 1e-10  # power floor before log10 (torchaudio's default)
 
-# The front end's parameters as the data stage records them in shard metadata: a model only
-# accepts shards computed with exactly these.
+# The front end's parameters, the only copy: the feature stage computes its shards with this
+# module's LogMel and records these in every shard, and training accepts only shards made with them.
 MEL_PARAMS = {
     "sample_rate": SAMPLE_RATE,
     "n_fft": N_FFT,
@@ -39,11 +39,6 @@ MEL_PARAMS = {
     "f_max": F_MAX,
     "top_db": TOP_DB,
 }
-
-
-def num_frames(num_samples: int) -> int:
-    """Frames of a clip of ``num_samples`` samples (centred frames: one per hop, plus one)."""
-    return num_samples // HOP_LENGTH + 1
 
 
 class PerClipDecibels(nn.Module):

@@ -15,7 +15,7 @@ def check_sample_rate(sample_rate: int) -> None:
     if sample_rate != SAMPLE_RATE:
         raise ValueError(
             f"expected audio at {SAMPLE_RATE} Hz, got {sample_rate} Hz: resample it first "
-            "(the project decodes and resamples with ffmpeg, see pipeline.audio)"
+            "(the project decodes and resamples with ffmpeg, see pipeline.common.audio)"
         )
 
 

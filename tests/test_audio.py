@@ -3,8 +3,9 @@ import os
 import numpy as np
 import pytest
 
+from pipeline.common import audio
+
 from helpers import bad_corpus, tone
-from pipeline import audio
 
 
 def test_ffmpeg_is_resolved_without_the_user(monkeypatch):

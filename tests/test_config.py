@@ -1,7 +1,14 @@
+"""The config schema: shipped configs validate, bad keys are named, and the schema is the one
+source of defaults (every dataclass default left in the stage code equals the schema's)."""
+
+import dataclasses
 
 import pytest
 import yaml
 from snakemake.utils import validate
+
+from pipeline.common.audio import ClipRules
+from pipeline.evaluation.probe import ProbeConfig
 
 from helpers import REPO
 
@@ -13,7 +20,7 @@ CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 def test_shipped_configs_are_valid(path):
     config = yaml.safe_load(path.read_text())
     validate(config, SCHEMA, set_default=True)
-    assert config["mel"]["n_mels"] == 64 and config["mel"]["hop_length"] == 160  # defaults filled in
+    assert config["mel"]["window_s"] == 10.0 and config["mel"]["min_tail_s"] == 1.0  # defaults filled in
     for src in config["sources"].values():
         assert "chunk_size" in src
 
@@ -51,3 +58,34 @@ def test_corpus_configs_cover_the_paper_datasets():
 def test_bad_keys_fail_with_a_message_naming_them(config, message):
     with pytest.raises(Exception, match=message):
         validate(config, SCHEMA, set_default=True)
+
+
+# The dataclasses of the stage code that keep defaults (config records), and the schema section
+# holding the same keys.
+SCHEMA_SECTIONS = {ClipRules: ("audio",), ProbeConfig: ("evaluation", "probe")}
+
+
+def _schema_defaults(*section: str) -> dict:
+    node = yaml.safe_load(open(SCHEMA))
+    for key in section:
+        node = node["properties"][key]
+    return {k: v["default"] for k, v in node["properties"].items() if "default" in v}
+
+
+def _dataclass_defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+@pytest.mark.parametrize("cls", list(SCHEMA_SECTIONS), ids=lambda c: c.__name__)
+def test_dataclass_defaults_equal_the_schema(cls):
+    schema = _schema_defaults(*SCHEMA_SECTIONS[cls])
+    ours = _dataclass_defaults(cls)
+    assert ours and set(ours) <= set(schema), f"{cls.__name__} has defaults the schema lacks: {set(ours) - set(schema)}"
+    assert {k: schema[k] for k in ours} == ours
+

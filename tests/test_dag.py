@@ -1,5 +1,5 @@
-"""The DAG as a user meets it: --until per stage, --forcerun of one stage, a change of mel
-parameters invalidating the shards and everything downstream but nothing upstream, and a large
+"""The DAG as a user meets it: --until per stage, --forcerun of one stage, a change of the
+windowing invalidating the shards and everything downstream but nothing upstream, and a large
 list building its DAG with the expected jobs."""
 
 import json
@@ -102,8 +102,9 @@ def test_two_clean_runs_give_the_same_bytes_and_metrics(finished, tmp_path):
     assert "config_hash,seed,git_sha,versions" in (a / "provenance.csv").read_text().splitlines()[0].replace("artifact,", "")
 
 
-def test_changed_mel_parameters_invalidate_shards_and_downstream_only(finished):
-    changed = {**SMALL, "mel": {"f_max": 7600}}
+def test_changed_windowing_invalidates_shards_and_downstream_only(finished):
+    # The front end's own parameters are the model's (not config keys); the windowing is config.
+    changed = {**SMALL, "mel": {"window_s": 5.0}}
     jobs = planned(snakemake(finished, changed, "-n", "all"))
     assert jobs["mel_chunk"] == 3 and jobs["dataset_manifest"] == 1 and jobs["train"] == 1
     assert "demo_chunk" not in jobs and "demo_task" not in jobs
@@ -111,11 +112,9 @@ def test_changed_mel_parameters_invalidate_shards_and_downstream_only(finished):
     before = audio_manifest.stat().st_mtime_ns
     shard = finished / "results/demo/shards/demo/00000/part-000.parquet"
     old = shard.read_bytes()
-    snakemake(finished, changed, "data")  # the data stage alone: the model would refuse f_max 7600
+    snakemake(finished, changed, "data")
     assert audio_manifest.stat().st_mtime_ns == before  # upstream untouched
-    assert shard.read_bytes() != old  # the shards were rebuilt with the new parameters
-    proc = snakemake(finished, changed, "all", check=False)
-    assert proc.returncode != 0 and "differ from the model's front end" in proc.stdout + proc.stderr
+    assert shard.read_bytes() != old  # the shards were rebuilt with the new windowing
 
 
 def test_a_large_list_builds_its_dag_with_one_job_per_chunk(tmp_path):

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from model.frontend import LogMel
+from pipeline.common import audio
+from pipeline.features import shards
 
 from helpers import bad_corpus, read_json, snakemake, tone
 from loopback import File, Status
-from pipeline import audio, mel, shards
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +44,7 @@ def test_demo_source_to_shards(tmp_path):
     fetch = read_json(out / "manifests/demo/00000.json")
     first = fetch["clips"][0]
     samples = audio.decode(tmp_path / first["audio"])
-    direct = mel.LogMel(mel.MelParams())(__import__("torch").from_numpy(samples[:160000])[None])[0].numpy()
+    direct = LogMel()(torch.from_numpy(samples[:160000])[None])[0].numpy()
     batch = next(shards.iter_batches(out / "shards/demo/00000/part-000.parquet", 8,
                                      ("clip_id", "window", "valid_frames", "mel", "labels")))
     assert batch["clip_id"][0] == first["clip_id"] and batch["window"][0] == 0
@@ -142,7 +146,7 @@ def test_hear_fixture_as_a_local_source(tmp_path, hear_task):
     batch = next(shards.iter_batches(out / "shards/digits/00000/part-000.parquet", 1, ("mel", "valid_frames")))
     stored = audio.decode(tmp_path / fetch["clips"][0]["audio"])
     np.testing.assert_allclose(stored, direct, atol=1.5 / 32768)  # the 16-bit FLAC copy
-    ref = mel.LogMel(mel.MelParams())(__import__("torch").from_numpy(stored)[None])
+    ref = LogMel()(torch.from_numpy(stored)[None])
     assert batch["valid_frames"][0] == 101
     np.testing.assert_allclose(batch["mel"][0][:, :101].astype(np.float32), ref[0].numpy(), atol=0.07)
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards
+from pipeline.features import shards
 
 
 def writer(path, rows=5, row_group_size=2):

@@ -15,10 +15,12 @@ import psutil
 import pytest
 import torch
 
+from pipeline.common import atomic
+from pipeline.features import shards
+from pipeline.training import loader, schedule
+from pipeline.training.averaging import average_state_dicts
+
 from helpers import read_json, snakemake
-from model import loader, schedule
-from model.averaging import average_state_dicts
-from pipeline import atomic, shards
 
 DATA_CONFIG = {
     "sources": {
@@ -118,7 +120,7 @@ def demo_shards(tmp_path_factory):
 
 def train(work: Path, name: str, training=None, wait=True, **popen):
     params = {"training": {**TRAINING, **(training or {})}, "seed": 0}
-    cmd = [sys.executable, "-m", "model.train", "--dataset", "results/demo/dataset/manifest.json",
+    cmd = [sys.executable, "-m", "pipeline.training.train", "--dataset", "results/demo/dataset/manifest.json",
            "--params", json.dumps(params), "--state-dir", f"state-{name}", "--out-dir", f"out-{name}"]
     env = {**os.environ, "DASHENG_RAY_TMP": str(Path("/tmp") / f"ray-{os.getpid()}-{name}")}
     log = open(work / f"{name}.log", "ab")
@@ -201,7 +203,7 @@ def _copy_results(demo_shards: Path, tmp_path: Path) -> Path:
 
 
 def test_bad_training_inputs_are_refused_before_training(demo_shards, tmp_path):
-    from model.train import TrainingInputError, select_shards
+    from pipeline.training.train import TrainingInputError, select_shards
 
     root = _copy_results(demo_shards, tmp_path)
     good = _dataset(root)
@@ -227,7 +229,7 @@ def test_the_cli_names_a_damaged_shard_and_exits(demo_shards, tmp_path):
     manifest["shards"][0]["sha256"] = "f" * 64
     atomic.write_json(work / "bad.json", manifest)
     params = {"training": TRAINING, "seed": 0}
-    proc = subprocess.run([sys.executable, "-m", "model.train", "--dataset", "bad.json", "--params", json.dumps(params),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.training.train", "--dataset", "bad.json", "--params", json.dumps(params),
                            "--state-dir", "st", "--out-dir", "out"], cwd=work, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: ") and f"{manifest['shards'][0]['path']}: sha256" in proc.stderr

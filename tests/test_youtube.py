@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.common import audio
+from pipeline.sources import lists, youtube
+
 from helpers import tone
 from loopback import File, Flaky, Reset, Stall, Status
-from pipeline import audio, lists, youtube
 
 pytestmark = pytest.mark.network
 

@@ -5,10 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
-from eval_testutil import write_task
 
-from pipeline import hear_tasks
-from pipeline.hear_tasks import TaskError, folds_for, load_task
+from pipeline.evaluation import hear_tasks
+from pipeline.evaluation.hear_tasks import TaskError, folds_for, load_task
+
+from eval_testutil import write_task
 
 
 def test_reader_on_the_real_spoken_digit_fixture(hear_task):

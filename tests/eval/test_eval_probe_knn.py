@@ -5,15 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_testutil import SR, separable_task, write_task
 
-from model import extract
 from model.checkpoint import save_checkpoint
 from model.embed import embed
 from model.encoder import DashengEncoder
 from model.frontend import LogMel
-from pipeline import hear_tasks, knn, probe
-from pipeline.probe import HParams, ProbeConfig
+from pipeline.evaluation import embeddings as extract
+from pipeline.evaluation import hear_tasks, knn, probe
+from pipeline.evaluation.probe import HParams, ProbeConfig
+
+from eval_testutil import SR, separable_task, write_task
 
 FAST = {"grid_points": 2, "max_epochs": 120, "patience": 10}
 
@@ -123,13 +124,14 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
         extract.build_embedder({"type": "hear_module", "module": "no_such_module"})
 
 
-def test_missing_wav_is_reported_and_skipped(tmp_path, capsys):
+def test_missing_wav_is_reported_and_skipped(tmp_path, caplog):
     task = separable_task(tmp_path / "task")
     gone = sorted((task / "16000" / "train").iterdir())[0]
     gone.unlink()
     meta = extract.run(task, "logmel", {"type": "logmel"}, {}, tmp_path / "emb")
-    out = capsys.readouterr().out
-    assert f"skipped '{gone.name}': missing wav file" in out and "task 'separable', split 'train'" in out
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"skipped '{gone.name}': missing wav file" in warning.message
+    assert "task 'separable', split 'train'" in warning.message
     rejects = json.loads((tmp_path / "emb" / "rejects.json").read_text())["rejects"]
     assert rejects == [{"split": "train", "file": gone.name, "reason": f"missing wav file {str(gone)!r}"}]
     assert meta["rejected"] == 1 and meta["splits"]["train"]["clips"] == 17

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo, demo_tasks, hear_tasks, plots, results
-from pipeline.provenance import stamp
+from pipeline.common.provenance import stamp
+from pipeline.evaluation import demo_tasks, hear_tasks, plots, results
+from pipeline.sources import demo
+from pipeline.training import curve
 
 
 def _result(path, method, model, task, metric, mean, *, domain=None, mode="full", folds=1):
@@ -87,7 +89,7 @@ def test_plots_are_pngs_with_provenance(fake_results, tmp_path):
     metrics_csv = tmp_path / "metrics.csv"
     metrics_csv.write_text("epoch,step,train_loss,val_loss\n" + "".join(
         f"{s // 10},{s},{1.0 / (1 + s):.4f},{'' if s % 10 else f'{1.1 / (1 + s):.4f}'}\n" for s in range(50)))
-    plots.loss_curve(metrics_csv, tmp_path / "l.png", st)
+    curve.loss_curve(metrics_csv, tmp_path / "l.png", st)
     for name in ("d.png", "t.png", "l.png"):
         img = Image.open(tmp_path / name)
         assert img.format == "PNG" and img.size[0] > 300
@@ -95,7 +97,7 @@ def test_plots_are_pngs_with_provenance(fake_results, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="expected columns 'step' or 'epoch' and 'train_loss'"):
-        plots.loss_curve(bad, tmp_path / "x.png", st)
+        curve.loss_curve(bad, tmp_path / "x.png", st)
 
 
 def _tree_hash(root):

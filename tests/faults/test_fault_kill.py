@@ -33,9 +33,9 @@ def test_kill_9_at_random_points_then_rerun(tmp_path, server, reference, seed, f
     out = work / fu.OUT
     rng = random.Random(seed)
     plan = [  # stage, job marker, latest kill after the job is ready (s), ready condition
-        ("fetch", "pipeline.youtube chunk", 2.0, lambda: any((out / "audio/yt").rglob("*.flac"))),
-        ("mel", "pipeline.mel", 1.0, lambda: any(p.is_file() for p in (out / "shards").glob("*/*/*"))),
-        ("train", "model.train", 4.0, lambda: any((out / "training_state").rglob("checkpoint_*/state.json"))),
+        ("fetch", "pipeline.sources.youtube chunk", 2.0, lambda: any((out / "audio/yt").rglob("*.flac"))),
+        ("mel", "pipeline.features.mel", 1.0, lambda: any(p.is_file() for p in (out / "shards").glob("*/*/*"))),
+        ("train", "pipeline.training.train", 4.0, lambda: any((out / "training_state").rglob("checkpoint_*/state.json"))),
     ]
     kills, broken_after_kill = [], []
     try:

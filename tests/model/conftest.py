@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testutil import trained_like
 
 from model.encoder import DashengEncoder
+
+from model_testutil import trained_like
 
 
 @pytest.fixture(autouse=True)

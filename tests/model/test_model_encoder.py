@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testutil import explicit_attention, noise
 
 from model.encoder import MAX_TOKENS, SIZES, DashengEncoder, count_parameters, key_padding_mask
 from model.frontend import LogMel
+
+from model_testutil import explicit_attention, noise
 
 
 def run(encoder, *args, **kwargs):

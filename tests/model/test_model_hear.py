@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testutil import noise
 
 from model import hear
 from model.checkpoint import save_checkpoint
 from model.embed import embed, embed_mel, frame_times_ms
 from model.frontend import LogMel
+
+from model_testutil import noise
 
 
 def test_embed_frames_and_clip_mean(tiny):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testutil import noise
 
 from model.frontend import LogMel
 from model.mae import DECODERS, MaskedAutoencoder, group_masking, masked_mse, patchify
+
+from model_testutil import noise
 
 
 def masking(valid, n, seed=0, ratio=0.75):

@@ -1,27 +1,23 @@
-# Helpers shared by the stage files (paths, chunk lists known at config time, job params).
+# Helpers of the stage files, stage by stage (paths, chunk lists known at config time, job
+# parameters). Everything a helper needs is defined here, above it: no include order to respect
+# (only produced_by_a_rule() looks at the rules defined so far, when it is called).
 import json
-import math
 import os
-from pathlib import Path
 
-from pipeline import lists, local, provenance
+from pipeline.common import provenance
+from pipeline.sources import lists, local
 
-# Jobs run `python -m pipeline...`/`model...` from this checkout, in whatever environment
-# runs them (the project's .venv, or a per-rule conda env with --sdm conda).
+# Jobs run `python -m pipeline...` from this checkout, in whatever environment runs them
+# (the project's .venv, or a per-rule conda env with --sdm conda).
 # (Snakemake formats the prefix too, hence the doubled braces.)
 shell.prefix('export PYTHONPATH="%s${{PYTHONPATH:+:$PYTHONPATH}}"; ' % workflow.basedir)
 
 OUT = config["out_dir"]
 LOGS = f"{OUT}/logs"
-SOURCES = config["sources"]
-
-
-def names_of(kind):
-    return [name for name, src in SOURCES.items() if src["type"] == kind]
 
 
 def constraint(names):
-    """Wildcard regex matching exactly these source names (never matching when empty)."""
+    """Wildcard regex matching exactly these names (never matching when empty)."""
     return "|".join(names) if names else "(?!x)x"
 
 
@@ -40,6 +36,26 @@ def check_inside(key, path):
 check_inside("out_dir", OUT)
 
 
+def as_json(obj):
+    return provenance.canonical_json(obj)
+
+
+def produced_by_a_rule(path):
+    """Whether a rule defined so far writes ``path``."""
+    return any(str(o) == path for r in workflow.rules for o in r.output)
+
+
+# ---- stage 1, audio (sources.smk)
+
+
+SOURCES = config["sources"]
+LOCAL_FILES = {}  # local source name -> files in its tree (a param of its index job)
+
+
+def names_of(kind):
+    return [name for name, src in SOURCES.items() if src["type"] == kind]
+
+
 def _count_chunks(name, src):
     if src["type"] == "demo":
         return lists.n_chunks(src["clips"], src["chunk_size"])
@@ -54,34 +70,59 @@ def _count_chunks(name, src):
         return lists.n_chunks(lists.count_rows(src["list"]), src["chunk_size"])
     check_inside(f"sources.{name}.root", src["root"])
     if src["labels"] == "csv" and not src["labels_csv"]:
-        raise ValueError(f"config key sources.{name}.labels_csv: required when labels is 'csv'")
+        raise ValueError(
+            f"config key sources.{name}.labels_csv: required when labels is 'csv'"
+        )
     if src["labels_csv"]:
         check_inside(f"sources.{name}.labels_csv", src["labels_csv"])
     files, _ = local.list_files(src["root"], src["extensions"])
-    src["_files"] = len(files)  # a change of the tree re-runs the index (it is a param)
+    LOCAL_FILES[name] = len(files)  # a change of the tree re-runs the index
     return lists.n_chunks(len(files), src["chunk_size"])
 
 
-CHUNKS = {name: [f"{i:05d}" for i in range(_count_chunks(name, src))] for name, src in SOURCES.items()}
-
-
-def as_json(obj):
-    return provenance.canonical_json(obj)
+CHUNKS = {
+    name: [f"{i:05d}" for i in range(_count_chunks(name, src))]
+    for name, src in SOURCES.items()
+}
 
 
 def source_params(name, **extra):
     """Params of a source's jobs: its own config, the audio rules, the seed."""
-    src = {k: v for k, v in SOURCES[name].items() if not k.startswith("_")}
     return as_json(
         {
             "source": name,
-            "source_cfg": src,
+            "source_cfg": SOURCES[name],
             "audio": config["audio"],
             "seed": config["seed"],
             "allow_outside_paths": config["allow_outside_paths"],
             **extra,
         }
     )
+
+
+def all_fetch_manifests():
+    return [
+        f"{OUT}/manifests/{name}/{chunk}.json"
+        for name in SOURCES
+        for chunk in CHUNKS[name]
+    ]
+
+
+# ---- stage 2, features (features.smk)
+
+
+def fetch_manifest(wildcards):
+    return f"{OUT}/manifests/{wildcards.source}/{wildcards.chunk}.json"
+
+
+def all_shards(kind):
+    """Every chunk's shard folder (kind "dir") or shard manifest (kind "json")."""
+    suffix = "" if kind == "dir" else f".{kind}"
+    return [
+        f"{OUT}/shards/{name}/{chunk}{suffix}"
+        for name in SOURCES
+        for chunk in CHUNKS[name]
+    ]
 
 
 def features_params():
@@ -96,18 +137,7 @@ def features_params():
     )
 
 
-def fetch_manifest(wildcards):
-    return f"{OUT}/manifests/{wildcards.source}/{wildcards.chunk}.json"
-
-
-def all_fetch_manifests():
-    return [f"{OUT}/manifests/{name}/{chunk}.json" for name in SOURCES for chunk in CHUNKS[name]]
-
-
-def all_shards(kind):
-    """Every chunk's shard folder (kind "dir") or shard manifest (kind "json")."""
-    suffix = "" if kind == "dir" else f".{kind}"
-    return [f"{OUT}/shards/{name}/{chunk}{suffix}" for name in SOURCES for chunk in CHUNKS[name]]
+# ---- stage 3, training (training.smk)
 
 
 def training_params():
@@ -127,17 +157,27 @@ def training_gres():
     return f"gpu:{gpus}" if gpus else ""
 
 
-# -- evaluation (stage 4; the rules are in evaluate.smk, which sets EVAL, EVAL_OUT, EVAL_TASKS) --
+# ---- stage 4, evaluation (evaluate.smk)
+
+EVAL = config["evaluation"]
+EVAL_OUT = f"{OUT}/eval"
+EVAL_LOGS = f"{LOGS}/eval"
+TRAINED_DEFAULT = f"{OUT}/training/encoder.safetensors"
 
 
 def _eval_demo_task_names():
-    from pipeline import demo_tasks as _demo_tasks
+    from pipeline.evaluation import demo_tasks as _demo_tasks
 
     demo = EVAL["demo_tasks"]
     speech = demo["speech"]
     wanted = list(demo["tasks"])
-    extra = [t for t in _demo_tasks.available("true" if speech is True else "false" if speech is False else "auto")
-             if t in _demo_tasks.SPEECH]
+    extra = [
+        t
+        for t in _demo_tasks.available(
+            "true" if speech is True else "false" if speech is False else "auto"
+        )
+        if t in _demo_tasks.SPEECH
+    ]
     return wanted + [t for t in extra if t not in wanted]
 
 
@@ -145,34 +185,50 @@ def _eval_tasks():
     """Task name → {"dir", "demo", "domain", "paper_name"}."""
     tasks = {}
     for name in _eval_demo_task_names():
-        tasks[name] = {"dir": f"{EVAL_OUT}/tasks/{name}", "demo": True, "domain": None, "paper_name": None}
+        tasks[name] = {
+            "dir": f"{EVAL_OUT}/tasks/{name}",
+            "demo": True,
+            "domain": None,
+            "paper_name": None,
+        }
     for name, spec in EVAL["tasks"].items():
         if name in tasks:
-            raise ValueError(f"config key evaluation.tasks.{name}: the name is taken by a demo task; rename it")
+            raise ValueError(
+                f"config key evaluation.tasks.{name}: the name is taken by a demo task; rename it"
+            )
         check_inside(f"evaluation.tasks.{name}.path", spec["path"])
-        tasks[name] = {"dir": spec["path"], "demo": False, "domain": spec["domain"], "paper_name": spec["paper_name"]}
+        tasks[name] = {
+            "dir": spec["path"],
+            "demo": False,
+            "domain": spec["domain"],
+            "paper_name": spec["paper_name"],
+        }
     return tasks
 
 
 def _model_spec(name):
     """The model's config with defaults resolved (paths, the random encoder's size and seed)."""
     spec = {k: v for k, v in config["models"][name].items() if k != "enabled"}
-    if spec.get("path") and (spec["type"] == "checkpoint" or os.path.exists(spec["path"])):
+    if spec.get("path") and (
+        spec["type"] == "checkpoint" or os.path.exists(spec["path"])
+    ):
         check_inside(f"models.{name}.path", spec["path"])
     if spec["type"] == "checkpoint" and not spec.get("path"):
         if name != "trained":
-            raise ValueError(f"config key models.{name}.path: a checkpoint model needs a path")
+            raise ValueError(
+                f"config key models.{name}.path: a checkpoint model needs a path"
+            )
         spec["path"] = TRAINED_DEFAULT
     if spec["type"] == "random":
-        spec["size"] = spec.get("size") or config.get("training", {}).get("size", "base")
+        spec["size"] = spec.get("size") or config.get("training", {}).get(
+            "size", "base"
+        )
         spec["seed"] = config["seed"] if spec.get("seed") is None else spec["seed"]
     if spec["type"] == "hear_module" and not spec.get("module"):
-        raise ValueError(f"config key models.{name}.module: a hear_module model needs a module name")
+        raise ValueError(
+            f"config key models.{name}.module: a hear_module model needs a module name"
+        )
     return spec
-
-
-def _produced_by_a_rule(path):
-    return any(str(o) == path for r in workflow.rules for o in r.output)
 
 
 def eval_models():
@@ -184,7 +240,7 @@ def eval_models():
         enabled = m["enabled"]
         if enabled == "auto":
             path = _model_spec(name).get("path")
-            enabled = not path or os.path.exists(path) or _produced_by_a_rule(path)
+            enabled = not path or os.path.exists(path) or produced_by_a_rule(path)
         if enabled:
             names.append(name)
     return names
@@ -205,12 +261,14 @@ def eval_weights(wildcards):
 
 
 def eval_embed_params(wildcards):
-    return as_json({
-        "seed": config["seed"],
-        "batch_size": EVAL["batch_size"],
-        "frames": EVAL["frames"],
-        "decode_threads": EVAL["decode_threads"],
-    })
+    return as_json(
+        {
+            "seed": config["seed"],
+            "batch_size": EVAL["batch_size"],
+            "frames": EVAL["frames"],
+            "decode_threads": EVAL["decode_threads"],
+        }
+    )
 
 
 def eval_probe_params():
@@ -222,18 +280,28 @@ def eval_knn_params():
 
 
 def eval_results_params(wildcards=None):
-    return as_json({
-        "seed": config["seed"],
-        "models": eval_models(),
-        "tasks": {n: {"domain": t["domain"], "paper_name": t["paper_name"]} for n, t in EVAL_TASKS.items()},
-    })
+    return as_json(
+        {
+            "seed": config["seed"],
+            "models": eval_models(),
+            "tasks": {
+                n: {"domain": t["domain"], "paper_name": t["paper_name"]}
+                for n, t in EVAL_TASKS.items()
+            },
+        }
+    )
 
 
 def eval_result_files(wildcards=None):
     models, tasks = eval_models(), list(EVAL_TASKS)
     files = [f"{EVAL_OUT}/probe/{m}/{t}.json" for m in models for t in tasks]
     if EVAL["knn"]["enabled"]:
-        files += [f"{EVAL_OUT}/knn/{m}/{t}.json" for m in models for t in tasks if t not in EVAL["knn"]["exclude"]]
+        files += [
+            f"{EVAL_OUT}/knn/{m}/{t}.json"
+            for m in models
+            for t in tasks
+            if t not in EVAL["knn"]["exclude"]
+        ]
     return files
 
 
@@ -253,9 +321,16 @@ def evaluation_targets(wildcards=None):
         f"{EVAL_OUT}/plots/tasks.png",
     ]
     metrics_csv = eval_training_metrics()
-    if os.path.exists(metrics_csv) or _produced_by_a_rule(metrics_csv):
+    if os.path.exists(metrics_csv) or produced_by_a_rule(metrics_csv):
         targets.append(f"{EVAL_OUT}/plots/loss_curve.png")
     return targets
+
+
+EVAL_TASKS = _eval_tasks() if EVAL["enabled"] else {}
+EVAL_MODEL_NAMES = constraint(list(config["models"]))
+
+
+# ---- the report (report.smk)
 
 
 def provenance_artifacts():

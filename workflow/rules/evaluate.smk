@@ -1,16 +1,10 @@
-# Stage 4: evaluation. For every (model, task): embeddings (frame + clip, per split), the HEAR
-# MLP probe and k-NN; then the score tables, the comparison with the paper and the plots.
-# Tasks: the demo tasks (synthesised by `demo_task`, in HEAR format) and any HEAR task folder
-# named in config["evaluation"]["tasks"]. Models: config["models"] (trained encoder, random-init
-# encoder, log-mel baseline, official Dasheng checkpoints, HEAR-API modules).
-# Include this file after the stage that exports the trained encoder: a model with
-# `enabled: auto` is evaluated when its weights exist or a rule of the workflow produces them.
-EVAL = config["evaluation"]
-EVAL_OUT = f"{OUT}/eval"
-EVAL_LOGS = f"{LOGS}/eval"
-TRAINED_DEFAULT = f"{OUT}/training/encoder.safetensors"
-EVAL_TASKS = _eval_tasks() if EVAL["enabled"] else {}
-EVAL_MODEL_NAMES = constraint(list(config["models"]))
+# Stage 4, evaluation (package pipeline/evaluation/). For every (model, task): embeddings
+# (frame + clip, per split), the HEAR MLP probe and k-NN; then the score tables, the comparison
+# with the paper and the plots. Tasks: the demo tasks (synthesised by `demo_task`, in HEAR
+# format) and any HEAR task folder named in config["evaluation"]["tasks"]. Models:
+# config["models"] (trained encoder, random-init encoder, log-mel baseline, official Dasheng
+# checkpoints, HEAR-API modules); a model with `enabled: auto` is evaluated when its weights
+# exist or a job of the workflow produces them.
 
 
 rule demo_task:
@@ -20,12 +14,17 @@ rule demo_task:
         f"{EVAL_LOGS}/tasks/{{task}}.log",
     wildcard_constraints:
         task=constraint([n for n, t in EVAL_TASKS.items() if t["demo"]]),
-    params:
-        cfg=as_json({"seed": config["seed"], "demo_tasks": {"scale": EVAL["demo_tasks"]["scale"]}}),
     conda:
         "../../envs/eval.yaml"
+    params:
+        cfg=as_json(
+            {
+                "seed": config["seed"],
+                "demo_tasks": {"scale": EVAL["demo_tasks"]["scale"]},
+            }
+        ),
     shell:
-        "python -m pipeline.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
+        "python -m pipeline.evaluation.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -40,16 +39,16 @@ rule embed:
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
         task=constraint(list(EVAL_TASKS)),
-    params:
-        cfg=eval_embed_params,
-        spec=lambda wc: as_json(_model_spec(wc.model)),
+    conda:
+        "../../envs/eval.yaml"
     threads: EVAL["threads"]
     resources:
         mem_mb=4000,
-    conda:
-        "../../envs/eval.yaml"
+    params:
+        cfg=eval_embed_params,
+        spec=lambda wc: as_json(_model_spec(wc.model)),
     shell:
-        "python -m model.extract --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
+        "python -m pipeline.evaluation.embeddings --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
         "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -64,15 +63,15 @@ rule probe:
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
         task=constraint(list(EVAL_TASKS)),
-    params:
-        cfg=eval_probe_params(),
+    conda:
+        "../../envs/eval.yaml"
     threads: EVAL["threads"]
     resources:
         mem_mb=4000,
-    conda:
-        "../../envs/eval.yaml"
+    params:
+        cfg=eval_probe_params(),
     shell:
-        "python -m pipeline.probe --task {input.task:q} --embeddings {input.embeddings:q} "
+        "python -m pipeline.evaluation.probe --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -87,12 +86,12 @@ rule knn:
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
         task=constraint(list(EVAL_TASKS)),
-    params:
-        cfg=eval_knn_params(),
     conda:
         "../../envs/eval.yaml"
+    params:
+        cfg=eval_knn_params(),
     shell:
-        "python -m pipeline.knn --task {input.task:q} --embeddings {input.embeddings:q} "
+        "python -m pipeline.evaluation.knn --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -101,22 +100,28 @@ rule eval_results:
         results=eval_result_files,
         paper=os.path.join(workflow.basedir, "config", "paper_results.csv"),
     output:
-        scores=report(f"{EVAL_OUT}/results/scores.csv", caption="../report/scores.rst", category="Evaluation"),
+        scores=report(
+            f"{EVAL_OUT}/results/scores.csv",
+            caption="../report/scores.rst",
+            category="Evaluation",
+        ),
         scores_md=f"{EVAL_OUT}/results/scores.md",
         comparison=report(
-            f"{EVAL_OUT}/results/comparison.csv", caption="../report/comparison.rst", category="Evaluation"
+            f"{EVAL_OUT}/results/comparison.csv",
+            caption="../report/comparison.rst",
+            category="Evaluation",
         ),
         comparison_md=f"{EVAL_OUT}/results/comparison.md",
         summary=f"{EVAL_OUT}/results/summary.json",
     log:
         f"{EVAL_LOGS}/results.log",
+    conda:
+        "../../envs/eval.yaml"
     params:
         cfg=eval_results_params,
         out_dir=lambda wildcards, output: os.path.dirname(output.scores),
-    conda:
-        "../../envs/eval.yaml"
     shell:
-        "python -m pipeline.results --inputs {input.results:q} --paper {input.paper:q} "
+        "python -m pipeline.evaluation.results --inputs {input.results:q} --paper {input.paper:q} "
         "--params {params.cfg:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
@@ -124,16 +129,24 @@ rule eval_plots:
     input:
         f"{EVAL_OUT}/results/scores.csv",
     output:
-        domains=report(f"{EVAL_OUT}/plots/domains.png", caption="../report/domains.rst", category="Evaluation"),
-        tasks=report(f"{EVAL_OUT}/plots/tasks.png", caption="../report/tasks.rst", category="Evaluation"),
+        domains=report(
+            f"{EVAL_OUT}/plots/domains.png",
+            caption="../report/domains.rst",
+            category="Evaluation",
+        ),
+        tasks=report(
+            f"{EVAL_OUT}/plots/tasks.png",
+            caption="../report/tasks.rst",
+            category="Evaluation",
+        ),
     log:
         f"{EVAL_LOGS}/plots.log",
-    params:
-        cfg=eval_results_params,
     conda:
         "../../envs/eval.yaml"
+    params:
+        cfg=eval_results_params,
     shell:
-        "python -m pipeline.plots scores --scores {input:q} --domains {output.domains:q} "
+        "python -m pipeline.evaluation.plots scores --scores {input:q} --domains {output.domains:q} "
         "--tasks {output.tasks:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
@@ -141,15 +154,19 @@ rule eval_loss_curve:
     input:
         eval_training_metrics(),
     output:
-        report(f"{EVAL_OUT}/plots/loss_curve.png", caption="../report/loss_curve.rst", category="Training"),
+        report(
+            f"{EVAL_OUT}/plots/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Training",
+        ),
     log:
         f"{EVAL_LOGS}/loss_curve.log",
-    params:
-        cfg=as_json({"seed": config["seed"]}),
     conda:
         "../../envs/eval.yaml"
+    params:
+        cfg=as_json({"seed": config["seed"]}),
     shell:
-        "python -m pipeline.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+        "python -m pipeline.evaluation.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
 rule evaluate:

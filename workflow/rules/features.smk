@@ -1,7 +1,8 @@
-# Stage 2: features. One job per chunk: decode (16 kHz mono), cut into 10 s windows,
-# log-mel, a folder of Parquet shards (parts of at most shards.max_rows windows) + a shard
-# manifest listing them and accounting for every clip. Then one job
-# aggregates the dataset manifest (shards, sha256, per-bin mean/std) and the rejects list.
+# Stage 2, features (package pipeline/features/). One job per chunk: decode (16 kHz mono), cut
+# into 10 s windows, log-mel with the model's own front end (model/frontend.py), a folder of
+# Parquet shards (parts of at most shards.max_rows windows) + a shard manifest listing them and
+# accounting for every clip. Then one job aggregates the dataset manifest (shards, sha256,
+# per-bin mean/std) and the rejects list.
 
 
 rule mel_chunk:
@@ -14,15 +15,15 @@ rule mel_chunk:
         f"{LOGS}/features/{{source}}/{{chunk}}.log",
     wildcard_constraints:
         chunk=r"\d+",
-    params:
-        cfg=features_params(),
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=2000,
-    conda:
-        "../../envs/data.yaml"
+    params:
+        cfg=features_params(),
     shell:
-        "python -m pipeline.mel --manifest {input:q} --shards {output.shards:q} "
+        "python -m pipeline.features.mel --manifest {input:q} --shards {output.shards:q} "
         "--out {output.manifest:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -35,9 +36,9 @@ rule dataset_manifest:
         rejects=f"{OUT}/dataset/rejects.json",
     log:
         f"{LOGS}/features/dataset_manifest.log",
-    params:
-        cfg=features_params(),
     conda:
         "../../envs/data.yaml"
+    params:
+        cfg=features_params(),
     script:
         "../scripts/dataset_manifest.py"

@@ -1,15 +1,19 @@
-# The provenance table of the run (config hash, seed, versions, git SHA of the main artifacts),
-# shown in `snakemake --report`.
+# The provenance table of the run (config hash, seed, versions, git SHA of the main
+# artifacts), shown in `snakemake --report` (pipeline/common/provenance.py).
 
 
 rule provenance_table:
     input:
         provenance_artifacts(),
     output:
-        report(f"{OUT}/provenance.csv", caption="../report/provenance.rst", category="Provenance"),
+        report(
+            f"{OUT}/provenance.csv",
+            caption="../report/provenance.rst",
+            category="Provenance",
+        ),
     log:
         f"{LOGS}/provenance.log",
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m pipeline.provenance --out {output:q} {input:q} > {log:q} 2>&1"
+        "python -m pipeline.common.provenance --out {output:q} {input:q} > {log:q} 2>&1"

@@ -1,6 +1,6 @@
-# Stage 1: audio. Three rule families write one chunk manifest per chunk of clips:
-# demo (synthetic), youtube (segment lists through yt-dlp) and local (folder trees).
-# Audio lands in {OUT}/audio/{source}/{chunk}/, outside the declared outputs, so a rerun
+# Stage 1, audio (package pipeline/sources/). Three families of jobs write one chunk manifest
+# per chunk of clips: demo (synthetic), youtube (segment lists through yt-dlp) and local (folder
+# trees). Audio lands in {OUT}/audio/{source}/{chunk}/, outside the declared outputs, so a rerun
 # reuses what an earlier run fetched.
 
 
@@ -12,13 +12,13 @@ rule demo_chunk:
     wildcard_constraints:
         source=constraint(names_of("demo")),
         chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
     params:
         cfg=lambda wc: source_params(wc.source),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
-    conda:
-        "../../envs/data.yaml"
     shell:
-        "python -m pipeline.demo --chunk {wildcards.chunk} --params {params.cfg:q} "
+        "python -m pipeline.sources.demo --chunk {wildcards.chunk} --params {params.cfg:q} "
         "--out {output:q} --audio-dir {params.audio_dir:q} > {log:q} 2>&1"
 
 
@@ -31,12 +31,12 @@ rule youtube_index:
         f"{LOGS}/sources/{{source}}.index.log",
     wildcard_constraints:
         source=constraint(names_of("youtube")),
-    params:
-        cfg=lambda wc: source_params(wc.source, expected_chunks=len(CHUNKS[wc.source])),
     conda:
         "../../envs/data.yaml"
+    params:
+        cfg=lambda wc: source_params(wc.source, expected_chunks=len(CHUNKS[wc.source])),
     shell:
-        "python -m pipeline.youtube index --list {input:q} --params {params.cfg:q} "
+        "python -m pipeline.sources.youtube index --list {input:q} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -51,15 +51,15 @@ rule youtube_chunk:
     wildcard_constraints:
         source=constraint(names_of("youtube")),
         chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        downloads=1,
     params:
         cfg=lambda wc: source_params(wc.source),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
-    resources:
-        downloads=1,
-    conda:
-        "../../envs/data.yaml"
     shell:
-        "python -m pipeline.youtube chunk --list {input.list:q} --index {input.index:q} "
+        "python -m pipeline.sources.youtube chunk --list {input.list:q} --index {input.index:q} "
         "--chunk {wildcards.chunk} --params {params.cfg:q} --out {output:q} "
         "--audio-dir {params.audio_dir:q} > {log:q} 2>&1"
 
@@ -71,12 +71,12 @@ rule local_index:
         f"{LOGS}/sources/{{source}}.index.log",
     wildcard_constraints:
         source=constraint(names_of("local")),
-    params:
-        cfg=lambda wc: source_params(wc.source, files=SOURCES[wc.source]["_files"]),
     conda:
         "../../envs/data.yaml"
+    params:
+        cfg=lambda wc: source_params(wc.source, files=LOCAL_FILES[wc.source]),
     shell:
-        "python -m pipeline.local index --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+        "python -m pipeline.sources.local index --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule local_chunk:
@@ -89,11 +89,11 @@ rule local_chunk:
     wildcard_constraints:
         source=constraint(names_of("local")),
         chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
     params:
         cfg=lambda wc: source_params(wc.source),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
-    conda:
-        "../../envs/data.yaml"
     shell:
-        "python -m pipeline.local chunk --index {input:q} --chunk {wildcards.chunk} "
+        "python -m pipeline.sources.local chunk --index {input:q} --chunk {wildcards.chunk} "
         "--params {params.cfg:q} --out {output:q} --audio-dir {params.audio_dir:q} > {log:q} 2>&1"

@@ -1,8 +1,9 @@
-# Stage 3: MAE pre-training with Ray Train, from the dataset manifest's shards.
-# Ray's state (checkpoints, metrics, TensorBoard) lives in {OUT}/training_state/, outside the
-# declared outputs (Snakemake deletes those before a job): a rerun after a crash resumes from
-# the last checkpoint. Locally the job starts its own Ray instance; under SLURM the launcher
-# starts a Ray head on the first node and workers on the others (workflow/scripts/ray_slurm.sh).
+# Stage 3, training (package pipeline/training/): MAE pre-training with Ray Train, from the
+# dataset manifest's shards. Ray's state (checkpoints, metrics, TensorBoard) lives in
+# {OUT}/training_state/, outside the declared outputs (Snakemake deletes those before a job): a
+# rerun after a crash resumes from the last checkpoint. Locally the job starts its own Ray
+# instance; under SLURM the launcher starts a Ray head on the first node and workers on the others
+# (workflow/scripts/ray_slurm.sh).
 
 
 rule train:
@@ -18,12 +19,8 @@ rule train:
         curve=f"{OUT}/training/loss_curve.png",
     log:
         f"{LOGS}/training/train.log",
-    params:
-        cfg=training_params(),
-        state=f"{OUT}/training_state",
-        out=lambda wildcards, output: os.path.dirname(output.encoder),
-        # (not workflow.source_path(): that is a fresh cache path on every run, a params change)
-        launcher=os.path.join(workflow.basedir, "workflow", "scripts", "ray_slurm.sh"),
+    conda:
+        "../../envs/train.yaml"
     threads: training_threads()
     resources:
         # Names of snakemake-executor-plugin-slurm: one task per job; the launcher starts
@@ -34,8 +31,12 @@ rule train:
         gres=training_gres(),
         mem_mb=config["training"]["mem_mb"],
         runtime=config["training"]["runtime_min"],
-    conda:
-        "../../envs/train.yaml"
+    params:
+        cfg=training_params(),
+        state=f"{OUT}/training_state",
+        out=lambda wildcards, output: os.path.dirname(output.encoder),
+        # (not workflow.source_path(): that is a fresh cache path on every run, a params change)
+        launcher=os.path.join(workflow.basedir, "workflow", "scripts", "ray_slurm.sh"),
     shell:
-        "bash {params.launcher:q} python -m model.train --dataset {input.dataset:q} "
+        "bash {params.launcher:q} python -m pipeline.training.train --dataset {input.dataset:q} "
         "--params {params.cfg:q} --state-dir {params.state:q} --out-dir {params.out:q} > {log:q} 2>&1"

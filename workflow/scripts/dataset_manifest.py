@@ -2,10 +2,14 @@
 import contextlib
 import json
 
-from pipeline import shards
+from pipeline.common import logs
+from pipeline.features import shards
 
 with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    logs.setup(stream=log)
     shards.build_dataset_manifest(
-        list(snakemake.input.manifests), json.loads(snakemake.params.cfg),
-        snakemake.output.manifest, snakemake.output.rejects,
+        list(snakemake.input.manifests),
+        json.loads(snakemake.params.cfg),
+        snakemake.output.manifest,
+        snakemake.output.rejects,
     )

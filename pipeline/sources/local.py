@@ -1,8 +1,8 @@
 """Local source: a folder tree of audio files in any format ffmpeg decodes
 (e.g. MTG-Jamendo's mp3 folders), with optional labels (from folder names or a CSV).
 
-``python -m pipeline.local index`` lists the tree once (sorted, so chunk ``i`` is always the
-same files); ``python -m pipeline.local chunk`` handles files ``[i*N, (i+1)*N)``: with
+``python -m pipeline.sources.local index`` lists the tree once (sorted, so chunk ``i`` is always the
+same files); ``python -m pipeline.sources.local chunk`` handles files ``[i*N, (i+1)*N)``: with
 ``audio.keep_audio`` each is decoded, checked and stored as 16 kHz mono FLAC; without it only
 cheap checks are made here and the mel step decodes the original file.
 """
@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from pipeline import atomic, audio, manifest, provenance
+from pipeline.common import atomic, audio, logs, manifest, provenance
+
+log = logging.getLogger(__name__)
 
 
 def list_files(root: str | os.PathLike, extensions: list[str]) -> tuple[list[str], list[str]]:
@@ -115,10 +118,10 @@ def run_index(params: dict, out: str) -> None:
     doc = {"root": src["root"], "files": files, "ignored": ignored, "chunk_size": int(src["chunk_size"]),
            "provenance": provenance.stamp(params, params.get("seed"))}
     atomic.write_json(out, doc, indent=None)
-    print(f"{src['root']}: {len(files)} audio files, {len(ignored)} other files ignored "
-          f"(extensions {', '.join(src['extensions'])})", flush=True)
+    log.info(f"{src['root']}: {len(files)} audio files, {len(ignored)} other files ignored "
+          f"(extensions {', '.join(src['extensions'])})")
     for name in ignored[:20]:
-        print(f"  ignored: {printable(name)}", flush=True)
+        log.info(f"  ignored: {printable(name)}")
 
 
 def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: str) -> None:
@@ -143,7 +146,7 @@ def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sources.local", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     idx = sub.add_parser("index", help="list the folder tree once")
     idx.add_argument("--params", required=True, help="JSON: source, source_cfg, seed")
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--out", required=True)
     chk.add_argument("--audio-dir", required=True)
     args = parser.parse_args(argv)
+    logs.setup()
     params = json.loads(args.params)
     if args.command == "index":
         run_index(params, args.out)

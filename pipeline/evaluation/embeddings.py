@@ -1,4 +1,4 @@
-"""Embeddings of every clip of a HEAR task, for one model: ``python -m model.extract``.
+"""Embeddings of every clip of a HEAR task, for one model: ``python -m pipeline.evaluation.embeddings``.
 
 Writes a folder holding, per split, ``<split>.npz`` with
 
@@ -29,6 +29,7 @@ import argparse
 import collections
 import importlib
 import json
+import logging
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +42,10 @@ import torch
 from model.embed import embed, frame_times_ms
 from model.frontend import LogMel
 from model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN
-from pipeline import atomic, audio, hear_tasks, provenance
+from pipeline.common import atomic, audio, logs, provenance
+from pipeline.evaluation import hear_tasks
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("checkpoint", "random", "logmel", "hear_module")
 
@@ -250,18 +254,18 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
     store_frames = params.get("frames", "all") == "all" or task.is_event
     t0 = time.perf_counter()
     embedder = build_embedder(spec, seed)
-    print(f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
+    log.info(f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
           f"({task.embedding_type}, {task.split_mode}, audio {task.sample_rate} Hz → {embedder.sample_rate} Hz)")
     all_rejects: list[hear_tasks.Reject] = []
     counts = {}
     for split in task.splits:
         clips, rejects = task.clips(split)
         for r in rejects:
-            print(f"WARNING: task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
+            log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
         arrays, bad = embed_split(embedder, clips, int(params.get("batch_size", 16)),
                                   int(params.get("decode_threads", 2)), f"{model_name}/{task.name}/{split}")
         for r in bad:
-            print(f"WARNING: task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
+            log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
         rejects += bad
         all_rejects += rejects
         if arrays["files"].size == 0:
@@ -276,7 +280,7 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
                          "frames": int(arrays["frames"].shape[0]) if "frames" in arrays else None}
     elapsed = time.perf_counter() - t0
     n = sum(c["clips"] for c in counts.values())
-    print(f"embedded {n} clips in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} clips/s); "
+    log.info(f"embedded {n} clips in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} clips/s); "
           f"rejected {len(all_rejects)}")
     atomic.write_json(out / "rejects.json", {"rejects": [r.as_dict() for r in all_rejects]})
     meta = {
@@ -298,7 +302,7 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.extract", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.embeddings", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--model", required=True, help="model name (for messages and meta.json)")
     parser.add_argument("--spec", required=True, help="JSON model spec: type, path, size, seed, module")
@@ -306,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    logs.setup()
     try:
         run(args.task, args.model, json.loads(args.spec), json.loads(args.params), args.out, args.threads)
     except (hear_tasks.TaskError, ValueError) as exc:

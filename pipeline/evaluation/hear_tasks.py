@@ -1,11 +1,11 @@
 """Read HEAR task folders (the output of hear-preprocess, or the demo tasks of
-``pipeline.demo_tasks``).
+``pipeline.evaluation.demo_tasks``).
 
 A task folder holds ``task_metadata.json``, ``labelvocabulary.csv`` (``idx,label``), one
 ``<split>.json`` per split (scene: ``{"file.wav": [label, ...]}``; event:
 ``{"file.wav": [{"label": l, "start": ms, "end": ms}, ...]}``; labels JSON strings or numbers)
 and the audio under ``<sample_rate>/<split>/*.wav``. Audio is always read through the project's
-one ffmpeg path (:func:`pipeline.audio.decode`), which resamples it to 16 kHz mono.
+one ffmpeg path (:func:`pipeline.common.audio.decode`), which resamples it to 16 kHz mono.
 
 Bad input raises :class:`TaskError`, whose message names the task, the file and the field.
 A wav file named in a split but missing from disk is not an error: :meth:`Task.clips` reports it
@@ -24,11 +24,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from pipeline import audio
+from pipeline.common import audio
+from pipeline.evaluation.metrics import EVENT_METRICS, SCENE_METRICS
 
 METADATA = "task_metadata.json"
 VOCABULARY = "labelvocabulary.csv"
@@ -37,10 +38,6 @@ EMBEDDING_TYPES = ("scene", "event")
 PREDICTION_TYPES = ("multiclass", "multilabel")
 SPLIT_MODES = ("trainvaltest", "presplit_kfold", "new_split_kfold")
 TRAINVALTEST = ("train", "valid", "test")
-KNOWN_METRICS = (
-    "top1_acc", "pitch_acc", "chroma_acc", "mAP", "d_prime", "aucroc",
-    "event_onset_200ms_fms", "event_onset_50ms_fms", "event_onset_offset_50ms_20perc_fms", "segment_1s_er",
-)
 
 
 class TaskError(ValueError):
@@ -338,9 +335,9 @@ def load_task(root: str | os.PathLike) -> Task:
     evaluation = _require(meta, "evaluation", where, list)
     if not evaluation or not all(isinstance(m, str) for m in evaluation):
         raise TaskError(f"{where(METADATA, 'evaluation')}: expected a non-empty list of metric names, got {evaluation!r}")
-    unknown = [m for m in evaluation if m not in KNOWN_METRICS]
+    unknown = [m for m in evaluation if m not in SCENE_METRICS + EVENT_METRICS]
     if unknown:
-        raise TaskError(f"{where(METADATA, 'evaluation')}: unknown metrics {unknown}; known: {list(KNOWN_METRICS)}")
+        raise TaskError(f"{where(METADATA, 'evaluation')}: unknown metrics {unknown}; known: {list(SCENE_METRICS + EVENT_METRICS)}")
     if meta["embedding_type"] == "event" and not evaluation[0].startswith(("event_", "segment_")):
         raise TaskError(f"{where(METADATA, 'evaluation')}: an event task's primary metric must be an event metric, "
                         f"got {evaluation[0]!r}")
@@ -377,9 +374,3 @@ def load_task(root: str | os.PathLike) -> Task:
 def load_audio(clip: Clip, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
     """A clip's audio, float32 mono at ``sample_rate`` (16 kHz), through ffmpeg."""
     return audio.decode(clip.path, sample_rate=sample_rate)
-
-
-def iter_all_clips(task: Task) -> Iterator[tuple[str, list[Clip], list[Reject]]]:
-    for split in task.splits:
-        clips, rejects = task.clips(split)
-        yield split, clips, rejects

@@ -2,7 +2,7 @@
 
 Held out from the demo pre-training audio: clip ``i`` of task stream ``s`` is drawn from
 ``numpy.random.default_rng([seed, s, i])`` alone, and the pre-training corpus
-(``pipeline.demo``) uses stream ``CORPUS_STREAM = 0``; every task has its own stream >= 1.
+(``pipeline.sources.demo``) uses stream ``CORPUS_STREAM = 0``; every task has its own stream >= 1.
 
 | task | like | classes | clips (scale 1) | split | metrics |
 |---|---|---|---|---|---|
@@ -25,6 +25,7 @@ import argparse
 import functools
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,11 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import atomic, audio, provenance, synth
-from pipeline.demo import CORPUS_STREAM
+from pipeline.common import atomic, audio, logs, provenance
+from pipeline.sources import synth
+from pipeline.sources.demo import CORPUS_STREAM
+
+log = logging.getLogger(__name__)
 
 SR = synth.SR
 VERSION = "demo-1"
@@ -360,7 +364,7 @@ def generate(name: str, out: str | Path, seed: int, scale: float = 1.0, params: 
     if spec.nfolds:
         meta["nfolds"] = spec.nfolds
     atomic.write_json(out / "task_metadata.json", meta)
-    print(f"{name}: {len(plan)} clips of {spec.seconds:g} s, {len(spec.labels)} labels, splits "
+    log.info(f"{name}: {len(plan)} clips of {spec.seconds:g} s, {len(spec.labels)} labels, splits "
           + ", ".join(f"{s} {len(contents[s])}" for s in split_names))
     return meta
 
@@ -370,11 +374,12 @@ def _event_splits(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.demo_tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, choices=sorted(SPECS))
     parser.add_argument("--params", required=True, help="JSON: seed, demo_tasks (scale, speech)")
     parser.add_argument("--out", required=True, help="task folder to write")
     args = parser.parse_args(argv)
+    logs.setup()
     params = json.loads(args.params)
     generate(args.task, args.out, int(params["seed"]), float(params["demo_tasks"]["scale"]), params)
 

@@ -13,14 +13,17 @@ atomically; each carries the provenance stamp of the config that produced it.
 
 from __future__ import annotations
 
-import json
-import re
 import hashlib
+import json
+import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from pipeline import atomic, provenance
+from pipeline.common import atomic, provenance
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "failed", "rejected")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
@@ -88,7 +91,7 @@ def read(path: str | Path) -> dict:
 
 def print_summary(label: str, clips: list[dict]) -> None:
     counts = summary(clips)
-    print(f"{label}: ok {counts['ok']} / failed {counts['failed']} / rejected {counts['rejected']}", flush=True)
+    log.info(f"{label}: ok {counts['ok']} / failed {counts['failed']} / rejected {counts['rejected']}")
     for c in clips:
         if c["status"] != "ok":
-            print(f"  {c['status']:8s} {c['clip_id']}: {c['reason']}", flush=True)
+            log.info(f"  {c['status']:8s} {c['clip_id']}: {c['reason']}")

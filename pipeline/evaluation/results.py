@@ -1,4 +1,4 @@
-"""Score tables of the evaluation, and the comparison with the paper: ``python -m pipeline.results``.
+"""Score tables of the evaluation, and the comparison with the paper: ``python -m pipeline.evaluation.results``.
 
 Reads the probe and k-NN result JSONs (``<method>/<model>/<task>.json``, the file stem is the
 task's name in the config) and writes:
@@ -24,14 +24,17 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline import atomic, provenance
-from pipeline.metrics import LOWER_IS_BETTER
+from pipeline.common import atomic, logs, provenance
+from pipeline.evaluation.metrics import LOWER_IS_BETTER
 
-REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
 PAPER_CSV = REPO / "config" / "paper_results.csv"
 
 # The paper's grouping of the HEAR tasks into domains (Section 3.1.2 and Table 4; Gunshot
@@ -319,17 +322,18 @@ def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: 
                                    for m, per in domain_averages(rows, models).items()},
                "provenance": stamp}
     atomic.write_json(out_dir / "summary.json", summary)
-    print(f"{len(results)} result files, {len(rows)} scores, {len(comp)} comparison rows → {out_dir}")
+    log.info(f"{len(results)} result files, {len(rows)} scores, {len(comp)} comparison rows → {out_dir}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.results", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", required=True, help="probe and k-NN result JSONs")
     parser.add_argument("--params", default="{}", help="JSON: seed, models (order), tasks {name: {domain, paper_name}}")
     parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
+    logs.setup()
     run(args.inputs, args.out_dir, json.loads(args.params), args.paper)
 
 

@@ -13,9 +13,12 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.provenance import canonical_json
-
 TEMP_MARK = ".tmp-"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no insignificant whitespace: the form that gets hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def temp_path_for(path: str | os.PathLike) -> Path:

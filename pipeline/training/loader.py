@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline import shards
+from pipeline.features import shards
 
 
 @dataclass(frozen=True)

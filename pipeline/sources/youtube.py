@@ -1,6 +1,6 @@
 """YouTube source: download one chunk of a segment list with the yt-dlp Python API.
 
-One job per chunk of N list rows (``python -m pipeline.youtube chunk ...``). For every row:
+One job per chunk of N list rows (``python -m pipeline.sources.youtube chunk ...``). For every row:
 
 * invalid rows (bad ID or times, duplicates) are ``rejected`` with the reason;
 * a clip already on disk from an earlier run is reused (``note: cached``) — never downloaded twice;
@@ -13,7 +13,7 @@ One job per chunk of N list rows (``python -m pipeline.youtube chunk ...``). For
 * with ``audio.keep_audio`` the audio is converted to 16 kHz mono FLAC, otherwise the download
   is kept as it came and the mel step decodes the segment from it.
 
-The index job (``python -m pipeline.youtube index ...``) scans the list once for chunk byte
+The index job (``python -m pipeline.sources.youtube index ...``) scans the list once for chunk byte
 offsets and duplicates, so that each chunk job reads only its own rows.
 """
 
@@ -23,6 +23,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -33,7 +34,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import atomic, audio, lists, manifest, provenance
+from pipeline.common import atomic, audio, logs, manifest, provenance
+from pipeline.sources import lists
+
+log = logging.getLogger(__name__)
 
 # A download may be this much shorter than its segment (codec frame boundaries).
 INCOMPLETE_TOLERANCE_S = 0.5
@@ -163,7 +167,7 @@ def _context():
     """Attempts start from a fork server (a clean single-threaded process with yt-dlp already
     imported): safe while several download threads run, and cheap."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.youtube", "yt_dlp"])
+    ctx.set_forkserver_preload(["pipeline.sources.youtube", "yt_dlp"])
     return ctx
 
 
@@ -294,8 +298,8 @@ def run_index(list_path: str, params: dict, out: str) -> None:
     index["list"] = list_path
     index["provenance"] = provenance.stamp(params, params.get("seed"))
     atomic.write_json(out, index, indent=None)
-    print(f"{list_path}: {index['rows']} rows, {len(index['offsets'])} chunks, "
-          f"{len(index['duplicates'])} duplicate rows", flush=True)
+    log.info(f"{list_path}: {index['rows']} rows, {len(index['offsets'])} chunks, "
+          f"{len(index['duplicates'])} duplicate rows")
 
 
 def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: str, audio_dir: str) -> None:
@@ -327,7 +331,7 @@ def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.youtube", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.sources.youtube", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     idx = sub.add_parser("index", help="scan a segment list once: chunk offsets and duplicates")
     idx.add_argument("--list", required=True)
@@ -341,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     chk.add_argument("--out", required=True, help="chunk manifest (JSON)")
     chk.add_argument("--audio-dir", required=True)
     args = parser.parse_args(argv)
+    logs.setup()
     params = json.loads(args.params)
     if args.command == "index":
         run_index(args.list, params, args.out)

@@ -20,7 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.common import atomic, logs
+from pipeline.common.atomic import canonical_json
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Packages whose versions can change an artifact's bytes or numbers.
 TRACKED_PACKAGES = (
@@ -36,11 +39,6 @@ TRACKED_PACKAGES = (
     "ray",
     "bitsandbytes",
 )
-
-
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no insignificant whitespace: the form that gets hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def config_hash(section: Any) -> str:
@@ -110,13 +108,12 @@ def table(paths: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.provenance",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.common.provenance",
                                      description="collect the provenance stamps of JSON artifacts into a CSV")
     parser.add_argument("--out", required=True)
     parser.add_argument("artifacts", nargs="+", help="JSON files with a 'provenance' key")
     args = parser.parse_args(argv)
-    from pipeline import atomic  # (atomic imports this module)
-
+    logs.setup()
     with atomic.atomic_open(args.out, "w", encoding="utf-8") as fh:
         fh.write(table(args.artifacts))
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import atomic, manifest, provenance
+from pipeline.common import atomic, logs, manifest, provenance
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_KEY = b"dasheng"
@@ -311,8 +313,8 @@ def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, r
            "stats": combine_stats(stats, n_mels), "provenance": stamp}
     atomic.write_json(out, doc)
     atomic.write_json(rejects_out, {"rejects": rejects, "count": len(rejects), "provenance": stamp})
-    print(f"dataset: {len(shards)} shards, {totals['windows']} windows ({totals['hours']:.3f} h of audio), "
-          f"clips ok {totals['ok']} / failed {totals['failed']} / rejected {totals['rejected']}", flush=True)
+    log.info(f"dataset: {len(shards)} shards, {totals['windows']} windows ({totals['hours']:.3f} h of audio), "
+          f"clips ok {totals['ok']} / failed {totals['failed']} / rejected {totals['rejected']}")
     return doc
 
 
@@ -328,22 +330,19 @@ def load_dataset_manifest(path: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.shards", description="shard utilities")
-    sub = parser.add_subparsers(dest="command", required=True)
-    man = sub.add_parser("manifest", help="aggregate shard manifests into the dataset manifest")
-    man.add_argument("--params", required=True)
-    man.add_argument("--out", required=True)
-    man.add_argument("--rejects", required=True)
-    man.add_argument("shard_manifests", nargs="+")
-    ver = sub.add_parser("verify", help="check every shard of a dataset manifest against its sha256")
-    ver.add_argument("manifest")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.features.shards",
+        description="check every shard of a dataset manifest against its sha256 (a damaged one is moved "
+                    "to .damaged/ and named; rerun snakemake to rebuild it)")
+    parser.add_argument("manifest", help="dataset manifest (JSON) written by the dataset_manifest rule")
     args = parser.parse_args(argv)
-    if args.command == "manifest":
-        build_dataset_manifest(args.shard_manifests, json.loads(args.params), args.out, args.rejects)
-    else:
+    logs.setup()
+    try:
         doc = load_dataset_manifest(args.manifest)
         verify_all(doc["shards"])
-        print(f"{len(doc['shards'])} shards verified", file=sys.stderr)
+    except ShardError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    log.info(f"{len(doc['shards'])} shards verified")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Dasheng MAE pre-training with Ray Train (``TorchTrainer``, DDP), from the log-mel shards.
 
-``python -m model.train`` is the training rule's entry point. The driver:
+``python -m pipeline.training.train`` is the training rule's entry point. The driver:
 
 1. checks its inputs before anything starts — a non-empty shard list, mel parameters equal to
    the model's front end, every shard's sha256 against the dataset manifest — and names the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import shutil
 import sys
@@ -33,13 +34,16 @@ from pathlib import Path
 
 import torch
 
-from model import loader, schedule
-from model.averaging import average_state_dicts, encoder_state
 from model.checkpoint import save_checkpoint
 from model.encoder import DashengEncoder, encoder_config
 from model.frontend import MEL_PARAMS
 from model.mae import DEFAULT_DECODER, MaskedAutoencoder
-from pipeline import atomic, provenance, shards
+from pipeline.common import atomic, logs, provenance
+from pipeline.features import shards
+from pipeline.training import loader, schedule
+from pipeline.training.averaging import average_state_dicts, encoder_state
+
+log = logging.getLogger(__name__)
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss"]
 THROUGHPUT_FIELDS = ["epoch", "seconds", "samples_per_s", "tokens_per_s", "loader_wait_fraction"]
@@ -328,9 +332,9 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
     out.mkdir(parents=True, exist_ok=True)
     worker_cfg = {**cfg, "train_shards": train, "valid_shards": valid, "state_dir": str(state),
                   "threads_per_worker": cfg["cpus_per_worker"], "mel_stats": dataset["stats"]}
-    print(f"training {cfg['size']} MAE: {len(train)} train / {len(valid)} validation shards, "
+    log.info(f"training {cfg['size']} MAE: {len(train)} train / {len(valid)} validation shards, "
           f"{cfg['epochs']} epochs x {cfg['batches_per_epoch']} batches of {cfg['global_batch']}, "
-          f"{cfg['workers']} workers ({'GPU' if cfg['use_gpu'] else 'CPU'}), state in {state}", flush=True)
+          f"{cfg['workers']} workers ({'GPU' if cfg['use_gpu'] else 'CPU'}), state in {state}")
 
     _start_ray(address, cfg, state)
     progress = _Progress(state / "progress.json", cfg["epochs"] * cfg["batches_per_epoch"])
@@ -368,11 +372,11 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
                "epochs": cfg["epochs"], "final_val_loss": _last_val_loss(out / "metrics.csv"),
                "provenance": stamp}
     atomic.write_json(out / "summary.json", summary)
-    from pipeline import plots  # matplotlib: only the driver needs it
+    from pipeline.training.curve import loss_curve  # matplotlib: only the driver needs it
 
-    plots.loss_curve(out / "metrics.csv", out / "loss_curve.png", stamp)
-    print(f"exported {path} (mean of {len(best)} best checkpoints, val loss "
-          f"{', '.join(f'{v:.4f}' for _, v, _ in best)})", flush=True)
+    loss_curve(out / "metrics.csv", out / "loss_curve.png", stamp)
+    log.info(f"exported {path} (mean of {len(best)} best checkpoints, val loss "
+          f"{', '.join(f'{v:.4f}' for _, v, _ in best)})")
     return summary
 
 
@@ -383,13 +387,14 @@ def _last_val_loss(metrics_csv: Path) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="dataset manifest (JSON) from the data stage")
     parser.add_argument("--params", required=True, help="JSON: training section and seed")
     parser.add_argument("--state-dir", required=True, help="Ray storage: checkpoints survive reruns here")
     parser.add_argument("--out-dir", required=True, help="exported encoder, metrics, plot, summary")
     parser.add_argument("--address", default=None, help="join a running Ray cluster (e.g. head:6379)")
     args = parser.parse_args(argv)
+    logs.setup()
     try:
         run(json.loads(args.params), args.dataset, args.state_dir, args.out_dir, args.address)
     except (TrainingInputError, shards.ShardError) as exc:

@@ -1,4 +1,4 @@
-"""HEAR's downstream MLP probe on frozen embeddings: ``python -m pipeline.probe``.
+"""HEAR's downstream MLP probe on frozen embeddings: ``python -m pipeline.evaluation.probe``.
 
 The protocol (``shared/design/hear-facts.md``):
 
@@ -28,6 +28,7 @@ import argparse
 import copy
 import itertools
 import json
+import logging
 import math
 import random
 import sys
@@ -39,8 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.extract import load_meta, load_split
-from pipeline import atomic, hear_tasks, metrics, provenance
+from pipeline.common import atomic, logs, provenance
+from pipeline.evaluation import hear_tasks, metrics
+from pipeline.evaluation.embeddings import load_meta, load_split
+
+log = logging.getLogger(__name__)
 
 HEAR_GRID = {
     "hidden_layers": [1, 2],
@@ -323,12 +327,12 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
         result = train(tr, va, hp, cfg, scorer, seed, check_every)
         search.append({**asdict(hp), "val_score": result.val_score, "epochs": result.epochs,
                        "best_epoch": result.best_epoch, "min_duration_ms": result.min_duration_ms})
-        print(f"  {hp}: validation {task.primary_metric} = {result.val_score:.4f} "
+        log.info(f"  {hp}: validation {task.primary_metric} = {result.val_score:.4f} "
               f"(best epoch {result.best_epoch} of {result.epochs})")
         if best is None or metrics.is_better(task.primary_metric, result.val_score, best.val_score):
             best = result
     assert best is not None
-    print(f"best grid point: {best.hp} (validation {task.primary_metric} {best.val_score:.4f})")
+    log.info(f"best grid point: {best.hp} (validation {task.primary_metric} {best.val_score:.4f})")
     fold_results = []
     for fold in tqdm(folds, desc=f"probe {meta['model']}/{task.name} splits", unit="split", file=sys.stdout):
         if fold.index == 0:
@@ -345,11 +349,11 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
             "epochs": trained.epochs, "best_epoch": trained.best_epoch,
             "min_duration_ms": trained.min_duration_ms, "scores": scores,
         })
-        print(f"  split {fold.index} (test {', '.join(fold.test)}): "
+        log.info(f"  split {fold.index} (test {', '.join(fold.test)}): "
               + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()))
     elapsed = time.perf_counter() - t0
     summary = {m: _mean_std([f["scores"][m] for f in fold_results]) for m in task.evaluation}
-    print(f"probe done in {elapsed:.1f} s: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}"
+    log.info(f"probe done in {elapsed:.1f} s: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}"
                                                            for m, v in summary.items() if v["mean"] is not None))
     return {
         "method": "probe",
@@ -372,13 +376,14 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="HEAR task folder (labels)")
-    parser.add_argument("--embeddings", required=True, help="folder written by python -m model.extract")
+    parser.add_argument("--embeddings", required=True, help="folder written by python -m pipeline.evaluation.embeddings")
     parser.add_argument("--params", default="{}", help="JSON: seed, probe (ProbeConfig keys)")
     parser.add_argument("--out", required=True, help="result JSON")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    logs.setup()
     params = json.loads(args.params)
     try:
         result = run(args.task, args.embeddings, ProbeConfig.from_dict(params.get("probe")), int(params.get("seed", 0)),

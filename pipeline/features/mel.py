@@ -1,9 +1,9 @@
 """Log-mel features: 16 kHz audio → 10 s windows → dB log-mel → Parquet shards, per chunk.
 
-The front end is Dasheng's (see ``../shared/design/dasheng-facts.md``): torchaudio
-``MelSpectrogram`` (n_fft 512, hop 160, 64 mels, 0-8 kHz, centred, power 2), then dB
-(10·log10, amin 1e-10) clamped at ``top_db`` below the maximum of EACH window — never of the
-batch, so a window's features do not depend on its batch mates.
+The front end is the model's own, :class:`model.frontend.LogMel` (Dasheng's: torchaudio
+``MelSpectrogram``, n_fft 512, hop 160, 64 mels, 0-8 kHz, centred, power 2, then dB clamped at
+120 dB below the maximum of EACH window — never of the batch, so a window's features do not depend
+on its batch mates). There is no second copy of its parameters: shards record ``MEL_PARAMS``.
 
 A clip is cut into consecutive windows of ``window_s`` (10 s = 160 000 samples → 1001 frames).
 Each window is computed on its own samples, exactly as the model's front end sees a 10 s input.
@@ -12,7 +12,7 @@ samples only, then padded to 1001 frames with the window's minimum value; ``vali
 ``samples // hop + 1``. A tail shorter than ``min_tail_s`` is dropped (a clip's first window
 is always kept).
 
-``python -m pipeline.mel`` turns one chunk manifest into a folder of shards (parts of at most
+``python -m pipeline.features.mel`` turns one chunk manifest into a folder of shards (parts of at most
 ``shards.max_rows`` windows, in clip order) plus a shard manifest that lists them and accounts for
 every clip of the chunk (ok, failed or rejected, and at which stage).
 """
@@ -24,73 +24,46 @@ import concurrent.futures as cf
 import errno
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchaudio
 
-from model.frontend import PerClipDecibels
-from pipeline import audio, manifest, provenance, shards
+from model.frontend import HOP_LENGTH, MEL_PARAMS, N_MELS, SAMPLE_RATE, LogMel
+from pipeline.common import audio, logs, manifest, provenance
+from pipeline.features import shards
 
 
 @dataclass(frozen=True)
-class MelParams:
-    sample_rate: int = 16000
-    n_fft: int = 512
-    win_length: int = 512
-    hop_length: int = 160
-    n_mels: int = 64
-    f_min: float = 0.0
-    f_max: float = 8000.0
-    top_db: float = 120.0
-    window_s: float = 10.0
+class Windowing:
+    """How clips are cut into model inputs (config section ``mel``): windows of ``window_s``
+    (10 s = 160 000 samples → 1001 frames); a clip's last partial window is kept when it is at
+    least ``min_tail_s`` long (a clip's first window always is)."""
+
+    window_s: float
+    min_tail_s: float
 
     @classmethod
-    def from_config(cls, mel_cfg: dict) -> "MelParams":
-        return cls(**{k: type(getattr(cls, k))(mel_cfg[k]) for k in cls.__dataclass_fields__})
+    def from_config(cls, mel_cfg: dict) -> "Windowing":
+        return cls(window_s=float(mel_cfg["window_s"]), min_tail_s=float(mel_cfg["min_tail_s"]))
 
     @property
     def window_samples(self) -> int:
-        return int(round(self.window_s * self.sample_rate))
+        return int(round(self.window_s * SAMPLE_RATE))
 
     @property
     def window_frames(self) -> int:
-        return self.window_samples // self.hop_length + 1
+        return self.window_samples // HOP_LENGTH + 1
 
-    def frames_for(self, n_samples: int) -> int:
-        return n_samples // self.hop_length + 1
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def shard_params(self) -> dict:
+        """The mel parameters a shard records: the model's front end plus the window length."""
+        return {**MEL_PARAMS, "window_s": self.window_s}
 
 
-class LogMel(torch.nn.Sequential):
-    """(B, samples) float32 waveform → (B, n_mels, frames) dB log-mel, top_db per item.
-
-    The model's own front end (``model.frontend``) with configurable parameters: the same
-    torchaudio transform followed by the same per-clip decibel step."""
-
-    def __init__(self, params: MelParams):
-        super().__init__(
-            torchaudio.transforms.MelSpectrogram(
-                sample_rate=params.sample_rate, n_fft=params.n_fft, win_length=params.win_length,
-                hop_length=params.hop_length, n_mels=params.n_mels, f_min=params.f_min, f_max=params.f_max,
-                center=True,
-            ),
-            PerClipDecibels(params.top_db),
-        )
-        self.params = params
-
-    @torch.no_grad()
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        return super().forward(wave)
-
-
-def split_windows(samples: np.ndarray, params: MelParams, min_tail_s: float) -> list[tuple[int, np.ndarray]]:
+def split_windows(samples: np.ndarray, windowing: Windowing) -> list[tuple[int, np.ndarray]]:
     """Consecutive windows of a clip as (start sample, samples); a short tail is dropped."""
-    size = params.window_samples
-    min_tail = int(round(min_tail_s * params.sample_rate))
+    size = windowing.window_samples
+    min_tail = int(round(windowing.min_tail_s * SAMPLE_RATE))
     out = []
     for start in range(0, samples.size, size):
         piece = samples[start:start + size]
@@ -100,23 +73,23 @@ def split_windows(samples: np.ndarray, params: MelParams, min_tail_s: float) -> 
     return out
 
 
-def compute(logmel: LogMel, pieces: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-    """Log-mel of windows as ((n_mels, window_frames) float32, valid frames): full windows in
+@torch.no_grad()
+def compute(logmel: LogMel, pieces: list[np.ndarray], windowing: Windowing) -> list[tuple[np.ndarray, int]]:
+    """Log-mel of windows as ((64, window_frames) float32, valid frames): full windows in
     one batch, partial ones one by one (so padding never touches their real frames)."""
-    params = logmel.params
     out: list[tuple[np.ndarray, int] | None] = [None] * len(pieces)
-    full = [i for i, p in enumerate(pieces) if p.size == params.window_samples]
+    full = [i for i, p in enumerate(pieces) if p.size == windowing.window_samples]
     if full:
         batch = torch.from_numpy(np.stack([pieces[i] for i in full]))
         mels = np.ascontiguousarray(logmel(batch).numpy())  # torchaudio returns a transposed view
         for j, i in enumerate(full):
-            out[i] = (mels[j], params.window_frames)
+            out[i] = (mels[j], windowing.window_frames)
     for i, piece in enumerate(pieces):
         if out[i] is not None:
             continue
         mel = np.ascontiguousarray(logmel(torch.from_numpy(piece)[None])[0].numpy())
         valid = mel.shape[1]
-        padded = np.full((params.n_mels, params.window_frames), mel.min(), dtype=np.float32)
+        padded = np.full((N_MELS, windowing.window_frames), mel.min(), dtype=np.float32)
         padded[:, :valid] = mel
         out[i] = (padded, valid)
     return out
@@ -125,16 +98,15 @@ def compute(logmel: LogMel, pieces: list[np.ndarray]) -> list[tuple[np.ndarray, 
 class ShardBuilder:
     """Accumulates a chunk's windows, computes log-mel in batches and writes the shard."""
 
-    def __init__(self, writer: shards.PartWriter, logmel: LogMel, source: str, batch_size: int):
-        self.writer, self.logmel, self.source, self.batch_size = writer, logmel, source, batch_size
+    def __init__(self, writer: shards.PartWriter, windowing: Windowing, source: str, batch_size: int):
+        self.writer, self.windowing, self.source, self.batch_size = writer, windowing, source, batch_size
+        self.logmel = LogMel().eval()
         self.pending: list[tuple[str, int, float, list[str], np.ndarray]] = []
-        n_mels = logmel.params.n_mels
-        self.stats = {"frames": 0, "sum": np.zeros(n_mels), "sumsq": np.zeros(n_mels)}
+        self.stats = {"frames": 0, "sum": np.zeros(N_MELS), "sumsq": np.zeros(N_MELS)}
 
     def add_clip(self, clip_id: str, labels: list[str], windows: list[tuple[int, np.ndarray]]) -> None:
-        sr = self.logmel.params.sample_rate
         for index, (start, piece) in enumerate(windows):
-            self.pending.append((clip_id, index, start / sr, labels, piece))
+            self.pending.append((clip_id, index, start / SAMPLE_RATE, labels, piece))
         # Count every pending window, full or partial: counting only full ones let a chunk of
         # short clips (no full window) pile up in memory until the end of the chunk.
         if len(self.pending) >= self.batch_size:
@@ -143,7 +115,7 @@ class ShardBuilder:
     def flush(self) -> None:
         if not self.pending:
             return
-        results = compute(self.logmel, [p[4] for p in self.pending])
+        results = compute(self.logmel, [p[4] for p in self.pending], self.windowing)
         for (clip_id, index, start_s, labels, _), (mel, valid) in zip(self.pending, results):
             half = mel.astype(np.float16)
             real = half[:, :valid].astype(np.float64)
@@ -159,11 +131,10 @@ class ShardBuilder:
                 "sumsq": [float(v) for v in self.stats["sumsq"]]}
 
 
-def _read_clip(row: dict, rules: audio.ClipRules, params: MelParams) -> tuple[list[np.ndarray], str, str]:
+def _read_clip(row: dict, rules: audio.ClipRules, windowing: Windowing) -> tuple[list[np.ndarray], str, str]:
     """Decode one clip into window-sized blocks (runs in a prefetch thread)."""
-    reader = audio.ClipReader(row["audio"], rules, params.window_samples,
-                              start_s=row.get("audio_offset_s") or None, duration_s=row.get("audio_duration_s"),
-                              sample_rate=params.sample_rate)
+    reader = audio.ClipReader(row["audio"], rules, windowing.window_samples,
+                              start_s=row.get("audio_offset_s") or None, duration_s=row.get("audio_duration_s"))
     blocks = list(reader)
     return blocks, reader.reason, reader.note
 
@@ -171,15 +142,14 @@ def _read_clip(row: dict, rules: audio.ClipRules, params: MelParams) -> tuple[li
 def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, threads: int = 1) -> dict:
     torch.set_num_threads(max(1, threads))
     fetch = manifest.read(manifest_path)
-    mel_params = MelParams.from_config(params["mel"])
+    windowing = Windowing.from_config(params["mel"])
     rules = audio.ClipRules.from_config(params["audio"])
-    min_tail_s = float(params["mel"]["min_tail_s"])
     stamp = provenance.stamp(params, params.get("seed"), audio.versions())
-    meta = {"format_version": shards.FORMAT_VERSION, "mel": mel_params.as_dict(), "provenance": stamp}
-    writer = shards.PartWriter(shard_dir, mel_params.n_mels, mel_params.window_frames, meta,
+    meta = {"format_version": shards.FORMAT_VERSION, "mel": windowing.shard_params(), "provenance": stamp}
+    writer = shards.PartWriter(shard_dir, N_MELS, windowing.window_frames, meta,
                                int(params["shards"]["row_group_size"]), params["shards"]["compression"],
                                int(params["shards"]["max_rows"]))
-    builder = ShardBuilder(writer, LogMel(mel_params), fetch["source"], int(params["mel"]["batch_size"]))
+    builder = ShardBuilder(writer, windowing, fetch["source"], int(params["mel"]["batch_size"]))
     clips: list[dict] = []
     ok_rows = [c for c in fetch["clips"] if c["status"] == "ok"]
     try:
@@ -194,7 +164,7 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
             for row in fetch["clips"]:
                 while len(futures) < ahead and ok_index < len(ok_rows):
                     nxt = ok_rows[ok_index]
-                    futures[id(nxt)] = pool.submit(_read_clip, nxt, rules, mel_params)
+                    futures[id(nxt)] = pool.submit(_read_clip, nxt, rules, windowing)
                     ok_index += 1
                 progress.update(1)
                 if row["status"] != "ok":
@@ -205,10 +175,10 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
                     clips.append(manifest.clip(row["clip_id"], "rejected", reason, stage="mel"))
                     continue
                 samples = np.concatenate(blocks)
-                windows = split_windows(samples, mel_params, min_tail_s)
+                windows = split_windows(samples, windowing)
                 builder.add_clip(row["clip_id"], row.get("labels") or [], windows)
                 clips.append(manifest.clip(row["clip_id"], "ok", stage="mel", windows=len(windows),
-                                           duration_s=round(samples.size / mel_params.sample_rate, 6),
+                                           duration_s=round(samples.size / SAMPLE_RATE, 6),
                                            **({"note": note} if note else {})))
             progress.close()
         builder.flush()
@@ -218,7 +188,7 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
         raise
     rows = sum(part["rows"] for part in parts)
     doc = manifest.write(out, stage="mel", source=fetch["source"], chunk=fetch["chunk"], clips=clips,
-                         provenance=stamp, shards=parts, rows=rows, mel=mel_params.as_dict(),
+                         provenance=stamp, shards=parts, rows=rows, mel=windowing.shard_params(),
                          stats=builder.stats_json())
     manifest.print_summary(f"mel {fetch['source']} chunk {fetch['chunk']} ({rows} windows in {len(parts)} "
                            f"shard(s))", clips)
@@ -234,13 +204,14 @@ _STORAGE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.mel", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.features.mel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="chunk manifest from the fetch/ingest step")
     parser.add_argument("--shards", required=True, help="folder for the chunk's Parquet shards")
     parser.add_argument("--out", required=True, help="shard manifest (JSON) to write")
     parser.add_argument("--params", required=True, help="JSON: mel, audio, shards, seed")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    logs.setup()
     try:
         run_chunk(args.manifest, args.shards, args.out, json.loads(args.params), args.threads)
     except OSError as exc:

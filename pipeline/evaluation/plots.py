@@ -1,11 +1,11 @@
-"""Figures of the evaluation: ``python -m pipeline.plots``.
+"""Figures of the evaluation: ``python -m pipeline.evaluation.plots``.
 
 - ``domains``: grouped bars of the primary probe score per domain (Env / Speech / Music / Other and
   their average), one bar per model, as the paper's Table 4;
 - ``tasks``: a radar of the primary probe score of every task, one polygon per model, like the
   paper's Figure 1 (bars when there are fewer than 3 tasks);
-- ``loss``: the training loss curve from a CSV with columns ``step`` or ``epoch``, ``train_loss`` and
-  (optionally, may be empty on some rows) ``val_loss``.
+- ``loss``: the training loss curve (:func:`pipeline.training.curve.loss_curve`) of the run, or of
+  the CSV ``evaluation.training_metrics`` names.
 
 PNG files, written atomically, with the provenance stamp in the PNG's ``Description`` text chunk.
 Rendering uses matplotlib's Agg backend (no display needed).
@@ -15,27 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
-import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from pipeline.common import logs, provenance
+from pipeline.common.figures import plt, save_png
+from pipeline.evaluation.metrics import LOWER_IS_BETTER
+from pipeline.evaluation.results import DOMAIN_TITLES, DOMAINS, domain_averages
+from pipeline.training import curve
 
-from pipeline import atomic, provenance  # noqa: E402
-from pipeline.metrics import LOWER_IS_BETTER  # noqa: E402
-from pipeline.results import DOMAIN_TITLES, DOMAINS, domain_averages  # noqa: E402
-
-
-def _save(fig, path: str | Path, stamp: dict) -> None:
-    path = Path(path)
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight",
-                    metadata={"Description": json.dumps({"provenance": stamp}, sort_keys=True), "Software": None})
-    plt.close(fig)
+log = logging.getLogger(__name__)
 
 
 def _read_scores(path: str | Path) -> list[dict]:
@@ -71,7 +63,7 @@ def domain_bars(rows: list[dict], models: list[str], path: str | Path, stamp: di
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title("HEAR probe: mean primary score per domain")
         ax.grid(axis="y", alpha=0.3)
-    _save(fig, path, stamp)
+    save_png(fig, path, stamp)
 
 
 def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dict) -> None:
@@ -109,33 +101,11 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
         ax.set_ylabel("primary probe score ×100")
         ax.legend(fontsize=8)
         ax.set_title("Primary probe score per task")
-    _save(fig, path, stamp)
-
-
-def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
-    import pandas as pd
-
-    df = pd.read_csv(metrics_csv)
-    xcol = "step" if "step" in df.columns else "epoch" if "epoch" in df.columns else None
-    if xcol is None or "train_loss" not in df.columns:
-        raise ValueError(f"{metrics_csv}: expected columns 'step' or 'epoch' and 'train_loss' (optionally "
-                         f"'val_loss'), got {list(df.columns)}")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for col, style in (("train_loss", "-"), ("val_loss", "o-")):
-        if col in df.columns:
-            part = df[[xcol, col]].apply(pd.to_numeric, errors="coerce").dropna()
-            if len(part):
-                ax.plot(part[xcol], part[col], style, ms=3, label=col.replace("_", " "))
-    ax.set_xlabel(xcol)
-    ax.set_ylabel("MAE loss (normalised MSE on masked tokens)")
-    ax.set_title("Pre-training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path, stamp)
+    save_png(fig, path, stamp)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.plots", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scores", help="domain bars and task radar from scores.csv")
     s.add_argument("--scores", required=True)
@@ -147,21 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     lo.add_argument("--out", required=True)
     lo.add_argument("--params", default="{}")
     args = parser.parse_args(argv)
+    if args.cmd == "loss":  # the training stage's own plot, of this run's or a given metrics CSV
+        return curve.main(["--metrics", args.metrics, "--out", args.out, "--params", args.params])
+    logs.setup()
     params = json.loads(args.params)
     stamp = provenance.stamp(params, params.get("seed"))
-    if args.cmd == "scores":
-        rows = _read_scores(args.scores)
-        models = list(params.get("models") or dict.fromkeys(r["model"] for r in rows))
-        domain_bars(rows, models, args.domains, stamp)
-        task_radar(rows, models, args.tasks, stamp)
-        print(f"wrote {args.domains} and {args.tasks}")
-    else:
-        try:
-            loss_curve(args.metrics, args.out, stamp)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(1)
-        print(f"wrote {args.out}")
+    rows = _read_scores(args.scores)
+    models = list(params.get("models") or dict.fromkeys(r["model"] for r in rows))
+    domain_bars(rows, models, args.domains, stamp)
+    task_radar(rows, models, args.tasks, stamp)
+    log.info("wrote %s and %s", args.domains, args.tasks)
 
 
 if __name__ == "__main__":

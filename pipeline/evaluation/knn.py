@@ -1,4 +1,4 @@
-"""k-nearest-neighbour classification on mean-pooled clip embeddings: ``python -m pipeline.knn``.
+"""k-nearest-neighbour classification on mean-pooled clip embeddings: ``python -m pipeline.evaluation.knn``.
 
 As the paper's Table 5: k = 10, cosine similarity, accuracy. scikit-learn's
 ``KNeighborsClassifier(metric="cosine", algorithm="brute")`` (uniform votes; a tie goes to the
@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from model.extract import load_meta, load_split
-from pipeline import atomic, hear_tasks, provenance
+from pipeline.common import atomic, logs, provenance
+from pipeline.evaluation import hear_tasks
+from pipeline.evaluation.embeddings import load_meta, load_split
+
+log = logging.getLogger(__name__)
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int = 10) -> float:
@@ -58,7 +62,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool 
     }
     if task.is_event or task.prediction_type != "multiclass":
         why = "event task" if task.is_event else "multilabel task (accuracy is undefined)"
-        print(f"k-NN skipped for {task.name}: {why}")
+        log.info(f"k-NN skipped for {task.name}: {why}")
         return {**result, "skipped": why, "metrics": {}, "folds": []}
     folds = []
     for fold in task.folds():
@@ -68,20 +72,21 @@ def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool 
         acc = knn_accuracy(tx, ty, qx, qy, k)
         folds.append({"index": fold.index, "references": list(refs), "test": list(fold.test),
                       "n_references": int(len(tx)), "n_test": int(len(qx)), "top1_acc": acc})
-        print(f"  split {fold.index} (test {', '.join(fold.test)}): k-NN top1_acc {acc:.4f}")
+        log.info(f"  split {fold.index} (test {', '.join(fold.test)}): k-NN top1_acc {acc:.4f}")
     accs = np.array([f["top1_acc"] for f in folds])
-    print(f"k-NN (k={k}) {meta['model']}/{task.name}: top1_acc {accs.mean():.4f} ± {accs.std():.4f}")
+    log.info(f"k-NN (k={k}) {meta['model']}/{task.name}: top1_acc {accs.mean():.4f} ± {accs.std():.4f}")
     return {**result, "metrics": {"top1_acc": {"mean": float(accs.mean()), "std": float(accs.std()),
                                                "folds": [float(a) for a in accs]}}, "folds": folds}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.knn", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.knn", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True)
     parser.add_argument("--embeddings", required=True)
     parser.add_argument("--params", default="{}", help="JSON: seed, knn {k, use_valid}")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    logs.setup()
     params = json.loads(args.params)
     knn = params.get("knn", {})
     try:

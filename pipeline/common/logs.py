@@ -1,0 +1,28 @@
+"""Logging set-up for the entry points. Library code logs through ``logging.getLogger(__name__)``
+and never configures logging itself; an entry point (``python -m pipeline...``, the command line)
+calls :func:`setup` once. Progress bars stay on tqdm."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+class _Formatter(logging.Formatter):
+    """Plain messages; warnings and errors prefixed with their level (``WARNING: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+
+
+def setup(level: int = logging.INFO, stream=None) -> None:
+    """Send log records of this project (and warnings of the libraries) to ``stream`` (stdout:
+    the rules capture stdout and stderr into their log files)."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(_Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("pipeline", "model"):
+        logging.getLogger(name).setLevel(level)
