@@ -259,7 +259,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # -- official releases -------------------------------------------------------------------------
 
 
-def _read_torch_file(path: Path) -> dict:
+def read_torch_file(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -279,7 +279,7 @@ def _read_torch_file(path: Path) -> dict:
 def load_official(path: str | Path, size: str | None = None, map_location: str | torch.device = "cpu") -> DashengEncoder:
     """An official ``{'model': state_dict, 'config': {...}}`` file (or a bare state dict) → encoder, eval mode."""
     path = Path(path)
-    obj = _read_torch_file(path)
+    obj = read_torch_file(path)
     state_dict = obj.get("model", obj)
     release_config = obj.get("config", {}) if "model" in obj else {}
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -5,10 +5,11 @@
     scene = hear.get_scene_embeddings(audio, model)  # audio: (n_sounds, n_samples) at 16 kHz
     emb, ts = hear.get_timestamp_embeddings(audio, model)
 
-``load_model`` paths: an official ``.pt`` release, one of our ``.safetensors`` checkpoints
-(encoder or MAE), ``""`` for a randomly initialised ``base`` encoder (HEAR's "no weights" case),
-or ``"random:<size>"`` (e.g. ``"random:tiny"``) for a random encoder of any size in
-``model.encoder.SIZES``. Random weights come from a fixed seed (0), so they are the same each time.
+``load_model`` takes any model spec of :mod:`model.pretrained`: an official ``.pt`` release, one
+of our ``.safetensors`` checkpoints (encoder or MAE), a Hugging Face-format folder or repo id,
+``"random:<size>[:<seed>]"`` (e.g. ``"random:tiny"``), or ``""`` for a randomly initialised
+``base`` encoder (HEAR's "no weights" case). Random weights come from a fixed seed (0 unless
+given), so they are the same each time.
 
 Timestamp embeddings are the encoder's 25 Hz frames; a frame's timestamp is the centre of the
 four mel frames it covers (40·k + 15 ms). Scene embeddings are the mean of the frames.
@@ -20,13 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.checkpoint import load_encoder
+from model import pretrained
 from model.embed import embed, frame_times_ms
 from model.encoder import DashengEncoder
 from model.frontend import SAMPLE_RATE
+from model.pretrained import RANDOM_PREFIX, RANDOM_SEED, random_encoder
 
-RANDOM_PREFIX = "random:"
-RANDOM_SEED = 0
+__all__ = ["RANDOM_PREFIX", "RANDOM_SEED", "HearModel", "load_model", "random_encoder",
+           "get_scene_embeddings", "get_timestamp_embeddings"]
 
 
 class HearModel(nn.Module):
@@ -42,20 +44,8 @@ class HearModel(nn.Module):
         self.batch_size = batch_size  # sounds per forward pass
 
 
-def random_encoder(size: str = "base", seed: int = RANDOM_SEED) -> DashengEncoder:
-    """A randomly initialised encoder, the same for the same size and seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return DashengEncoder(size).eval()
-
-
 def load_model(model_file_path: str = "", device: str | torch.device | None = None) -> HearModel:
-    if model_file_path == "":
-        encoder = random_encoder("base")
-    elif model_file_path.startswith(RANDOM_PREFIX):
-        encoder = random_encoder(model_file_path[len(RANDOM_PREFIX):])
-    else:
-        encoder = load_encoder(model_file_path)
+    encoder = random_encoder("base") if model_file_path == "" else pretrained.load(model_file_path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return HearModel(encoder).to(device)

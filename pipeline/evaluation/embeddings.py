@@ -14,9 +14,9 @@ written last. The probe and k-NN steps read these without the encoder.
 
 Models (``spec["type"]``):
 
-- ``checkpoint``: our ``.safetensors`` (encoder or MAE) or an official Dasheng ``.pt`` release
-  (``model.checkpoint.load_encoder``);
-- ``random``: a random-init encoder of ``size`` from ``seed`` (``model.hear.random_encoder``);
+- ``checkpoint``: our ``.safetensors`` (encoder or MAE), an official Dasheng ``.pt`` release, or a
+  Hugging Face-format folder or repo id (``model.pretrained.load``);
+- ``random``: a random-init encoder of ``size`` from ``seed`` (``model.pretrained.random_encoder``);
 - ``logmel``: the baseline: clip = mean over time of the 64-bin dB log-mel; frames = the log-mel
   averaged over groups of 4 frames (25 Hz, the encoder's frame rate and timestamps);
 - ``hear_module``: any importable module with the HEAR API (``load_model(path)``,
@@ -143,14 +143,14 @@ class HearModuleEmbedder(Embedder):
 def build_embedder(spec: dict, seed: int = 0) -> Embedder:
     kind = spec.get("type")
     if kind == "checkpoint":
-        from model.checkpoint import load_encoder
+        from model.pretrained import load
 
         path = spec.get("path")
         if not path:
             raise ValueError("models: a 'checkpoint' model needs a 'path'")
-        return EncoderEmbedder(load_encoder(path), f"checkpoint {path}")
+        return EncoderEmbedder(load(path), f"checkpoint {path}")
     if kind == "random":
-        from model.hear import random_encoder
+        from model.pretrained import random_encoder
 
         size = spec.get("size") or "base"
         model_seed = spec.get("seed")

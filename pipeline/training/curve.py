@@ -7,6 +7,7 @@ Reads a CSV with ``step`` or ``epoch``, ``train_loss`` and (optionally, empty on
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -18,20 +19,28 @@ from pipeline.common.figures import plt, save_png
 log = logging.getLogger(__name__)
 
 
-def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
-    import pandas as pd
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
 
-    df = pd.read_csv(metrics_csv)
-    xcol = "step" if "step" in df.columns else "epoch" if "epoch" in df.columns else None
-    if xcol is None or "train_loss" not in df.columns:
+
+def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
+    with open(metrics_csv, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    xcol = "step" if "step" in columns else "epoch" if "epoch" in columns else None
+    if xcol is None or "train_loss" not in columns:
         raise ValueError(f"{metrics_csv}: expected columns 'step' or 'epoch' and 'train_loss' (optionally "
-                         f"'val_loss'), got {list(df.columns)}")
+                         f"'val_loss'), got {columns}")
     fig, ax = plt.subplots(figsize=(6, 4))
     for col, style in (("train_loss", "-"), ("val_loss", "o-")):
-        if col in df.columns:
-            part = df[[xcol, col]].apply(pd.to_numeric, errors="coerce").dropna()
-            if len(part):
-                ax.plot(part[xcol], part[col], style, ms=3, label=col.replace("_", " "))
+        if col in columns:
+            points = [(x, y) for r in rows if (x := _number(r[xcol])) is not None and (y := _number(r[col])) is not None]
+            if points:
+                ax.plot(*zip(*points), style, ms=3, label=col.replace("_", " "))
     ax.set_xlabel(xcol)
     ax.set_ylabel("MAE loss (normalised MSE on masked tokens)")
     ax.set_title("Pre-training loss")

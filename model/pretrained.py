@@ -1,0 +1,232 @@
+"""Every way to name an encoder, resolved in one place, and the named constructors.
+
+A *model spec* is the string that ``--model``, the HEAR module and the DAG's ``models:`` accept:
+
+- ``random:<size>`` or ``random:<size>:<seed>`` — a seeded random-init encoder (``random:tiny``);
+- a path to a checkpoint file: an official ``.pt`` release, or one of our ``.safetensors``
+  (encoder or MAE) — see :mod:`model.checkpoint`;
+- a path to a Hugging Face-format model: a folder holding ``model.safetensors`` and
+  ``config.json`` (``mispeech/dasheng-base`` …), or that ``model.safetensors`` file itself;
+- a Hugging Face repo id (``mispeech/dasheng-base``), fetched through ``huggingface_hub`` when it
+  is installed and the network allows; the hub's cache and ``HF_HUB_OFFLINE`` apply.
+
+The Hugging Face format: ``model.safetensors`` holds the official encoder keys under an
+``encoder.`` prefix, without the front end's fixed buffers (``front_end.*``, rebuilt here);
+``config.json`` has ``encoder_kwargs`` with ``embed_dim``, ``depth`` and ``num_heads``.
+
+Named constructors, as the official package has them::
+
+    from model.pretrained import dasheng_base
+    encoder = dasheng_base()                                 # random init
+    encoder = dasheng_base(weights="dasheng_base.pt")        # the official release
+    encoder = dasheng_base(weights="mispeech/dasheng-base")  # from the hub (network)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.checkpoint import CheckpointError, load_encoder, load_state_dict_strict
+from model.encoder import SIZES, DashengEncoder, EncoderConfig, size_name
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 0
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+HF_PREFIX = "encoder."
+_FRONT_END = "front_end."
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HF_REPOS = {"base": "mispeech/dasheng-base", "0.6B": "mispeech/dasheng-0.6B", "1.2B": "mispeech/dasheng-1.2B"}
+
+
+# -- random weights --------------------------------------------------------------------------
+
+
+def random_encoder(size: str | EncoderConfig = "base", seed: int = RANDOM_SEED) -> DashengEncoder:
+    """A randomly initialised encoder, the same for the same size and seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DashengEncoder(size).eval()
+
+
+def parse_random(spec: str) -> tuple[str, int]:
+    """``random:<size>[:<seed>]`` → (size, seed)."""
+    size, _, seed = spec[len(RANDOM_PREFIX):].partition(":")
+    if size not in SIZES:
+        raise CheckpointError(f"model {spec!r}: unknown size {size!r}; expected random:<size> with size in {sorted(SIZES)}")
+    if seed and not seed.isdigit():
+        raise CheckpointError(f"model {spec!r}: the seed after the size must be a whole number, e.g. random:{size}:0")
+    return size, int(seed) if seed else RANDOM_SEED
+
+
+# -- the Hugging Face format -----------------------------------------------------------------
+
+
+def _hf_config(folder: Path) -> EncoderConfig | None:
+    path = folder / HF_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        kwargs = config["encoder_kwargs"]
+        return EncoderConfig(embed_dim=int(kwargs["embed_dim"]), depth=int(kwargs["depth"]),
+                             num_heads=int(kwargs["num_heads"]), mlp_ratio=float(kwargs.get("mlp_ratio", 4.0)))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: expected a JSON object with encoder_kwargs {{embed_dim, depth, num_heads}} ({exc!r})"
+        ) from exc
+
+
+def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DashengEncoder:
+    """A Hugging Face-format folder (or its ``model.safetensors``) → encoder in eval mode.
+
+    Keys outside ``encoder.`` (a classifier head of a fine-tuned release) are left out, with a
+    note in the log; the size comes from ``config.json`` when present, else from the shapes.
+    """
+    path = Path(path)
+    weights = path / HF_WEIGHTS if path.is_dir() else path
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {HF_WEIGHTS} in this folder; expected a Hugging Face-format model")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights}: corrupt safetensors file ({exc})") from exc
+    state = {k[len(HF_PREFIX):]: v for k, v in tensors.items() if k.startswith(HF_PREFIX)}
+    others = sorted(k for k in tensors if not k.startswith(HF_PREFIX))
+    if not state:
+        raise CheckpointError(f"{weights}: no '{HF_PREFIX}*' keys; not a Hugging Face-format Dasheng model")
+    if others:
+        log.info(f"{weights}: left out {len(others)} keys outside the encoder ({others[0]} …)")
+    config = _hf_config(weights.parent)
+    if config is None:
+        from model.checkpoint import infer_encoder_config
+
+        config = infer_encoder_config(state)
+        if config is None:
+            raise CheckpointError(f"{weights}: no {HF_CONFIG} beside it and the shapes fit no known size")
+    model = DashengEncoder(config)
+    for key, value in model.state_dict().items():  # the front end's fixed buffers are not stored
+        if key.startswith(_FRONT_END):
+            state.setdefault(key, value)
+    load_state_dict_strict(model, state, source=str(weights))
+    return model.to(map_location).eval()
+
+
+def save_hf(encoder: DashengEncoder, folder: str | os.PathLike) -> Path:
+    """Write ``encoder`` in the Hugging Face format (``model.safetensors`` + ``config.json``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {HF_PREFIX + k: v.detach().cpu().contiguous()
+               for k, v in encoder.state_dict().items() if not k.startswith(_FRONT_END)}
+    c = encoder.config
+    config = {"model_type": "dasheng", "architectures": ["DashengModel"],
+              "encoder_kwargs": {"embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads}}
+    save_file(tensors, str(folder / HF_WEIGHTS), metadata={"format": "pt"})
+    (folder / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def is_hf(path: Path) -> bool:
+    return (path.is_dir() and (path / HF_WEIGHTS).is_file()) or (path.is_file() and path.name == HF_WEIGHTS)
+
+
+def download(repo_id: str) -> Path:
+    """The hub's copy of ``repo_id`` (weights and config only), downloaded once into its cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise CheckpointError(
+            f"model {repo_id!r} is not a local path, and huggingface_hub is not installed to fetch it "
+            "from the hub: pip install huggingface_hub, or download the folder yourself and pass its path"
+        ) from exc
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[HF_WEIGHTS, HF_CONFIG]))
+    except Exception as exc:  # noqa: BLE001 - the hub raises many kinds (offline, 404, auth, timeout)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"model {repo_id!r}: not a local path, and fetching it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {reason}); on a machine with network run "
+            f"`huggingface-cli download {repo_id}` and pass the folder, or check the name"
+        ) from exc
+
+
+# -- one resolver ------------------------------------------------------------------------------
+
+
+def load(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -> DashengEncoder:
+    """Any model spec (see the module docstring) → ``DashengEncoder`` in eval mode."""
+    text = os.fspath(spec)
+    if text.startswith(RANDOM_PREFIX):
+        size, seed = parse_random(text)
+        return random_encoder(size, seed).to(map_location)
+    path = Path(text).expanduser()
+    if path.exists():
+        if is_hf(path):
+            return load_hf(path, map_location)
+        if path.is_dir():
+            raise CheckpointError(f"{path}: a folder without {HF_WEIGHTS}; pass a checkpoint file or a Hugging Face-format folder")
+        return load_encoder(path, map_location=map_location)
+    if _REPO_ID.match(text) and not text.endswith((".pt", ".safetensors", ".pth")):
+        return load_hf(download(text), map_location)
+    raise CheckpointError(
+        f"model {text!r}: no such file or folder; expected a checkpoint (.pt, .safetensors), a Hugging Face "
+        "folder or repo id (owner/name), or random:<size>"
+    )
+
+
+def weights_sha256(spec: str | os.PathLike, encoder: DashengEncoder | None = None) -> str:
+    """sha256 of the weights a spec names: the file's bytes (the HF folder's ``model.safetensors``),
+    or for ``random:`` and hub ids, of the tensors themselves in key order."""
+    path = Path(os.fspath(spec)).expanduser()
+    if path.is_dir() and (path / HF_WEIGHTS).is_file():
+        path = path / HF_WEIGHTS
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    encoder = encoder if encoder is not None else load(spec)
+    digest = hashlib.sha256()
+    for key, value in encoder.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# -- named constructors ------------------------------------------------------------------------
+
+
+def _named(size: str, weights: str | os.PathLike | None, map_location) -> DashengEncoder:
+    if weights is None:
+        return random_encoder(size).to(map_location)
+    encoder = load(_HF_REPOS[size] if weights == "hub" else weights, map_location)
+    if encoder.config != SIZES[size]:
+        raise CheckpointError(f"{weights}: holds size {size_name(encoder.config) or encoder.config}, not {size!r}")
+    return encoder
+
+
+def dasheng_base(weights: str | os.PathLike | None = None, map_location="cpu") -> DashengEncoder:
+    """Dasheng base (768-d, 12 blocks, 85.4 M); ``weights``: None (random init), a spec, or ``"hub"``."""
+    return _named("base", weights, map_location)
+
+
+def dasheng_06B(weights: str | os.PathLike | None = None, map_location="cpu") -> DashengEncoder:
+    """Dasheng 0.6B (1280-d, 32 blocks); ``weights`` as for :func:`dasheng_base`."""
+    return _named("0.6B", weights, map_location)
+
+
+def dasheng_12B(weights: str | os.PathLike | None = None, map_location="cpu") -> DashengEncoder:
+    """Dasheng 1.2B (1536-d, 40 blocks); ``weights`` as for :func:`dasheng_base`."""
+    return _named("1.2B", weights, map_location)

@@ -1,0 +1,165 @@
+"""``dasheng-pipeline``: the command line over :mod:`pipeline.tools` (each subcommand calls one function).
+
+    dasheng-pipeline embed recordings/ --model dasheng_base.pt --out e.parquet
+    dasheng-pipeline evaluate hear/speech_commands-v0.0.2-full --model mispeech/dasheng-base
+    dasheng-pipeline finetune words/ --model random:tiny --mode mlp --out clf/
+    dasheng-pipeline predict new/*.wav --classifier clf/ --out tags.csv
+    dasheng-pipeline inspect results/demo/training/encoder.safetensors
+
+``--model`` everywhere: a checkpoint file (official .pt, ours .safetensors), a Hugging Face folder or
+repo id, or ``random:<size>[:<seed>]``. Each function logs what it did (stdout); progress bars go
+to stderr. Exit status: 0 done, 1 an error (one line on stderr saying
+what to do), 2 a usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.common import logs
+
+log = logging.getLogger("dasheng-pipeline")
+
+EPILOG = ("MODEL: a checkpoint file (official .pt or our .safetensors), a Hugging Face folder or repo id "
+          "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B.")
+
+
+def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", required=True, metavar="MODEL", help="the encoder (see below)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast around the transformer, front end in fp32 (default: fp32)")
+    p.add_argument("--batch-size", type=int, default=8, help="10 s windows per forward pass (default: 8)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dasheng-pipeline", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="store_true", help="print the versions and exit")
+    top.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("embed", help="audio files → clip (and frame) embeddings, one Parquet row per file",
+                       description="Embed audio files, folders (recursive) or lists (.txt/.csv) into one Parquet "
+                       "row per file; long files in 10 s windows; a rerun skips what is done.", epilog=EPILOG)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")
+    p.add_argument("--out", required=True, help="output .parquet (rejects: OUT.rejects.csv beside it)")
+    p.add_argument("--frames", action="store_true", help="also store the 25 Hz frame embeddings and their times")
+    p.add_argument("--decode-threads", type=int, default=2, help="files decoded ahead in threads (default: 2)")
+    _model_args(p)
+
+    p = sub.add_parser("evaluate", help="a HEAR task folder → the DAG's probe and k-NN scores",
+                       description="Embed a HEAR task and score it with the HEAR MLP probe and the paper's k-NN, "
+                       "exactly as the DAG's probe/knn rules do.", epilog=EPILOG)
+    p.add_argument("task", metavar="TASK_DIR", help="HEAR task folder (task_metadata.json, splits, audio)")
+    p.add_argument("--model", required=True, metavar="MODEL")
+    p.add_argument("--out", help="output folder (default: eval-<task name>)")
+    p.add_argument("--probe", action="store_true", help="run the probe (default: probe and k-NN)")
+    p.add_argument("--knn", action="store_true", help="run k-NN (default: probe and k-NN)")
+    p.add_argument("--config", help="a workflow config (e.g. config/config.yaml): its seed and evaluation settings")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+
+    p = sub.add_parser("finetune", help="labelled audio → a classifier (linear, mlp or full fine-tuning)",
+                       description="Train a classifier on DATA: a folder with one subfolder per class, or a CSV "
+                       "path,label[,split] (labels ';'-separated for multi-label).", epilog=EPILOG)
+    p.add_argument("data", metavar="DATA", help="folder of class folders, or CSV with path,label[,split]")
+    p.add_argument("--out", required=True, help="output folder (classifier, metrics, plots)")
+    p.add_argument("--mode", choices=["linear", "mlp", "full"], default="mlp",
+                   help="linear/mlp: frozen encoder, embeddings cached; full: the encoder trained too (default: mlp)")
+    p.add_argument("--folds", type=int, default=0, help="K-fold cross-validation instead of one split")
+    p.add_argument("--valid-fraction", type=float, default=0.15, help="stratified split, when the CSV gives none")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="stratified split, when the CSV gives none")
+    p.add_argument("--epochs", type=int, default=None, help="default: 100 (linear/mlp), 10 (full)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (linear/mlp), 1e-4 (full)")
+    p.add_argument("--layer-decay", type=float, default=0.75, help="full: layer-wise lr decay (default: 0.75)")
+    p.add_argument("--mixup", type=float, default=0.0, help="full: mixup alpha, 0 = off (default: 0)")
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p)
+
+    p = sub.add_parser("predict", help="a classifier → top-k labels per file (or per 10 s chunk)",
+                       description="Tag audio files with a classifier written by finetune.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")
+    p.add_argument("--classifier", required=True, help="folder written by finetune")
+    p.add_argument("--out", required=True, help="output .csv")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--chunks", action="store_true", help="one row per 10 s chunk instead of per file")
+    _model_args(p, model=False)
+
+    p = sub.add_parser("inspect", help="a checkpoint → format, size, parameters, sha256, provenance",
+                       epilog=EPILOG)
+    p.add_argument("checkpoint", metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return top
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "embed":
+        from pipeline.tools.embed import embed_files
+
+        embed_files(args.inputs, args.model, args.out, frames=args.frames, batch_size=args.batch_size,
+                    device=args.device, dtype=args.dtype, decode_threads=args.decode_threads, progress=not args.quiet)
+    elif args.command == "evaluate":
+        from pipeline.evaluation.hear_tasks import load_task
+        from pipeline.tools.evaluate import evaluate_task, headline
+
+        both = not (args.probe or args.knn)
+        out = args.out or f"eval-{load_task(args.task).name}"
+        results = evaluate_task(args.task, args.model, out, run_probe=both or args.probe, run_knn=both or args.knn,
+                                config=args.config, threads=args.threads)
+        print(headline(results))
+        print(f"results in {out}/")
+    elif args.command == "finetune":
+        from pipeline.tools.finetune import finetune
+
+        finetune(args.data, args.model, args.out, mode=args.mode, folds=args.folds,
+                          valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, epochs=args.epochs,
+                          lr=args.lr, layer_decay=args.layer_decay, mixup=args.mixup, seed=args.seed,
+                          batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                          progress=not args.quiet)
+    elif args.command == "predict":
+        from pipeline.tools.predict import predict
+
+        predict(args.inputs, args.classifier, args.out, top_k=args.top_k, chunks=args.chunks,
+                batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    elif args.command == "inspect":
+        from pipeline.tools.checkpoints import describe_checkpoint, render
+
+        info = describe_checkpoint(args.checkpoint)
+        print(json.dumps(info, indent=1, sort_keys=True) if args.json else render(info))
+    return 0
+
+
+def _versions() -> str:
+    from pipeline.common.provenance import package_versions
+
+    return " ".join(f"{k} {v}" for k, v in package_versions().items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.version:
+        print(_versions())
+        return 0
+    if not args.command:
+        parser().print_help()
+        return 2
+    logs.setup(logging.WARNING if args.quiet else logging.INFO)
+    from model.checkpoint import CheckpointError
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except (CheckpointError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
