@@ -27,6 +27,14 @@ EPILOG = ("MODEL: a checkpoint file (official .pt or our .safetensors), a Huggin
           "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B.")
 
 
+def _parser_with(parent: argparse.ArgumentParser):
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs, parents=[parent])
+
+    return SubParser
+
+
 def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, metavar="MODEL", help="the encoder (see below)")
@@ -37,11 +45,13 @@ def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dasheng-pipeline", description=__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(prog="dasheng-pipeline", description="Dasheng audio encoders on your own audio: "
+                                  "embed, evaluate, fine-tune, predict, inspect.", epilog=EPILOG)
     top.add_argument("--version", action="store_true", help="print the versions and exit")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)  # -q after the subcommand too
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars, warnings only")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(quiet))
 
     p = sub.add_parser("embed", help="audio files → clip (and frame) embeddings, one Parquet row per file",
                        description="Embed audio files, folders (recursive) or lists (.txt/.csv) into one Parquet "

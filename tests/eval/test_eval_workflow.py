@@ -2,11 +2,15 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
 from model.checkpoint import save_checkpoint
 from model.encoder import DashengEncoder
+from model.pretrained import random_encoder, save_hf
+from pipeline import cli
+from pipeline.evaluation.embeddings import load_split
 
 from helpers import read_json, snakemake
 
@@ -61,15 +65,23 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
 
 
 def test_a_hear_task_folder_through_snakemake(tmp_path, hear_task):
-    """A real HEAR task (5 folds, 44.1 kHz) named in evaluation.tasks: every fold probed and k-NN'd."""
+    """A real HEAR task (5 folds, 44.1 kHz) named in evaluation.tasks: every fold probed and k-NN'd.
+    The same random weights as an official .pt and as a Hugging Face folder give identical
+    embeddings in the DAG, and `dasheng-pipeline evaluate` on the task gives the DAG's scores."""
+    encoder = random_encoder("tiny", 7)
+    official = tmp_path / "tiny.pt"
+    torch.save({"model": encoder.state_dict(), "config": {"embed_dim": 192, "depth": 6, "num_heads": 3}}, official)
+    hf = save_hf(encoder, tmp_path / "tiny-hf")
     config = {
+        "seed": 3,
         "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
         "evaluation": {
             "demo_tasks": {"tasks": [], "speech": False},
             "tasks": {"spoken_digit": {"path": str(hear_task)}},
             "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 6, "patience": 2},
         },
-        "models": {"logmel": {"type": "logmel"}},
+        "models": {"logmel": {"type": "logmel"}, "official": {"type": "checkpoint", "path": str(official)},
+                   "hf": {"type": "checkpoint", "path": str(hf)}},
     }
     snakemake(tmp_path, config, "evaluate")
     out = tmp_path / "results/demo/eval"
@@ -78,7 +90,20 @@ def test_a_hear_task_folder_through_snakemake(tmp_path, hear_task):
     assert [f["valid"] for f in digits["folds"]] == [["fold01"], ["fold02"], ["fold03"], ["fold04"], ["fold00"]]
     with open(out / "results/scores.csv", newline="") as fh:
         knn = [r for r in csv.DictReader(fh) if r["method"] == "knn" and r["task"] == "spoken_digit"]
-    assert {r["model"] for r in knn} == {"logmel"} and all(r["n_splits"] == "5" for r in knn)
+    assert {r["model"] for r in knn} == {"logmel", "official", "hf"} and all(r["n_splits"] == "5" for r in knn)
+    for split in ("fold00", "fold03"):
+        a, b = (load_split(out / f"embeddings/{m}/spoken_digit", split) for m in ("official", "hf"))
+        assert np.array_equal(a["clip"], b["clip"]) and np.array_equal(a["files"], b["files"])
+    # the command line on the same task, with the workflow's config: the DAG's numbers
+    cli_out = tmp_path / "cli"
+    assert cli.main(["evaluate", str(hear_task), "--model", str(official), "--out", str(cli_out),
+                     "--config", str(tmp_path / "test-config.yaml"), "-q"]) == 0
+    for method in ("probe", "knn"):
+        dag = read_json(out / f"{method}/official/spoken_digit.json")
+        mine = read_json(cli_out / f"{method}.json")
+        assert mine["metrics"] == dag["metrics"] and mine["metrics"]
+    dag_clip = load_split(out / "embeddings/official/spoken_digit", "fold00")
+    assert np.array_equal(load_split(cli_out / "embeddings", "fold00")["clip"], dag_clip["clip"])
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -3,6 +3,7 @@
 # (only produced_by_a_rule() looks at the rules defined so far, when it is called).
 import json
 import os
+import re
 
 from pipeline.common import provenance
 from pipeline.sources import lists, local
@@ -210,7 +211,8 @@ def _model_spec(name):
     """The model's config with defaults resolved (paths, the random encoder's size and seed)."""
     spec = {k: v for k, v in config["models"][name].items() if k != "enabled"}
     if spec.get("path") and (
-        spec["type"] == "checkpoint" or os.path.exists(spec["path"])
+        (spec["type"] == "checkpoint" and not _is_hub_id(spec["path"]))
+        or os.path.exists(spec["path"])
     ):
         check_inside(f"models.{name}.path", spec["path"])
     if spec["type"] == "checkpoint" and not spec.get("path"):
@@ -251,13 +253,28 @@ def eval_task_dir(wildcards):
 
 
 def eval_weights(wildcards):
-    """The model's weights file, so that Snakemake (re)builds embeddings when it changes (a HEAR
-    module's path is an input only when it names a file)."""
+    """The model's weights file, so that Snakemake (re)builds embeddings when it changes: a
+    checkpoint file, a Hugging Face folder's model.safetensors, none for a hub repo id (fetched
+    by the job) or a HEAR module's path that names no file."""
     spec = _model_spec(wildcards.model)
     path = spec.get("path")
-    if path and (spec["type"] == "checkpoint" or os.path.isfile(path)):
+    if not path:
+        return []
+    if spec["type"] == "checkpoint" and os.path.isdir(path):
+        return [os.path.join(path, "model.safetensors")]
+    if spec["type"] == "checkpoint" and not _is_hub_id(path):
         return [path]
-    return []
+    return [path] if os.path.isfile(path) else []
+
+
+def _is_hub_id(path):
+    """owner/name that is no local path and no rule's output: a Hugging Face repo id."""
+    return (
+        re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", path) is not None
+        and not path.endswith((".pt", ".safetensors"))
+        and not os.path.exists(path)
+        and not produced_by_a_rule(path)
+    )
 
 
 def eval_embed_params(wildcards):
@@ -320,8 +337,13 @@ def evaluation_targets(wildcards=None):
         f"{EVAL_OUT}/plots/domains.png",
         f"{EVAL_OUT}/plots/tasks.png",
     ]
+    # The loss curve: when the metrics exist, or when the run trains a model it evaluates
+    # (never a training run just to draw its curve).
     metrics_csv = eval_training_metrics()
-    if os.path.exists(metrics_csv) or produced_by_a_rule(metrics_csv):
+    trains = any(
+        produced_by_a_rule(_model_spec(m).get("path") or "") for m in eval_models()
+    )
+    if os.path.exists(metrics_csv) or (trains and produced_by_a_rule(metrics_csv)):
         targets.append(f"{EVAL_OUT}/plots/loss_curve.png")
     return targets
 
