@@ -8,3 +8,21 @@
 
 Models are named by the specs of :mod:`model.pretrained` everywhere.
 """
+
+import importlib
+
+_WHERE = {
+    "embed_files": "pipeline.tools.embed",
+    "evaluate_task": "pipeline.tools.evaluate",
+    "finetune": "pipeline.tools.finetune",
+    "predict": "pipeline.tools.predict",
+    "describe_checkpoint": "pipeline.tools.checkpoints",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    """Import on first use: ``from pipeline.tools import embed_files`` loads only what it needs."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'pipeline.tools' has no attribute {name!r}")
