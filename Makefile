@@ -20,8 +20,8 @@ help:
 $(STAMP): pyproject.toml requirements.lock
 	@if [ ! -x "$(BIN)/python" ]; then \
 	  echo ">> creating $(VENV) with $$($(PYTHON) --version)"; \
-	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
-	    || { echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }; \
+	  $(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' \
+	    || { echo "error: Python 3.11, 3.12 or 3.13 is required (set PYTHON=/path/to/python3.X)"; exit 1; }; \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
 	@echo ">> installing pinned packages into $(VENV) (first time: a few minutes, torch is large)"
