@@ -137,3 +137,28 @@ def test_the_console_script_exit_codes(tmp_path):
                           "--out", str(tmp_path / "e.parquet")], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: model ") and "missing.pt" in bad.stderr
+
+
+def test_a_killed_run_keeps_its_parts_and_the_rerun_finishes_it(tmp_path):
+    import signal
+    import sys
+    import time
+
+    folder = tmp_path / "a"
+    for i in range(40):
+        tone(folder / f"{i:02d}.wav", 1.0, sample_rate=16000, freq=200.0 + 20 * i)
+    out = tmp_path / "e.parquet"
+    code = ("import sys; from pipeline.tools.embed import embed_files; "
+            "embed_files([sys.argv[1]], 'random:tiny', sys.argv[2], batch_size=1, part_files=1, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(out)])
+    parts = embed_tool.parts_dir(out)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("part-*.parquet"))) < 2:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and len(list(parts.glob("part-*.parquet"))) >= 2
+    summary = embed_tool.embed_files([folder], "random:tiny", out, progress=False)
+    assert summary.skipped >= 2 and summary.embedded == 40 - summary.skipped and summary.rows == 40
+    assert pq.read_table(out).column("path").to_pylist() == sorted(str(p) for p in folder.glob("*.wav"))
+    assert not parts.exists()
