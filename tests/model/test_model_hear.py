@@ -108,7 +108,7 @@ def test_load_model_paths(tmp_path, tiny):
     # random weights: the same every time for a size
     a, b = hear.load_model("random:tiny", device="cpu"), hear.load_model("random:tiny", device="cpu")
     assert torch.equal(a.encoder.patch_embed.proj.weight, b.encoder.patch_embed.proj.weight)
-    with pytest.raises(ValueError, match="unknown model size"):
+    with pytest.raises(ValueError, match="unknown size"):
         hear.load_model("random:huge")
 
 
