@@ -35,6 +35,7 @@ TRAINING = {
     "decoder": None, "weight_decay": 0.01, "final_lr_fraction": 0.1, "optimizer": "adamw8bit",
     "mask_ratio": 0.75, "precision": "auto", "compile": False, "keep_best": 4, "average_best": 2,
     "max_failures": 2, "verify_shards": True, "nodes": 1, "gpus_per_node": 0, "mem_mb": 4000, "runtime_min": 30,
+    "total_runtime_min": 30, "checkpoint_every_min": 0, "signal_lead_s": 0,
 }
 
 
