@@ -251,10 +251,9 @@ class Control:
             return "a stop request"
 
 
-@contextlib.contextmanager
-def signal_handlers(control: Control):
+def install_handlers(control: Control) -> dict:
     """In the driver: stop signals ask the workers to checkpoint and stop; SIGUSR2 asks for a
-    checkpoint. The previous handlers come back afterwards."""
+    checkpoint. Returns the previous handlers."""
     def stop(signum, _frame):
         name = signal.Signals(signum).name
         log.warning(f"{name} received: the workers finish their step, write a step checkpoint and stop")
@@ -264,10 +263,16 @@ def signal_handlers(control: Control):
         log.info(f"{CHECKPOINT_SIGNAL} received: a step checkpoint after the current step")
         control.request_checkpoint()
 
-    previous = {}
-    for name in STOP_SIGNALS:
-        previous[name] = signal.signal(getattr(signal, name), stop)
+    previous = {name: signal.signal(getattr(signal, name), stop) for name in STOP_SIGNALS}
     previous[CHECKPOINT_SIGNAL] = signal.signal(getattr(signal, CHECKPOINT_SIGNAL), checkpoint)
+    return previous
+
+
+@contextlib.contextmanager
+def signal_handlers(control: Control):
+    """:func:`install_handlers` for the block (call it again inside after ``ray.init``, which sets
+    its own SIGTERM handler); the previous handlers come back afterwards."""
+    previous = install_handlers(control)
     try:
         yield
     finally:

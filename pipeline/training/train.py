@@ -390,10 +390,6 @@ def export(best: list[tuple[Path, float, int]], cfg: dict, stamp: dict, out_dir:
 
 
 def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: str | None = None) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     cfg = dict(params["training"])
     cfg["seed"] = int(params["seed"])
     cfg["decoder"] = cfg["decoder"] or DEFAULT_DECODER[cfg["size"]]
@@ -415,7 +411,17 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
 
     control = step_checkpoint.Control(state)
     control.clear()
+    with step_checkpoint.signal_handlers(control):
+        return _train(cfg, params, worker_cfg, name, state, out, control, address)
+
+
+def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     _start_ray(address, cfg, state)
+    step_checkpoint.install_handlers(control)  # again: ray.init sets its own SIGTERM handler
     progress = _Progress(state / "progress.json", cfg["epochs"] * cfg["batches_per_epoch"])
     progress.start()
     try:
@@ -433,8 +439,7 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
                 failure_config=FailureConfig(max_failures=cfg["max_failures"]),
             ),
         )
-        with step_checkpoint.signal_handlers(control):  # (after ray.init, which sets its own SIGTERM handler)
-            result = trainer.fit()
+        result = trainer.fit()
     finally:
         progress.stop.set()
         progress.join(timeout=5)
