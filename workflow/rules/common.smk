@@ -166,7 +166,8 @@ def training_retries():
 
 def training_slurm_extra():
     """sbatch --signal for the warning before the time limit. SIGURG: every process of the job
-    step gets it and ignores it by default (snakemake, bash, Ray); the training driver handles it."""
+    step gets it and ignores it by default (snakemake, bash, Ray); the training driver handles it.
+    """
     lead = config["training"]["signal_lead_s"]
     return f"'--signal=URG@{lead}'" if lead else ""
 

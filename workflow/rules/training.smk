@@ -23,10 +23,10 @@ rule train:
         curve=f"{OUT}/training/loss_curve.png",
     log:
         f"{LOGS}/training/train.log",
+    retries: training_retries()
     conda:
         "../../envs/train.yaml"
     threads: training_threads()
-    retries: training_retries()
     resources:
         # Names of snakemake-executor-plugin-slurm: one task per job; the launcher starts
         # one Ray node per allocated node (srun), each using all the node's GPUs and CPUs.
