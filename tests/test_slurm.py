@@ -254,3 +254,59 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     for flag in ("--nodes=2", "--gres=gpu:2", "--cpus-per-task=6", "--mem 5000", "-t 7", f"-p {partition}"):
         assert re.search(rf"(^|\s){re.escape(flag)}(\s|$)", sbatch), (flag, sbatch)
     assert "--ntasks-per-gpu" not in sbatch and "--ntasks" not in sbatch.split("--wrap")[0]
+
+
+# A training that needs several SLURM jobs: each job may run 1 minute; SLURM warns it (SIGURG) 5 s
+# before its limit — slurmctld checks limits every 30 s, so the signal comes 25-55 s after the start,
+# when the job has trained for up to about 30 s of its 90; the job writes a step checkpoint, exits with
+# status 75, and Snakemake resubmits it (retries from total_runtime_min / runtime_min) until it finishes.
+LONG_TRAINING = {**CONFIG["training"], "epochs": 2, "batches_per_epoch": 150, "runtime_min": 1,
+                 "total_runtime_min": 15, "signal_lead_s": 5, "checkpoint_every_min": 0.25}
+TRAINING_OUTPUTS = [f"results/demo/training/{name}" for name in
+                    ("encoder.safetensors", "encoder.json", "metrics.csv", "summary.json", "loss_curve.png")]
+
+
+def test_a_training_longer_than_the_time_limit_continues_over_jobs(slurm_cluster, tmp_path):
+    """The demo's training with a 1-minute limit per job goes through several SLURM jobs (warning
+    signal, step checkpoint, exit 75, resubmission, resume) and ends bit-identical to one
+    uninterrupted local run of the same config."""
+    partition = slurm_cluster
+    prefix = f"dashenglong{os.getpid()}"
+    profile = derived_profile(tmp_path / "profile", partition, prefix)
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    settings["slurm-init-seconds-before-status-checks"] = 5  # see a finished job soon: the next one waits
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    config = {**CONFIG, "training": LONG_TRAINING, "evaluation": {"enabled": False}}
+    remote, local = tmp_path / "slurm", tmp_path / "local"
+    rc, out = run_snakemake(remote, config, "--cores", "2", "results/demo/dataset/manifest.json", label="data")
+    assert rc == 0, out[-6000:]
+    shutil.copytree(remote, local, ignore=shutil.ignore_patterns(".snakemake"))
+    rc, out = run_snakemake(local, config, "--cores", "2", *TRAINING_OUTPUTS, label="local")
+    assert rc == 0, f"the local run failed ({rc}):\n{out[-6000:]}"
+    rc, out = run_snakemake(remote, config, "--profile", str(profile), *TRAINING_OUTPUTS, prefix=prefix,
+                            label="long", timeout=1200)
+    print(out[-3000:])
+    assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
+
+    # several SLURM jobs: each stopped at SLURM's warning with a step checkpoint, the last finished
+    jobs = [slurm_id for _, slurm_id in re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)]
+    [attempts_file] = (remote / "results/demo/training_state").glob("mae-*/attempts.jsonl")
+    attempts = [json.loads(line) for line in attempts_file.read_text().splitlines()]
+    print("SLURM jobs", jobs, "\nattempts", "\n".join(map(json.dumps, attempts)))
+    assert len(jobs) >= 3 and attempts[-1]["slurm_job"] == jobs[-1] and attempts[-1]["outcome"] == "finished"
+    # (a job killed at its limit before it could stop, on a busy machine, records no line: the next
+    # one resumes from the last timed step checkpoint instead)
+    assert len(attempts) >= 3 and {a["slurm_job"] for a in attempts} <= set(jobs)
+    assert all(a["outcome"] == "stopped" and a["signal"] == "SIGURG" for a in attempts[:-1])
+    assert all(a["resumed_from"] == "step checkpoint" and a["start_step"] > 0 for a in attempts[1:])
+    assert all(b["start_step"] >= a["end_step"] for a, b in zip(attempts, attempts[1:]) if
+               int(b["slurm_job"]) == int(a["slurm_job"]) + 1)  # each resumes where the last stopped
+    # SLURM saw the stopped jobs fail (the training exits 75, Snakemake's job wrapper 1) and the last succeed
+    ctld = slurmctld_log()
+    for slurm_id in jobs[:-1]:
+        assert not re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0\b", ctld), f"SLURM job {slurm_id}"
+    assert re.search(rf"_job_complete: JobId={jobs[-1]} WEXITSTATUS 0\b", ctld)
+
+    # the same weights and loss curve as the uninterrupted local run
+    for name in TRAINING_OUTPUTS:
+        assert filecmp.cmp(local / name, remote / name, shallow=False), name

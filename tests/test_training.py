@@ -5,6 +5,7 @@ its resume to the same weights is tested through the DAG in tests/faults/test_fa
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ TRAINING = {
     "decoder": None, "weight_decay": 0.01, "final_lr_fraction": 0.1, "optimizer": "adamw8bit",
     "mask_ratio": 0.75, "precision": "auto", "compile": False, "keep_best": 4, "average_best": 2,
     "max_failures": 2, "verify_shards": True, "nodes": 1, "gpus_per_node": 0, "mem_mb": 4000, "runtime_min": 30,
+    "total_runtime_min": 30, "checkpoint_every_min": 0, "signal_lead_s": 0,
 }
 
 
@@ -100,6 +102,49 @@ def test_loader_splits_an_epoch_between_dataloader_workers(tmp_path):
     again = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
     assert len(one) == 5 and _rows(one) == _rows(again)
     assert [loader.split_count(5, 2, i) for i in (0, 1)] == [3, 2]
+
+
+def test_loader_resumes_inside_an_epoch_with_the_batches_that_come_next(tmp_path):
+    """A resumed epoch (skip = batches already consumed) yields exactly the rest of the full epoch,
+    with one stream or with DataLoader workers (whose round robin restarts at worker 0)."""
+    parts = loader.parts_of(_tagged_shards(tmp_path))
+    for workers in (0, 2):
+        make = lambda skip: list(torch.utils.data.DataLoader(
+            loader.TrainBatches(parts, 3, 7, seed=3, epoch=1, rank=1, world_size=2, shuffle_buffer=4, skip=skip),
+            batch_size=None, num_workers=workers))
+        full = make(0)
+        for skip in (1, 4, 7):
+            rest = make(skip)
+            assert [_rows([b]) for b in rest] == [_rows([b]) for b in full[skip:]], (workers, skip)
+            assert all(torch.equal(a["valid_frames"], b["valid_frames"]) for a, b in zip(rest, full[skip:]))
+
+
+def test_step_checkpoints_are_checked_and_a_damaged_one_is_skipped(tmp_path, caplog):
+    from pipeline.training import step_checkpoint as sc
+
+    steps = sc.StepCheckpoints(tmp_path)
+    for step in (3, 5, 8):
+        steps.save(step, {"w": torch.full((4,), float(step))}, {"state": {}, "param_groups": []},
+                   [{**sc.rng_state(), "loss_sum": torch.tensor(float(step))}], {"epoch": 0, "batch": step})
+    assert sorted(p.name for p in steps.folder.iterdir()) == ["step-000000005", "step-000000008"]  # the last two
+    latest = steps.latest()
+    assert latest.step == 8 and torch.equal(latest.model_state()["w"], torch.full((4,), 8.0))
+    assert float(latest.rank_state(0)["loss_sum"]) == 8.0 and latest.manifest["batch"] == 8
+    damaged = steps.folder / "step-000000008" / "optimizer.pt"
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    (steps.folder / "step-000000009").mkdir()  # half-written: no manifest (not renamed by our writer, say)
+    with caplog.at_level("WARNING"):
+        latest = steps.latest()
+    assert latest.step == 5  # the one before
+    assert f"{steps.folder / 'step-000000009'}: no readable manifest.json" in caplog.text
+    assert f"{steps.folder / 'step-000000008'}: optimizer.pt has sha256" in caplog.text
+    assert sorted(p.name for p in (steps.folder / ".damaged").iterdir()) == ["step-000000008", "step-000000009"]
+    state = sc.rng_state()
+    expected = torch.rand(3)
+    sc.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_validation_batches_are_fixed_and_shared_between_ranks(tmp_path):
@@ -186,6 +231,40 @@ def test_a_lost_worker_is_restarted_from_the_last_checkpoint(demo_shards, uninte
     victims[-1].kill()
     assert proc.wait(timeout=600) == 0, (demo_shards / "c.log").read_text()[-4000:]
     assert val_losses(demo_shards / "out-c/metrics.csv") == val_losses(uninterrupted / "metrics.csv")
+
+
+def _wait_for(path_glob, folder: Path, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while not any(folder.glob(path_glob)):
+        assert time.time() < deadline, f"{path_glob} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_signal_stops_training_with_a_step_checkpoint_and_the_next_run_resumes_exactly(demo_shards, uninterrupted):
+    """SIGTERM to the driver as soon as training starts: the workers finish their step, write a step
+    checkpoint and stop; exit status 75. The next run resumes inside the epoch and ends with the
+    uninterrupted run's metrics and weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from pipeline.training import step_checkpoint as sc
+
+    proc = train(demo_shards, "s", wait=False)
+    _wait_for("mae-*/resume.json", demo_shards / "state-s")  # the workers have started
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == sc.EXIT_RESUME, (demo_shards / "s.log").read_text()[-4000:]
+    log = (demo_shards / "s.log").read_text()
+    assert "SIGTERM received: the workers finish their step, write a step checkpoint and stop" in log
+    assert "not finished: stopped at step 1 of 12 (SIGTERM)" in log
+    assert not (demo_shards / "out-s/encoder.safetensors").exists()
+    train(demo_shards, "s")
+    [run_dir] = (demo_shards / "state-s").glob("mae-*")
+    attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["outcome"], a["resumed_from"], a["start_step"], a["end_step"]) for a in attempts] == [
+        ("stopped", "start", 0, 1), ("finished", "step checkpoint", 1, None)]
+    assert (demo_shards / "out-s/metrics.csv").read_bytes() == (uninterrupted / "metrics.csv").read_bytes()
+    a, b = load_file(str(uninterrupted / "encoder.safetensors")), load_file(str(demo_shards / "out-s/encoder.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -13,6 +13,14 @@ The unit of work is a *part*: one row group of one shard (256 windows). For epoc
 So an epoch's batches depend only on (seed, epoch, world size, loader workers): a run resumed at
 an epoch boundary sees exactly the batches the uninterrupted run saw. ``torch.utils.data.DataLoader``
 interleaves its workers' batches in a fixed order, which keeps that true with several workers.
+
+**Resuming inside an epoch** (``skip``: batches of this rank's epoch already consumed, from a step
+checkpoint): a stream's state after any number of batches is a function of that seed schedule alone,
+so it is recreated, not stored: the stream replays its first batches on row *pointers* (part, row)
+instead of rows — the shuffle buffer's draws depend only on its length — which reads no data; then
+it loads just the rows its buffer holds at that point and goes on exactly as the uninterrupted run
+did. The loader workers' roles rotate so that the DataLoader's round robin, which restarts at worker
+0, continues with the batch that comes next.
 """
 
 from __future__ import annotations
@@ -60,15 +68,21 @@ def split_count(total: int, n: int, i: int) -> int:
 
 
 class TrainBatches(IterableDataset):
-    """One rank's batches of one epoch: dicts {"mel": float16 (B, 64, T), "valid_frames": (B,)}."""
+    """One rank's batches of one epoch: dicts {"mel": float16 (B, 64, T), "valid_frames": (B,)}.
+
+    ``skip``: the first ``skip`` batches of this rank's epoch are not produced (resume inside an
+    epoch); the rest are exactly those the full epoch would give after them."""
 
     def __init__(self, parts: list[Part], batch_size: int, batches: int, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1024):
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1024, skip: int = 0):
         if not parts:
             raise ValueError("no training data: the shard list is empty")
+        if not 0 <= skip <= batches:
+            raise ValueError(f"skip={skip} is outside the epoch's {batches} batches")
         self.parts, self.batch_size, self.batches = parts, batch_size, batches
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.shuffle_buffer = max(shuffle_buffer, batch_size)
+        self.skip = skip
 
     def _parts_of_stream(self, stream: int, streams: int) -> Iterator[Part]:
         n = len(self.parts)
@@ -83,32 +97,54 @@ class TrainBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, workers = (info.id, info.num_workers) if info else (0, 1)
+        # Batch i of the epoch comes from worker i % workers; after `skip` batches the DataLoader's
+        # round robin restarts at slot 0, which must play the worker of batch `skip`.
+        worker = (slot + self.skip) % workers
         stream, streams = self.rank * workers + worker, self.world_size * workers
         todo = split_count(self.batches, workers, worker)
+        skip = split_count(self.skip, workers, worker)  # this worker's batches before the resume point
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        buf_mel: list[np.ndarray] = []
-        buf_valid: list[int] = []
-        out_mel: list[np.ndarray] = []
-        out_valid: list[int] = []
-        parts = self._parts_of_stream(stream, streams)
-        while todo > 0:
-            mel, valid = read_part(next(parts))
-            for row in range(mel.shape[0]):
-                if len(buf_mel) < self.shuffle_buffer:
-                    buf_mel.append(mel[row])
-                    buf_valid.append(int(valid[row]))
+        # Buffer items are (mel row, valid frames) — or, while replaying skipped batches, (part no, row).
+        buf: list[tuple] = []
+        out: list[tuple] = []
+        done = 0
+        parts: list[Part] = []
+        source = self._parts_of_stream(stream, streams)
+        k = 0  # number of the part being read (parts[k])
+        while done < todo:
+            parts.append(next(source))
+            replay = done < skip
+            mel, valid = (None, None) if replay else read_part(parts[k])
+            for row in range(parts[k].rows):
+                item = (k, row) if replay else (mel[row], int(valid[row]))
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(item)
                     continue
-                j = int(rng.integers(len(buf_mel)))
-                out_mel.append(buf_mel[j])
-                out_valid.append(buf_valid[j])
-                buf_mel[j], buf_valid[j] = mel[row], int(valid[row])
-                if len(out_mel) == self.batch_size:
-                    yield collate(out_mel, out_valid)
-                    out_mel, out_valid = [], []
-                    todo -= 1
-                    if todo == 0:
-                        return
+                j = int(rng.integers(len(buf)))
+                out.append(buf[j])
+                buf[j] = item
+                if len(out) < self.batch_size:
+                    continue
+                done += 1
+                if not replay:
+                    yield collate([m for m, _ in out], [v for _, v in out])
+                out = []
+                if done == todo:
+                    return
+                if replay and done == skip:  # the resume point: load what the buffer holds, go on with rows
+                    buf = _load_pointers(buf, parts)
+                    replay = False
+                    mel, valid = read_part(parts[k])
+            k += 1
+
+
+def _load_pointers(buf: list[tuple], parts: list[Part]) -> list[tuple]:
+    """Replace (part no, row) pointers by the rows they point at (each part read once)."""
+    loaded = {}
+    for k in sorted({k for k, _ in buf}):
+        loaded[k] = read_part(parts[k])
+    return [(loaded[k][0][row], int(loaded[k][1][row])) for k, row in buf]
 
 
 def collate(mels: list[np.ndarray], valid: list[int]) -> dict:

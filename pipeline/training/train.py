@@ -12,8 +12,11 @@
    checkpoint (weights, optimiser, state) every epoch;
 3. keeps its state (Ray's ``storage_path``: checkpoints, metrics, TensorBoard) in
    ``--state-dir``, outside the rule's outputs, under a run name made from the config hash:
-   a rerun after a crash or ``kill -9`` resumes from the last checkpoint and, on CPU with a fixed
-   seed, reproduces the uninterrupted run exactly; a lost worker is restarted (``FailureConfig``);
+   a rerun after a crash or ``kill -9`` resumes from the last checkpoint — an epoch's, or a step
+   checkpoint inside an epoch (``step_checkpoint.py``: every ``checkpoint_every_min`` minutes and
+   when a signal asks the job to stop, after which it exits with status 75, "resume me") — and, on
+   CPU with a fixed seed, reproduces the uninterrupted run exactly; a lost worker is restarted
+   (``FailureConfig``);
 4. averages the encoder weights of the best ``average_best`` checkpoints by validation loss and
    exports them (safetensors + JSON) with the metrics CSV, a loss-curve PNG and a summary.
 """
@@ -40,10 +43,10 @@ from model.frontend import MEL_PARAMS
 from model.mae import DEFAULT_DECODER, MaskedAutoencoder
 from pipeline.common import atomic, logs, provenance
 from pipeline.features import shards
-from pipeline.training import loader, schedule
+from pipeline.training import loader, schedule, step_checkpoint
 from pipeline.training.averaging import average_state_dicts, encoder_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("pipeline.training.train")  # (not __name__: "__main__" as the entry point)
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss"]
 THROUGHPUT_FIELDS = ["epoch", "seconds", "samples_per_s", "tokens_per_s", "loader_wait_fraction"]
@@ -52,6 +55,10 @@ TOKENS_PER_WINDOW = 250
 
 class TrainingInputError(ValueError):
     """The training inputs are unusable; the message names the file and what to do."""
+
+
+class StoppedEarly(Exception):
+    """The workers stopped at a step checkpoint on request (a signal): the next job resumes."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -87,8 +94,12 @@ def select_shards(dataset: dict, validation_sources: list[str], root: Path, veri
     return train, valid
 
 
+# Keys that only say how the run is scheduled: changing them between jobs keeps the run (and resumes it).
+SCHEDULING_KEYS = ("runtime_min", "total_runtime_min", "checkpoint_every_min", "signal_lead_s", "mem_mb")
+
+
 def run_name(cfg: dict) -> str:
-    return "mae-" + provenance.config_hash(cfg)
+    return "mae-" + provenance.config_hash({k: v for k, v in cfg.items() if k not in SCHEDULING_KEYS})
 
 
 # --------------------------------------------------------------------------- worker
@@ -188,6 +199,8 @@ def train_worker(cfg: dict) -> None:
             optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu",
                                                  weights_only=True))
             start_epoch = json.loads(Path(folder, "state.json").read_text())["epoch"] + 1
+    resumed = _resume_from_step_checkpoint(mae, optimizer, start_epoch * bpe, cfg, rank, world)
+    start_epoch, skip = (resumed["epoch"], resumed["batch"]) if resumed else (start_epoch, 0)
     model = ray.train.torch.prepare_model(mae)
     if cfg["compile"]:
         model = torch.compile(model)
@@ -198,18 +211,23 @@ def train_worker(cfg: dict) -> None:
         _truncate_csv(metrics_csv, METRIC_FIELDS, start_epoch)
         _truncate_csv(throughput_csv, THROUGHPUT_FIELDS, start_epoch)
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(state_dir / "tensorboard"), purge_step=start_epoch * bpe)
+        writer = SummaryWriter(str(state_dir / "tensorboard"), purge_step=start_epoch * bpe + skip)
+    steps = step_checkpoint.StepCheckpoints(state_dir)
+    timer = step_checkpoint.Schedule(step_checkpoint.Control(state_dir), cfg["checkpoint_every_min"], rank, device)
 
     train_parts, valid_parts = loader.parts_of(cfg["train_shards"]), loader.parts_of(cfg["valid_shards"])
     for epoch in range(start_epoch, epochs):
         data = torch.utils.data.DataLoader(
-            loader.TrainBatches(train_parts, per_rank, bpe, cfg["seed"], epoch, rank, world, cfg["shuffle_buffer"]),
+            loader.TrainBatches(train_parts, per_rank, bpe, cfg["seed"], epoch, rank, world, cfg["shuffle_buffer"],
+                                skip=skip),
             batch_size=None, num_workers=cfg["loader_workers"], pin_memory=device.type == "cuda",
         )
         rows, loss_sum, wait = [], 0.0, 0.0
+        if resumed and epoch == resumed["epoch"]:  # the part of this epoch done before the step checkpoint
+            rows, loss_sum = resumed["rows"], resumed["loss_sum"].to(device)
         started = last_progress = time.perf_counter()
         fetch_start = time.perf_counter()
-        for i, batch in enumerate(data):
+        for i, batch in enumerate(data, start=skip):
             wait += time.perf_counter() - fetch_start
             step = epoch * bpe + i
             lr = schedule.learning_rate(step, cfg["lr"], warmup_steps, total_steps, cfg["final_lr_fraction"])
@@ -233,18 +251,32 @@ def train_worker(cfg: dict) -> None:
                     atomic.write_json(state_dir / "progress.json", {"step": step + 1, "total": total_steps,
                                                                      "epoch": epoch, "loss": round(loss, 4)})
                     last_progress = now
+            if i < bpe - 1:  # (the epoch's last step is followed by its epoch checkpoint)
+                save, stop = timer.poll()
+                if save:
+                    _save_step_checkpoint(steps, model, optimizer, step + 1, epoch, i + 1, rows, loss_sum, cfg,
+                                          rank, world, "stop" if stop else "schedule")
+                    timer.saved()
+                if stop:
+                    if rank == 0:
+                        timer.control.mark_stopped({"step": step + 1, "total": total_steps})
+                        writer.close()
+                    return
             fetch_start = time.perf_counter()
         seconds = time.perf_counter() - started
+        batches_run, skip = bpe - skip, 0
         val_loss = validate(model, loader.ValidationBatches(valid_parts, per_rank, cfg["validation_rows"], rank, world),
                             device, cfg["seed"], bf16)
         train_loss = _mean_across_ranks(float(loss_sum), bpe, device)
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
+            timer.saved()
             continue
         rows[-1]["val_loss"] = f"{val_loss:.6f}"
         _append_csv(metrics_csv, METRIC_FIELDS, rows)
-        samples = bpe * cfg["global_batch"]
+        samples = batches_run * cfg["global_batch"]
+        timer.saved()  # an epoch checkpoint is a resume point too
         _append_csv(throughput_csv, THROUGHPUT_FIELDS, [{
             "epoch": epoch, "seconds": f"{seconds:.3f}", "samples_per_s": f"{samples / seconds:.2f}",
             "tokens_per_s": f"{samples * TOKENS_PER_WINDOW / seconds:.1f}",
@@ -253,15 +285,60 @@ def train_worker(cfg: dict) -> None:
         writer.add_scalar("throughput/samples_per_s", samples / seconds, epoch)
         writer.flush()
         with tempfile.TemporaryDirectory(dir=state_dir) as folder:
-            unwrapped = model.module if hasattr(model, "module") else model
-            unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
-            save_file({k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()},
                       os.path.join(folder, "model.safetensors"))
             torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
             Path(folder, "state.json").write_text(json.dumps({**metrics, "step": (epoch + 1) * bpe}, sort_keys=True))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
     if writer is not None:
         writer.close()
+
+
+def _unwrap(model):
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+def _save_step_checkpoint(steps, model, optimizer, step: int, epoch: int, batch: int, rows: list[dict], loss_sum,
+                          cfg: dict, rank: int, world: int, reason: str) -> None:
+    """Every rank: gather the ranks' RNG states and loss sums; rank 0 writes the checkpoint."""
+    mine = {**step_checkpoint.rng_state(), "loss_sum": torch.as_tensor(loss_sum).detach().cpu().reshape(())}
+    ranks = step_checkpoint.gather(mine, world)
+    if rank == 0:
+        info = {"epoch": epoch, "batch": batch, "world_size": world, "loader_workers": cfg["loader_workers"],
+                "batches_per_epoch": cfg["batches_per_epoch"], "rows": rows, "reason": reason}
+        path = steps.save(step, _unwrap(model).state_dict(), optimizer.state_dict(), ranks, info)
+        log.info(f"step checkpoint {path} (step {step}, epoch {epoch}, batch {batch}; {reason})")
+
+
+def _resume_from_step_checkpoint(mae, optimizer, epoch_step: int, cfg: dict, rank: int, world: int) -> dict | None:
+    """Load the newest intact step checkpoint when it is newer than the epoch checkpoint (at global
+    step ``epoch_step``); rank 0 chooses (and checks the sha256s), every rank loads the same one.
+    Returns {"epoch", "batch", "rows", "loss_sum"} or None."""
+    state_dir = Path(cfg["state_dir"])
+    chosen = None
+    if rank == 0:
+        latest = step_checkpoint.StepCheckpoints(state_dir).latest()
+        chosen = str(latest.path) if latest and latest.step > epoch_step else None
+        atomic.write_json(state_dir / "resume.json", {"step": latest.step if chosen else epoch_step,
+                                                      "from": "step checkpoint" if chosen else
+                                                      "epoch checkpoint" if epoch_step else "start",
+                                                      "path": chosen})
+    chosen = step_checkpoint.broadcast(chosen, rank)
+    if chosen is None:
+        return None
+    ckpt = step_checkpoint.StepCheckpoint(Path(chosen), json.loads(Path(chosen, step_checkpoint.MANIFEST).read_text()))
+    info = ckpt.manifest
+    if info["world_size"] != world or info["loader_workers"] != cfg["loader_workers"]:
+        raise RuntimeError(f"{chosen}: written by {info['world_size']} workers x {info['loader_workers']} loader "
+                           f"workers, this run has {world} x {cfg['loader_workers']}")
+    mae.load_state_dict(ckpt.model_state())
+    optimizer.load_state_dict(ckpt.optimizer_state())
+    mine = ckpt.rank_state(rank)
+    step_checkpoint.set_rng_state(mine)
+    if rank == 0:
+        log.info(f"resuming from step checkpoint {chosen}: step {ckpt.step}, epoch {info['epoch']}, batch {info['batch']}")
+    return {"epoch": info["epoch"], "batch": info["batch"], "rows": info["rows"], "loss_sum": mine["loss_sum"]}
 
 
 # --------------------------------------------------------------------------- driver
@@ -313,10 +390,6 @@ def export(best: list[tuple[Path, float, int]], cfg: dict, stamp: dict, out_dir:
 
 
 def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: str | None = None) -> dict:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     cfg = dict(params["training"])
     cfg["seed"] = int(params["seed"])
     cfg["decoder"] = cfg["decoder"] or DEFAULT_DECODER[cfg["size"]]
@@ -336,7 +409,19 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
           f"{cfg['epochs']} epochs x {cfg['batches_per_epoch']} batches of {cfg['global_batch']}, "
           f"{cfg['workers']} workers ({'GPU' if cfg['use_gpu'] else 'CPU'}), state in {state}")
 
+    control = step_checkpoint.Control(state)
+    control.clear()
+    with step_checkpoint.signal_handlers(control):
+        return _train(cfg, params, worker_cfg, name, state, out, control, address)
+
+
+def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     _start_ray(address, cfg, state)
+    step_checkpoint.install_handlers(control)  # again: ray.init sets its own SIGTERM handler
     progress = _Progress(state / "progress.json", cfg["epochs"] * cfg["batches_per_epoch"])
     progress.start()
     try:
@@ -359,8 +444,14 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
         progress.stop.set()
         progress.join(timeout=5)
         ray.shutdown()
+    _record_job(state, control, result)
     if result.error:
         raise result.error
+    stopped = control.stopped()
+    if stopped:
+        raise StoppedEarly(f"stopped at step {stopped['step']} of {stopped['total']} ({control.stop_reason()}); "
+                           f"the step checkpoint is in {state / 'steps'}: run again to resume "
+                           f"(exit status {step_checkpoint.EXIT_RESUME})")
     best = sorted(((Path(c.path), float(m["val_loss"]), int(m["epoch"])) for c, m in result.best_checkpoints),
                   key=lambda item: (item[1], item[2]))[: cfg["average_best"]]
     stamp = provenance.stamp(params, cfg["seed"])
@@ -378,6 +469,19 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
     log.info(f"exported {path} (mean of {len(best)} best checkpoints, val loss "
           f"{', '.join(f'{v:.4f}' for _, v, _ in best)})")
     return summary
+
+
+def _record_job(state: Path, control: step_checkpoint.Control, result) -> None:
+    try:
+        resumed = json.loads((state / "resume.json").read_text())
+    except (OSError, ValueError):
+        resumed = {}
+    stopped = control.stopped()
+    outcome = "error" if result.error else "stopped" if stopped else "finished"
+    step_checkpoint.record_attempt(state, {
+        "slurm_job": os.environ.get("SLURM_JOB_ID"), "outcome": outcome, "resumed_from": resumed.get("from"),
+        "start_step": resumed.get("step"), "end_step": stopped["step"] if stopped else None,
+        "signal": control.stop_reason() if stopped else None})
 
 
 def _last_val_loss(metrics_csv: Path) -> float | None:
@@ -399,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
         run(json.loads(args.params), args.dataset, args.state_dir, args.out_dir, args.address)
     except (TrainingInputError, shards.ShardError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    except StoppedEarly as exc:
+        log.warning(f"not finished: {exc}")
+        raise SystemExit(step_checkpoint.EXIT_RESUME) from None
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ TRAINING = {
     "validation_sources": ["demo_valid"], "validation_rows": 4, "workers": 2, "use_gpu": False,
     "cpus_per_worker": 1, "loader_workers": 0, "shuffle_buffer": 16, "log_every": 1, "object_store_mb": 128,
     "optimizer": "adamw8bit", "keep_best": 4, "average_best": 2, "max_failures": 1, "gpus_per_node": 0,
-    "mem_mb": 4000, "runtime_min": 30,
+    "mem_mb": 4000, "runtime_min": 30, "total_runtime_min": 30, "checkpoint_every_min": 0,
 }
 GOOD_IDS = [f"clip{i:07d}" for i in range(8)]
 # Clips of the DAG: 11 list rows (8 ok, a 404, an invalid ID, a duplicate), 12 + 4 demo clips.

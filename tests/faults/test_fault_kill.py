@@ -9,7 +9,9 @@ sees the job fail, deletes its outputs and stops)."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -80,3 +82,61 @@ def test_kill_9_at_random_points_then_rerun(tmp_path, server, reference, seed, f
     assert leftovers == []
     assert "Nothing to be done" in nothing_left.stdout + nothing_left.stderr
 
+
+
+def test_kill_9_inside_an_epoch_resumes_from_the_step_checkpoint(tmp_path, server, reference, figures):
+    """Training with step checkpoints (after about every step here) is killed -9 inside an epoch;
+    the newest step checkpoint is then damaged (one bit). The rerun names the damaged checkpoint,
+    moves it aside, resumes from the one before it and ends with the uninterrupted run's weights and
+    metrics. The data stage's outputs are copied from the reference run, so only training runs."""
+    shutil.copytree(reference, tmp_path / "w", ignore=shutil.ignore_patterns("training", "training_state", "*.log"))
+    work = tmp_path / "w"
+    cfg = fu.dag_config(reference / "segments.csv", server.url_template)
+    cfg["training"] = {**cfg["training"], "checkpoint_every_min": 0.002}  # every step (0.12 s)
+    state = work / fu.OUT / "training_state"
+    bpe = cfg["training"]["batches_per_epoch"]
+    rng = random.Random(0)
+
+    def mid_epoch_checkpoint():  # a step checkpoint inside the second epoch exists
+        return any(int(p.parent.name.split("-")[1]) % bpe and int(p.parent.name.split("-")[1]) > bpe
+                   for p in state.glob("mae-*/steps/step-*/manifest.json"))
+
+    try:
+        proc = fu.start(work, cfg, "all", log_name="run0.log")
+        hit = fu.kill_at_random_point(proc, "pipeline.training.train", rng, 0.3, mode="all", ready=mid_epoch_checkpoint)
+        fu.sweep(fu.ray_tmp(work))
+        [run_dir] = state.glob("mae-*")
+        killed_at = json.loads((run_dir / "progress.json").read_text())["step"]
+        kept = sorted(run_dir.glob("steps/step-*"))
+        newest, previous_step = kept[-1], int(kept[-2].name.split("-")[1])
+        epoch_step = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/state.json"))
+        data = bytearray((newest / "model.safetensors").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (newest / "model.safetensors").write_bytes(bytes(data))
+        fu.run(work, cfg, "--unlock")
+        final = fu.run(work, cfg, "all")
+    finally:
+        fu.sweep(fu.ray_tmp(work))
+        fu.sweep(str(work))
+    train_log = (work / fu.OUT / "logs/training/train.log").read_text()
+    resumed = json.loads((run_dir / "resume.json").read_text())
+    a, b = _weights(reference), _weights(work)
+    same_weights = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same_metrics = (work / fu.OUT / "training/metrics.csv").read_bytes() == \
+        (reference / fu.OUT / "training/metrics.csv").read_bytes()
+    named = f"step checkpoint skipped: {newest}: model.safetensors has sha256" in train_log
+    survived = same_weights and same_metrics and named and final.returncode == 0
+    figures.record("kill -9", "training inside an epoch (step checkpoints)", tried=1, survived=int(survived),
+                   delay_s=hit["delay_s"], killed_at_step=killed_at, resumed_at_step=resumed["step"],
+                   resumed_from=resumed["from"])
+    figures.record("damaged step checkpoint", "one bit flipped in the newest", tried=1,
+                   survived=int(survived and named and (run_dir / "steps/.damaged" / newest.name).is_dir()),
+                   skipped=newest.name, used=resumed["step"])
+
+    assert final.returncode == 0
+    assert named, train_log[-3000:]
+    assert (run_dir / "steps/.damaged" / newest.name).is_dir()  # moved aside, never loaded
+    # the one before the damaged one, or the epoch checkpoint if that is newer: never an older point
+    assert (resumed["from"], resumed["step"]) == max((("step checkpoint", previous_step), ("epoch checkpoint", epoch_step)),
+                                                     key=lambda x: x[1])
+    assert same_weights and same_metrics

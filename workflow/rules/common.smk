@@ -158,6 +158,21 @@ def training_gres():
     return f"gpu:{gpus}" if gpus else ""
 
 
+def training_retries():
+    """Resubmissions of the training job: as many as the total budget holds per-job slots, minus
+    the first (each job resumes from the last step checkpoint)."""
+    t = config["training"]
+    return max(0, -(-t["total_runtime_min"] // t["runtime_min"]) - 1)
+
+
+def training_slurm_extra():
+    """sbatch --signal for the warning before the time limit. SIGURG: every process of the job
+    step gets it and ignores it by default (snakemake, bash, Ray); the training driver handles it.
+    """
+    lead = config["training"]["signal_lead_s"]
+    return f"'--signal=URG@{lead}'" if lead else ""
+
+
 # ---- stage 4, evaluation (evaluate.smk)
 
 EVAL = config["evaluation"]

@@ -1,9 +1,13 @@
 # Stage 3, training (package pipeline/training/): MAE pre-training with Ray Train, from the
-# dataset manifest's shards. Ray's state (checkpoints, metrics, TensorBoard) lives in
-# {OUT}/training_state/, outside the declared outputs (Snakemake deletes those before a job): a
-# rerun after a crash resumes from the last checkpoint. Locally the job starts its own Ray
+# dataset manifest's shards. Ray's state (checkpoints, step checkpoints, metrics, TensorBoard)
+# lives in {OUT}/training_state/, outside the declared outputs (Snakemake deletes those before a
+# job): a rerun after a crash resumes from the last checkpoint. Locally the job starts its own Ray
 # instance; under SLURM the launcher starts a Ray head on the first node and workers on the others
 # (workflow/scripts/ray_slurm.sh).
+#
+# Training longer than one job's time limit: SLURM sends SIGURG signal_lead_s before the limit
+# (slurm_extra below), the job writes a step checkpoint and exits with status 75; Snakemake
+# resubmits it (retries: as many jobs as total_runtime_min holds) and the next job resumes.
 
 
 rule train:
@@ -19,6 +23,7 @@ rule train:
         curve=f"{OUT}/training/loss_curve.png",
     log:
         f"{LOGS}/training/train.log",
+    retries: training_retries()
     conda:
         "../../envs/train.yaml"
     threads: training_threads()
@@ -31,6 +36,7 @@ rule train:
         gres=training_gres(),
         mem_mb=config["training"]["mem_mb"],
         runtime=config["training"]["runtime_min"],
+        slurm_extra=training_slurm_extra(),
     params:
         cfg=training_params(),
         state=f"{OUT}/training_state",

@@ -45,6 +45,15 @@ teardown() {
 }
 trap teardown EXIT
 trap 'exit 143' TERM INT
+driver=""
+on_term() {  # SIGTERM (preemption, scancel): let the driver write its step checkpoint first
+  if [[ -n $driver ]]; then
+    echo "ray_slurm: SIGTERM: waiting for the driver to checkpoint and stop" >&2
+    kill -TERM "$driver" 2>/dev/null || true
+    wait "$driver"; exit $?
+  fi
+  exit 143
+}
 
 count_nodes() {
   python - "$head_ip:$port" <<'PY' 2>/dev/null || echo 0
@@ -91,4 +100,8 @@ for node in "${node_list[@]:1}"; do
 done
 wait_for_nodes "${#node_list[@]}"
 echo "ray_slurm: ${#node_list[@]} nodes up" >&2
-"$@" --address "$head_ip:$port"
+trap on_term TERM
+# (SLURM's warning, SIGURG, is ignored by this shell and reaches the driver directly.)
+"$@" --address "$head_ip:$port" &
+driver=$!
+wait "$driver"
