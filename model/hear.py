@@ -10,6 +10,9 @@
 or ``"random:<size>"`` (e.g. ``"random:tiny"``) for a random encoder of any size in
 ``model.encoder.SIZES``. Random weights come from a fixed seed (0), so they are the same each time.
 
+``load_model(path, device=None, dtype="fp32")``: ``dtype="bf16"`` runs the encoder under bf16
+autocast (CPU or GPU; front end in fp32, embeddings float32), see ``model.embed``.
+
 Timestamp embeddings are the encoder's 25 Hz frames; a frame's timestamp is the centre of the
 four mel frames it covers (40·k + 15 ms). Scene embeddings are the mean of the frames.
 Clips longer than 10.08 s go through the model in chunks of 252 frames, concatenated.
@@ -24,6 +27,7 @@ from model.checkpoint import load_encoder
 from model.embed import embed, frame_times_ms
 from model.encoder import DashengEncoder
 from model.frontend import SAMPLE_RATE
+from model.inputs import check_dtype
 
 RANDOM_PREFIX = "random:"
 RANDOM_SEED = 0
@@ -34,9 +38,10 @@ class HearModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: DashengEncoder, batch_size: int = 16):
+    def __init__(self, encoder: DashengEncoder, batch_size: int = 16, dtype="fp32"):
         super().__init__()
         self.encoder = encoder.eval()
+        self.dtype = check_dtype(dtype)  # "fp32" or "bf16" (autocast)
         self.scene_embedding_size = encoder.embed_dim
         self.timestamp_embedding_size = encoder.embed_dim
         self.batch_size = batch_size  # sounds per forward pass
@@ -49,7 +54,8 @@ def random_encoder(size: str = "base", seed: int = RANDOM_SEED) -> DashengEncode
         return DashengEncoder(size).eval()
 
 
-def load_model(model_file_path: str = "", device: str | torch.device | None = None) -> HearModel:
+def load_model(model_file_path: str = "", device: str | torch.device | None = None, dtype="fp32") -> HearModel:
+    dtype = check_dtype(dtype)  # before loading anything: a bad dtype fails fast
     if model_file_path == "":
         encoder = random_encoder("base")
     elif model_file_path.startswith(RANDOM_PREFIX):
@@ -58,7 +64,7 @@ def load_model(model_file_path: str = "", device: str | torch.device | None = No
         encoder = load_encoder(model_file_path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HearModel(encoder).to(device)
+    return HearModel(encoder, dtype=dtype).to(device)
 
 
 def _check_audio(audio: torch.Tensor) -> None:
@@ -72,7 +78,7 @@ def _check_audio(audio: torch.Tensor) -> None:
 def _frames(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """(n_sounds, n_samples) → (n_sounds, T, D) frame embeddings, in batches of ``model.batch_size``."""
     _check_audio(audio)
-    parts = [embed(model.encoder, chunk).frames for chunk in audio.split(model.batch_size)]
+    parts = [embed(model.encoder, chunk, dtype=model.dtype).frames for chunk in audio.split(model.batch_size)]
     return torch.cat(parts).to(audio.device)
 
 
