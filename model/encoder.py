@@ -176,6 +176,7 @@ class DashengEncoder(nn.Module):
     def transformer(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks and final norm: (B, N, D) → (B, N, D); ``valid`` (B, N) bool marks real tokens."""
         attn_mask = key_padding_mask(valid)
+        x = x.contiguous()  # a token-major view of (B, D, N) would make every LayerNorm copy it
         for blk in self.blocks:
             x = blk(x, attn_mask)
         return self.norm(x)

@@ -97,3 +97,23 @@ def check_mel(mel: torch.Tensor, valid_frames=None) -> tuple[torch.Tensor, torch
     if valid_frames is not None:
         valid_frames = _check_counts(valid_frames, batch, FRAMES_PER_TOKEN, frames, "valid_frames", "frames")
     return mel, valid_frames
+
+
+# Precision of a forward pass: "fp32" (no autocast) or "bf16" (bf16 autocast on the model's
+# device, CPU or GPU; the front end and the pooling stay fp32, outputs are always float32).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16"}
+
+
+def check_dtype(dtype) -> str:
+    """``"fp32"``/``"bf16"`` (or ``"float32"``/``"bfloat16"``, ``torch.float32``/``torch.bfloat16``,
+    None for fp32) → ``"fp32"`` or ``"bf16"``."""
+    if dtype is None:
+        return "fp32"
+    if isinstance(dtype, torch.dtype):
+        name = next((k for k, v in DTYPES.items() if v == dtype), None)
+    else:
+        name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: expected 'fp32' or 'bf16' (or torch.float32 / torch.bfloat16)")
+    return name

@@ -12,6 +12,10 @@ plus ``rejects.json`` (every clip that could not be embedded: missing wav, undec
 reason; also printed to the log) and ``meta.json`` (model, task, dimensions, counts, provenance),
 written last. The probe and k-NN steps read these without the encoder.
 
+``--dtype fp32|bf16`` (the DAG passes ``evaluation.dtype``): bf16 runs our encoders (``checkpoint``,
+``random``) under bf16 autocast (``model.embed``); the log-mel baseline and HEAR modules always run
+as they are. ``meta.json`` records the precision used.
+
 Models (``spec["type"]``):
 
 - ``checkpoint``: our ``.safetensors`` (encoder or MAE), an official Dasheng ``.pt`` release, or a
@@ -41,7 +45,7 @@ import torch
 
 from model.embed import embed, frame_times_ms
 from model.frontend import LogMel
-from model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN
+from model.inputs import DTYPES, FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_dtype
 from pipeline.common import atomic, audio, logs, provenance
 from pipeline.evaluation import hear_tasks
 
@@ -56,16 +60,18 @@ class Embedder:
     sample_rate = audio.SAMPLE_RATE
     dim: int
     description: str
+    dtype = "fp32"  # the precision it runs in
 
     def __call__(self, batch: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         raise NotImplementedError
 
 
 class EncoderEmbedder(Embedder):
-    def __init__(self, encoder, description: str):
+    def __init__(self, encoder, description: str, dtype: str = "fp32"):
         self.encoder = encoder.eval()
         self.dim = encoder.embed_dim
-        self.description = description
+        self.dtype = check_dtype(dtype)
+        self.description = description if self.dtype == "fp32" else f"{description}, {self.dtype} autocast"
 
     def __call__(self, batch):
         longest = max(SAMPLES_PER_TOKEN, max(x.size for x in batch))
@@ -74,7 +80,7 @@ class EncoderEmbedder(Embedder):
         for i, x in enumerate(batch):
             wav[i, : x.size] = torch.from_numpy(x)
             lengths[i] = max(SAMPLES_PER_TOKEN, x.size)
-        out = embed(self.encoder, wav, lengths=lengths)
+        out = embed(self.encoder, wav, lengths=lengths, dtype=self.dtype)
         results = []
         for i in range(len(batch)):
             n = int(out.num_frames[i])
@@ -140,7 +146,8 @@ class HearModuleEmbedder(Embedder):
         return results
 
 
-def build_embedder(spec: dict, seed: int = 0) -> Embedder:
+def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
+    """``dtype`` ("fp32"/"bf16") applies to our encoders (checkpoint, random) only."""
     kind = spec.get("type")
     if kind == "checkpoint":
         from model.pretrained import load
@@ -148,14 +155,15 @@ def build_embedder(spec: dict, seed: int = 0) -> Embedder:
         path = spec.get("path")
         if not path:
             raise ValueError("models: a 'checkpoint' model needs a 'path'")
-        return EncoderEmbedder(load(path), f"checkpoint {path}")
+        return EncoderEmbedder(load(path), f"checkpoint {path}", dtype)
     if kind == "random":
         from model.pretrained import random_encoder
 
         size = spec.get("size") or "base"
         model_seed = spec.get("seed")
         model_seed = seed if model_seed is None else int(model_seed)
-        return EncoderEmbedder(random_encoder(size, model_seed), f"random-init {size} encoder (seed {model_seed})")
+        return EncoderEmbedder(random_encoder(size, model_seed), f"random-init {size} encoder (seed {model_seed})",
+                               dtype)
     if kind == "logmel":
         return LogMelEmbedder()
     if kind == "hear_module":
@@ -244,7 +252,9 @@ def load_meta(folder: str | Path) -> dict:
         return json.load(fh)
 
 
-def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: str | Path, threads: int = 1) -> dict:
+def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: str | Path, threads: int = 1,
+        dtype: str = "fp32") -> dict:
+    dtype = check_dtype(dtype)
     torch.set_num_threads(max(1, threads))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +263,7 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
     task = hear_tasks.load_task(task_dir)
     store_frames = params.get("frames", "all") == "all" or task.is_event
     t0 = time.perf_counter()
-    embedder = build_embedder(spec, seed)
+    embedder = build_embedder(spec, seed, dtype)
     log.info(f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
           f"({task.embedding_type}, {task.split_mode}, audio {task.sample_rate} Hz → {embedder.sample_rate} Hz)")
     all_rejects: list[hear_tasks.Reject] = []
@@ -293,9 +303,11 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
         "task_dir": str(task_dir),
         "embedding_type": task.embedding_type,
         "frames_stored": store_frames,
+        "dtype": embedder.dtype,
         "splits": counts,
         "rejected": len(all_rejects),
-        "provenance": provenance.stamp({"model": spec, "params": params, "task": task.name}, seed, audio.versions()),
+        "provenance": provenance.stamp({"model": spec, "params": params, "task": task.name, "dtype": embedder.dtype},
+                                       seed, audio.versions()),
     }
     atomic.write_json(out / "meta.json", meta)
     return meta
@@ -309,10 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="{}", help="JSON: seed, batch_size, frames, decode_threads")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="precision of our encoders: fp32, or bf16 autocast (CPU or GPU)")
     args = parser.parse_args(argv)
     logs.setup()
     try:
-        run(args.task, args.model, json.loads(args.spec), json.loads(args.params), args.out, args.threads)
+        run(args.task, args.model, json.loads(args.spec), json.loads(args.params), args.out, args.threads, args.dtype)
     except (hear_tasks.TaskError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

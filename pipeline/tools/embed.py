@@ -42,7 +42,7 @@ from model import pretrained
 from model.embed import embed_mel, frame_times_ms
 from model.encoder import MAX_TOKENS, DashengEncoder
 from model.frontend import HOP_LENGTH, LogMel
-from model.inputs import FRAMES_PER_TOKEN
+from model.inputs import FRAMES_PER_TOKEN, check_dtype
 from pipeline.common import atomic, audio, provenance
 from pipeline.evaluation.embeddings import prefetch
 from pipeline.tools import inputs
@@ -52,7 +52,6 @@ AUDIO = inputs.AUDIO_SUFFIXES
 
 WINDOW_FRAMES = MAX_TOKENS * FRAMES_PER_TOKEN  # 1008 mel frames: 10.08 s, one pass of the encoder
 META_KEY = b"dasheng"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class EmbedError(ValueError):
@@ -60,13 +59,6 @@ class EmbedError(ValueError):
 
 
 # -- the model side ----------------------------------------------------------------------------
-
-
-def autocast(device: torch.device, dtype: str):
-    """bf16: autocast around the transformer (the front end stays fp32); fp32: nothing."""
-    if dtype not in DTYPES:
-        raise EmbedError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 @dataclass
@@ -83,8 +75,8 @@ class Model:
     @classmethod
     def load(cls, spec: str, device: str = "cpu", dtype: str = "fp32") -> "Model":
         dev = torch.device(device)
+        dtype = check_dtype(dtype)  # a bad name fails before the weights load
         encoder = pretrained.load(spec, dev).eval()
-        autocast(dev, dtype)  # checks the name
         return cls(str(spec), encoder, pretrained.weights_sha256(spec, encoder), dev, dtype)
 
     @property
@@ -118,8 +110,7 @@ class Model:
             for k, (_, _, piece) in enumerate(batch):
                 mel[k, :, : piece.shape[1]] = piece
                 valid[k] = piece.shape[1]
-            with autocast(self.device, self.dtype):
-                result = embed_mel(self.encoder, mel.to(self.device), valid)
+            result = embed_mel(self.encoder, mel.to(self.device), valid, dtype=self.dtype)  # bf16: autocast
             for k, (i, w, _) in enumerate(batch):
                 out[(i, w)] = result.frames[k, : int(result.num_frames[k])].float().cpu()  # (≤ 252, D)
         return [torch.cat([out[(i, w)] for w in range(n)]) if n else torch.zeros(0, self.dim)

@@ -6,7 +6,8 @@
    the model's front end, every shard's sha256 against the dataset manifest — and names the
    shard at fault;
 2. starts Ray (a local instance with N CPU workers, or joins ``--address`` on a cluster) and runs
-   one training worker per GPU/CPU slot. Each worker: bf16 autocast on GPU, fp32 on CPU;
+   one training worker per GPU/CPU slot. Each worker: bf16 autocast on GPU, fp32 on CPU unless
+   ``precision: bf16`` (autocast on CPU too; front end and loss in fp32);
    bitsandbytes ``AdamW8bit`` (or ``torch.optim.AdamW``); the paper's schedule per step;
    an epoch is ``batches_per_epoch`` global batches; validation MSE on held-out sources and a
    checkpoint (weights, optimiser, state) every epoch;
@@ -180,7 +181,8 @@ def train_worker(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg["threads_per_worker"])))
     device = ray.train.torch.get_device()
-    bf16 = device.type == "cuda" and cfg["precision"] in ("auto", "bf16")
+    # bf16 autocast: asked for (CPU or GPU), or "auto" on a GPU; the front end and the loss stay fp32
+    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
     state_dir = Path(cfg["state_dir"])
     per_rank = cfg["global_batch"] // world
     bpe, epochs = cfg["batches_per_epoch"], cfg["epochs"]

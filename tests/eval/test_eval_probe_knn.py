@@ -113,6 +113,13 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     clip = hear_tasks.load_task(task).clips("train")[0][0]
     direct = embed(load_encoder(ckpt), torch.from_numpy(hear_tasks.load_audio(clip))[None])
     np.testing.assert_allclose(arr["clip"][0], direct.clip[0].numpy(), rtol=1e-4, atol=1e-5)
+    # --dtype bf16 (the DAG passes evaluation.dtype): autocast, recorded in meta.json, close to fp32
+    extract.main(["--task", str(task), "--model", "trained", "--spec", json.dumps({"type": "checkpoint", "path": str(ckpt)}),
+                  "--params", '{"batch_size": 4}', "--dtype", "bf16", "--out", str(tmp_path / "ck16")])
+    assert extract.load_meta(tmp_path / "ck16")["dtype"] == "bf16" and extract.load_meta(tmp_path / "ck")["dtype"] == "fp32"
+    bf16 = extract.load_split(tmp_path / "ck16", "train")["clip"]
+    cos = (bf16 * arr["clip"]).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(arr["clip"], axis=1)
+    assert bf16.dtype == np.float32 and cos.min() > 0.999 and not np.array_equal(bf16, arr["clip"])
     # the project's own HEAR module, loaded by name, equals the random-init encoder of the same size and seed
     extract.run(task, "hear", {"type": "hear_module", "module": "model.hear", "path": "random:tiny"}, {}, tmp_path / "h")
     extract.run(task, "random", {"type": "random", "size": "tiny", "seed": 0}, {}, tmp_path / "r")

@@ -37,6 +37,26 @@ def test_clip_embedding_excludes_padding(tiny):
     torch.testing.assert_close(mel.clip, out.clip, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_embeddings_agree_with_fp32(tiny):
+    wav, lengths = noise(3, 12.0, seed=5), torch.tensor([192000, 100000, 64000])
+    fp32 = embed(tiny, wav, lengths=lengths)
+    bf16 = embed(tiny, wav, lengths=lengths, dtype="bf16")
+    assert bf16.frames.dtype == bf16.clip.dtype == torch.float32
+    assert not torch.equal(bf16.frames, fp32.frames)  # autocast really ran
+    assert bf16.num_frames.tolist() == fp32.num_frames.tolist() and torch.all(bf16.frames[2, 100:] == 0)
+    frames = torch.nn.functional.cosine_similarity(bf16.frames[0], fp32.frames[0], dim=-1)
+    assert frames.min() > 0.995
+    assert torch.nn.functional.cosine_similarity(bf16.clip, fp32.clip, dim=-1).min() > 0.9999
+    # the other spellings, and the log-mel entry point
+    assert torch.equal(embed(tiny, wav, lengths=lengths, dtype=torch.bfloat16).frames, bf16.frames)
+    torch.testing.assert_close(embed(tiny, wav, lengths=lengths, dtype=torch.float32).frames, fp32.frames,
+                               atol=0, rtol=0)
+    mel = embed_mel(tiny, LogMel()(wav), valid_frames=lengths // 160 // 4 * 4, dtype="bf16")
+    torch.testing.assert_close(mel.clip, bf16.clip, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unsupported dtype 'fp16': expected 'fp32' or 'bf16'"):
+        embed(tiny, wav, dtype="fp16")
+
+
 def test_embed_restores_training_mode(tiny):
     tiny.train()
     try:
@@ -110,6 +130,17 @@ def test_load_model_paths(tmp_path, tiny):
     assert torch.equal(a.encoder.patch_embed.proj.weight, b.encoder.patch_embed.proj.weight)
     with pytest.raises(ValueError, match="unknown size"):
         hear.load_model("random:huge")
+
+
+def test_load_model_bf16(tiny):
+    model = hear.load_model("random:tiny", device="cpu", dtype="bf16")
+    audio = noise(2, 1.5)
+    scene = hear.get_scene_embeddings(audio, model)
+    assert model.dtype == "bf16" and scene.dtype == torch.float32
+    torch.testing.assert_close(scene, embed(model.encoder, audio, dtype="bf16").clip, atol=0, rtol=0)
+    assert not torch.equal(scene, embed(model.encoder, audio).clip)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        hear.load_model("random:tiny", device="cpu", dtype="int8")
 
 
 @pytest.mark.parametrize(

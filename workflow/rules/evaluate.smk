@@ -47,9 +47,10 @@ rule embed:
     params:
         cfg=eval_embed_params,
         spec=lambda wc: as_json(_model_spec(wc.model)),
+        dtype=EVAL["dtype"],
     shell:
         "python -m pipeline.evaluation.embeddings --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
-        "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+        "--params {params.cfg:q} --dtype {params.dtype} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule probe:

@@ -1,0 +1,241 @@
+"""Speed against the official ``dasheng`` package (0.0.9), side by side in one process.
+
+Both models hold the same random weights (the official model's, loaded into ours strictly; no
+download). Every figure is the median of ``--repeats`` timed calls, official and ours alternated
+call by call, so that the other users of a shared machine slow both alike; only the ratios carry
+over between machines. Rows:
+
+* encoder inference (base, batch × 10 s): official ``Dasheng(wav)`` in fp32 against
+  ``model.embed.embed(encoder, wav, dtype=...)`` in fp32 and in bf16 (autocast; the official
+  package has no such option). The bf16 embeddings are compared with ours in fp32: cosine of
+  every frame and every clip embedding.
+* MAE training step (base, forward + backward + AdamW): the official ``AudioTransformerMAE``
+  (waveform in, log-mel on the fly, group masking) against ours (``MaskedAutoencoder`` on the
+  stored log-mel, as the trainer feeds it) in fp32 and under bf16 autocast (``training.precision``).
+* log-mel of one 10 s clip on 1 thread: torchaudio ``MelSpectrogram`` + ``AmplitudeToDB`` (the
+  official front end) against ``model.frontend.LogMel``.
+
+    python benchmarks/speed_vs_official.py                  # CPU, 2 threads, batch 8, 5 repeats
+    python benchmarks/speed_vs_official.py --repeats 9 --only inference
+    python benchmarks/speed_vs_official.py --device cuda --batch 32
+
+On CUDA the official model runs under bf16 autocast too when ours does (its front end disables it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.embed import embed  # noqa: E402
+from model.encoder import DashengEncoder  # noqa: E402
+from model.frontend import LogMel  # noqa: E402
+from model.mae import MaskedAutoencoder  # noqa: E402
+
+SR = 16000
+BASE = {"embed_dim": 768, "depth": 12, "num_heads": 12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each function; the calls alternate, the order rotates each round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def test_audio(batch: int, seconds: float, seed: int = 0) -> torch.Tensor:
+    """Tones and noise under slow random envelopes, (batch, seconds·16000), about -20 dBFS."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * SR)
+    t = torch.arange(n) / SR
+    freqs = 100 * 2 ** (torch.rand(batch, 3, 1, generator=g) * 6)  # 100 Hz .. 6.4 kHz
+    tones = torch.sin(2 * torch.pi * freqs * t).sum(1)
+    env = F.interpolate(torch.rand(batch, 1, int(seconds * 4) + 1, generator=g), size=n, mode="linear")[:, 0]
+    return 0.05 * env * (tones + torch.randn(batch, n, generator=g))
+
+
+def realistic_bn(model: torch.nn.Module) -> None:
+    """init_bn statistics of dB log-mel (mean about -40 dB, std about 20), as a trained model has."""
+    bn = model.init_bn[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(-40.0)
+        bn.running_var.fill_(400.0)
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    c = F.cosine_similarity(a.double(), b.double(), dim=-1).flatten()
+    return float(c.min()), float(c.mean())
+
+
+def bench_inference(args, device: torch.device) -> tuple[list[tuple], list[str]]:
+    from dasheng.pretrained.pretrained import Dasheng
+
+    torch.manual_seed(0)
+    official = Dasheng(**BASE)
+    realistic_bn(official)
+    official = official.to(device).eval()
+    ours = DashengEncoder("base")
+    ours.load_state_dict(official.state_dict(), strict=True)
+    ours = ours.to(device).eval()
+    wav = test_audio(args.batch, args.seconds).to(device)
+    gpu_bf16 = device.type == "cuda"  # on a GPU the official model is timed in bf16 too
+
+    def official_run(bf16: bool = False):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return official(wav)
+
+    fp32, bf16 = embed(ours, wav).frames, embed(ours, wav, dtype="bf16").frames
+    official_diff = float((official_run().float() - fp32).abs().max())
+    frame_cos, clip_cos = cosines(bf16, fp32), cosines(bf16.mean(1), fp32.mean(1))
+    fns = {
+        "official fp32": official_run,
+        "ours fp32": lambda: embed(ours, wav),
+        "ours bf16": lambda: embed(ours, wav, dtype="bf16"),
+    }
+    if gpu_bf16:
+        fns["official bf16"] = lambda: official_run(True)
+    t = interleaved(fns, args.repeats, args.warmup, device)
+    rate = {k: args.batch / v for k, v in t.items()}
+    rows = [
+        ("encoder inference, base, fp32", f"{rate['official fp32']:.2f} clips/s", f"{rate['ours fp32']:.2f} clips/s",
+         rate["ours fp32"] / rate["official fp32"]),
+        ("encoder inference, base, bf16 autocast (`dtype=\"bf16\"`)",
+         f"{rate['official bf16']:.2f} clips/s" if gpu_bf16 else "—",
+         f"{rate['ours bf16']:.2f} clips/s, clip cosine to fp32 ≥ {clip_cos[0]:.5f}",
+         rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"]),
+    ]
+    notes = [
+        f"ours fp32 against the official fp32 outputs: max |difference| {official_diff:.1e}",
+        f"bf16 against fp32 (ours): frame cosine min {frame_cos[0]:.5f} / mean {frame_cos[1]:.6f}; "
+        f"clip cosine min {clip_cos[0]:.6f} / mean {clip_cos[1]:.6f}",
+    ]
+    return rows, notes
+
+
+def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
+    from dasheng.train.models import dasheng_base
+
+    torch.manual_seed(0)
+    official = dasheng_base(group_masking=True)  # the paper's group masking (pairs of tokens)
+    realistic_bn(official.encoder)
+    official = official.to(device).train()
+    ours = MaskedAutoencoder("base")
+    ours.encoder.load_state_dict(official.encoder.state_dict(), strict=True)
+    ours = ours.to(device).train()
+    wav = test_audio(args.batch, args.seconds, seed=1).to(device)
+    mel = LogMel().to(device)(wav)  # ours trains on the stored log-mel
+    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (official, ours)}
+
+    def step(model, loss_fn, bf16: bool):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        loss.backward()
+        opts[id(model)].step()
+        opts[id(model)].zero_grad(set_to_none=True)
+
+    official_loss = lambda: official(wav, return_loss=True)  # noqa: E731
+    ours_loss = lambda: ours(mel, generator=torch.Generator(device).manual_seed(0)).loss  # noqa: E731
+    gpu_bf16 = device.type == "cuda"
+    fns = {
+        "official fp32": lambda: step(official, official_loss, False),
+        "ours fp32": lambda: step(ours, ours_loss, False),
+        "ours bf16": lambda: step(ours, ours_loss, True),
+    }
+    if gpu_bf16:
+        fns["official bf16"] = lambda: step(official, official_loss, True)
+    t = interleaved(fns, args.repeats, args.warmup, device)
+    rate = {k: args.batch / v for k, v in t.items()}
+    rows = [
+        ("MAE training step, base, fp32 (official: waveform in, mel on the fly; ours: stored mel)",
+         f"{rate['official fp32']:.2f} samples/s", f"{rate['ours fp32']:.2f} samples/s",
+         rate["ours fp32"] / rate["official fp32"]),
+        ("MAE training step, base, bf16 autocast (`training.precision: bf16`)",
+         f"{rate['official bf16']:.2f} samples/s" if gpu_bf16 else "—", f"{rate['ours bf16']:.2f} samples/s",
+         rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"]),
+    ]
+    return rows, []
+
+
+def bench_logmel(args, device: torch.device) -> tuple[list[tuple], list[str]]:
+    from dasheng.pretrained.pretrained import Dasheng
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        official = Dasheng(embed_dim=192, depth=1, num_heads=3).front_end.to(device)  # MelSpectrogram + AmplitudeToDB
+        ours = LogMel().to(device)
+        wav = test_audio(1, 10.0, seed=2).to(device)
+        diff = float((official(wav) - ours(wav)).abs().max())
+        with torch.no_grad():
+            t = interleaved({"official": lambda: official(wav), "ours": lambda: ours(wav)},
+                            max(args.repeats, 5) * 10, args.warmup, device)
+    finally:
+        torch.set_num_threads(threads)
+    rt = {k: 10.0 / v for k, v in t.items()}
+    rows = [("log-mel per 10 s clip, 1 thread (torchaudio MelSpectrogram + AmplitudeToDB)",
+             f"{rt['official']:,.0f}× real time", f"{rt['ours']:,.0f}×", rt["ours"] / rt["official"])]
+    return rows, [f"log-mel: max |ours − official| {diff:.1e} dB (one clip: the same clamp)"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--only", nargs="+", choices=["inference", "training", "logmel"],
+                   default=["inference", "training", "logmel"])
+    args = p.parse_args(argv)
+    import dasheng
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    benches = {"inference": bench_inference, "training": bench_training, "logmel": bench_logmel}
+    rows, notes = [], []
+    for name in args.only:
+        r, n = benches[name](args, device)
+        rows += r
+        notes += n
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {args.threads} threads"
+    print(f"one process, same random weights, {where}, batch {args.batch} × {args.seconds:g} s, torch {torch.__version__}, "
+          f"dasheng {getattr(dasheng, '__version__', '0.0.9')}; median of {args.repeats} interleaved repeats "
+          f"after {args.warmup} warm-up\n")
+    print("| what | official `dasheng` 0.0.9 | ours | ratio |")
+    print("|---|---|---|---|")
+    for what, theirs, mine, ratio in rows:
+        print(f"| {what} | {theirs} | {mine} | {ratio:.2f} |")
+    print()
+    for n in notes:
+        print(f"- {n}")
+    print(f"\ncommand: python {shlex.join(['benchmarks/speed_vs_official.py', *(argv if argv is not None else sys.argv[1:])])}")
+
+
+if __name__ == "__main__":
+    main()
