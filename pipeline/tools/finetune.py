@@ -18,7 +18,9 @@ Modes:
   to HEAR's MLP with one hidden layer of 1024 units (``mlp``: Linear → BatchNorm → Dropout 0.1 →
   ReLU → Linear). Adam, batches of 256, ``epochs`` (default 100) with early stopping after 20
   epochs without a better validation score; the best epoch's weights are kept.
-- ``full``: the encoder trained too, with a linear head on the mean of its frames. AdamW (weight
+- ``full``: the encoder trained too, with a linear head on the mean of its frames. The head starts
+  as a linear probe on the pre-trained encoder's embeddings (as ``linear`` mode: "LP-FT"), then
+  the encoder and the head are trained together: AdamW (weight
   decay 0.05 except on norms, biases and positions), layer-wise learning-rate decay (block i of
   depth L gets ``lr · layer_decay^(L - i)``, the patch embedding and positions ``layer_decay^(L+1)``),
   one warm-up epoch then a cosine schedule, random crops of at most 10.08 s, SpecAugment-style
@@ -90,6 +92,7 @@ SPLITS = ("train", "valid", "test")
 DEFAULTS = {"epochs": {"linear": 100, "mlp": 100, "full": 10}, "lr": {"linear": 1e-3, "mlp": 1e-3, "full": 1e-4}}
 HEAD_BATCH = 256  # frozen modes: embeddings per step
 PATIENCE = 20  # frozen modes: epochs without a better validation score before stopping
+PROBE_EPOCHS, PROBE_LR = 100, 1e-3  # full mode: the linear probe that initialises the head
 WEIGHT_DECAY = 0.05  # full mode
 CROP_FRAMES = MAX_TOKENS * FRAMES_PER_TOKEN  # 1008 mel frames: 10.08 s, the longest training crop
 FREQ_MASK_BINS = 8
@@ -457,10 +460,14 @@ def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np
     encoder = copy.deepcopy(model.encoder).to(model.device)
     net = FineTuner(encoder, build_head(head_config("full", encoder.embed_dim, y.shape[1]))).to(model.device)
     tuned = Model(model.spec, encoder, model.sha256, model.device, model.dtype)
-    with torch.no_grad():  # standardise with the pre-trained encoder's statistics (fixed afterwards)
-        x0 = clip_embeddings(tuned, [mels[i] for i in train_idx], s.batch_size).to(model.device)
-        net.head.mean.copy_(x0.mean(0))
-        net.head.std.copy_(x0.std(0, unbiased=False).clamp(min=1e-6))
+    # LP-FT: the head starts as a linear probe on the pre-trained encoder's clip embeddings (with
+    # their standardisation, fixed afterwards), so the encoder's first steps follow a useful head.
+    probe_idx = np.flatnonzero(assign != "test")
+    x0 = np.zeros((len(mels), encoder.embed_dim), np.float32)
+    x0[probe_idx] = clip_embeddings(tuned, [mels[i] for i in probe_idx], s.batch_size).cpu().numpy()
+    probe_setup = Setup("linear", s.multilabel, PROBE_EPOCHS, PROBE_LR, s.layer_decay, 0.0, s.seed, s.batch_size)
+    probe, _ = train_frozen(x0, y, assign, probe_setup)
+    net.head.load_state_dict(probe.state_dict())
     opt = torch.optim.AdamW(layer_decay_groups(encoder, net.head, s.lr, s.layer_decay))
     steps_per_epoch = max(1, math.ceil(len(train_idx) / s.batch_size))
     total, warmup = s.epochs * steps_per_epoch, steps_per_epoch
