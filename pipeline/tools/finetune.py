@@ -76,11 +76,10 @@ from model.encoder import MAX_TOKENS, DashengEncoder
 from model.inputs import FRAMES_PER_TOKEN
 from pipeline.common import atomic, audio, provenance
 from pipeline.evaluation import metrics
-from pipeline.tools import inputs
-from pipeline.tools.classifier import Head, build_head, head_config
-from pipeline.tools.classifier import probabilities as scores
 from pipeline.evaluation.embeddings import prefetch
-from pipeline.tools.classifier import encoder_meta
+from pipeline.tools import inputs
+from pipeline.tools.classifier import Head, build_head, encoder_meta, head_config
+from pipeline.tools.classifier import probabilities as scores
 from pipeline.tools.classifier import save as save_classifier
 from pipeline.tools.embed import Model, autocast, embed_files, read_embeddings, read_rejects, rejects_path
 
@@ -131,7 +130,11 @@ def _from_folder(folder: Path) -> Data:
         items, bad = inputs.collect([d])
         examples += [Example(i, (d.name,)) for i in items]
         rejects += [(r.path, r.reason) for r in bad]
-    return Data(examples, [d.name for d in classes if any(e.labels[0] == d.name for e in examples)], False, rejects)
+    used = {e.labels[0] for e in examples}
+    empty = [d.name for d in classes if d.name not in used]
+    if empty:
+        log.warning(f"{folder}: no audio files in {', '.join(empty)}; not classes")
+    return Data(examples, [d.name for d in classes if d.name in used], False, rejects)
 
 
 def _from_csv(path: Path) -> Data:
@@ -787,6 +790,8 @@ def finetune(
     y = _targets(ds.examples, ds.labels)
     keys = [e.labels[0] for e in ds.examples]
     if {e.split for e in ds.examples} != {None}:
+        if folds:
+            log.warning(f"--folds {folds} ignored: {data} gives the splits")
         assignments = [np.array([e.split for e in ds.examples], dtype=object)]
     elif folds:
         assignments = split_folds(keys, folds, seed, stratify=not ds.multilabel)
