@@ -76,7 +76,6 @@ from model.encoder import MAX_TOKENS, DashengEncoder
 from model.inputs import FRAMES_PER_TOKEN
 from pipeline.common import atomic, audio, provenance
 from pipeline.evaluation import metrics
-from pipeline.evaluation.embeddings import prefetch
 from pipeline.tools import inputs
 from pipeline.tools.classifier import Head, build_head, encoder_meta, head_config
 from pipeline.tools.classifier import probabilities as scores
@@ -605,20 +604,15 @@ def _frozen_features(data: Data, model: Model, out: Path, batch_size: int, progr
 
 
 def _mels(data: Data, model: Model, progress: bool) -> list[torch.Tensor]:
-    from tqdm import tqdm
-
+    """The dB log-mel (64, T) of every example (in memory); failures move to ``data.rejects``."""
     keep, mels = [], []
-    bar = tqdm(total=len(data.examples), unit="file", desc="decode", disable=not progress, file=sys.stderr, mininterval=2)
-    for e, fut in prefetch(lambda e: inputs.load(e.item), data.examples, 2, 8):
-        samples, reason = fut.result()
+    by_item = {e.item: e for e in data.examples}
+    for item, samples, reason in inputs.load_all([e.item for e in data.examples], progress=progress):
         if samples is None:
-            data.rejects.append((e.item.path, reason))
-            log.warning(f"skipped {e.item.path}: {reason}")
+            data.rejects.append((item.path, reason))
         else:
-            keep.append(e)
+            keep.append(by_item[item])
             mels.append(model.mel(samples))
-        bar.update(1)
-    bar.close()
     data.examples = keep
     return mels
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 from model.embed import FRAME_MS
 from model.encoder import MAX_TOKENS
 from pipeline.common import atomic, audio
-from pipeline.evaluation.embeddings import prefetch
 from pipeline.tools import classifier as clf
 from pipeline.tools import inputs
 from pipeline.tools.embed import embed_waveforms, rejects_path, write_rejects
@@ -78,8 +76,6 @@ def predict(
     progress: bool = True,
 ) -> Summary:
     """Top-k labels per file (or per 10.08 s chunk) of every audio file named by ``inputs_`` into ``out`` (CSV)."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix.lower() != ".csv":
@@ -116,19 +112,14 @@ def predict(
             summary.audio_seconds += duration
         pending.clear()
 
-    bar = tqdm(total=len(items), unit="file", desc="predict", disable=not progress, file=sys.stderr, mininterval=2)
-    for item, fut in prefetch(inputs.load, items, decode_threads, 4 * max(decode_threads, 1)):
-        samples, reason = fut.result()
+    for item, samples, reason in inputs.load_all(items, threads=decode_threads, desc="predict", progress=progress):
         if samples is None:
             found[item.path] = inputs.Reject(item.path, reason, item.size, item.mtime_ns)
-            log.warning(f"skipped {item.path}: {reason}")
         else:
             pending.append((item, samples))
             if len(pending) >= 4 * batch_size:
                 run_pending()
-        bar.update(1)
     run_pending()
-    bar.close()
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
