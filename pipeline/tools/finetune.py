@@ -37,8 +37,10 @@ split the last epoch is kept.
 Splits: the CSV's ``split`` column when present. Otherwise a stratified train/valid/test split by
 ``seed`` (``sklearn.model_selection.train_test_split``); when a class is too small for that (fewer
 than 2 examples, or fewer examples in a split than classes), a warning, and each class is split
-on its own: 1 example → train (never scored), 2 → train + test, 3 or more → at least one each in
-train, valid and test, the rest by the fractions. Multi-label data is split at random (not
+on its own: 1 example → train (never scored), 2 → train + test, 3 or more → one test example at
+least, and valid only after two train examples (3 → 2 train + 1 test, 4 → 2 + 1 valid + 1 test),
+by the fractions beyond that. (A validation example per tiny class would cost training data for a
+noisy early stop; without validation examples the last epoch is kept.) Multi-label data is split at random (not
 stratified). ``folds=K``: K-fold cross-validation (``StratifiedKFold``, or ``KFold`` for
 multi-label data or when no class has K examples): fold k is the test set, fold k+1 the
 validation set, the rest the training set; the metrics are the mean ± std over folds, the
@@ -199,9 +201,9 @@ def _split_per_class(keys: list[str], valid_fraction: float, test_fraction: floa
         members = rng.permutation([i for i, k in enumerate(keys) if k == key])
         n = len(members)
         n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 2 else 0
-        n_valid = max(1, round(n * valid_fraction)) if valid_fraction > 0 and n >= 3 else 0
-        while n_test + n_valid >= n:  # keep one example to train on
-            n_valid, n_test = (n_valid - 1, n_test) if n_valid > 0 else (n_valid, n_test - 1)
+        n_valid = round(n * valid_fraction)
+        keep = min(n - n_test, 2)  # two to train on before any validates, one at least
+        n_valid = max(0, min(n_valid, n - n_test - keep))
         assign[members[:n_test]] = "test"
         assign[members[n_test:n_test + n_valid]] = "valid"
     return assign
@@ -233,7 +235,8 @@ def split_once(keys: list[str], valid_fraction: float, test_fraction: float, see
         small = sorted(k for k, c in counts.items() if c < 3)
         log.warning(f"a stratified split is impossible ({str(exc).splitlines()[0]}); each class is split on its "
                     f"own instead: {len(small)} of {len(counts)} classes have fewer than 3 examples "
-                    f"({sum(counts[k] == 1 for k in small)} with one, which only train and are never scored)")
+                    f"({sum(counts[k] == 1 for k in small)} with one, which only train and are never scored), "
+                    "classes of fewer than 4 give no validation example")
         return _split_per_class(keys, valid_fraction, test_fraction, seed)
 
 

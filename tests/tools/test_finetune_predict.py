@@ -157,11 +157,12 @@ def test_multilabel_csv_gives_map(tmp_path):
 
 
 def test_tiny_classes_fall_back_to_a_per_class_split():
-    keys = ["a"] + ["b"] * 2 + ["c"] * 3 + ["d"] * 10
+    keys = ["a"] + ["b"] * 2 + ["c"] * 3 + ["d"] * 4 + ["e"] * 10
     assign = split_once(keys, 0.15, 0.15, seed=0)
-    by = {k: sorted(assign[i] for i in range(len(keys)) if keys[i] == k) for k in "abcd"}
-    assert by["a"] == ["train"] and by["b"] == ["test", "train"] and by["c"] == ["test", "train", "valid"]
-    assert by["d"].count("train") == 6 and by["d"].count("test") == 2 and by["d"].count("valid") == 2
+    by = {k: sorted(assign[i] for i in range(len(keys)) if keys[i] == k) for k in "abcde"}
+    assert by["a"] == ["train"] and by["b"] == ["test", "train"] and by["c"] == ["test", "train", "train"]
+    assert by["d"] == ["test", "train", "train", "valid"]
+    assert by["e"].count("train") == 6 and by["e"].count("test") == 2 and by["e"].count("valid") == 2
     assert list(split_once(keys, 0.15, 0.15, seed=0)) == list(assign)  # the seed decides
     folds = split_folds(["x"] * 4 + ["y"] * 5, 3, seed=1)
     assert all((f == "test").sum() >= 2 for f in folds) and sum((f == "test") for f in folds).tolist() == [1] * 9
@@ -187,6 +188,7 @@ def test_speech_commands_words(speech_commands, tmp_path):
     labels = json.loads((tmp_path / "classifier.json").read_text())["labels"]
     assert len(labels) == 35 and "_background_noise_" not in labels and result.examples == 77
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    # too few clips to stratify: 13 one-clip words only train, 2-clip words train + test, the rest 1/1/1
-    assert metrics["folds"][0]["counts"] == {"train": 35, "valid": 20, "test": 22}
+    # too few clips to stratify: 13 one-clip words only train, 2-clip words train + test, 3-clip words 2 + test
+    assert metrics["folds"][0]["counts"] == {"train": 55, "valid": 0, "test": 22}
+    assert metrics["folds"][0]["best_epoch"] == metrics["folds"][0]["epochs_run"] == 100  # no validation: the last
     assert metrics["chance"] == pytest.approx(1 / 35)
