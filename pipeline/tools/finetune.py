@@ -150,23 +150,30 @@ def _from_csv(path: Path) -> Data:
     isplit = header.index("split") if "split" in header else None
     examples, rejects, seen = [], [], {}
     for n, row in enumerate(rows[1:], start=2):
-        get = lambda i: row[i].strip() if i is not None and i < len(row) else ""  # noqa: E731
-        where = f"{path} row {n}"
-        name, labels = get(ip), tuple(sorted({x.strip() for x in get(il).split(";") if x.strip()}))
-        split = get(isplit).lower() if isplit is not None else None
-        file = Path(name) if Path(name).is_absolute() else path.parent / name
-        reason = ("no path" if not name else "no label" if not labels
-                  else f"split {split!r}: expected one of {', '.join(SPLITS)}" if split is not None and split not in SPLITS
-                  else f"{file} is listed twice (first on row {seen[str(file)]})" if str(file) in seen
-                  else None if file.is_file() else f"{file}: no such file")
+        cell = {k: (row[i].strip() if i is not None and i < len(row) else "") for k, i in
+                (("path", ip), ("label", il), ("split", isplit))}
+        labels = tuple(sorted({x.strip() for x in cell["label"].split(";") if x.strip()}))
+        split = cell["split"].lower() if isplit is not None else None
+        file = Path(cell["path"]) if Path(cell["path"]).is_absolute() else path.parent / cell["path"]
+        if not cell["path"]:
+            reason = "no path"
+        elif not labels:
+            reason = "no label"
+        elif split is not None and split not in SPLITS:
+            reason = f"split {split!r}: expected one of {', '.join(SPLITS)}"
+        elif str(file) in seen:
+            reason = f"{file} is listed twice (first on row {seen[str(file)]})"
+        elif not file.is_file():
+            reason = f"{file}: {'a folder, not a file' if file.is_dir() else 'no such file'}"
+        elif file.suffix.lower() not in inputs.AUDIO_SUFFIXES:
+            reason = f"{file}: not an audio file name (expected one of {' '.join(sorted(inputs.AUDIO_SUFFIXES))})"
+        else:
+            items, bad = inputs.collect([file])
+            reason = bad[0].reason if bad else None
         if reason:
-            rejects.append((where, reason))
+            rejects.append((f"{path} row {n}", reason))
             continue
         seen[str(file)] = n
-        items, bad = inputs.collect([file])
-        if bad or not items:
-            rejects.append((where, bad[0].reason if bad else f"{file}: not an audio file"))
-            continue
         examples.append(Example(items[0], labels, split))
     labels = sorted({lab for e in examples for lab in e.labels})
     return Data(examples, labels, any(len(e.labels) > 1 for e in examples), rejects)
@@ -233,7 +240,7 @@ def split_once(keys: list[str], valid_fraction: float, test_fraction: float, see
                                 "lower --valid-fraction/--test-fraction or give a split column") from exc
         counts = {k: keys.count(k) for k in set(keys)}
         small = sorted(k for k, c in counts.items() if c < 3)
-        log.warning(f"a stratified split is impossible ({str(exc).splitlines()[0]}); each class is split on its "
+        log.warning(f"a stratified split is impossible ({str(exc).split('.')[0]}); each class is split on its "
                     f"own instead: {len(small)} of {len(counts)} classes have fewer than 3 examples "
                     f"({sum(counts[k] == 1 for k in small)} with one, which only train and are never scored), "
                     "classes of fewer than 4 give no validation example")
