@@ -52,8 +52,9 @@ Writes in OUT (atomically; the same data, model and seed give the same files):
 fine-tuned encoder under ``encoder.*``), ``classifier.json`` (labels, multilabel, mode, model spec
 and sha256, encoder config, head config, training config, provenance), ``metrics.json``,
 ``per_class.csv``, ``confusion.png`` (single-label) or ``per_class_ap.png`` (multi-label),
-``curve.csv`` + ``curve.png`` (training loss, validation loss and metric per epoch), ``rejects.csv``,
-and for the frozen modes the cache ``embeddings.parquet``.
+``curve.csv`` + ``curve.png`` (training loss, validation loss and metric per epoch), ``splits.csv``
+(each example's path, labels and split; with folds also its test fold), ``rejects.csv``, and for the
+frozen modes the cache ``embeddings.parquet``.
 """
 
 from __future__ import annotations
@@ -751,7 +752,8 @@ def _write_curve(out: Path, curve: list[dict], metric: str, stamp: dict) -> None
         ax.grid(alpha=0.3)
     a.legend()
     a.set_title("Loss")
-    b.set_title(f"Validation {metric}")
+    b.set_title(f"Validation {metric}" if any(r["valid_metric"] is not None for r in curve) else "No validation split")
+    fig.tight_layout()
     save_png(fig, out / "curve.png", stamp)
 
 
@@ -833,6 +835,10 @@ def finetune(
         log.warning("no test split: metrics.json has no test scores (give test rows, or --test-fraction > 0)")
 
     net, fit = saved
+    test_fold = {i: k for k, a in enumerate(assignments) for i in np.flatnonzero(a == "test")} if folds else None
+    _write_csv(out / "splits.csv", ["path", "label", "split"] + (["test_fold"] if test_fold is not None else []),
+               [[e.item.path, ";".join(e.labels), assignments[0][i]] + ([test_fold.get(i, "")] if test_fold is not None else [])
+                for i, e in enumerate(ds.examples)])
     section = {"data": {"source": str(data), "examples": len(ds.examples), "sha256": _data_digest(ds)},
                "model": enc.spec, "model_sha256": enc.sha256, "mode": mode, "folds": folds,
                "valid_fraction": valid_fraction, "test_fraction": test_fraction, "training": asdict(setup)}

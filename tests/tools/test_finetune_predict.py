@@ -70,7 +70,7 @@ def test_mlp_beats_chance_writes_the_classifier_and_a_rerun_reuses_the_cache(mlp
     assert result.classes == 3 and result.examples == 18 and result.rejected == 1
     assert result.test >= 0.9 > result.chance == pytest.approx(1 / 3)
     for name in ("classifier.safetensors", "classifier.json", "metrics.json", "per_class.csv", "confusion.png",
-                 "curve.csv", "curve.png", "rejects.csv", "embeddings.parquet"):
+                 "curve.csv", "curve.png", "splits.csv", "rejects.csv", "embeddings.parquet"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["labels"] == list(KINDS) and meta["mode"] == "mlp" and not meta["multilabel"]
@@ -106,6 +106,11 @@ def test_predict_writes_top_k_rows_and_rejects_bad_files(mlp, words, tmp_path):
         assert a["path"] == b["path"] and (a["rank"], b["rank"]) == ("1", "2") and float(a["score"]) >= float(b["score"])
     assert {r["path"] for r in rows(tmp_path / "tags.rejects.csv")} == {str(bad), str(tmp_path / "missing.flac")}
 
+    test = {r["path"]: r["label"] for r in rows(out / "splits.csv") if r["split"] == "test"}
+    predict(list(test), out, tmp_path / "test.csv", top_k=1, progress=False)
+    hits = [test[r["path"]] == r["label"] for r in rows(tmp_path / "test.csv")]
+    assert len(hits) == 3 and np.mean(hits) == pytest.approx(mlp[1].test)  # predict agrees with finetune's score
+
 
 def test_folds_pool_out_of_fold_predictions(mlp, words, tmp_path):
     out, _ = mlp
@@ -114,6 +119,7 @@ def test_folds_pool_out_of_fold_predictions(mlp, words, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["test"]["folds"]) == 3 and result.test_std is not None and result.test >= 0.8
     assert metrics["scored_examples"] == 18  # every example tested once
+    assert sorted(r["test_fold"] for r in rows(tmp_path / "splits.csv")) == sorted("012" * 6)
     assert sum(int(r["scored"]) for r in rows(tmp_path / "per_class.csv")) == 18
 
 
