@@ -13,13 +13,18 @@ file, an empty file …), never as an exception: one bad item never stops a run.
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from pipeline.common import audio
+
+log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = frozenset(
     ".wav .flac .mp3 .ogg .oga .opus .m4a .aac .wma .aif .aiff .aifc .au .snd .caf .w64 .amr .spx "
@@ -131,3 +136,20 @@ def load(item: Item) -> tuple[np.ndarray | None, str]:
         return None, "empty file (0 bytes)"
     samples, reason, _ = audio.load_clip(item.path, RULES)
     return samples, reason
+
+
+def load_all(items: list[Item], *, threads: int = 2, desc: str = "decode",
+             progress: bool = True) -> Iterator[tuple[Item, np.ndarray | None, str]]:
+    """:func:`load` over ``items`` in order, decoding ahead in ``threads``, with a progress bar;
+    yields ``(item, samples, "")`` or ``(item, None, reason)`` (the reason also logged as a warning)."""
+    from tqdm import tqdm
+
+    from pipeline.evaluation.embeddings import prefetch
+
+    with tqdm(total=len(items), unit="file", desc=desc, disable=not progress, file=sys.stderr, mininterval=2) as bar:
+        for item, fut in prefetch(load, items, threads, 4 * max(threads, 1)):
+            samples, reason = fut.result()
+            if samples is None:
+                log.warning(f"skipped {item.path}: {reason}")
+            yield item, samples, reason
+            bar.update(1)

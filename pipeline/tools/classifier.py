@@ -1,0 +1,135 @@
+"""A classifier folder as ``finetune`` writes it and ``predict`` reads it.
+
+- ``classifier.safetensors``: ``head.mean``, ``head.std`` (the standardisation of the clip
+  embedding) and ``head.layers.*`` (one Linear, or HEAR's one-hidden-layer MLP); for ``full`` mode
+  also the fine-tuned encoder, every key of its state dict under ``encoder.``.
+- ``classifier.json``: ``labels`` (in output order), ``multilabel``, ``mode``, ``model`` (the
+  encoder's spec and sha256 as ``Model`` gives them, and its config), ``head`` (the layers' shape),
+  ``training`` (epochs, lr, … as run), ``weights_sha256`` and ``provenance``.
+
+Nothing is unpickled: safetensors and JSON only. A frozen-mode classifier needs its encoder where
+the spec names it (a checkpoint path is stored absolute), and refuses weights whose sha256 differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model import pretrained
+from model.checkpoint import CheckpointError, load_state_dict_strict
+from model.encoder import DashengEncoder, EncoderConfig
+from pipeline.common import atomic
+from pipeline.evaluation.probe import HParams, build_mlp
+from pipeline.tools.embed import Model, autocast
+
+WEIGHTS = "classifier.safetensors"
+CONFIG = "classifier.json"
+HIDDEN_DIM = 1024
+DROPOUT = 0.1
+FORMAT = 1
+
+
+class Head(nn.Module):
+    """Clip embedding (B, D) → logits (B, C): standardise with fixed statistics, then the layers
+    (``hidden_layers`` 0: one Linear; 1: HEAR's MLP, Linear → BatchNorm → Dropout → ReLU → Linear)."""
+
+    def __init__(self, in_dim: int, classes: int, hidden_layers: int = 0, hidden_dim: int = HIDDEN_DIM,
+                 dropout: float = DROPOUT):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        self.layers = build_mlp(in_dim, classes, HParams(hidden_layers, 0.0, "xavier_uniform"), hidden_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers((x - self.mean) / self.std)  # (B, D) -> (B, C)
+
+
+def head_config(mode: str, in_dim: int, classes: int) -> dict:
+    return {"in_dim": in_dim, "classes": classes, "hidden_layers": 1 if mode == "mlp" else 0,
+            "hidden_dim": HIDDEN_DIM, "dropout": DROPOUT}
+
+
+def build_head(cfg: dict) -> Head:
+    return Head(cfg["in_dim"], cfg["classes"], cfg["hidden_layers"], cfg["hidden_dim"], cfg["dropout"])
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Logits → scores: sigmoid per label (multi-label) or softmax over labels."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)
+
+
+def stored_spec(spec: str) -> str:
+    """A spec as the classifier records it: a local path made absolute (predict may run elsewhere)."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if not spec.startswith(pretrained.RANDOM_PREFIX) and path.exists() else spec
+
+
+def save(folder: Path, head: Head, encoder: DashengEncoder | None, meta: dict) -> None:
+    """Write the weights, then the JSON (with the weights' sha256), each atomically."""
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    if encoder is not None:
+        tensors.update({f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()})
+    weights = folder / WEIGHTS
+    with atomic.atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "dasheng-pipeline classifier"})
+    atomic.write_json(folder / CONFIG, {**meta, "format": FORMAT, "weights_sha256": _sha256(weights)})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def encoder_meta(model: Model) -> dict:
+    return {"spec": stored_spec(model.spec), "sha256": model.sha256, "config": asdict(model.encoder.config)}
+
+
+def load(folder: str | os.PathLike, device: str = "cpu", dtype: str = "fp32") -> tuple[Model, Head, dict]:
+    """A classifier folder → (the encoder to embed with, the head in eval mode, classifier.json)."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise CheckpointError(f"--classifier {folder}: expected a folder written by finetune "
+                              f"({CONFIG} and {WEIGHTS})")
+    try:
+        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+        labels, mode, model_meta, head_cfg = meta["labels"], meta["mode"], meta["model"], meta["head"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{folder / CONFIG}: not a classifier description ({exc!r}); rerun finetune") from exc
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{folder / WEIGHTS}: corrupt safetensors file ({exc}); rerun finetune") from exc
+    head = build_head(head_cfg)
+    load_state_dict_strict(head, {k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
+                           source=str(folder / WEIGHTS))
+    if len(labels) != head_cfg["classes"]:
+        raise CheckpointError(f"{folder / CONFIG}: {len(labels)} labels for a head of {head_cfg['classes']} outputs")
+    dev = torch.device(device)
+    if mode == "full":
+        encoder = DashengEncoder(EncoderConfig(**model_meta["config"]))
+        load_state_dict_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")},
+                               source=str(folder / WEIGHTS))
+        model = Model(f"{folder} (fine-tuned {model_meta['spec']})", encoder.to(dev).eval(),
+                      meta.get("weights_sha256", ""), dev, dtype)
+    else:
+        try:
+            model = Model.load(model_meta["spec"], device, dtype)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{folder}: its encoder {model_meta['spec']} cannot be loaded ({exc})") from exc
+        if model.sha256 != model_meta["sha256"]:
+            raise CheckpointError(f"{folder}: trained on encoder weights with sha256 {model_meta['sha256'][:12]}…, "
+                                  f"but {model_meta['spec']} now has {model.sha256[:12]}…; retrain, or restore them")
+    autocast(dev, dtype)  # checks the name
+    return model, head.to(dev).eval(), meta
