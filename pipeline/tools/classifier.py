@@ -29,7 +29,8 @@ from model.checkpoint import CheckpointError, load_state_dict_strict
 from model.encoder import DashengEncoder, EncoderConfig
 from pipeline.common import atomic
 from pipeline.evaluation.probe import HParams, build_mlp
-from pipeline.tools.embed import Model, autocast
+from model.inputs import check_dtype
+from pipeline.tools.embed import Model
 
 WEIGHTS = "classifier.safetensors"
 CONFIG = "classifier.json"
@@ -131,5 +132,5 @@ def load(folder: str | os.PathLike, device: str = "cpu", dtype: str = "fp32") ->
         if model.sha256 != model_meta["sha256"]:
             raise CheckpointError(f"{folder}: trained on encoder weights with sha256 {model_meta['sha256'][:12]}…, "
                                   f"but {model_meta['spec']} now has {model.sha256[:12]}…; retrain, or restore them")
-    autocast(dev, dtype)  # checks the name
+    check_dtype(dtype)
     return model, head.to(dev).eval(), meta

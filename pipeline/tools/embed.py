@@ -44,7 +44,6 @@ from model.encoder import MAX_TOKENS, DashengEncoder
 from model.frontend import HOP_LENGTH, LogMel
 from model.inputs import FRAMES_PER_TOKEN, check_dtype
 from pipeline.common import atomic, audio, provenance
-from pipeline.evaluation.embeddings import prefetch
 from pipeline.tools import inputs
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,11 @@ class EmbedError(ValueError):
 
 
 # -- the model side ----------------------------------------------------------------------------
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16: autocast (training in finetune's full mode; inference goes through ``model.embed``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_dtype(dtype) == "bf16")
 
 
 @dataclass
@@ -260,8 +264,6 @@ def embed_files(
     ``batch_size``: 10 s windows per forward pass; ``part_files``: files per part written while the
     run goes (what a killed run keeps).
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix != ".parquet":
@@ -313,12 +315,9 @@ def embed_files(
             finished_rows = 0
 
     windows_pending = 0
-    bar = tqdm(total=len(todo), unit="file", desc="embed", disable=not progress, file=sys.stderr, mininterval=2)
-    for item, fut in prefetch(inputs.load, todo, decode_threads, 4 * max(decode_threads, 1)):
-        samples, reason = fut.result()
+    for item, samples, reason in inputs.load_all(todo, threads=decode_threads, desc="embed", progress=progress):
         if samples is None:
             new_rejects[item.path] = inputs.Reject(item.path, reason, item.size, item.mtime_ns)
-            log.warning(f"skipped {item.path}: {reason}")
         else:
             pending.append((item, samples))
             windows_pending += 1 + samples.size // (WINDOW_FRAMES * HOP_LENGTH)
@@ -327,10 +326,8 @@ def embed_files(
             windows_pending = 0
         if finished_rows >= part_files:
             write_part()
-        bar.update(1)
     run_pending()
     write_part()
-    bar.close()
 
     summary.rejected = len(new_rejects)
     all_rejects = {p: r for p, r in old_rejects.items()}
