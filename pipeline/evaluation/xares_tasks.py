@@ -93,8 +93,8 @@ class XaresSpec:
             missing = [r for r in ("train", "valid", "test") if not self.splits.get(r)]
             if missing:
                 raise TaskError(f"{where}, field 'splits': missing {missing} (each names a shard pattern)")
-        if self.folds is not None and len(self.folds) < 2:
-            raise TaskError(f"{where}, field 'folds': at least 2 folds, got {self.folds!r}")
+        if self.folds is not None and len(self.folds) < 3:
+            raise TaskError(f"{where}, field 'folds': at least 3 folds, got {self.folds!r}")
         if self.folds is not None and "{fold}" not in self.fold_pattern:
             raise TaskError(f"{where}, field 'fold_pattern': {self.fold_pattern!r} lacks '{{fold}}'")
         if self.kind != "frame" and self.label is None:
@@ -301,6 +301,7 @@ def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None
         "splits": splits,
         "domain": spec.domain,
         "clips": sum(len(v) for v in contents.values()),
+        **({"nfolds": len(splits)} if spec.folds is not None else {}),
         "xares": {
             "kind": spec.kind,
             "metric": XARES_METRIC[spec.kind],
