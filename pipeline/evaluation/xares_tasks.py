@@ -108,7 +108,7 @@ class XaresSpec:
     def pattern(self, split: str) -> str:
         if self.folds is None:
             return self.split_pattern.format(split=self.splits[split])
-        return self.fold_pattern.format(fold=split[len("fold"):])
+        return self.fold_pattern.format(fold=self.folds[self.split_names().index(split)])  # {fold:02d} works
 
 
 @dataclass(frozen=True)
