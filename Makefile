@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@echo ">> installing pinned packages into $(VENV) (first time: a few minutes, torch is large)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock xares==0.1.3  # test oracle, see pyproject
 	@$(BIN)/python -c 'from pipeline.common.audio import ffmpeg_exe; print(">> ffmpeg:", ffmpeg_exe())'
 	@touch $(STAMP)
 

@@ -62,15 +62,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=2, help="files decoded ahead in threads (default: 2)")
     _model_args(p)
 
-    p = sub.add_parser("evaluate", help="a HEAR task folder → the DAG's probe and k-NN scores",
-                       description="Embed a HEAR task and score it with the HEAR MLP probe and the paper's k-NN, "
-                       "exactly as the DAG's probe/knn rules do.", epilog=EPILOG)
-    p.add_argument("task", metavar="TASK_DIR", help="HEAR task folder (task_metadata.json, splits, audio)")
-    p.add_argument("--model", required=True, metavar="MODEL")
+    p = sub.add_parser("evaluate", help="a HEAR or X-ARES task folder → the DAG's scores for it",
+                       description="Embed a task and score it exactly as the DAG does: a HEAR task folder with the "
+                       "HEAR MLP probe and the paper's k-NN, an X-ARES task (webdataset .tar shards, described by an "
+                       "evaluation.tasks entry of --config, e.g. config/xares.yaml) with X-ARES's MLP and k-NN.",
+                       epilog=EPILOG)
+    p.add_argument("task", metavar="TASK_DIR", help="HEAR task folder, or X-ARES task folder of .tar shards")
+    p.add_argument("--model", required=True, metavar="MODEL", help="the encoder (see below), or logmel for the baseline")
     p.add_argument("--out", help="output folder (default: eval-<task name>)")
-    p.add_argument("--probe", action="store_true", help="run the probe (default: probe and k-NN)")
-    p.add_argument("--knn", action="store_true", help="run k-NN (default: probe and k-NN)")
-    p.add_argument("--config", help="a workflow config (e.g. config/config.yaml): its seed and evaluation settings")
+    p.add_argument("--probe", action="append_const", const="probe", dest="protocols", help="the HEAR MLP probe")
+    p.add_argument("--knn", action="append_const", const="knn", dest="protocols", help="the paper's k-NN")
+    p.add_argument("--xares-mlp", action="append_const", const="xares_mlp", dest="protocols", help="X-ARES's MLP")
+    p.add_argument("--xares-knn", action="append_const", const="xares_knn", dest="protocols", help="X-ARES's k-NN "
+                   "(default: --probe --knn for HEAR folders, --xares-mlp --xares-knn for X-ARES ones)")
+    p.add_argument("--config", help="a workflow config (e.g. config/config.yaml, config/xares.yaml): its seed, "
+                   "evaluation settings and X-ARES task descriptions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
 
     p = sub.add_parser("finetune", help="labelled audio → a classifier (linear, mlp or full fine-tuning)",
@@ -113,13 +119,13 @@ def _run(args: argparse.Namespace) -> int:
         embed_files(args.inputs, args.model, args.out, frames=args.frames, batch_size=args.batch_size,
                     device=args.device, dtype=args.dtype, decode_threads=args.decode_threads, progress=not args.quiet)
     elif args.command == "evaluate":
-        from pipeline.evaluation.hear_tasks import load_task
+        from pathlib import Path
+
         from pipeline.tools.evaluate import evaluate_task, headline
 
-        both = not (args.probe or args.knn)
-        out = args.out or f"eval-{load_task(args.task).name}"
-        results = evaluate_task(args.task, args.model, out, run_probe=both or args.probe, run_knn=both or args.knn,
-                                config=args.config, threads=args.threads)
+        out = args.out or f"eval-{Path(args.task).resolve().name}"
+        results = evaluate_task(args.task, args.model, out, protocols=args.protocols, config=args.config,
+                                threads=args.threads)
         print(headline(results))
         print(f"results in {out}/")
     elif args.command == "finetune":

@@ -369,6 +369,48 @@ def generate(name: str, out: str | Path, seed: int, scale: float = 1.0, params: 
     return meta
 
 
+XARES_SUFFIX = "_xares"
+
+
+def xares_config(name: str, path: str) -> dict:
+    """The ``evaluation.tasks`` entry (format xares) of demo task ``name`` packed by :func:`generate_xares`."""
+    spec = SPECS[name]
+    cfg = {"path": path, "label": "label", "kind": "frame" if spec.embedding_type == "event" else "multiclass",
+           "domain": spec.domain}
+    if spec.split_mode == "trainvaltest":
+        cfg["splits"] = {s: f"wds-audio-{s}" for s in ("train", "valid", "test")}
+    else:
+        cfg["folds"] = list(range(spec.nfolds))
+    return cfg
+
+
+def generate_xares(name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None) -> list[Path]:
+    """Demo task ``name`` as an X-ARES task: webdataset shards in ``out`` (``wds-audio-fold-<k>-000000.tar``
+    or ``wds-audio-<split>-000000.tar``), each sample a wav and a json ``{"label": ...}`` (events:
+    ``{"label": [{onset, offset, label}, ...]}`` in seconds). The same clips as the HEAR demo task."""
+    from pipeline.evaluation import xares_tasks
+
+    out = Path(out)
+    hear_dir = out / ".hear"
+    meta = generate(name, hear_dir, seed, scale, params)
+    written = []
+    for split in meta["splits"]:
+        labels = json.loads((hear_dir / f"{split}.json").read_text(encoding="utf-8"))
+        samples = []
+        for fname, value in sorted(labels.items()):
+            if meta["embedding_type"] == "event":
+                value = [{"onset": ev["start"] / 1000, "offset": ev["end"] / 1000, "label": ev["label"]} for ev in value]
+            else:
+                value = value[0]
+            data = (hear_dir / str(SR) / split / fname).read_bytes()
+            samples.append((Path(fname).stem, "wav", data, {"label": value}))
+        stem = f"wds-audio-fold-{int(split[4:])}-*.tar" if split.startswith("fold") else f"wds-audio-{split}-*.tar"
+        written += xares_tasks.write_shards(samples, out / stem)
+    shutil.rmtree(hear_dir)
+    log.info(f"{name}: X-ARES shards in {out}: {', '.join(p.name for p in written)}")
+    return written
+
+
 def _event_splits(count: int) -> list[str]:
     return [trainvaltest_split(i, count) for i in range(count)]
 
@@ -378,10 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", required=True, choices=sorted(SPECS))
     parser.add_argument("--params", required=True, help="JSON: seed, demo_tasks (scale, speech)")
     parser.add_argument("--out", required=True, help="task folder to write")
+    parser.add_argument("--xares", action="store_true", help="write X-ARES-format shards instead of a HEAR folder")
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    generate(args.task, args.out, int(params["seed"]), float(params["demo_tasks"]["scale"]), params)
+    make = generate_xares if args.xares else generate
+    make(args.task, args.out, int(params["seed"]), float(params["demo_tasks"]["scale"]), params)
 
 
 if __name__ == "__main__":

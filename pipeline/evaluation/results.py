@@ -1,6 +1,6 @@
 """Score tables of the evaluation, and the comparison with the paper: ``python -m pipeline.evaluation.results``.
 
-Reads the probe and k-NN result JSONs (``<method>/<model>/<task>.json``, the file stem is the
+Reads the probe, k-NN and X-ARES result JSONs (``<method>/<model>/<task>.json``, the file stem is the
 task's name in the config) and writes:
 
 - ``scores.csv``: one row per (model, task, method, metric): mean and std over splits (0–1 scale,
@@ -11,6 +11,8 @@ task's name in the config) and writes:
   between the trained encoder and its random-init twin (did pre-training help?);
 - ``comparison.csv`` / ``comparison.md``: our scores next to the paper's for every task with the
   same name (Table 2: HEAR probe; Table 5: k-NN), and our per-domain averages next to Table 4;
+- ``xares.csv`` / ``xares.md``: the X-ARES protocols' scores per task and model next to X-ARES's
+  published dasheng-base scores (``config/xares_results.csv``), and X-ARES's weighted averages;
 - ``summary.json``: all of it plus the provenance stamp.
 
 The paper's numbers are data: ``config/paper_results.csv`` (table, task, column, model, score).
@@ -137,12 +139,94 @@ def domain_averages(rows: list[dict], models: list[str]) -> dict[str, dict[str, 
     return out
 
 
+METHOD_TITLES = {
+    "probe": "MLP probe (HEAR protocol)",
+    "knn": "k-NN (k = 10, cosine)",
+    "xares_mlp": "X-ARES MLP (LayerNorm + Linear, 10 epochs)",
+    "xares_knn": "X-ARES k-NN (k = 10, softmax(similarity / 0.07) votes)",
+}
+XARES_CSV = REPO / "config" / "xares_results.csv"
+XARES_PROTOCOLS = {"xares_mlp": "mlp", "xares_knn": "knn"}
+XARES_CAPTION = (
+    "X-ARES protocols (X-ARES 0.1.3): MLP = LayerNorm + Linear on the clip embedding (frame tasks: on every "
+    "frame), Adam 1e-3 with cosine decay to 0.1×, 10 epochs, batch 32, the best validation epoch kept; k-NN = "
+    "k = 10 over the train split, votes weighted by softmax(similarity / 0.07), multiclass tasks only. "
+    "**k-fold tasks: as X-ARES does, each fold is held out in turn and serves as both validation and test "
+    "set** (the MLP's best epoch is chosen on the test fold), the other folds train; scores are averaged over "
+    "folds. Metrics: accuracy, mAP (multilabel), segment F1 macro (frame). Scores ×100. The weighted average "
+    "is X-ARES's: Σ score × weight / Σ weight over the tasks shown, weight = X-ARES's per-task weight (its "
+    "test size; `weight` in the config, else our test clips). Published = X-ARES's dasheng-base "
+    "(`config/xares_results.csv`); its weighted average covers all its public tasks, so it is comparable "
+    "only when all of them are evaluated here.\n"
+)
+
+
+def read_xares(path: str | Path = XARES_CSV) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["score"] = float(r["score"]) if r["score"] not in ("", "-") else None
+    return rows
+
+
+def xares_tables(results: list[dict], models: list[str], published: list[dict],
+                 tasks_cfg: dict) -> tuple[list[dict], str]:
+    """Per X-ARES protocol: every task's score per model next to X-ARES's published dasheng-base score,
+    and the weighted averages. Returns long-form rows and the Markdown document."""
+    pub = {(r["task"], r["protocol"]): r["score"] for r in published}
+    out_rows: list[dict] = []
+    md = ["# X-ARES protocols\n\n", XARES_CAPTION]
+    for method, proto in XARES_PROTOCOLS.items():
+        mine = [r for r in results if r.get("method") == method and r.get("metrics")]
+        md.append(f"\n## {METHOD_TITLES[method]}\n\n")
+        if not mine:
+            md.append("No task ran this protocol.\n")
+            continue
+        by_task: dict = defaultdict(dict)
+        for r in mine:
+            by_task[r["key"]][r["model"]] = r
+        body, sums = [], {m: [0.0, 0] for m in models}
+        for task in sorted(by_task):
+            any_r = next(iter(by_task[task].values()))
+            xname = (tasks_cfg.get(task) or {}).get("xares_name") or any_r.get("xares_name") or task
+            published_score = pub.get((xname, proto))
+            if published_score is None:
+                published_score = pub.get((task, proto))
+            weight = any_r.get("weight")
+            cells = [task, any_r["primary_metric"], str(weight)]
+            for m in models:
+                r = by_task[task].get(m)
+                v = r["metrics"][r["primary_metric"]] if r else None
+                cells.append(_fmt(v["mean"], v["std"]) if v else "–")
+                if v and v["mean"] is not None and weight:
+                    sums[m][0] += v["mean"] * weight
+                    sums[m][1] += weight
+                out_rows.append({"protocol": method, "task": task, "xares_task": xname, "metric": any_r["primary_metric"],
+                                 "model": m, "score": None if not v else v["mean"], "weight": weight,
+                                 "published_dasheng_base": published_score})
+            cells.append(_fmt(published_score))
+            body.append(cells)
+        avg = [_fmt(sums[m][0] / sums[m][1]) if sums[m][1] else "–" for m in models]
+        body.append(["**weighted average**", "", str(sums[models[0]][1] if models else ""), *avg,
+                     _fmt(pub.get(("weighted_average_public", proto))) + " (all public tasks)"])
+        for m in models:
+            out_rows.append({"protocol": method, "task": "weighted_average", "xares_task": "weighted_average_public",
+                             "metric": "weighted_mean", "model": m,
+                             "score": sums[m][0] / sums[m][1] if sums[m][1] else None, "weight": sums[m][1],
+                             "published_dasheng_base": pub.get(("weighted_average_public", proto))})
+        md.append(markdown_table(["task", "metric", "weight", *models, "published dasheng-base"], body))
+    return out_rows, "".join(md)
+
+
+XARES_COLUMNS = ["protocol", "task", "xares_task", "metric", "model", "score", "weight", "published_dasheng_base"]
+
+
 def scores_markdown(rows: list[dict], models: list[str], stamp: dict) -> str:
     parts = ["# Evaluation scores\n",
              "Scores ×100 (mean ± std over splits; k-fold tasks average their folds). "
              "Probe: HEAR's MLP protocol; k-NN: k = 10, cosine, accuracy. "
              "`segment_1s_er` is an error rate (lower is better); everything else is higher-is-better.\n"]
-    for method, title in (("probe", "MLP probe (HEAR protocol)"), ("knn", "k-NN (k = 10, cosine)")):
+    for method, title in METHOD_TITLES.items():
         mrows = [r for r in rows if r["method"] == method]
         if not mrows:
             continue
@@ -165,10 +249,11 @@ def scores_markdown(rows: list[dict], models: list[str], stamp: dict) -> str:
         parts.append("\n## Per-domain averages of the primary probe scores (number of tasks)\n\n"
                      "As the paper's Table 4: the mean over a domain's tasks; Average = mean of the domains.\n\n"
                      + markdown_table(["model"] + [DOMAIN_TITLES[d] for d in present], body))
-    for method, label in (("probe", "primary probe score"), ("knn", "k-NN accuracy")):
+    for method, label in (("probe", "primary probe score"), ("knn", "k-NN accuracy"),
+                          ("xares_mlp", "X-ARES MLP score"), ("xares_knn", "X-ARES k-NN accuracy")):
         helped = pretraining_effect(rows, models, method)
         if helped:
-            parts.append(f"\n## Did pre-training help? ({'MLP probe' if method == 'probe' else 'k-NN'})\n\n"
+            parts.append(f"\n## Did pre-training help? ({METHOD_TITLES[method]})\n\n"
                          f"The trained encoder's {label} minus its random-init twin's, and minus the log-mel "
                          "baseline's (×100; positive = the trained encoder is better); the last row is the "
                          "mean over tasks.\n\n"
@@ -301,7 +386,8 @@ SCORE_COLUMNS = ["model", "task", "method", "metric", "primary", "score", "std",
 COMPARISON_COLUMNS = ["table", "task", "column", "metric", "model", "score", "paper_model", "paper_score"]
 
 
-def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: str | Path = PAPER_CSV) -> dict:
+def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: str | Path = PAPER_CSV,
+        xares_csv: str | Path = XARES_CSV) -> dict:
     out_dir = Path(out_dir)
     results = load_results(inputs)
     paper = read_paper(paper_csv)
@@ -317,7 +403,10 @@ def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: 
     atomic.write_bytes(out_dir / "scores.md", scores_markdown(rows, models, stamp).encode())
     write_csv(out_dir / "comparison.csv", comp, COMPARISON_COLUMNS)
     atomic.write_bytes(out_dir / "comparison.md", (comp_md + _provenance_md(stamp)).encode())
-    summary = {"models": models, "scores": rows, "comparison": comp,
+    xrows, xmd = xares_tables(results, models, read_xares(xares_csv), tasks_cfg)
+    write_csv(out_dir / "xares.csv", xrows, XARES_COLUMNS)
+    atomic.write_bytes(out_dir / "xares.md", (xmd + _provenance_md(stamp)).encode())
+    summary = {"models": models, "scores": rows, "comparison": comp, "xares": xrows,
                "domain_averages": {m: {d: {"mean": v[0], "tasks": v[1]} for d, v in per.items()}
                                    for m, per in domain_averages(rows, models).items()},
                "provenance": stamp}
@@ -331,10 +420,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inputs", nargs="+", required=True, help="probe and k-NN result JSONs")
     parser.add_argument("--params", default="{}", help="JSON: seed, models (order), tasks {name: {domain, paper_name}}")
     parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
+    parser.add_argument("--xares", default=str(XARES_CSV), help="X-ARES's published numbers (CSV)")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     logs.setup()
-    run(args.inputs, args.out_dir, json.loads(args.params), args.paper)
+    run(args.inputs, args.out_dir, json.loads(args.params), args.paper, args.xares)
 
 
 if __name__ == "__main__":

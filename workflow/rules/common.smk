@@ -197,15 +197,64 @@ def _eval_demo_task_names():
     return wanted + [t for t in extra if t not in wanted]
 
 
+def _eval_demo_xares_names():
+    """Demo tasks that run (HEAR format) and are also packed as X-ARES tasks (demo_tasks.xares)."""
+    from pipeline.evaluation import demo_tasks as _demo_tasks
+
+    hear = set(_eval_demo_task_names())
+    return [
+        t + _demo_tasks.XARES_SUFFIX for t in EVAL["demo_tasks"]["xares"] if t in hear
+    ]
+
+
+def _eval_xares_spec(name, spec):
+    """An X-ARES task's reader config (the keys pipeline.evaluation.xares_tasks reads)."""
+    keys = ("path", "label", "kind", "splits", "folds", "split_pattern", "fold_pattern")
+    keys += ("labels", "label_sep", "weight", "xares_name", "domain", "mlp")
+    out = {k: spec.get(k) for k in keys if k in spec}
+    if not out.get("splits") and not out.get("folds"):
+        raise ValueError(
+            f"config key evaluation.tasks.{name}: an X-ARES task needs 'splits' or 'folds'"
+        )
+    return out
+
+
+def _eval_protocols(fmt, protocols):
+    if protocols:
+        return list(protocols)
+    return ["xares_mlp", "xares_knn"] if fmt == "xares" else ["probe", "knn"]
+
+
 def _eval_tasks():
-    """Task name → {"dir", "demo", "domain", "paper_name"}."""
+    """Task name → {"dir", "demo", "format", "source", "xares", "protocols", "domain", "paper_name",
+    "xares_name"}; an X-ARES task's "dir" is its converted HEAR folder, "source" its shards.
+    """
+    from pipeline.evaluation import demo_tasks as _demo_tasks
+
     tasks = {}
     for name in _eval_demo_task_names():
         tasks[name] = {
             "dir": f"{EVAL_OUT}/tasks/{name}",
             "demo": True,
+            "format": "hear",
+            "protocols": _eval_protocols("hear", None),
             "domain": None,
             "paper_name": None,
+            "xares_name": None,
+        }
+    for name in _eval_demo_xares_names():
+        source = f"{EVAL_OUT}/xares_sources/{name}"
+        demo = name[: -len(_demo_tasks.XARES_SUFFIX)]
+        tasks[name] = {
+            "dir": f"{EVAL_OUT}/tasks/{name}",
+            "demo": False,
+            "format": "xares",
+            "source": source,
+            "xares": _demo_tasks.xares_config(demo, source),
+            "protocols": _eval_protocols("xares", None),
+            "domain": None,
+            "paper_name": None,
+            "xares_name": None,
         }
     for name, spec in EVAL["tasks"].items():
         if name in tasks:
@@ -213,12 +262,19 @@ def _eval_tasks():
                 f"config key evaluation.tasks.{name}: the name is taken by a demo task; rename it"
             )
         check_inside(f"evaluation.tasks.{name}.path", spec["path"])
+        fmt = spec["format"]
         tasks[name] = {
-            "dir": spec["path"],
+            "dir": spec["path"] if fmt == "hear" else f"{EVAL_OUT}/tasks/{name}",
             "demo": False,
+            "format": fmt,
+            "protocols": _eval_protocols(fmt, spec["protocols"]),
             "domain": spec["domain"],
             "paper_name": spec["paper_name"],
+            "xares_name": spec["xares_name"],
         }
+        if fmt == "xares":
+            tasks[name]["source"] = spec["path"]
+            tasks[name]["xares"] = _eval_xares_spec(name, spec)
     return tasks
 
 
@@ -311,30 +367,63 @@ def eval_knn_params():
     return as_json({"seed": config["seed"], "knn": EVAL["knn"]})
 
 
+def eval_xares_params():
+    return as_json({"seed": config["seed"], "xares": EVAL["xares"]})
+
+
+def eval_xares_source(wildcards):
+    return EVAL_TASKS[wildcards.task]["source"]
+
+
+def eval_xares_task_spec(wildcards):
+    return as_json(EVAL_TASKS[wildcards.task]["xares"])
+
+
+def _eval_xares_tasks(demo=None):
+    """Names of the X-ARES-format tasks (demo=True: only the generated ones)."""
+    return [
+        n
+        for n, t in EVAL_TASKS.items()
+        if t["format"] == "xares"
+        and (
+            demo is None or t["source"].startswith(f"{EVAL_OUT}/xares_sources/") == demo
+        )
+    ]
+
+
 def eval_results_params(wildcards=None):
     return as_json(
         {
             "seed": config["seed"],
             "models": eval_models(),
             "tasks": {
-                n: {"domain": t["domain"], "paper_name": t["paper_name"]}
+                n: {
+                    "domain": t["domain"],
+                    "paper_name": t["paper_name"],
+                    "xares_name": t["xares_name"],
+                }
                 for n, t in EVAL_TASKS.items()
             },
         }
     )
 
 
+def _eval_runs(task):
+    """The protocols a task runs (HEAR's k-NN also follows knn.enabled and knn.exclude)."""
+    runs = EVAL_TASKS[task]["protocols"]
+    if task in EVAL["knn"]["exclude"] or not EVAL["knn"]["enabled"]:
+        runs = [p for p in runs if p != "knn"]
+    return runs
+
+
 def eval_result_files(wildcards=None):
-    models, tasks = eval_models(), list(EVAL_TASKS)
-    files = [f"{EVAL_OUT}/probe/{m}/{t}.json" for m in models for t in tasks]
-    if EVAL["knn"]["enabled"]:
-        files += [
-            f"{EVAL_OUT}/knn/{m}/{t}.json"
-            for m in models
-            for t in tasks
-            if t not in EVAL["knn"]["exclude"]
-        ]
-    return files
+    models = eval_models()
+    return [
+        f"{EVAL_OUT}/{p}/{m}/{t}.json"
+        for t in EVAL_TASKS
+        for p in _eval_runs(t)
+        for m in models
+    ]
 
 
 def eval_training_metrics():

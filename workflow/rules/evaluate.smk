@@ -1,7 +1,9 @@
 # Stage 4, evaluation (package pipeline/evaluation/). For every (model, task): embeddings
-# (frame + clip, per split), the HEAR MLP probe and k-NN; then the score tables, the comparison
-# with the paper and the plots. Tasks: the demo tasks (synthesised by `demo_task`, in HEAR
-# format) and any HEAR task folder named in config["evaluation"]["tasks"]. Models:
+# (frame + clip, per split), then the task's protocols (HEAR's MLP probe, the paper's k-NN,
+# X-ARES's MLP and k-NN); then the score tables, the comparison with the paper and X-ARES, and
+# the plots. Tasks: the demo tasks (synthesised by `demo_task`, in HEAR format; some also packed
+# as X-ARES shards by `demo_xares_source`), and any HEAR task folder or X-ARES task (tar shards,
+# converted to a HEAR folder by `xares_task`) named in config["evaluation"]["tasks"]. Models:
 # config["models"] (trained encoder, random-init encoder, log-mel baseline, official Dasheng
 # checkpoints, HEAR-API modules); a model with `enabled: auto` is evaluated when its weights
 # exist or a job of the workflow produces them.
@@ -26,6 +28,47 @@ rule demo_task:
     shell:
         "python -m pipeline.evaluation.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
+
+
+rule demo_xares_source:
+    output:
+        directory(f"{EVAL_OUT}/xares_sources/{{task}}"),
+    log:
+        f"{EVAL_LOGS}/xares_sources/{{task}}.log",
+    wildcard_constraints:
+        task=constraint(_eval_xares_tasks(demo=True)),
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        demo=lambda wc: wc.task.removesuffix("_xares"),
+        cfg=as_json(
+            {
+                "seed": config["seed"],
+                "demo_tasks": {"scale": EVAL["demo_tasks"]["scale"]},
+            }
+        ),
+    shell:
+        "python -m pipeline.evaluation.demo_tasks --task {params.demo} --xares --params {params.cfg:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule xares_task:
+    input:
+        eval_xares_source,
+    output:
+        directory(f"{EVAL_OUT}/tasks/{{task}}"),
+    log:
+        f"{EVAL_LOGS}/tasks/{{task}}.log",
+    wildcard_constraints:
+        task=constraint(_eval_xares_tasks()),
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        spec=eval_xares_task_spec,
+        cfg=as_json({"seed": config["seed"]}),
+    shell:
+        "python -m pipeline.evaluation.xares_tasks --name {wildcards.task} --spec {params.spec:q} "
+        "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule embed:
@@ -96,10 +139,34 @@ rule knn:
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
+rule xares_protocol:
+    input:
+        task=eval_task_dir,
+        embeddings=f"{EVAL_OUT}/embeddings/{{model}}/{{task}}",
+    output:
+        f"{EVAL_OUT}/{{protocol}}/{{model}}/{{task}}.json",
+    log:
+        f"{EVAL_LOGS}/{{protocol}}/{{model}}/{{task}}.log",
+    wildcard_constraints:
+        protocol="xares_mlp|xares_knn",
+        model=EVAL_MODEL_NAMES,
+        task=constraint(list(EVAL_TASKS)),
+    conda:
+        "../../envs/eval.yaml"
+    threads: EVAL["threads"]
+    params:
+        cfg=eval_xares_params(),
+    shell:
+        "python -m pipeline.evaluation.xares_protocols --protocol {wildcards.protocol} --task {input.task:q} "
+        "--embeddings {input.embeddings:q} --params {params.cfg:q} --out {output:q} --threads {threads} "
+        "> {log:q} 2>&1"
+
+
 rule eval_results:
     input:
         results=eval_result_files,
         paper=os.path.join(workflow.basedir, "config", "paper_results.csv"),
+        xares=os.path.join(workflow.basedir, "config", "xares_results.csv"),
     output:
         scores=report(
             f"{EVAL_OUT}/results/scores.csv",
@@ -114,6 +181,8 @@ rule eval_results:
         ),
         comparison_md=f"{EVAL_OUT}/results/comparison.md",
         summary=f"{EVAL_OUT}/results/summary.json",
+        xares=f"{EVAL_OUT}/results/xares.csv",
+        xares_md=f"{EVAL_OUT}/results/xares.md",
     log:
         f"{EVAL_LOGS}/results.log",
     conda:
@@ -123,6 +192,7 @@ rule eval_results:
         out_dir=lambda wildcards, output: os.path.dirname(output.scores),
     shell:
         "python -m pipeline.evaluation.results --inputs {input.results:q} --paper {input.paper:q} "
+        "--xares {input.xares:q} "
         "--params {params.cfg:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 
