@@ -146,7 +146,8 @@ def load_all(items: list[Item], *, threads: int = 2, desc: str = "decode",
 
     from pipeline.evaluation.embeddings import prefetch
 
-    with tqdm(total=len(items), unit="file", desc=desc, disable=not progress, file=sys.stderr, mininterval=2) as bar:
+    with tqdm(total=len(items), unit="file", desc=desc, disable=not progress or not items, file=sys.stderr,
+              mininterval=2) as bar:
         for item, fut in prefetch(load, items, threads, 4 * max(threads, 1)):
             samples, reason = fut.result()
             if samples is None:
