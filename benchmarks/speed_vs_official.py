@@ -16,6 +16,7 @@ over between machines. Rows:
   The optimizer steps alone are timed too, so that the model's share of the gain shows.
 * log-mel of one 10 s clip on 1 thread: torchaudio ``MelSpectrogram`` + ``AmplitudeToDB`` (the
   official front end) against ``model.frontend.LogMel``.
+* ``--only probe``: the demo tasks' probe and k-NN scores from fp32 and from bf16 embeddings.
 
     python benchmarks/speed_vs_official.py                  # CPU, 2 threads, batch 8, 5 repeats
     python benchmarks/speed_vs_official.py --repeats 9 --only inference --ablations
@@ -200,10 +201,13 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     rate = {k: args.batch / v for k, v in t.items()}
     for p in [*official.parameters(), *ours.parameters()]:
         p.grad = torch.randn_like(p) * 1e-3
-    o = interleaved({"official": opts[id(official)].step, "ours": opts[id(ours)].step}, args.repeats, 0, device)
+    adamw8bit = make_optimizer(ours.parameters(), {"optimizer": "adamw8bit", "lr": 1e-5, "weight_decay": 0.01})
+    o = interleaved({"official": opts[id(official)].step, "ours": opts[id(ours)].step, "adamw8bit": adamw8bit.step},
+                    args.repeats, 1, device)
     notes = [
         f"optimizer step alone: official {o['official']:.2f} s (torch.optim.AdamW, per-tensor loop on CPU), "
-        f"ours {o['ours']:.2f} s (fused AdamW); forward + backward alone (step − optimizer): "
+        f"ours {o['ours']:.2f} s (fused AdamW, `optimizer: adamw`; `adamw8bit`, bitsandbytes: {o['adamw8bit']:.2f} s); "
+        f"forward + backward alone (step − optimizer): "
         f"official {t['official fp32'] - o['official']:.2f} s, ours {t['ours fp32'] - o['ours']:.2f} s fp32 / "
         f"{t['ours bf16'] - o['ours']:.2f} s bf16 → ratios {(t['official fp32'] - o['official']) / (t['ours fp32'] - o['ours']):.2f} "
         f"/ {(t['official fp32'] - o['official']) / (t['ours bf16'] - o['ours']):.2f}",
@@ -240,6 +244,41 @@ def bench_logmel(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     return rows, [f"log-mel: max |ours − official| {diff:.1e} dB (one clip: the same clamp)"]
 
 
+def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
+    """Probe and k-NN scores of the demo tasks with embeddings made in fp32 and in bf16 (same
+    random-init encoder, the demo config's probe), to see whether bf16 moves the scores."""
+    import logging
+    import os
+    import tempfile
+
+    os.environ["TQDM_DISABLE"] = "1"
+    logging.disable(logging.WARNING)
+    from pipeline.evaluation import demo_tasks, knn, probe
+    from pipeline.evaluation import embeddings as extract
+
+    cfg = probe.ProbeConfig(hidden_layers=[1], grid_points=2, max_epochs=150, patience=8)  # config/config.yaml's
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in ("demo_pitch", "demo_timbre", "demo_noise", "demo_events"):
+            folder = Path(tmp) / task
+            demo_tasks.generate(task, folder, seed=0, scale=args.probe_scale)
+            scores = {}
+            for dtype in ("fp32", "bf16"):
+                emb = Path(tmp) / f"emb-{task}-{dtype}"
+                spec = {"type": "random", "size": args.probe_size, "seed": 0}
+                extract.run(folder, "random", spec, {"seed": 0}, emb, args.threads, dtype)
+                result = probe.run(folder, emb, cfg, seed=0, threads=args.threads)
+                metric = result["primary_metric"]
+                scores[dtype] = [f"probe {metric} {result['metrics'][metric]['mean']:.4f}"]
+                k = knn.run(folder, emb)
+                if not k.get("skipped"):
+                    scores[dtype].append(f"k-NN top1_acc {k['metrics']['top1_acc']['mean']:.4f}")
+            notes.append(f"{task} (random-init {args.probe_size}, scale {args.probe_scale:g}): fp32 "
+                         f"{', '.join(scores['fp32'])}; bf16 {', '.join(scores['bf16'])}")
+    logging.disable(logging.NOTSET)
+    return [], notes
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -250,14 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--ablations", action="store_true",
                    help="also time ours without each speed-up (F.linear instead of oneDNN; autocast without cached casts)")
-    p.add_argument("--only", nargs="+", choices=["inference", "training", "logmel"],
+    p.add_argument("--probe-size", default="tiny", help="probe: the random-init encoder's size (the demo's is tiny)")
+    p.add_argument("--probe-scale", type=float, default=1.0, help="probe: demo task size (evaluation.demo_tasks.scale)")
+    p.add_argument("--only", nargs="+", choices=["inference", "training", "logmel", "probe"],
                    default=["inference", "training", "logmel"])
     args = p.parse_args(argv)
     import dasheng
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    benches = {"inference": bench_inference, "training": bench_training, "logmel": bench_logmel}
+    benches = {"inference": bench_inference, "training": bench_training, "logmel": bench_logmel, "probe": bench_probe}
     rows, notes = [], []
     for name in args.only:
         r, n = benches[name](args, device)
@@ -267,11 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one process, same random weights, {where}, batch {args.batch} × {args.seconds:g} s, torch {torch.__version__}, "
           f"dasheng {getattr(dasheng, '__version__', '0.0.9')}; median of {args.repeats} interleaved repeats "
           f"after {args.warmup} warm-up\n")
-    print("| what | official `dasheng` 0.0.9 | ours | ratio |")
-    print("|---|---|---|---|")
-    for what, theirs, mine, ratio in rows:
-        print(f"| {what} | {theirs} | {mine} | {ratio:.2f} |")
-    print()
+    if rows:
+        print("| what | official `dasheng` 0.0.9 | ours | ratio |")
+        print("|---|---|---|---|")
+        for what, theirs, mine, ratio in rows:
+            print(f"| {what} | {theirs} | {mine} | {ratio:.2f} |")
+        print()
     for n in notes:
         print(f"- {n}")
     print(f"\ncommand: python {shlex.join(['benchmarks/speed_vs_official.py', *(argv if argv is not None else sys.argv[1:])])}")
