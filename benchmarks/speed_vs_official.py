@@ -10,13 +10,16 @@ over between machines. Rows:
   package has no such option). The bf16 embeddings are compared with ours in fp32: cosine of
   every frame and every clip embedding.
 * MAE training step (base, forward + backward + AdamW): the official ``AudioTransformerMAE``
-  (waveform in, log-mel on the fly, group masking) against ours (``MaskedAutoencoder`` on the
-  stored log-mel, as the trainer feeds it) in fp32 and under bf16 autocast (``training.precision``).
+  (waveform in, log-mel on the fly, group masking) with ``torch.optim.AdamW`` as it comes, against
+  ours as the trainer runs it (``MaskedAutoencoder`` on the stored log-mel, the trainer's
+  ``make_optimizer`` for ``optimizer: adamw``) in fp32 and under bf16 autocast (``training.precision``).
+  The optimizer steps alone are timed too, so that the model's share of the gain shows.
 * log-mel of one 10 s clip on 1 thread: torchaudio ``MelSpectrogram`` + ``AmplitudeToDB`` (the
   official front end) against ``model.frontend.LogMel``.
+* ``--only probe``: the demo tasks' probe and k-NN scores from fp32 and from bf16 embeddings.
 
     python benchmarks/speed_vs_official.py                  # CPU, 2 threads, batch 8, 5 repeats
-    python benchmarks/speed_vs_official.py --repeats 9 --only inference
+    python benchmarks/speed_vs_official.py --repeats 9 --only inference --ablations
     python benchmarks/speed_vs_official.py --device cuda --batch 32
 
 On CUDA the official model runs under bf16 autocast too when ours does (its front end disables it).
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model import encoder as encoder_module  # noqa: E402
 from model.embed import embed  # noqa: E402
 from model.encoder import DashengEncoder  # noqa: E402
 from model.frontend import LogMel  # noqa: E402
@@ -92,6 +96,15 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(c.min()), float(c.mean())
 
 
+def plain_linear(fn):
+    """``fn()`` with the encoder's oneDNN inference path switched off (F.linear everywhere)."""
+    saved, encoder_module.ONEDNN_INFERENCE = encoder_module.ONEDNN_INFERENCE, False
+    try:
+        return fn()
+    finally:
+        encoder_module.ONEDNN_INFERENCE = saved
+
+
 def bench_inference(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     from dasheng.pretrained.pretrained import Dasheng
 
@@ -109,6 +122,7 @@ def bench_inference(args, device: torch.device) -> tuple[list[tuple], list[str]]
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return official(wav)
 
+    notes = []
     fp32, bf16 = embed(ours, wav).frames, embed(ours, wav, dtype="bf16").frames
     official_diff = float((official_run().float() - fp32).abs().max())
     frame_cos, clip_cos = cosines(bf16, fp32), cosines(bf16.mean(1), fp32.mean(1))
@@ -119,8 +133,20 @@ def bench_inference(args, device: torch.device) -> tuple[list[tuple], list[str]]
     }
     if gpu_bf16:
         fns["official bf16"] = lambda: official_run(True)
+    if args.ablations:
+        fns["ours fp32, F.linear (no oneDNN path)"] = lambda: plain_linear(lambda: embed(ours, wav))
+
+        def plain_autocast():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                return ours(wav)
+
+        fns["ours bf16, plain autocast (no cached casts)"] = plain_autocast
     t = interleaved(fns, args.repeats, args.warmup, device)
     rate = {k: args.batch / v for k, v in t.items()}
+    if args.ablations:
+        for name in list(t)[3 + gpu_bf16:]:
+            base = "ours fp32" if "fp32" in name else "ours bf16"
+            notes.append(f"ablation: {name}: {rate[name]:.2f} clips/s ({base} is {t[name] / t[base]:.2f}× faster)")
     rows = [
         ("encoder inference, base, fp32", f"{rate['official fp32']:.2f} clips/s", f"{rate['ours fp32']:.2f} clips/s",
          rate["ours fp32"] / rate["official fp32"]),
@@ -129,7 +155,7 @@ def bench_inference(args, device: torch.device) -> tuple[list[tuple], list[str]]
          f"{rate['ours bf16']:.2f} clips/s, clip cosine to fp32 ≥ {clip_cos[0]:.5f}",
          rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"]),
     ]
-    notes = [
+    notes += [
         f"ours fp32 against the official fp32 outputs: max |difference| {official_diff:.1e}",
         f"bf16 against fp32 (ours): frame cosine min {frame_cos[0]:.5f} / mean {frame_cos[1]:.6f}; "
         f"clip cosine min {clip_cos[0]:.6f} / mean {clip_cos[1]:.6f}",
@@ -149,7 +175,10 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     ours = ours.to(device).train()
     wav = test_audio(args.batch, args.seconds, seed=1).to(device)
     mel = LogMel().to(device)(wav)  # ours trains on the stored log-mel
-    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (official, ours)}
+    from pipeline.training.train import make_optimizer
+
+    opts = {id(official): torch.optim.AdamW(official.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01),
+            id(ours): make_optimizer(ours.parameters(), {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.01})}
 
     def step(model, loss_fn, bf16: bool):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -170,6 +199,19 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
         fns["official bf16"] = lambda: step(official, official_loss, True)
     t = interleaved(fns, args.repeats, args.warmup, device)
     rate = {k: args.batch / v for k, v in t.items()}
+    for p in [*official.parameters(), *ours.parameters()]:
+        p.grad = torch.randn_like(p) * 1e-3
+    adamw8bit = make_optimizer(ours.parameters(), {"optimizer": "adamw8bit", "lr": 1e-5, "weight_decay": 0.01})
+    o = interleaved({"official": opts[id(official)].step, "ours": opts[id(ours)].step, "adamw8bit": adamw8bit.step},
+                    args.repeats, 1, device)
+    notes = [
+        f"optimizer step alone: official {o['official']:.2f} s (torch.optim.AdamW, per-tensor loop on CPU), "
+        f"ours {o['ours']:.2f} s (fused AdamW, `optimizer: adamw`; `adamw8bit`, bitsandbytes: {o['adamw8bit']:.2f} s); "
+        f"forward + backward alone (step − optimizer): "
+        f"official {t['official fp32'] - o['official']:.2f} s, ours {t['ours fp32'] - o['ours']:.2f} s fp32 / "
+        f"{t['ours bf16'] - o['ours']:.2f} s bf16 → ratios {(t['official fp32'] - o['official']) / (t['ours fp32'] - o['ours']):.2f} "
+        f"/ {(t['official fp32'] - o['official']) / (t['ours bf16'] - o['ours']):.2f}",
+    ]
     rows = [
         ("MAE training step, base, fp32 (official: waveform in, mel on the fly; ours: stored mel)",
          f"{rate['official fp32']:.2f} samples/s", f"{rate['ours fp32']:.2f} samples/s",
@@ -178,7 +220,7 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
          f"{rate['official bf16']:.2f} samples/s" if gpu_bf16 else "—", f"{rate['ours bf16']:.2f} samples/s",
          rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"]),
     ]
-    return rows, []
+    return rows, notes
 
 
 def bench_logmel(args, device: torch.device) -> tuple[list[tuple], list[str]]:
@@ -202,6 +244,41 @@ def bench_logmel(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     return rows, [f"log-mel: max |ours − official| {diff:.1e} dB (one clip: the same clamp)"]
 
 
+def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
+    """Probe and k-NN scores of the demo tasks with embeddings made in fp32 and in bf16 (same
+    random-init encoder, the demo config's probe), to see whether bf16 moves the scores."""
+    import logging
+    import os
+    import tempfile
+
+    os.environ["TQDM_DISABLE"] = "1"
+    logging.disable(logging.WARNING)
+    from pipeline.evaluation import demo_tasks, knn, probe
+    from pipeline.evaluation import embeddings as extract
+
+    cfg = probe.ProbeConfig(hidden_layers=[1], grid_points=2, max_epochs=150, patience=8)  # config/config.yaml's
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in ("demo_pitch", "demo_timbre", "demo_noise", "demo_events"):
+            folder = Path(tmp) / task
+            demo_tasks.generate(task, folder, seed=0, scale=args.probe_scale)
+            scores = {}
+            for dtype in ("fp32", "bf16"):
+                emb = Path(tmp) / f"emb-{task}-{dtype}"
+                spec = {"type": "random", "size": args.probe_size, "seed": 0}
+                extract.run(folder, "random", spec, {"seed": 0}, emb, args.threads, dtype)
+                result = probe.run(folder, emb, cfg, seed=0, threads=args.threads)
+                metric = result["primary_metric"]
+                scores[dtype] = [f"probe {metric} {result['metrics'][metric]['mean']:.4f}"]
+                k = knn.run(folder, emb)
+                if not k.get("skipped"):
+                    scores[dtype].append(f"k-NN top1_acc {k['metrics']['top1_acc']['mean']:.4f}")
+            notes.append(f"{task} (random-init {args.probe_size}, scale {args.probe_scale:g}): fp32 "
+                         f"{', '.join(scores['fp32'])}; bf16 {', '.join(scores['bf16'])}")
+    logging.disable(logging.NOTSET)
+    return [], notes
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -210,14 +287,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--only", nargs="+", choices=["inference", "training", "logmel"],
+    p.add_argument("--ablations", action="store_true",
+                   help="also time ours without each speed-up (F.linear instead of oneDNN; autocast without cached casts)")
+    p.add_argument("--probe-size", default="tiny", help="probe: the random-init encoder's size (the demo's is tiny)")
+    p.add_argument("--probe-scale", type=float, default=1.0, help="probe: demo task size (evaluation.demo_tasks.scale)")
+    p.add_argument("--only", nargs="+", choices=["inference", "training", "logmel", "probe"],
                    default=["inference", "training", "logmel"])
     args = p.parse_args(argv)
     import dasheng
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    benches = {"inference": bench_inference, "training": bench_training, "logmel": bench_logmel}
+    benches = {"inference": bench_inference, "training": bench_training, "logmel": bench_logmel, "probe": bench_probe}
     rows, notes = [], []
     for name in args.only:
         r, n = benches[name](args, device)
@@ -227,11 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one process, same random weights, {where}, batch {args.batch} × {args.seconds:g} s, torch {torch.__version__}, "
           f"dasheng {getattr(dasheng, '__version__', '0.0.9')}; median of {args.repeats} interleaved repeats "
           f"after {args.warmup} warm-up\n")
-    print("| what | official `dasheng` 0.0.9 | ours | ratio |")
-    print("|---|---|---|---|")
-    for what, theirs, mine, ratio in rows:
-        print(f"| {what} | {theirs} | {mine} | {ratio:.2f} |")
-    print()
+    if rows:
+        print("| what | official `dasheng` 0.0.9 | ours | ratio |")
+        print("|---|---|---|---|")
+        for what, theirs, mine, ratio in rows:
+            print(f"| {what} | {theirs} | {mine} | {ratio:.2f} |")
+        print()
     for n in notes:
         print(f"- {n}")
     print(f"\ncommand: python {shlex.join(['benchmarks/speed_vs_official.py', *(argv if argv is not None else sys.argv[1:])])}")

@@ -8,9 +8,11 @@ a CPU with AVX512-BF16 or AMX); the front end runs in fp32 either way and the ou
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from model.encoder import DashengEncoder
 from model.frontend import HOP_LENGTH, SAMPLE_RATE
@@ -49,15 +51,50 @@ def _pool(frames: torch.Tensor, num_frames: torch.Tensor | None) -> Embeddings:
     return Embeddings(frames, clip, num_frames.cpu())
 
 
-def _eval_no_grad(encoder: DashengEncoder, fn, dtype):
+# bf16 copies of each encoder's Linear/Conv2d weights, kept between calls (autocast would cast
+# them again on every call: about 5 % of a base forward pass on CPU).
+_BF16_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bf16_weights(encoder: DashengEncoder) -> dict[str, torch.Tensor]:
+    """The bf16 casts autocast makes of the weights of the matrix products (Linear, Conv2d), as
+    ``"encoder.<name>"`` → tensor; recast when a parameter changes (its storage or version)."""
+    params = {f"encoder.{m}.{n}": p for m, module in encoder.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
+              for n, p in module.named_parameters(recurse=False)}
+    key = tuple((p.data_ptr(), p._version, p.device) for p in params.values())
+    cached = _BF16_WEIGHTS.get(encoder)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, {name: p.to(torch.bfloat16) for name, p in params.items()})
+        _BF16_WEIGHTS[encoder] = cached
+    return cached[1]
+
+
+class _Call(nn.Module):
+    """``encoder.<method>(*args)`` as a module's forward, for ``torch.func.functional_call``."""
+
+    def __init__(self, encoder: DashengEncoder, method: str):
+        super().__init__()
+        self.encoder, self.method = encoder, method
+
+    def forward(self, *args):
+        return getattr(self.encoder, self.method)(*args)
+
+
+def _run(encoder: DashengEncoder, method: str, args: tuple, dtype) -> torch.Tensor:
+    """``encoder.<method>(*args)`` in eval mode without gradients, in fp32 or under bf16 autocast
+    (with the cached bf16 weights: the same numbers as plain autocast, without the casts)."""
     bf16 = check_dtype(dtype) == "bf16"
     device_type = encoder.time_pos_embed.device.type
     was_training = encoder.training
     encoder.eval()
     try:
         # not inference_mode: its tensors could not feed a trained probe
-        with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            return fn()
+        with torch.no_grad():
+            if not bf16:
+                return getattr(encoder, method)(*args)
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                return torch.func.functional_call(_Call(encoder, method), _bf16_weights(encoder), args)
     finally:
         encoder.train(was_training)
 
@@ -69,7 +106,7 @@ def embed(
     (an item then has ``length // 640`` real frames); ``dtype`` "fp32" or "bf16" (autocast)."""
     check_sample_rate(sample_rate)
     audio, lengths = check_waveform(audio, lengths)
-    frames = _eval_no_grad(encoder, lambda: encoder(audio, lengths), dtype)
+    frames = _run(encoder, "forward", (audio, lengths), dtype)
     return _pool(frames, None if lengths is None else lengths // SAMPLES_PER_TOKEN)
 
 
@@ -78,5 +115,5 @@ def embed_mel(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None, dty
     frames of real audio (an item then has ``valid_frames // 4`` real frame embeddings);
     ``dtype`` "fp32" or "bf16" (autocast)."""
     mel, valid_frames = check_mel(mel, valid_frames)
-    frames = _eval_no_grad(encoder, lambda: encoder.forward_mel(mel, valid_frames), dtype)
+    frames = _run(encoder, "forward_mel", (mel, valid_frames), dtype)
     return _pool(frames, None if valid_frames is None else valid_frames // FRAMES_PER_TOKEN)

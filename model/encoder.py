@@ -63,14 +63,74 @@ def size_name(config: EncoderConfig) -> str | None:
     return next((name for name, c in SIZES.items() if c == config), None)
 
 
+# CPU inference path: without gradients on CPU, in fp32 or under bf16 autocast, the Linear layers
+# run oneDNN's linear on weights packed once for it (re-packed when a weight changes), fc1 fused with
+# GELU. Faster than MKL's sgemm / autocast's per-call weight casts on AVX-512 CPUs (BENCHMARKS.md);
+# fp32 outputs agree with F.linear to ~1e-6 (another summation order), bf16 ones compute what
+# autocast computes (bf16 inputs and weights, fp32 accumulation, bf16 out). False: plain path always.
+ONEDNN_INFERENCE = True
+
+
+def _onednn_available() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and hasattr(
+        ops, "_reorder_linear_weight"
+    )
+
+
+_ONEDNN = _onednn_available()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same keys) with the oneDNN CPU inference path above;
+    ``forward(x, gelu=True)`` is ``F.gelu(linear(x))`` (erf GELU), fused on that path."""
+
+    _packed: dict | None = None  # dtype -> ((weight storage, version), packed weight, bias)
+
+    def __getstate__(self):  # copies and pickles leave the packed weights (opaque tensors) behind
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
+
+    def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The precision of the oneDNN path for this call, or None for the plain path."""
+        if not (ONEDNN_INFERENCE and _ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        return torch.float32 if x.dtype == self.weight.dtype == torch.float32 else None
+
+    def _packed_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._packed is None:
+            self._packed = {}
+        entry = self._packed.get(dtype)
+        if entry is None or entry[0] != key:
+            w = self.weight.detach().to(dtype)
+            b = None if self.bias is None else self.bias.detach().to(dtype)
+            entry = self._packed[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(w, None), b)
+        return entry[1], entry[2]
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        dtype = self._onednn_dtype(x)
+        if dtype is not None:
+            weight, bias = self._packed_for(dtype)
+            return torch.ops.mkldnn._linear_pointwise(
+                x.to(dtype), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+            )
+        x = super().forward(x)
+        return F.gelu(x) if gelu else x
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
@@ -83,12 +143,11 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x, gelu=True))  # fc1 then (erf) GELU
 
 
 class Block(nn.Module):

@@ -114,7 +114,8 @@ def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
-    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95))
+    # fused: one kernel for all tensors, about 2.5x the default per-tensor loop on CPU (BENCHMARKS.md)
+    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95), fused=True)
 
 
 def _truncate_csv(path: Path, fields: list[str], keep_below_epoch: int) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from model import encoder as encoder_module
 from model.encoder import MAX_TOKENS, SIZES, DashengEncoder, count_parameters, key_padding_mask
 from model.frontend import LogMel
 
@@ -196,3 +199,25 @@ def test_shard_window_with_valid_frames_equals_the_clip_alone(tiny):
     torch.testing.assert_close(out[:, :120], alone, atol=0.05, rtol=0)  # float16 storage of dB values
     exact = run_mel(tiny, window.float(), torch.tensor([481]))
     torch.testing.assert_close(exact[:, :120], run_mel(tiny, mel.half().float()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not encoder_module._ONEDNN, reason="this torch build has no oneDNN linear ops")
+def test_onednn_inference_path_equals_the_plain_path(tiny, monkeypatch):
+    enc = copy.deepcopy(tiny)
+    wav, lengths = noise(2, 3.0, seed=7), torch.tensor([48000, 20000])
+    fast = run(enc, wav, lengths)
+    assert torch.float32 in enc.blocks[0].mlp.fc1._packed  # the path ran
+    monkeypatch.setattr(encoder_module, "ONEDNN_INFERENCE", False)
+    plain = run(enc, wav, lengths)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(fast, plain)  # a different summation order: it really is another kernel
+    monkeypatch.setattr(encoder_module, "ONEDNN_INFERENCE", True)
+    with torch.no_grad():
+        enc.blocks[0].mlp.fc1.weight.mul_(2.0)  # an in-place update: the packed weight is stale
+    changed = run(enc, wav, lengths)
+    monkeypatch.setattr(encoder_module, "ONEDNN_INFERENCE", False)
+    changed_plain = run(enc, wav, lengths)
+    torch.testing.assert_close(changed, changed_plain, atol=1e-5, rtol=1e-5)
+    # with gradients (training) the plain path runs, whatever the flag
+    monkeypatch.setattr(encoder_module, "ONEDNN_INFERENCE", True)
+    assert torch.equal(enc(wav, lengths).detach(), changed_plain)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -55,6 +57,22 @@ def test_bf16_embeddings_agree_with_fp32(tiny):
     torch.testing.assert_close(mel.clip, bf16.clip, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="unsupported dtype 'fp16': expected 'fp32' or 'bf16'"):
         embed(tiny, wav, dtype="fp16")
+
+
+def test_bf16_weight_cache_equals_plain_autocast_and_follows_the_weights(tiny):
+    encoder = copy.deepcopy(tiny)
+    wav = noise(2, 3.0, seed=6)
+
+    def plain():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return encoder(wav)
+
+    assert torch.equal(embed(encoder, wav, dtype="bf16").frames, plain())
+    with torch.no_grad():
+        encoder.blocks[1].mlp.fc1.weight.mul_(1.5)  # an in-place update: the cached cast is stale
+    assert torch.equal(embed(encoder, wav, dtype="bf16").frames, plain())
+    encoder.load_state_dict(tiny.state_dict())
+    assert torch.equal(embed(encoder, wav, dtype="bf16").frames, embed(tiny, wav, dtype="bf16").frames)
 
 
 def test_embed_restores_training_mode(tiny):
