@@ -1,9 +1,15 @@
 """Frame (25 Hz) and clip embeddings from a Dasheng encoder, as the paper's downstream protocol
-uses them: last layer, frames at 40 ms, clip = mean of the real frames."""
+uses them: last layer, frames at 40 ms, clip = mean of the real frames.
+
+``layer`` picks the block the embeddings come from: ``"last"`` (the paper's protocol, the
+encoder's output), ``N`` (1 … depth: block N's output through the encoder's final LayerNorm, so
+``N = depth`` is ``"last"`` exactly and every layer has the same scale), or ``"mean"`` (the mean
+of those over all blocks). ``embed_layers`` gives every block's at once, from one forward pass.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Union
 
 import torch
 
@@ -14,6 +20,9 @@ from model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_mel, check_s
 FRAME_MS = 1000 * SAMPLES_PER_TOKEN / SAMPLE_RATE  # 40 ms between frame embeddings
 # A frame embedding covers mel frames 4k..4k+3, centred at 10·(4k..4k+3) ms: its centre is 15 ms later.
 FRAME_CENTRE_MS = 1000 * HOP_LENGTH * (FRAMES_PER_TOKEN - 1) / 2 / SAMPLE_RATE
+
+
+Layer = Union[str, int]  # "last" | "mean" | 1 … depth
 
 
 class Embeddings(NamedTuple):
@@ -47,18 +56,64 @@ def _eval_no_grad(encoder: DashengEncoder, fn):
         encoder.train(was_training)
 
 
-def embed(encoder: DashengEncoder, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, lengths=None) -> Embeddings:
-    """Mono audio (B, S) at 16 kHz → embeddings; ``lengths`` (B,) in samples for padded batches
-    (an item then has ``length // 640`` real frames)."""
+def check_layer(layer: Layer, depth: int) -> Layer:
+    """``"last"``, ``"mean"`` or a block number 1 … depth (an int or its digits); else ValueError."""
+    if isinstance(layer, str) and layer.strip().lstrip("-").isdigit():
+        layer = int(layer)
+    if layer in ("last", "mean") or (isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= depth):
+        return layer
+    raise ValueError(f"layer {layer!r}: expected 'last', 'mean' or a block number 1..{depth} (this encoder has {depth} blocks)")
+
+
+def _block_frames(encoder: DashengEncoder, forward: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``forward`` and return every block's output through the final norm, [(B, N, D)] × depth.
+
+    Forward hooks on the blocks collect their outputs; an input longer than one chunk passes the
+    blocks twice (its whole 252-token chunks folded into the batch, then the rest), and the
+    pieces are put back in time order as ``encoder.encode`` does with its outputs.
+    """
+    calls: list[list[torch.Tensor]] = [[] for _ in encoder.blocks]
+    hooks = [blk.register_forward_hook(lambda _m, _i, out, i=i: calls[i].append(out))
+             for i, blk in enumerate(encoder.blocks)]
+    try:
+        final = forward()  # (B, N, D)
+    finally:
+        for h in hooks:
+            h.remove()
+    B, _, D = final.shape
+    return [encoder.norm(torch.cat([c.reshape(B, -1, D) for c in pieces], dim=1)) for pieces in calls]
+
+
+def _frames(encoder: DashengEncoder, forward: Callable[[], torch.Tensor], layer: Layer) -> torch.Tensor:
+    layer = check_layer(layer, len(encoder.blocks))
+    if layer == "last":
+        return forward()
+    blocks = _block_frames(encoder, forward)
+    return torch.stack(blocks).mean(0) if layer == "mean" else blocks[layer - 1]
+
+
+def embed(encoder: DashengEncoder, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, lengths=None,
+          layer: Layer = "last") -> Embeddings:
+    """Mono audio (B, S) at 16 kHz → embeddings of ``layer``; ``lengths`` (B,) in samples for
+    padded batches (an item then has ``length // 640`` real frames)."""
     check_sample_rate(sample_rate)
     audio, lengths = check_waveform(audio, lengths)
-    frames = _eval_no_grad(encoder, lambda: encoder(audio, lengths))
+    frames = _eval_no_grad(encoder, lambda: _frames(encoder, lambda: encoder(audio, lengths), layer))
     return _pool(frames, None if lengths is None else lengths // SAMPLES_PER_TOKEN)
 
 
-def embed_mel(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None) -> Embeddings:
-    """dB log-mel (B, 64, T) as the data stage stores it → embeddings; ``valid_frames`` (B,) mel
-    frames of real audio (an item then has ``valid_frames // 4`` real frame embeddings)."""
+def embed_mel(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None, layer: Layer = "last") -> Embeddings:
+    """dB log-mel (B, 64, T) as the data stage stores it → embeddings of ``layer``; ``valid_frames``
+    (B,) mel frames of real audio (an item then has ``valid_frames // 4`` real frame embeddings)."""
     mel, valid_frames = check_mel(mel, valid_frames)
-    frames = _eval_no_grad(encoder, lambda: encoder.forward_mel(mel, valid_frames))
+    frames = _eval_no_grad(encoder, lambda: _frames(encoder, lambda: encoder.forward_mel(mel, valid_frames), layer))
     return _pool(frames, None if valid_frames is None else valid_frames // FRAMES_PER_TOKEN)
+
+
+def embed_layers(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None) -> list[Embeddings]:
+    """dB log-mel (B, 64, T) → the embeddings of every block, [block 1, …, block depth], from one
+    forward pass (the last one equals ``embed_mel``'s)."""
+    mel, valid_frames = check_mel(mel, valid_frames)
+    blocks = _eval_no_grad(encoder, lambda: _block_frames(encoder, lambda: encoder.forward_mel(mel, valid_frames)))
+    num = None if valid_frames is None else valid_frames // FRAMES_PER_TOKEN
+    return [_pool(frames, num) for frames in blocks]

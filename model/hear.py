@@ -13,6 +13,8 @@ or ``"random:<size>"`` (e.g. ``"random:tiny"``) for a random encoder of any size
 Timestamp embeddings are the encoder's 25 Hz frames; a frame's timestamp is the centre of the
 four mel frames it covers (40·k + 15 ms). Scene embeddings are the mean of the frames.
 Clips longer than 10.08 s go through the model in chunks of 252 frames, concatenated.
+``load_model(path, layer=...)`` takes the embeddings from another block than the last
+(``"last"``, a block number 1 … depth, or ``"mean"`` of all blocks; see ``model.embed``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from model.checkpoint import load_encoder
-from model.embed import embed, frame_times_ms
+from model.embed import Layer, check_layer, embed, frame_times_ms
 from model.encoder import DashengEncoder
 from model.frontend import SAMPLE_RATE
 
@@ -34,9 +36,10 @@ class HearModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: DashengEncoder, batch_size: int = 16):
+    def __init__(self, encoder: DashengEncoder, batch_size: int = 16, layer: Layer = "last"):
         super().__init__()
         self.encoder = encoder.eval()
+        self.layer = check_layer(layer, len(encoder.blocks))  # which block's output is the embedding
         self.scene_embedding_size = encoder.embed_dim
         self.timestamp_embedding_size = encoder.embed_dim
         self.batch_size = batch_size  # sounds per forward pass
@@ -49,7 +52,7 @@ def random_encoder(size: str = "base", seed: int = RANDOM_SEED) -> DashengEncode
         return DashengEncoder(size).eval()
 
 
-def load_model(model_file_path: str = "", device: str | torch.device | None = None) -> HearModel:
+def load_model(model_file_path: str = "", device: str | torch.device | None = None, layer: Layer = "last") -> HearModel:
     if model_file_path == "":
         encoder = random_encoder("base")
     elif model_file_path.startswith(RANDOM_PREFIX):
@@ -58,7 +61,7 @@ def load_model(model_file_path: str = "", device: str | torch.device | None = No
         encoder = load_encoder(model_file_path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HearModel(encoder).to(device)
+    return HearModel(encoder, layer=layer).to(device)
 
 
 def _check_audio(audio: torch.Tensor) -> None:
@@ -72,7 +75,7 @@ def _check_audio(audio: torch.Tensor) -> None:
 def _frames(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """(n_sounds, n_samples) → (n_sounds, T, D) frame embeddings, in batches of ``model.batch_size``."""
     _check_audio(audio)
-    parts = [embed(model.encoder, chunk).frames for chunk in audio.split(model.batch_size)]
+    parts = [embed(model.encoder, chunk, layer=model.layer).frames for chunk in audio.split(model.batch_size)]
     return torch.cat(parts).to(audio.device)
 
 
