@@ -40,7 +40,7 @@ from model.frontend import MEL_PARAMS
 from model.mae import DEFAULT_DECODER, MaskedAutoencoder
 from pipeline.common import atomic, logs, provenance
 from pipeline.features import shards
-from pipeline.training import loader, schedule
+from pipeline.training import downstream, loader, schedule
 from pipeline.training.averaging import average_state_dicts, encoder_state
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ def train_worker(cfg: dict) -> None:
         _truncate_csv(throughput_csv, THROUGHPUT_FIELDS, start_epoch)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(state_dir / "tensorboard"), purge_step=start_epoch * bpe)
+        check = downstream.DownstreamCheck(cfg, state_dir, start_epoch)  # k-NN + linear probe every N epochs
 
     train_parts, valid_parts = loader.parts_of(cfg["train_shards"]), loader.parts_of(cfg["valid_shards"])
     for epoch in range(start_epoch, epochs):
@@ -243,6 +244,7 @@ def train_worker(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
             continue
         rows[-1]["val_loss"] = f"{val_loss:.6f}"
+        check.after_epoch(model, epoch, (epoch + 1) * bpe, writer)
         _append_csv(metrics_csv, METRIC_FIELDS, rows)
         samples = bpe * cfg["global_batch"]
         _append_csv(throughput_csv, THROUGHPUT_FIELDS, [{
@@ -367,6 +369,7 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
     path = export(best, cfg, stamp, out)
     shutil.copyfile(state / "metrics.csv", out / "metrics.csv")
     shutil.copyfile(state / "throughput.csv", out / "throughput.csv")
+    shutil.copyfile(state / "downstream.csv", out / "downstream.csv")
     summary = {"encoder": str(path), "size": cfg["size"], "decoder": cfg["decoder"], "run": name,
                "averaged": [{"epoch": e, "val_loss": v} for _, v, e in best],
                "epochs": cfg["epochs"], "final_val_loss": _last_val_loss(out / "metrics.csv"),
