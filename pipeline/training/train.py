@@ -333,6 +333,7 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     worker_cfg = {**cfg, "train_shards": train, "valid_shards": valid, "state_dir": str(state),
+                  "downstream_sets": [str(Path(p).resolve()) for p in cfg.get("downstream_sets") or []],
                   "threads_per_worker": cfg["cpus_per_worker"], "mel_stats": dataset["stats"]}
     log.info(f"training {cfg['size']} MAE: {len(train)} train / {len(valid)} validation shards, "
           f"{cfg['epochs']} epochs x {cfg['batches_per_epoch']} batches of {cfg['global_batch']}, "
