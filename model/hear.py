@@ -17,6 +17,8 @@ autocast (CPU or GPU; front end in fp32, embeddings float32), see ``model.embed`
 Timestamp embeddings are the encoder's 25 Hz frames; a frame's timestamp is the centre of the
 four mel frames it covers (40·k + 15 ms). Scene embeddings are the mean of the frames.
 Clips longer than 10.08 s go through the model in chunks of 252 frames, concatenated.
+``load_model(path, layer=...)`` takes the embeddings from another block than the last
+(``"last"``, a block number 1 … depth, or ``"mean"`` of all blocks; see ``model.embed``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from model import pretrained
-from model.embed import embed, frame_times_ms
+from model.embed import Layer, check_layer, embed, frame_times_ms
 from model.encoder import DashengEncoder
 from model.frontend import SAMPLE_RATE
 from model.inputs import check_dtype
@@ -40,21 +42,23 @@ class HearModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: DashengEncoder, batch_size: int = 16, dtype="fp32"):
+    def __init__(self, encoder: DashengEncoder, batch_size: int = 16, dtype="fp32", layer: Layer = "last"):
         super().__init__()
         self.encoder = encoder.eval()
         self.dtype = check_dtype(dtype)  # "fp32" or "bf16" (autocast)
+        self.layer = check_layer(layer, len(encoder.blocks))  # which block's output is the embedding
         self.scene_embedding_size = encoder.embed_dim
         self.timestamp_embedding_size = encoder.embed_dim
         self.batch_size = batch_size  # sounds per forward pass
 
 
-def load_model(model_file_path: str = "", device: str | torch.device | None = None, dtype="fp32") -> HearModel:
+def load_model(model_file_path: str = "", device: str | torch.device | None = None, dtype="fp32",
+               layer: Layer = "last") -> HearModel:
     dtype = check_dtype(dtype)  # before loading anything: a bad dtype fails fast
     encoder = random_encoder("base") if model_file_path == "" else pretrained.load(model_file_path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return HearModel(encoder, dtype=dtype).to(device)
+    return HearModel(encoder, dtype=dtype, layer=layer).to(device)
 
 
 def _check_audio(audio: torch.Tensor) -> None:
@@ -68,7 +72,8 @@ def _check_audio(audio: torch.Tensor) -> None:
 def _frames(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """(n_sounds, n_samples) → (n_sounds, T, D) frame embeddings, in batches of ``model.batch_size``."""
     _check_audio(audio)
-    parts = [embed(model.encoder, chunk, dtype=model.dtype).frames for chunk in audio.split(model.batch_size)]
+    parts = [embed(model.encoder, chunk, dtype=model.dtype, layer=model.layer).frames
+             for chunk in audio.split(model.batch_size)]
     return torch.cat(parts).to(audio.device)
 
 

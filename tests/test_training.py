@@ -221,9 +221,25 @@ def _first_checkpoint(state: Path, timeout=300) -> None:
     raise AssertionError("no checkpoint appeared")
 
 
+def _quick_set(path: Path) -> Path:
+    """A two-class quick set (pipeline.evaluation.quickset's format): quiet vs loud low bins."""
+    rng = np.random.default_rng(0)
+    label = np.arange(24) % 2
+    mel = rng.normal(-40, 5, (24, 64, 101))
+    mel[label == 1, :16] += 20
+    np.savez(path, name=np.array("toy"), mel=mel.astype(np.float16), valid_frames=np.full(24, 101),
+             label=label, train=np.arange(24) < 16, classes=np.array(["quiet", "loud"]))
+    return path
+
+
 @pytest.mark.slow
 def test_a_lost_worker_is_restarted_from_the_last_checkpoint(demo_shards, uninterrupted):
-    proc = train(demo_shards, "c", wait=False)
+    """... with downstream checks every epoch in this run only: they leave the training unchanged
+    (the same validation losses as the uninterrupted run without them), and the resumed run has one
+    row per epoch and method."""
+    checks = {"downstream": {"every_epochs": 1, "k": 3, "layers": "last"},
+              "downstream_sets": [str(_quick_set(demo_shards / "quick.npz"))]}
+    proc = train(demo_shards, "c", checks, wait=False)
     _first_checkpoint(demo_shards / "state-c")
     victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "RayTrainWorker" in " ".join(p.cmdline()) or p.name().startswith("ray::RayTrainWorker")]
@@ -231,6 +247,10 @@ def test_a_lost_worker_is_restarted_from_the_last_checkpoint(demo_shards, uninte
     victims[-1].kill()
     assert proc.wait(timeout=600) == 0, (demo_shards / "c.log").read_text()[-4000:]
     assert val_losses(demo_shards / "out-c/metrics.csv") == val_losses(uninterrupted / "metrics.csv")
+    rows = list(csv.DictReader(open(demo_shards / "out-c/downstream.csv", newline="")))
+    assert [(r["epoch"], r["step"], r["layer"], r["method"]) for r in rows] == [
+        (str(e), str(4 * (e + 1)), "6", m) for e in range(3) for m in ("knn", "linear")]
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
 
 
 def _wait_for(path_glob, folder: Path, timeout=300) -> None:

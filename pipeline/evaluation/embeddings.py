@@ -25,6 +25,10 @@ Models (``spec["type"]``):
   averaged over groups of 4 frames (25 Hz, the encoder's frame rate and timestamps);
 - ``hear_module``: any importable module with the HEAR API (``load_model(path)``,
   ``get_scene_embeddings``, ``get_timestamp_embeddings``); audio is decoded at its ``sample_rate``.
+
+``layer`` (``checkpoint``, ``random``; and ``hear_module``, passed to its ``load_model`` when set):
+``last`` (the default and the paper's protocol), a block number, or ``mean`` of all blocks
+(``model.embed``). ``--layer`` on the command line overrides the spec's.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from model.embed import embed, frame_times_ms
+from model.embed import check_layer, embed, frame_times_ms
 from model.frontend import LogMel
 from model.inputs import DTYPES, FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_dtype
 from pipeline.common import atomic, audio, logs, provenance
@@ -67,10 +71,12 @@ class Embedder:
 
 
 class EncoderEmbedder(Embedder):
-    def __init__(self, encoder, description: str, dtype: str = "fp32"):
+    def __init__(self, encoder, description: str, dtype: str = "fp32", layer="last"):
         self.encoder = encoder.eval()
         self.dim = encoder.embed_dim
         self.dtype = check_dtype(dtype)
+        self.layer = check_layer(layer, len(encoder.blocks))
+        description = description if self.layer == "last" else f"{description}, layer {self.layer}"
         self.description = description if self.dtype == "fp32" else f"{description}, {self.dtype} autocast"
 
     def __call__(self, batch):
@@ -80,7 +86,7 @@ class EncoderEmbedder(Embedder):
         for i, x in enumerate(batch):
             wav[i, : x.size] = torch.from_numpy(x)
             lengths[i] = max(SAMPLES_PER_TOKEN, x.size)
-        out = embed(self.encoder, wav, lengths=lengths, dtype=self.dtype)
+        out = embed(self.encoder, wav, lengths=lengths, dtype=self.dtype, layer=self.layer)
         results = []
         for i in range(len(batch)):
             n = int(out.num_frames[i])
@@ -111,7 +117,7 @@ class LogMelEmbedder(Embedder):
 class HearModuleEmbedder(Embedder):
     """Any module with the HEAR 2021 API. Clips of equal length go through it together."""
 
-    def __init__(self, module_name: str, path: str):
+    def __init__(self, module_name: str, path: str, layer=None):
         try:
             self.module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -120,13 +126,20 @@ class HearModuleEmbedder(Embedder):
                    if not callable(getattr(self.module, f, None))]
         if missing:
             raise ValueError(f"models: module {module_name!r} lacks the HEAR API functions {missing}")
-        self.model = self.module.load_model(path) if path else self.module.load_model()
+        kwargs = {} if layer in (None, "last") else {"layer": layer}
+        try:
+            self.model = self.module.load_model(path, **kwargs) if path else self.module.load_model(**kwargs)
+        except TypeError as exc:
+            if not kwargs:
+                raise
+            raise ValueError(f"models: {module_name}.load_model() does not take layer={layer!r} ({exc}); "
+                             f"leave the model's layer unset") from exc
         for attr in ("sample_rate", "scene_embedding_size", "timestamp_embedding_size"):
             if not hasattr(self.model, attr):
                 raise ValueError(f"models: {module_name}.load_model() returned a model without {attr!r}")
         self.sample_rate = int(self.model.sample_rate)
         self.dim = int(self.model.scene_embedding_size)
-        self.description = f"HEAR module {module_name} ({path or 'no weights file'})"
+        self.description = f"HEAR module {module_name} ({path or 'no weights file'})" + (f", layer {layer}" if kwargs else "")
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu")) \
             if isinstance(self.model, torch.nn.Module) else torch.device("cpu")
 
@@ -155,7 +168,7 @@ def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
         path = spec.get("path")
         if not path:
             raise ValueError("models: a 'checkpoint' model needs a 'path'")
-        return EncoderEmbedder(load(path), f"checkpoint {path}", dtype)
+        return EncoderEmbedder(load(path), f"checkpoint {path}", dtype, spec.get("layer") or "last")
     if kind == "random":
         from model.pretrained import random_encoder
 
@@ -163,13 +176,15 @@ def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
         model_seed = spec.get("seed")
         model_seed = seed if model_seed is None else int(model_seed)
         return EncoderEmbedder(random_encoder(size, model_seed), f"random-init {size} encoder (seed {model_seed})",
-                               dtype)
+                               dtype, spec.get("layer") or "last")
     if kind == "logmel":
+        if spec.get("layer") not in (None, "last"):
+            raise ValueError(f"models: the log-mel baseline has no layers (layer {spec['layer']!r}); leave layer unset")
         return LogMelEmbedder()
     if kind == "hear_module":
         if not spec.get("module"):
             raise ValueError("models: a 'hear_module' model needs a 'module' (importable name)")
-        return HearModuleEmbedder(spec["module"], spec.get("path") or "")
+        return HearModuleEmbedder(spec["module"], spec.get("path") or "", spec.get("layer"))
     raise ValueError(f"models: unknown model type {kind!r}; expected one of {MODEL_TYPES}")
 
 
@@ -319,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="model name (for messages and meta.json)")
     parser.add_argument("--spec", required=True, help="JSON model spec: type, path, size, seed, module")
     parser.add_argument("--params", default="{}", help="JSON: seed, batch_size, frames, decode_threads")
+    parser.add_argument("--layer", default=None, help="last | N (block 1..depth) | mean; overrides the spec's layer")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
@@ -326,7 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     try:
-        run(args.task, args.model, json.loads(args.spec), json.loads(args.params), args.out, args.threads, args.dtype)
+        spec = json.loads(args.spec)
+        if args.layer is not None:
+            spec["layer"] = args.layer
+        run(args.task, args.model, spec, json.loads(args.params), args.out, args.threads, args.dtype)
     except (hear_tasks.TaskError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -5,7 +5,9 @@
 - ``tasks``: a radar of the primary probe score of every task, one polygon per model, like the
   paper's Figure 1 (bars when there are fewer than 3 tasks);
 - ``loss``: the training loss curve (:func:`pipeline.training.curve.loss_curve`) of the run, or of
-  the CSV ``evaluation.training_metrics`` names.
+  the CSV ``evaluation.training_metrics`` names;
+- ``downstream``: downstream score vs step, from the training's ``downstream.csv``
+  (:func:`pipeline.training.downstream.downstream_curve`).
 
 PNG files, written atomically, with the provenance stamp in the PNG's ``Description`` text chunk.
 Rendering uses matplotlib's Agg backend (no display needed).
@@ -25,7 +27,7 @@ from pipeline.common import logs, provenance
 from pipeline.common.figures import plt, save_png
 from pipeline.evaluation.metrics import LOWER_IS_BETTER
 from pipeline.evaluation.results import DOMAIN_TITLES, DOMAINS, domain_averages
-from pipeline.training import curve
+from pipeline.training import curve, downstream
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,16 @@ def main(argv: list[str] | None = None) -> None:
     lo.add_argument("--metrics", required=True, help="CSV: step|epoch, train_loss, val_loss")
     lo.add_argument("--out", required=True)
     lo.add_argument("--params", default="{}")
+    dc = sub.add_parser("downstream", help="downstream score vs step (training's downstream.csv)")
+    dc.add_argument("--csv", required=True)
+    dc.add_argument("--out", required=True)
+    dc.add_argument("--params", default="{}")
     args = parser.parse_args(argv)
+    if args.cmd == "downstream":
+        logs.setup()
+        params = json.loads(args.params)
+        downstream.downstream_curve(args.csv, args.out, provenance.stamp(params, params.get("seed")))
+        return None
     if args.cmd == "loss":  # the training stage's own plot, of this run's or a given metrics CSV
         return curve.main(["--metrics", args.metrics, "--out", args.out, "--params", args.params])
     logs.setup()

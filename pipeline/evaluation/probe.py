@@ -69,6 +69,9 @@ class ProbeConfig:
     median_filter_ms: float = 250.0
     min_duration_ms: list[float] = field(default_factory=lambda: [125.0, 250.0])
     check_every_by_task: dict[str, int] = field(default_factory=lambda: {"dcase2016_task2": 10})
+    # None = HEAR (batch_size items per step); N = the batch shrinks to ceil(train items / N) so that
+    # an epoch of a small task is N optimiser steps, not one (see DEMO_PROTOCOL in the module doc).
+    steps_per_epoch: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ProbeConfig":
@@ -78,6 +81,20 @@ class ProbeConfig:
         if unknown:
             raise ValueError(f"evaluation.probe: unknown keys {unknown}")
         return cls(**d)
+
+
+def protocol(cfg: ProbeConfig) -> str:
+    """Which protocol ``cfg`` is: ``HEAR``, or ``HEAR except`` the keys it changes (HEAR's value)."""
+    hear = asdict(ProbeConfig())
+    changed = [f"{k} {v} (HEAR {hear[k]})" for k, v in asdict(cfg).items() if v != hear[k]]
+    return "HEAR" if not changed else "HEAR except " + ", ".join(changed)
+
+
+def batch_size_for(cfg: ProbeConfig, n: int) -> int:
+    """Items per optimiser step for ``n`` training items."""
+    if not cfg.steps_per_epoch:
+        return cfg.batch_size
+    return min(cfg.batch_size, max(2, math.ceil(n / cfg.steps_per_epoch)))
 
 
 @dataclass(frozen=True)
@@ -271,12 +288,13 @@ def train(train_data: SplitData, valid_data: SplitData, hp: HParams, cfg: ProbeC
     metric = scorer.task.primary_metric
     best, best_state, best_d, best_epoch, bad = None, None, None, 0, 0
     n = len(x)
+    batch = batch_size_for(cfg, n)
     epoch = 0
     for epoch in range(1, cfg.max_epochs + 1):
         model.train()
         order = torch.randperm(n, generator=gen)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+        for i in range(0, n, batch):
+            idx = order[i:i + batch]
             if len(idx) < 2:  # BatchNorm needs two items; a lone leftover item waits for the next epoch
                 continue
             opt.zero_grad(set_to_none=True)
@@ -369,6 +387,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
         "grid": search,
         "folds": fold_results,
         "config": asdict(cfg),
+        "protocol": protocol(cfg),
         "seed": seed,
         "embeddings_provenance": meta.get("provenance"),
         "provenance": provenance.stamp(stamp_section if stamp_section is not None else {"probe": asdict(cfg)}, seed),

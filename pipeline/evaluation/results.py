@@ -221,11 +221,13 @@ def xares_tables(results: list[dict], models: list[str], published: list[dict],
 XARES_COLUMNS = ["protocol", "task", "xares_task", "metric", "model", "score", "weight", "published_dasheng_base"]
 
 
-def scores_markdown(rows: list[dict], models: list[str], stamp: dict) -> str:
+def scores_markdown(rows: list[dict], models: list[str], stamp: dict, protocols: list[str] | None = None) -> str:
     parts = ["# Evaluation scores\n",
              "Scores ×100 (mean ± std over splits; k-fold tasks average their folds). "
              "Probe: HEAR's MLP protocol; k-NN: k = 10, cosine, accuracy. "
              "`segment_1s_er` is an error rate (lower is better); everything else is higher-is-better.\n"]
+    if protocols:
+        parts.append("\nProbe protocol: " + "; ".join(protocols) + ".\n")
     for method, title in METHOD_TITLES.items():
         mrows = [r for r in rows if r["method"] == method]
         if not mrows:
@@ -400,7 +402,8 @@ def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: 
         r["git_sha"] = r["git_sha"] or stamp["git_sha"]
     comp, comp_md = build_comparison(rows, models, paper)
     write_csv(out_dir / "scores.csv", rows, SCORE_COLUMNS)
-    atomic.write_bytes(out_dir / "scores.md", scores_markdown(rows, models, stamp).encode())
+    protocols = sorted({r["protocol"] for r in results if r["method"] == "probe" and r.get("protocol")})
+    atomic.write_bytes(out_dir / "scores.md", scores_markdown(rows, models, stamp, protocols).encode())
     write_csv(out_dir / "comparison.csv", comp, COMPARISON_COLUMNS)
     atomic.write_bytes(out_dir / "comparison.md", (comp_md + _provenance_md(stamp)).encode())
     xrows, xmd = xares_tables(results, models, read_xares(xares_csv), tasks_cfg)

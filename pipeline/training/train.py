@@ -44,7 +44,7 @@ from model.frontend import MEL_PARAMS
 from model.mae import DEFAULT_DECODER, MaskedAutoencoder
 from pipeline.common import atomic, logs, provenance
 from pipeline.features import shards
-from pipeline.training import loader, schedule, step_checkpoint
+from pipeline.training import downstream, loader, schedule, step_checkpoint
 from pipeline.training.averaging import average_state_dicts, encoder_state
 
 log = logging.getLogger("pipeline.training.train")  # (not __name__: "__main__" as the entry point)
@@ -215,6 +215,7 @@ def train_worker(cfg: dict) -> None:
         _truncate_csv(throughput_csv, THROUGHPUT_FIELDS, start_epoch)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(state_dir / "tensorboard"), purge_step=start_epoch * bpe + skip)
+        check = downstream.DownstreamCheck(cfg, state_dir, start_epoch)  # k-NN + linear probe every N epochs
     steps = step_checkpoint.StepCheckpoints(state_dir)
     timer = step_checkpoint.Schedule(step_checkpoint.Control(state_dir), cfg["checkpoint_every_min"], rank, device)
 
@@ -277,6 +278,7 @@ def train_worker(cfg: dict) -> None:
             timer.saved()
             continue
         rows[-1]["val_loss"] = f"{val_loss:.6f}"
+        check.after_epoch(model, epoch, (epoch + 1) * bpe, writer)
         _append_csv(metrics_csv, METRIC_FIELDS, rows)
         samples = batches_run * cfg["global_batch"]
         timer.saved()  # an epoch checkpoint is a resume point too
@@ -407,6 +409,7 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     worker_cfg = {**cfg, "train_shards": train, "valid_shards": valid, "state_dir": str(state),
+                  "downstream_sets": [str(Path(p).resolve()) for p in cfg.get("downstream_sets") or []],
                   "threads_per_worker": cfg["cpus_per_worker"], "mel_stats": dataset["stats"]}
     log.info(f"training {cfg['size']} MAE: {len(train)} train / {len(valid)} validation shards, "
           f"{cfg['epochs']} epochs x {cfg['batches_per_epoch']} batches of {cfg['global_batch']}, "
@@ -461,6 +464,7 @@ def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
     path = export(best, cfg, stamp, out)
     shutil.copyfile(state / "metrics.csv", out / "metrics.csv")
     shutil.copyfile(state / "throughput.csv", out / "throughput.csv")
+    shutil.copyfile(state / "downstream.csv", out / "downstream.csv")
     summary = {"encoder": str(path), "size": cfg["size"], "decoder": cfg["decoder"], "run": name,
                "averaged": [{"epoch": e, "val_loss": v} for _, v, e in best],
                "epochs": cfg["epochs"], "final_val_loss": _last_val_loss(out / "metrics.csv"),

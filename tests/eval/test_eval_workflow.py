@@ -26,7 +26,8 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
     config = {
         "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
         "evaluation": {
-            "demo_tasks": {"tasks": ["demo_events"], "speech": False, "scale": 0.4},
+            "demo_tasks": {"tasks": ["demo_events", "demo_noise"], "speech": False, "scale": 0.4},
+            "layers": {"tasks": ["demo_noise"]},
             "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 30, "patience": 3},
             "training_metrics": "metrics.csv",
         },
@@ -53,7 +54,15 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
     assert ("logmel", "demo_events", "segment_1s_er") in probe_rows
     assert "# Evaluation scores" in (out / "results/scores.md").read_text()
     assert "No evaluated task shares a name" in (out / "results/comparison.md").read_text()
-    for png in ("domains", "tasks", "loss_curve"):
+    assert "Probe protocol: HEAR except hidden_layers [1] (HEAR [1, 2]), grid_points 1 (HEAR 8)" in \
+        (out / "results/scores.md").read_text()
+    # the layer-wise table: the encoder's 6 blocks and the log-mel baseline (layer 0) on demo_noise
+    with open(out / "results/layers.csv", newline="") as fh:
+        layer_rows = {(r["model"], r["layer"], r["method"]) for r in csv.DictReader(fh)}
+    assert layer_rows == {("trained", str(k), m) for k in range(1, 7) for m in ("knn", "linear")} | \
+        {("logmel", "0", "knn"), ("logmel", "0", "linear")}
+    assert "## demo_noise" in (out / "results/layers.md").read_text()
+    for png in ("domains", "tasks", "loss_curve", "layers"):
         assert (out / f"plots/{png}.png").stat().st_size > 5000
     # nothing left to do on a rerun
     again = snakemake(work, config, "evaluate", "-n")
@@ -61,7 +70,7 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
     # the report holds the tables and plots
     snakemake(work, config, "evaluate", "--report", "report.html")
     html = (work / "report.html").read_text(errors="replace")
-    assert "scores.csv" in html and "domains.png" in html and "loss_curve.png" in html
+    assert "scores.csv" in html and "domains.png" in html and "loss_curve.png" in html and "layers.png" in html
 
 
 def test_a_hear_task_folder_through_snakemake(tmp_path, hear_task):

@@ -9,7 +9,7 @@ import torch
 
 from model import hear
 from model.checkpoint import save_checkpoint
-from model.embed import embed, embed_mel, frame_times_ms
+from model.embed import embed, embed_layers, embed_mel, frame_times_ms
 from model.frontend import LogMel
 
 from model_testutil import noise
@@ -174,3 +174,35 @@ def test_load_model_bf16(tiny):
 def test_hear_bad_audio(hear_model, audio, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         hear.get_scene_embeddings(audio, hear_model)
+
+
+def test_layers_are_the_outputs_of_a_truncated_encoder(tiny, tmp_path):
+    """Block k's embeddings equal those of the encoder cut after block k (11 s: two chunks);
+    block depth is the last layer; mean is the mean of the blocks; the HEAR module passes it on."""
+    import copy
+
+    wav = noise(2, 11.0, seed=3)
+    lengths = torch.tensor([176000, 100000])
+    mel = LogMel()(wav)
+    valid = lengths // 160 + 1
+    layers = embed_layers(tiny, mel, valid)
+    assert len(layers) == 6
+    for k in (1, 3):
+        cut = copy.deepcopy(tiny)
+        cut.blocks = cut.blocks[:k]
+        want = embed(cut, wav, lengths=lengths)
+        got = embed(tiny, wav, lengths=lengths, layer=k)
+        torch.testing.assert_close(got.frames, want.frames)
+        torch.testing.assert_close(layers[k - 1].clip, want.clip, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layers[-1].frames, embed_mel(tiny, mel, valid).frames)
+    torch.testing.assert_close(embed(tiny, wav, layer=6).frames, embed(tiny, wav).frames)
+    mean = embed(tiny, wav, lengths=lengths, layer="mean")
+    torch.testing.assert_close(mean.frames, torch.stack([embed(tiny, wav, lengths=lengths, layer=k).frames
+                                                         for k in range(1, 7)]).mean(0), atol=1e-6, rtol=1e-5)
+    path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    model = hear.load_model(str(path), device="cpu", layer="2")
+    torch.testing.assert_close(hear.get_scene_embeddings(wav[:, :32000], model),
+                               embed(tiny, wav[:, :32000], layer=2).clip, atol=1e-5, rtol=1e-5)
+    for bad in (0, 7, "first", True):
+        with pytest.raises(ValueError, match=r"expected 'last', 'mean' or a block number 1\.\.6"):
+            embed(tiny, wav, layer=bad)

@@ -141,9 +141,37 @@ def features_params():
 # ---- stage 3, training (training.smk)
 
 
+def training_downstream_sets():
+    """Quick sets (evaluation stage) of the downstream checks during training, or none."""
+    d = config["training"]["downstream"]
+    if not d["every_epochs"]:
+        return []
+    if not d["tasks"]:
+        raise ValueError(
+            "config key training.downstream.tasks: name the tasks of the downstream checks, "
+            "or set training.downstream.every_epochs: 0"
+        )
+    tasks = _eval_tasks() if config["evaluation"]["enabled"] else {}
+    unknown = [t for t in d["tasks"] if t not in tasks]
+    if unknown:
+        raise ValueError(
+            f"config key training.downstream.tasks: {unknown} are not evaluation tasks "
+            f"(known: {sorted(tasks)})"
+        )
+    return [f"{OUT}/eval/quick/{t}.npz" for t in d["tasks"]]
+
+
 def training_params():
-    """Params of the training job: the training section and the seed."""
-    return as_json({"training": config["training"], "seed": config["seed"]})
+    """Params of the training job: the training section (with the quick sets of its downstream
+    checks) and the seed."""
+    sets = training_downstream_sets()
+    return as_json(
+        {
+            "training": config["training"]
+            | ({"downstream_sets": sets} if sets else {}),
+            "seed": config["seed"],
+        }
+    )
 
 
 def training_threads():
@@ -426,6 +454,32 @@ def eval_result_files(wildcards=None):
     ]
 
 
+def eval_quick_params():
+    return as_json({"seed": config["seed"]} | EVAL["quick_sets"])
+
+
+def eval_layer_files(wildcards=None):
+    """Layer-wise score JSONs: every evaluated model on every task of evaluation.layers."""
+    unknown = [t for t in EVAL["layers"]["tasks"] if t not in EVAL_TASKS]
+    if unknown:
+        raise ValueError(
+            f"config key evaluation.layers.tasks: {unknown} are not evaluation tasks "
+            f"(known: {sorted(EVAL_TASKS)})"
+        )
+    return [
+        f"{EVAL_OUT}/layers/{m}/{t}.json"
+        for m in eval_models()
+        for t in EVAL["layers"]["tasks"]
+    ]
+
+
+def eval_downstream_csv():
+    """The training stage's downstream checks, when it makes them."""
+    if config["training"]["downstream"]["every_epochs"] and "trained" in eval_models():
+        return f"{OUT}/training/downstream.csv"
+    return None
+
+
 def eval_training_metrics():
     if EVAL["training_metrics"]:
         check_inside("evaluation.training_metrics", EVAL["training_metrics"])
@@ -441,6 +495,10 @@ def evaluation_targets(wildcards=None):
         f"{EVAL_OUT}/plots/domains.png",
         f"{EVAL_OUT}/plots/tasks.png",
     ]
+    if eval_layer_files():
+        targets.append(f"{EVAL_OUT}/plots/layers.png")
+    if eval_downstream_csv() and produced_by_a_rule(eval_downstream_csv()):
+        targets.append(f"{EVAL_OUT}/plots/downstream.png")
     # The loss curve: when the metrics exist, or when the run trains a model it evaluates
     # (never a training run just to draw its curve).
     metrics_csv = eval_training_metrics()

@@ -240,6 +240,88 @@ rule eval_loss_curve:
         "python -m pipeline.evaluation.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
+rule quick_set:
+    input:
+        task=eval_task_dir,
+    output:
+        f"{EVAL_OUT}/quick/{{task}}.npz",
+    log:
+        f"{EVAL_LOGS}/quick/{{task}}.log",
+    wildcard_constraints:
+        task=constraint(list(EVAL_TASKS)),
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        cfg=eval_quick_params(),
+    shell:
+        "python -m pipeline.evaluation.quickset --task {input.task:q} --params {params.cfg:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule layer_scores:
+    input:
+        quick=f"{EVAL_OUT}/quick/{{task}}.npz",
+        weights=eval_weights,
+    output:
+        f"{EVAL_OUT}/layers/{{model}}/{{task}}.json",
+    log:
+        f"{EVAL_LOGS}/layers/{{model}}/{{task}}.log",
+    wildcard_constraints:
+        model=EVAL_MODEL_NAMES,
+        task=constraint(list(EVAL_TASKS)),
+    conda:
+        "../../envs/eval.yaml"
+    threads: EVAL["threads"]
+    params:
+        cfg=as_json({"seed": config["seed"], "k": EVAL["layers"]["k"]}),
+        spec=lambda wc: as_json(_model_spec(wc.model)),
+    shell:
+        "python -m pipeline.evaluation.layers score --quick {input.quick:q} --model {wildcards.model} "
+        "--spec {params.spec:q} --params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule eval_layers:
+    input:
+        eval_layer_files,
+    output:
+        csv=f"{EVAL_OUT}/results/layers.csv",
+        md=f"{EVAL_OUT}/results/layers.md",
+        plot=report(
+            f"{EVAL_OUT}/plots/layers.png",
+            caption="../report/layers.rst",
+            category="Evaluation",
+        ),
+    log:
+        f"{EVAL_LOGS}/layers.log",
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        cfg=as_json({"seed": config["seed"]}),
+        out_dir=lambda wildcards, output: os.path.dirname(output.csv),
+    shell:
+        "python -m pipeline.evaluation.layers table --inputs {input:q} --out-dir {params.out_dir:q} "
+        "--plot {output.plot:q} --params {params.cfg:q} > {log:q} 2>&1"
+
+
+rule eval_downstream_curve:
+    input:
+        f"{OUT}/training/downstream.csv",
+    output:
+        report(
+            f"{EVAL_OUT}/plots/downstream.png",
+            caption="../report/downstream.rst",
+            category="Training",
+        ),
+    log:
+        f"{EVAL_LOGS}/downstream_curve.log",
+    conda:
+        "../../envs/eval.yaml"
+    params:
+        cfg=as_json({"seed": config["seed"]}),
+    shell:
+        "python -m pipeline.evaluation.plots downstream --csv {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+
+
 rule evaluate:
     input:
         evaluation_targets,

@@ -14,11 +14,13 @@ rule train:
     input:
         dataset=f"{OUT}/dataset/manifest.json",
         shards=all_shards("dir"),
+        downstream=training_downstream_sets(),
     output:
         encoder=f"{OUT}/training/encoder.safetensors",
         sidecar=f"{OUT}/training/encoder.json",
         metrics=f"{OUT}/training/metrics.csv",
         throughput=f"{OUT}/training/throughput.csv",
+        downstream=f"{OUT}/training/downstream.csv",
         summary=f"{OUT}/training/summary.json",
         curve=f"{OUT}/training/loss_curve.png",
     log:
