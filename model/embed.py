@@ -103,6 +103,8 @@ def _run(encoder: DashengEncoder, method: str, args: tuple, dtype, layer: Layer 
             return torch.func.functional_call(_Call(encoder, method), _bf16_weights(encoder), args)
 
     was_training = encoder.training
+    if was_training:  # weights may have changed in place without a version bump (see encoder.Linear.train)
+        _BF16_WEIGHTS.pop(encoder, None)
     encoder.eval()
     try:
         with torch.no_grad():  # not inference_mode: its tensors could not feed a trained probe

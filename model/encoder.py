@@ -87,6 +87,14 @@ class Linear(nn.Linear):
 
     _packed: dict | None = None  # dtype -> ((weight storage, version), packed weight, bias)
 
+    def train(self, mode: bool = True):
+        # Leaving training drops the packed weights: an optimiser may have changed the weights in
+        # place without bumping their version (bitsandbytes' 8-bit AdamW writes through raw pointers),
+        # so a validation after training steps must not trust the (pointer, version) key alone.
+        if self.training and not mode:
+            self._packed = None
+        return super().train(mode)
+
     def __getstate__(self):  # copies and pickles leave the packed weights (opaque tensors) behind
         state = super().__getstate__()
         state.pop("_packed", None)

@@ -221,3 +221,23 @@ def test_onednn_inference_path_equals_the_plain_path(tiny, monkeypatch):
     # with gradients (training) the plain path runs, whatever the flag
     monkeypatch.setattr(encoder_module, "ONEDNN_INFERENCE", True)
     assert torch.equal(enc(wav, lengths).detach(), changed_plain)
+
+
+def test_weights_changed_in_place_during_training_are_seen_by_the_next_eval():
+    """An optimiser that writes through raw pointers (bitsandbytes' 8-bit AdamW) bumps no version
+    counter: leaving train mode must drop the CPU inference path's packed weights."""
+    import copy
+
+    from model.pretrained import random_encoder
+
+    encoder = random_encoder("tiny", 1)
+    mel = torch.randn(2, 64, 200)
+    with torch.no_grad():
+        encoder.forward_mel(mel)  # packs the weights
+        encoder.train()
+        for p in encoder.parameters():
+            p.data.mul_(0.9)  # in place, no version bump on p
+        encoder.eval()
+        after = encoder.forward_mel(mel)
+        fresh = copy.deepcopy(encoder).forward_mel(mel)
+    assert torch.equal(after, fresh)
