@@ -49,9 +49,13 @@ class PerClipDecibels(nn.Module):
         self.top_db = top_db
 
     def forward(self, power: torch.Tensor) -> torch.Tensor:
-        db = 10.0 * torch.log10(power.clamp(min=AMIN))  # (B, F, T)
-        floor = db.amax(dim=(-2, -1), keepdim=True) - self.top_db  # (B, 1, 1): per clip
-        return torch.maximum(db, floor)
+        if power.requires_grad:  # out of place, so that autograd keeps what it needs
+            db = 10.0 * torch.log10(power.clamp(min=AMIN))  # (B, F, T)
+            floor = db.amax(dim=(-2, -1), keepdim=True) - self.top_db  # (B, 1, 1): per clip
+            return torch.maximum(db, floor)
+        db = power.clamp(min=AMIN).log10_().mul_(10.0)  # the same operations, in one buffer
+        floor = db.amax(dim=(-2, -1), keepdim=True).sub_(self.top_db)
+        return torch.maximum(db, floor, out=db)
 
     def extra_repr(self) -> str:
         return f"top_db={self.top_db}, per clip"
