@@ -96,3 +96,18 @@ def test_downstream_check_rows_and_curve(quick, tmp_path):
     assert [r["epoch"] for r in downstream.read_rows(tmp_path / "downstream.csv")] == ["1", "1"]
     downstream.downstream_curve(tmp_path / "downstream.csv", tmp_path / "curve.png", {"seed": 0})
     assert (tmp_path / "curve.png").stat().st_size > 5000
+
+
+def test_model_specs_take_a_layer():
+    from model.embed import embed
+    from pipeline.evaluation.embeddings import build_embedder
+
+    emb = build_embedder({"type": "random", "size": "tiny", "seed": 0, "layer": "2"})
+    assert emb.layer == 2 and emb.description.endswith(", layer 2")
+    x = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
+    (frames, _, clip), = emb([x])
+    np.testing.assert_allclose(clip, embed(emb.encoder, torch.from_numpy(x)[None], layer=2).clip[0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="block number 1..6"):
+        build_embedder({"type": "random", "size": "tiny", "layer": 9})
+    with pytest.raises(ValueError, match="log-mel baseline has no layers"):
+        build_embedder({"type": "logmel", "layer": "mean"})

@@ -1,6 +1,6 @@
 """Probe protocols on the same embeddings: HEAR's full protocol against shortened ones.
 
-    .venv/bin/python benchmarks/p7_probe_protocols.py results/demo/eval [--models trained random logmel]
+    .venv/bin/python benchmarks/p8_probe_protocols.py results/demo/eval [--models trained random logmel]
         [--tasks demo_pitch demo_timbre demo_noise demo_events] [--protocols hear demo old_demo]
 
 Reads the embeddings and task folders of a finished evaluation (``<eval>/embeddings/<model>/<task>``,
