@@ -26,7 +26,8 @@ def temp_path_for(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_path(folder: Path) -> None:
+    """fsync a file or a folder (its entries), ignoring filesystems that refuse it."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -40,7 +41,7 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(Path(path).parent)
+    fsync_path(Path(path).parent)
 
 
 @contextlib.contextmanager

@@ -116,15 +116,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class StepCheckpoints:
     """The step checkpoints of one run: ``<state>/steps/step-<step>/``."""
 
@@ -145,14 +136,14 @@ class StepCheckpoints:
             torch.save(ranks, tmp / "ranks.pt")
             files = {}
             for name in ("model.safetensors", "optimizer.pt", "ranks.pt"):
-                _fsync(tmp / name)
+                atomic.fsync_path(tmp / name)
                 files[name] = _sha256(tmp / name)
             atomic.write_json(tmp / MANIFEST, {**info, "step": step, "files": files})
-            _fsync(tmp)
+            atomic.fsync_path(tmp)
             if final.exists():  # the same step again (a resumed run stopped before its next step)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(self.folder)
+            atomic.fsync_path(self.folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
