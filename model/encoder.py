@@ -186,7 +186,14 @@ def key_padding_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class PatchEmbed(nn.Module):
-    """dB log-mel (B, 64, T) → tokens (B, D, 1, T // 4): one per 4 frames, mel bins collapsed."""
+    """dB log-mel (B, 64, T) → tokens (B, D, 1, T // 4): one per 4 frames, mel bins collapsed.
+
+    The parameters are the release's ``Conv2d(1, D, (64, 4), stride (64, 4))``; as the kernel
+    tiles the input without overlap, the convolution is computed as one matrix product over the
+    flattened 64×4 patches (the same numbers up to summation order). oneDNN's direct convolution
+    for one input channel is slow in bf16: 85 % of a bf16 inference pass on an AMX Xeon
+    (BENCHMARKS.md, issue 17), against about 1 % as a product.
+    """
 
     def __init__(self, embed_dim: int):
         super().__init__()
@@ -194,7 +201,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(1, embed_dim, kernel_size=kernel, stride=kernel)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.proj(mel[:, None])
+        B, F_, T = mel.shape
+        N = T // FRAMES_PER_TOKEN
+        patches = mel[..., : N * FRAMES_PER_TOKEN].reshape(B, F_, N, FRAMES_PER_TOKEN).transpose(1, 2)
+        weight = self.proj.weight.reshape(self.proj.out_channels, F_ * FRAMES_PER_TOKEN)  # (D, 256)
+        x = F.linear(patches.reshape(B, N, F_ * FRAMES_PER_TOKEN), weight, self.proj.bias)  # (B, N, D)
+        return x.transpose(1, 2)[:, :, None, :]  # (B, D, 1, N), as the convolution lays it out
 
 
 class DashengEncoder(nn.Module):
