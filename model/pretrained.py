@@ -192,11 +192,8 @@ def weights_sha256(spec: str | os.PathLike, encoder: DashengEncoder | None = Non
     if path.is_dir() and (path / HF_WEIGHTS).is_file():
         path = path / HF_WEIGHTS
     if path.is_file():
-        digest = hashlib.sha256()
         with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return hashlib.file_digest(fh, "sha256").hexdigest()
     encoder = encoder if encoder is not None else load(spec)
     digest = hashlib.sha256()
     for key, value in encoder.state_dict().items():

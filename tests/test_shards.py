@@ -5,6 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.common import atomic
 from pipeline.features import shards
 
 
@@ -23,7 +24,7 @@ def test_round_trip_schema_and_row_groups(tmp_path):
     path = tmp_path / "s.parquet"
     w, mels = writer(path)
     rows, digest, size = w.close()
-    assert rows == 5 and size == path.stat().st_size and digest == shards.sha256_file(path)
+    assert rows == 5 and size == path.stat().st_size and digest == atomic.sha256_file(path)
     pf = pq.ParquetFile(path)
     assert pf.metadata.num_row_groups == 3
     assert isinstance(pf.schema_arrow.field("mel").type, pa.FixedShapeTensorType)

@@ -7,6 +7,7 @@ name, so nothing a rerun would trust. :func:`clean_stale_temps` removes such lef
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -34,6 +35,12 @@ def fsync_path(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (the checksum the manifests and checkpoints record)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 
 
 class _Formatter(logging.Formatter):
@@ -26,3 +27,15 @@ def setup(level: int = logging.INFO, stream=None) -> None:
     root.setLevel(logging.WARNING)
     for name in ("pipeline", "model"):
         logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def one_line_errors(*expected: type[BaseException]):
+    """For entry points: an expected error (``ValueError`` by default: bad task folders, bad
+    input, bad config) becomes one ``error: ...`` line on stderr and exit status 1 instead of a
+    traceback; anything else still raises with its traceback (a bug, not bad input)."""
+    try:
+        yield
+    except expected or (ValueError,) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

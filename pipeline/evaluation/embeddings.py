@@ -341,14 +341,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="precision of our encoders: fp32, or bf16 autocast (CPU or GPU)")
     args = parser.parse_args(argv)
     logs.setup()
-    try:
+    with logs.one_line_errors():
         spec = json.loads(args.spec)
         if args.layer is not None:
             spec["layer"] = args.layer
         run(args.task, args.model, spec, json.loads(args.params), args.out, args.threads, args.dtype)
-    except (hear_tasks.TaskError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -148,12 +148,7 @@ class Task:
         path = self.root / name
         if not path.is_file():
             raise TaskError(f"{self.where(name)}: split file missing (listed in {METADATA} 'splits')")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TaskError(f"{self.where(name)}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise TaskError(f"{self.where(name)}: expected an object {{\"file.wav\": labels}}, got {type(data).__name__}")
+        data = _read_object(path, self.where(name), 'an object {"file.wav": labels}')
         if not data:
             raise TaskError(f"{self.where(name)}: empty split (no files)")
         index = self.label_index
@@ -248,6 +243,17 @@ def folds_for(split_mode: str, splits: list[str]) -> list[Fold]:
     return out
 
 
+def _read_object(path: Path, where: str, expected: str) -> dict:
+    """A JSON file that must hold an object; TaskError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaskError(f"{where}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise TaskError(f"{where}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 def _require(meta: dict, key: str, where, types: type, allowed=None):
     if key not in meta:
         raise TaskError(f"{where(METADATA, key)}: missing")
@@ -319,12 +325,7 @@ def load_task(root: str | os.PathLike) -> Task:
     meta_path = root / METADATA
     if not meta_path.is_file():
         raise TaskError(f"{where(METADATA)}: missing (not a HEAR task folder?)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TaskError(f"{where(METADATA)}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise TaskError(f"{where(METADATA)}: expected a JSON object, got {type(meta).__name__}")
+    meta = _read_object(meta_path, where(METADATA), "a JSON object")
     name = _require(meta, "task_name", where, str)
     if not name:
         raise TaskError(f"{where(METADATA, 'task_name')}: empty")

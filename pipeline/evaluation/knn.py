@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,12 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup()
     params = json.loads(args.params)
     knn = params.get("knn", {})
-    try:
+    with logs.one_line_errors():
         result = run(args.task, args.embeddings, int(knn.get("k", 10)), bool(knn.get("use_valid", True)),
                      int(params.get("seed", 0)), params)
-    except (hear_tasks.TaskError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
     atomic.write_json(args.out, result)
 
 

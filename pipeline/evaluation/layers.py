@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup()
     params = json.loads(args.params)
     seed = int(params.get("seed", 0))
-    try:
+    with logs.one_line_errors():
         if args.cmd == "score":
             import torch
 
@@ -143,9 +142,6 @@ def main(argv: list[str] | None = None) -> None:
             atomic.write_json(args.out, score(args.quick, args.model, json.loads(args.spec), seed, int(params.get("k", 10))))
         else:
             table(args.inputs, args.out_dir, args.plot, seed)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

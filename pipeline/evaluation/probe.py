@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import atomic, logs, provenance
+from pipeline.common import atomic, logs, provenance, sections
 from pipeline.evaluation import hear_tasks, metrics
 from pipeline.evaluation.embeddings import load_meta, load_split
 
@@ -75,12 +75,7 @@ class ProbeConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ProbeConfig":
-        d = dict(d or {})
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"evaluation.probe: unknown keys {unknown}")
-        return cls(**d)
+        return sections.from_section(cls, d, "evaluation.probe")
 
 
 def protocol(cfg: ProbeConfig) -> str:
@@ -404,12 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    try:
+    with logs.one_line_errors():
         result = run(args.task, args.embeddings, ProbeConfig.from_dict(params.get("probe")), int(params.get("seed", 0)),
                      args.threads, params)
-    except (hear_tasks.TaskError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
     atomic.write_json(args.out, result)
 
 

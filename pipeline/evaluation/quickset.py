@@ -81,12 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    try:
+    with logs.one_line_errors(hear_tasks.TaskError):
         arrays = build(args.task, int(params.get("max_clips", 512)), float(params.get("max_seconds", 10.0)),
                        int(params.get("seed", 0)))
-    except hear_tasks.TaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
     arrays["provenance"] = np.array(json.dumps(provenance.stamp(params, params.get("seed")), sort_keys=True))
     with atomic.atomic_path(args.out) as tmp:
         with open(tmp, "wb") as fh:

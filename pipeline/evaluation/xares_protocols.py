@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import atomic, logs, provenance
+from pipeline.common import atomic, logs, provenance, sections
 from pipeline.evaluation import hear_tasks, metrics
 from pipeline.evaluation.embeddings import load_meta, load_split
 
@@ -68,11 +68,7 @@ class MlpConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "MlpConfig":
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"evaluation.xares.mlp: unknown keys {unknown}")
-        return cls(**d)
+        return sections.from_section(cls, d, "evaluation.xares.mlp")
 
 
 @dataclass
@@ -82,11 +78,7 @@ class KnnConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "KnnConfig":
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"evaluation.xares.knn: unknown keys {unknown}")
-        return cls(**d)
+        return sections.from_section(cls, d, "evaluation.xares.knn")
 
 
 # -- the task as X-ARES sees it ---------------------------------------------------------------------
@@ -377,12 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup()
     params = json.loads(args.params)
     x = params.get("xares", {})
-    try:
+    with logs.one_line_errors():
         result = run(args.protocol, args.task, args.embeddings, int(params.get("seed", 0)), x.get("mlp"), x.get("knn"),
                      args.threads, params)
-    except (hear_tasks.TaskError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
     atomic.write_json(args.out, result)
 
 

@@ -356,11 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    try:
+    with logs.one_line_errors(TaskError):
         convert(XaresSpec.from_config(args.name, json.loads(args.spec)), args.out, int(params.get("seed", 0)), params)
-    except TaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ reading must be fast); the other columns use the configured codec. The schema me
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -58,14 +57,6 @@ def schema(n_mels: int, frames: int, meta: dict) -> pa.Schema:
         ],
         metadata={META_KEY: provenance.canonical_json(meta).encode()},
     )
-
-
-def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(block):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -117,7 +108,7 @@ class ShardWriter:
     def close(self) -> tuple[int, str, int]:
         self._flush()
         self.writer.close()
-        digest = sha256_file(self.tmp)
+        digest = atomic.sha256_file(self.tmp)
         size = self.tmp.stat().st_size
         atomic.commit(self.tmp, self.path)
         return self.rows, digest, size
@@ -204,7 +195,7 @@ def read_meta(path: str | Path) -> dict:
 def verify(path: str | Path, sha256: str) -> None:
     """Raise :class:`ShardError` naming the file when its bytes do not match the manifest."""
     try:
-        actual = sha256_file(path)
+        actual = atomic.sha256_file(path)
     except FileNotFoundError:
         raise ShardError(f"{path}: shard listed in the dataset manifest is missing; rerun its mel rule") from None
     if actual != sha256:

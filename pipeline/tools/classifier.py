@@ -13,7 +13,6 @@ the spec names it (a checkpoint path is stored absolute), and refuses weights wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -82,15 +81,7 @@ def save(folder: Path, head: Head, encoder: DashengEncoder | None, meta: dict) -
     weights = folder / WEIGHTS
     with atomic.atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "dasheng-pipeline classifier"})
-    atomic.write_json(folder / CONFIG, {**meta, "format": FORMAT, "weights_sha256": _sha256(weights)})
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    atomic.write_json(folder / CONFIG, {**meta, "format": FORMAT, "weights_sha256": atomic.sha256_file(weights)})
 
 
 def encoder_meta(model: Model) -> dict:

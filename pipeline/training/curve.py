@@ -10,7 +10,6 @@ import argparse
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 from pipeline.common import logs, provenance
@@ -57,11 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    try:
+    with logs.one_line_errors():
         loss_curve(args.metrics, args.out, provenance.stamp(params, params.get("seed")))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
     log.info("wrote %s", args.out)
 
 

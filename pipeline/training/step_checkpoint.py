@@ -30,7 +30,6 @@ me"); Snakemake's retries then start the next job.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -108,14 +107,6 @@ class StepCheckpoint:
         return ranks[rank]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class StepCheckpoints:
     """The step checkpoints of one run: ``<state>/steps/step-<step>/``."""
 
@@ -137,7 +128,7 @@ class StepCheckpoints:
             files = {}
             for name in ("model.safetensors", "optimizer.pt", "ranks.pt"):
                 atomic.fsync_path(tmp / name)
-                files[name] = _sha256(tmp / name)
+                files[name] = atomic.sha256_file(tmp / name)
             atomic.write_json(tmp / MANIFEST, {**info, "step": step, "files": files})
             atomic.fsync_path(tmp)
             if final.exists():  # the same step again (a resumed run stopped before its next step)
@@ -174,7 +165,7 @@ class StepCheckpoints:
         for name, expected in files.items():
             if not (path / name).is_file():
                 raise CheckpointDamaged(f"{path}: {name} is missing")
-            got = _sha256(path / name)
+            got = atomic.sha256_file(path / name)
             if got != expected:
                 raise CheckpointDamaged(f"{path}: {name} has sha256 {got[:16]}..., the manifest says {expected[:16]}...")
         return StepCheckpoint(path, manifest)

@@ -191,6 +191,7 @@ def _wrong_schema_files(folder: Path, shard: Path) -> dict[str, Path]:
 def test_wrong_schema_parquet_is_refused_before_training(tmp_path, reference, figures):
     """A foreign Parquet file in place of a shard, with a manifest that vouches for its bytes (so the
     sha256 check passes): training's input check refuses it, naming the file and the column."""
+    from pipeline.common import atomic
     from pipeline.features import shards
     from pipeline.training.train import select_shards
 
@@ -198,7 +199,7 @@ def test_wrong_schema_parquet_is_refused_before_training(tmp_path, reference, fi
     victim = dataset["shards"][0]
     results = {}
     for name, path in _wrong_schema_files(tmp_path, reference / victim["path"]).items():
-        doc = {**dataset, "shards": [{**victim, "path": str(path), "sha256": shards.sha256_file(path)},
+        doc = {**dataset, "shards": [{**victim, "path": str(path), "sha256": atomic.sha256_file(path)},
                                      *dataset["shards"][1:]]}
         try:
             select_shards(doc, ["demo_valid"], reference, verify=True)
