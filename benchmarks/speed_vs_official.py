@@ -28,6 +28,7 @@ On CUDA the official model runs under bf16 autocast too when ours does (its fron
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import shlex
 import statistics
@@ -281,6 +282,21 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     return [], notes
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 matrix units (the figures depend on them: bf16 gains most with AMX)."""
+    name, flags = platform.processor() or "CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(units) or 'no bf16 units'})"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -308,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         r, n = benches[name](args, device)
         rows += r
         notes += n
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {args.threads} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {args.threads} threads"
     print(f"one process, same random weights, {where}, batch {args.batch} × {args.seconds:g} s, torch {torch.__version__}, "
           f"dasheng {getattr(dasheng, '__version__', '0.0.9')}; median of {args.repeats} interleaved repeats "
           f"after {args.warmup} warm-up\n")
