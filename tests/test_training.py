@@ -147,6 +147,30 @@ def test_step_checkpoints_are_checked_and_a_damaged_one_is_skipped(tmp_path, cap
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_one_driver_per_run_the_next_waits_for_a_lingering_one(tmp_path, caplog):
+    """A second driver on the same state folder waits while another process holds the lock, names
+    it, gives up after the wait; it gets the lock as soon as the holder dies (kill -9 included)."""
+    from pipeline.training import step_checkpoint as sc
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pipeline.training.step_checkpoint import driver_lock\n"
+        "with driver_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "SLURM_JOB_ID": "41"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level("WARNING"), pytest.raises(sc.RunBusy, match=rf"pid\W+{holder.pid}.*slurm_job\W+41"):
+            with sc.driver_lock(tmp_path, wait_s=1.0):
+                pass
+        assert "waiting up to 1 s for it to exit" in caplog.text
+        holder.kill()  # kill -9: the kernel drops the lock
+        holder.wait()
+        with sc.driver_lock(tmp_path, wait_s=5.0):
+            assert json.loads((tmp_path / "driver.lock").read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_validation_batches_are_fixed_and_shared_between_ranks(tmp_path):
     parts = loader.parts_of(_tagged_shards(tmp_path))
     r0 = _rows(loader.ValidationBatches(parts, 4, 9, 0, 2))

@@ -184,6 +184,56 @@ class StepCheckpoints:
         return None
 
 
+# --------------------------------------------------------------------------- one driver per run
+
+LOCK_WAIT_S = 120.0
+
+
+class RunBusy(RuntimeError):
+    """Another training driver still holds the run's state folder."""
+
+
+@contextlib.contextmanager
+def driver_lock(state_dir: str | os.PathLike, wait_s: float = LOCK_WAIT_S):
+    """Hold ``<state>/driver.lock`` (``flock``) for the block: one training driver per run.
+
+    A job killed at its time limit can leave its driver behind for a while (on clusters that track
+    a job's processes by parent, not by cgroup, such a process outlives its job); the next job
+    waits up to ``wait_s`` for it to exit before it touches the checkpoints, then gives up with
+    :class:`RunBusy` naming the holder. The kernel drops the lock when the holder dies, kill -9
+    included, so a stale lock file never blocks.
+    """
+    import fcntl
+
+    path = Path(state_dir) / "driver.lock"
+    fh = open(path, "a+")
+    try:
+        deadline, warned = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    raise RunBusy(f"{path}: another training driver still holds this run ({holder}) after "
+                                  f"{wait_s:.0f} s; let it finish or stop it, then run again") from None
+                if not warned:
+                    log.warning(f"another training driver still holds this run ({holder}): waiting up to "
+                                f"{wait_s:.0f} s for it to exit")
+                    warned = True
+                time.sleep(0.5)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
+                             "slurm_job": os.environ.get("SLURM_JOB_ID")}, sort_keys=True) + "\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # (closing drops the lock)
+
+
 # --------------------------------------------------------------------------- stop requests
 
 class Control:

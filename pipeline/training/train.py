@@ -403,7 +403,11 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
                                  f"training.workers={cfg['workers']}")
     dataset = shards.load_dataset_manifest(dataset_path)
     train, valid = select_shards(dataset, cfg["validation_sources"], Path.cwd(), cfg["verify_shards"])
-    name = run_name({k: cfg[k] for k in sorted(cfg)} | {"train": train, "valid": valid})
+    # the run's name hashes the shards as the manifest names them (relative to the working folder), not
+    # their absolute paths: the same run resumes after the project folder moved, and two checkouts of one
+    # config (a local run and a cluster run, say) name it alike
+    shard_names = {"train": [os.path.relpath(p) for p in train], "valid": [os.path.relpath(p) for p in valid]}
+    name = run_name({k: cfg[k] for k in sorted(cfg)} | shard_names)
     state = Path(state_dir).resolve() / name
     state.mkdir(parents=True, exist_ok=True)
     out = Path(out_dir)
@@ -416,9 +420,10 @@ def run(params: dict, dataset_path: str, state_dir: str, out_dir: str, address: 
           f"{cfg['workers']} workers ({'GPU' if cfg['use_gpu'] else 'CPU'}), state in {state}")
 
     control = step_checkpoint.Control(state)
-    control.clear()
-    with step_checkpoint.signal_handlers(control):
-        return _train(cfg, params, worker_cfg, name, state, out, control, address)
+    with step_checkpoint.driver_lock(state):
+        control.clear()
+        with step_checkpoint.signal_handlers(control):
+            return _train(cfg, params, worker_cfg, name, state, out, control, address)
 
 
 def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
@@ -508,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup()
     try:
         run(json.loads(args.params), args.dataset, args.state_dir, args.out_dir, args.address)
-    except (TrainingInputError, shards.ShardError) as exc:
+    except (TrainingInputError, shards.ShardError, step_checkpoint.RunBusy) as exc:
         raise SystemExit(f"error: {exc}") from None
     except StoppedEarly as exc:
         log.warning(f"not finished: {exc}")

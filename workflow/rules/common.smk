@@ -188,7 +188,12 @@ def training_gres():
 
 def training_retries():
     """Resubmissions of the training job: as many as the total budget holds per-job slots, minus
-    the first (each job resumes from the last step checkpoint)."""
+    the first (each job resumes from the last step checkpoint). Inside a cluster job (Snakemake's
+    remote mode) none: the rule's retries would otherwise apply there too, and a stopped training
+    would restart at once in the same job, to be killed at its time limit (the SLURM chain test
+    caught this: a second run per job, killed mid-step, its processes outliving the job)."""
+    if workflow.remote_exec:
+        return 0
     t = config["training"]
     return max(0, -(-t["total_runtime_min"] // t["runtime_min"]) - 1)
 
