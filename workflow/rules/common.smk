@@ -191,7 +191,8 @@ def training_retries():
     the first (each job resumes from the last step checkpoint). Inside a cluster job (Snakemake's
     remote mode) none: the rule's retries would otherwise apply there too, and a stopped training
     would restart at once in the same job, to be killed at its time limit (the SLURM chain test
-    caught this: a second run per job, killed mid-step, its processes outliving the job)."""
+    caught this: a second run per job, killed mid-step, its processes outliving the job).
+    """
     if workflow.remote_exec:
         return 0
     t = config["training"]
