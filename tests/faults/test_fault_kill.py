@@ -107,7 +107,8 @@ def test_kill_9_inside_an_epoch_resumes_from_the_step_checkpoint(tmp_path, serve
         fu.sweep(fu.ray_tmp(work))
         [run_dir] = state.glob("mae-*")
         killed_at = json.loads((run_dir / "progress.json").read_text())["step"]
-        kept = sorted(run_dir.glob("steps/step-*"))
+        # (a kill while a checkpoint is written leaves a step-<N>.tmp-* folder: never a resume point)
+        kept = sorted(p for p in run_dir.glob("steps/step-*") if ".tmp-" not in p.name)
         newest, previous_step = kept[-1], int(kept[-2].name.split("-")[1])
         epoch_step = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/state.json"))
         data = bytearray((newest / "model.safetensors").read_bytes())
