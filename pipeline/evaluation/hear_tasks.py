@@ -18,6 +18,7 @@ train = the other folds.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -375,3 +376,16 @@ def load_task(root: str | os.PathLike) -> Task:
 def load_audio(clip: Clip, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
     """A clip's audio, float32 mono at ``sample_rate`` (16 kHz), through ffmpeg."""
     return audio.decode(clip.path, sample_rate=sample_rate)
+
+
+def scoring_parser(module: str, doc: str, params_help: str, threads: bool = True) -> argparse.ArgumentParser:
+    """The command line shared by the jobs that score a task's embeddings (probe, k-NN, X-ARES
+    protocols): ``--task``, ``--embeddings``, ``--params`` (JSON), ``--out`` (result JSON), ``--threads``."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--task", required=True, help="task folder (HEAR format; X-ARES tasks after xares_tasks)")
+    parser.add_argument("--embeddings", required=True, help="folder written by python -m pipeline.evaluation.embeddings")
+    parser.add_argument("--params", default="{}", help=f"JSON: {params_help}")
+    parser.add_argument("--out", required=True, help="result JSON")
+    if threads:
+        parser.add_argument("--threads", type=int, default=1)
+    return parser

@@ -11,7 +11,6 @@ the result says it was skipped and why.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -79,11 +78,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.knn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True)
-    parser.add_argument("--embeddings", required=True)
-    parser.add_argument("--params", default="{}", help="JSON: seed, knn {k, use_valid}")
-    parser.add_argument("--out", required=True)
+    parser = hear_tasks.scoring_parser("pipeline.evaluation.knn", __doc__, "seed, knn {k, use_valid}", threads=False)
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)

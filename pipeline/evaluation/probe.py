@@ -24,7 +24,6 @@ Everything runs on the CPU in float32 with ``torch.manual_seed``: the same seed 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -390,12 +389,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.probe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True, help="HEAR task folder (labels)")
-    parser.add_argument("--embeddings", required=True, help="folder written by python -m pipeline.evaluation.embeddings")
-    parser.add_argument("--params", default="{}", help="JSON: seed, probe (ProbeConfig keys)")
-    parser.add_argument("--out", required=True, help="result JSON")
-    parser.add_argument("--threads", type=int, default=1)
+    parser = hear_tasks.scoring_parser("pipeline.evaluation.probe", __doc__, "seed, probe (ProbeConfig keys)")
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)

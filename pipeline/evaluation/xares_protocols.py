@@ -36,7 +36,6 @@ Everything runs on the CPU in float32: the same seed gives the same scores.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -357,14 +356,9 @@ def evaluate_task(task: str | Path | dict, model: dict, protocol: str, work_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.xares_protocols",
-                                     description=__doc__.split("\n\n")[0])
+    parser = hear_tasks.scoring_parser("pipeline.evaluation.xares_protocols", __doc__,
+                                       "seed, xares {mlp {epochs, lr, batch_size}, knn {k, temperature}}")
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS)
-    parser.add_argument("--task", required=True, help="task folder (HEAR format; X-ARES tasks after xares_tasks)")
-    parser.add_argument("--embeddings", required=True, help="folder written by python -m pipeline.evaluation.embeddings")
-    parser.add_argument("--params", default="{}", help="JSON: seed, xares {mlp {epochs, lr, batch_size}, knn {k, temperature}}")
-    parser.add_argument("--out", required=True, help="result JSON")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
