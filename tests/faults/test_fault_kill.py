@@ -97,9 +97,12 @@ def test_kill_9_inside_an_epoch_resumes_from_the_step_checkpoint(tmp_path, serve
     bpe = cfg["training"]["batches_per_epoch"]
     rng = random.Random(0)
 
+    def committed_steps(run_dirs):  # step-<N> folders; a step-<N>.tmp-* one is a write in progress
+        return sorted((int(p.name.split("-")[1]), p) for d in run_dirs for p in d.glob("steps/step-*")
+                      if ".tmp-" not in p.name and (p / "manifest.json").is_file())
+
     def mid_epoch_checkpoint():  # a step checkpoint inside the second epoch exists
-        return any(int(p.parent.name.split("-")[1]) % bpe and int(p.parent.name.split("-")[1]) > bpe
-                   for p in state.glob("mae-*/steps/step-*/manifest.json"))
+        return any(step % bpe and step > bpe for step, _ in committed_steps(state.glob("mae-*")))
 
     try:
         proc = fu.start(work, cfg, "all", log_name="run0.log")
@@ -108,8 +111,8 @@ def test_kill_9_inside_an_epoch_resumes_from_the_step_checkpoint(tmp_path, serve
         [run_dir] = state.glob("mae-*")
         killed_at = json.loads((run_dir / "progress.json").read_text())["step"]
         # (a kill while a checkpoint is written leaves a step-<N>.tmp-* folder: never a resume point)
-        kept = sorted(p for p in run_dir.glob("steps/step-*") if ".tmp-" not in p.name)
-        newest, previous_step = kept[-1], int(kept[-2].name.split("-")[1])
+        kept = committed_steps([run_dir])
+        newest, previous_step = kept[-1][1], kept[-2][0]
         epoch_step = max(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/state.json"))
         data = bytearray((newest / "model.safetensors").read_bytes())
         data[len(data) // 2] ^= 0x01
