@@ -1,8 +1,11 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from helpers import HEAR_TASK, SHARED, SPEECH_COMMANDS
+from helpers import HEAR_TASK, SHARED, SPEECH_COMMANDS, point_slurm_client_nowhere
 
 # Keep torch/BLAS from oversubscribing the 2-core machine when tests run jobs in parallel.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -15,6 +18,15 @@ def pytest_configure(config):
     from pipeline.common import provenance
 
     os.environ.setdefault("DASHENG_GIT_SHA", provenance.git_sha())
+    # Snakemake's SLURM plugin asks the SLURM controller for its config at every start; outside the
+    # SLURM tests no controller runs, so the question must fail at once (see helpers.py).
+    config._no_slurm_dir = tempfile.mkdtemp(prefix="dasheng-no-slurm-")
+    point_slurm_client_nowhere(Path(config._no_slurm_dir))
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_no_slurm_dir", None):
+        shutil.rmtree(config._no_slurm_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -74,6 +75,38 @@ def bad_corpus(root: Path) -> dict[str, str]:
         "bad/text.mp3": "undecodable", "bad/nan.wav": "8000 of 8000 samples are NaN",
         "bad/silent.wav": "silent", "bad/short.wav": "too short", "bad/zero_length.wav": "no audio decoded",
     }
+
+
+# The SLURM executor plugin runs `scontrol show config` when Snakemake loads it, at every start. Where
+# the SLURM client is configured but no controller answers (this machine between SLURM tests, once
+# scripts/slurm_local.sh has written /etc/slurm/slurm.conf), scontrol retries for MessageTimeout:
+# about 9 s added to every Snakemake run. Tests that do not use SLURM point the client at a config
+# whose controller refuses at once (conftest.py); the SLURM tests put back the one the session began
+# with (`real_slurm_conf`).
+SLURM_CONF_AT_START = os.environ.get("SLURM_CONF")
+NO_CONTROLLER_CONF = "ClusterName=none\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\nMessageTimeout=1\n"
+
+
+def point_slurm_client_nowhere(folder: Path) -> Path:
+    """Write the no-controller SLURM config into ``folder`` and use it in this process and its children."""
+    conf = Path(folder) / "slurm.conf"
+    conf.write_text(NO_CONTROLLER_CONF)
+    os.environ["SLURM_CONF"] = str(conf)
+    return conf
+
+
+@contextlib.contextmanager
+def real_slurm_conf():
+    """Within the block, SLURM tools read the config they would outside the tests."""
+    saved = os.environ.pop("SLURM_CONF", None)
+    if SLURM_CONF_AT_START is not None:
+        os.environ["SLURM_CONF"] = SLURM_CONF_AT_START
+    try:
+        yield
+    finally:
+        os.environ.pop("SLURM_CONF", None)
+        if saved is not None:
+            os.environ["SLURM_CONF"] = saved
 
 
 def snakemake_env(**extra: str) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, snakemake_env
+from helpers import REPO, real_slurm_conf, snakemake_env
 
 pytestmark = pytest.mark.slow
 
@@ -66,28 +66,30 @@ def _script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A running single-node cluster; yields its default partition."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the local SLURM cluster needs Linux")
-    if os.geteuid() != 0:
-        pytest.skip("bringing up a local SLURM cluster needs root (scripts/slurm_local.sh start)")
-    if not shutil.which("sbatch") and not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and apt-get is not available to install slurm-wlm and munge")
-    was_up = _script("status", timeout=60).returncode == 0
-    start = time.monotonic()
-    proc = _script("start")
-    if proc.returncode == 3:
-        pytest.skip(f"a local SLURM cluster cannot be set up here: {proc.stderr.strip()[-500:]}")
-    assert proc.returncode == 0, f"scripts/slurm_local.sh start failed:\n{proc.stdout}\n{proc.stderr}"
-    print(f"\nSLURM up in {time.monotonic() - start:.1f} s\n{proc.stdout}")
-    partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
-    default = next((p.rstrip("*") for p in partitions.split() if p.endswith("*")), partitions.split()[0])
-    try:
-        yield default
-    finally:
-        if not was_up:
-            stop = _script("stop", timeout=180)
-            print(stop.stdout, stop.stderr)
+    """A running single-node cluster; yields its default partition. Its tests see the real SLURM
+    config (the rest of the suite points the SLURM client nowhere: see helpers.py)."""
+    with real_slurm_conf():
+        if not sys.platform.startswith("linux"):
+            pytest.skip("the local SLURM cluster needs Linux")
+        if os.geteuid() != 0:
+            pytest.skip("bringing up a local SLURM cluster needs root (scripts/slurm_local.sh start)")
+        if not shutil.which("sbatch") and not shutil.which("apt-get"):
+            pytest.skip("SLURM is not installed and apt-get is not available to install slurm-wlm and munge")
+        was_up = _script("status", timeout=60).returncode == 0
+        start = time.monotonic()
+        proc = _script("start")
+        if proc.returncode == 3:
+            pytest.skip(f"a local SLURM cluster cannot be set up here: {proc.stderr.strip()[-500:]}")
+        assert proc.returncode == 0, f"scripts/slurm_local.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+        print(f"\nSLURM up in {time.monotonic() - start:.1f} s\n{proc.stdout}")
+        partitions = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
+        default = next((p.rstrip("*") for p in partitions.split() if p.endswith("*")), partitions.split()[0])
+        try:
+            yield default
+        finally:
+            if not was_up:
+                stop = _script("stop", timeout=180)
+                print(stop.stdout, stop.stderr)
 
 
 def test_profile_defines_what_a_cluster_needs():
