@@ -259,15 +259,14 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     assert "--ntasks-per-gpu" not in sbatch and "--ntasks" not in sbatch.split("--wrap")[0]
 
 
-# A training that needs several SLURM jobs: each job may run 1 minute; SLURM warns it (SIGURG) 5 s
-# before its limit — slurmctld checks limits every 30 s, so the signal comes 25-55 s after the start,
-# when the job has trained for up to about 30 s of its 90; the job writes a step checkpoint, exits with
-# status 75, and Snakemake resubmits it (retries from total_runtime_min / runtime_min) until it finishes.
-# 500 steps: about 100 s of training on the 2-core machine, while one 1-minute job trains for at most
-# about 40 s (Snakemake's start inside the job, Ray's, and SLURM's warning comes 5-35 s before the
-# limit: it checks every 30 s), so the run needs at least three jobs. 30 minutes of budget: up to 29
-# resubmissions.
-LONG_TRAINING = {**CONFIG["training"], "epochs": 1, "batches_per_epoch": 500, "runtime_min": 1,
+# A training that needs several SLURM jobs: each job may run 1 minute and SLURM warns it (SIGURG) 5 s
+# before its limit; the job writes a step checkpoint, exits with status 75, and Snakemake resubmits it
+# (retries from total_runtime_min / runtime_min) until it finishes. A 1-minute job trains for at most
+# about 40 s: about 30 s go to starting Snakemake and Ray inside it, and the warning comes 5-35 s
+# before the limit (slurmctld checks limits every 30 s). On the 2-core machine (about 5 steps/s) jobs
+# trained 1-230 steps each; 700 steps (about 140 s of training) need at least three jobs even on a
+# machine half again as fast. 30 minutes of budget: up to 29 resubmissions.
+LONG_TRAINING = {**CONFIG["training"], "epochs": 1, "batches_per_epoch": 700, "runtime_min": 1,
                  "total_runtime_min": 30, "signal_lead_s": 5, "checkpoint_every_min": 0.25}
 TRAINING_OUTPUTS = [f"results/demo/training/{name}" for name in
                     ("encoder.safetensors", "encoder.json", "metrics.csv", "summary.json", "loss_curve.png")]
