@@ -1,11 +1,8 @@
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from helpers import HEAR_TASK, SHARED, SPEECH_COMMANDS, point_slurm_client_nowhere
+from helpers import HEAR_TASK, NO_CONTROLLER_CONF, SHARED, SPEECH_COMMANDS
 
 # Keep torch/BLAS from oversubscribing the 2-core machine when tests run jobs in parallel.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -18,15 +15,17 @@ def pytest_configure(config):
     from pipeline.common import provenance
 
     os.environ.setdefault("DASHENG_GIT_SHA", provenance.git_sha())
-    # Snakemake's SLURM plugin asks the SLURM controller for its config at every start; outside the
-    # SLURM tests no controller runs, so the question must fail at once (see helpers.py).
-    config._no_slurm_dir = tempfile.mkdtemp(prefix="dasheng-no-slurm-")
-    point_slurm_client_nowhere(Path(config._no_slurm_dir))
 
 
-def pytest_unconfigure(config):
-    if getattr(config, "_no_slurm_dir", None):
-        shutil.rmtree(config._no_slurm_dir, ignore_errors=True)
+@pytest.fixture(scope="session", autouse=True)
+def slurm_client_points_nowhere(tmp_path_factory):
+    """Snakemake's SLURM plugin asks the SLURM controller for its config at every start; outside the
+    SLURM tests no controller runs, so the question must fail at once (see helpers.py)."""
+    conf = tmp_path_factory.mktemp("no-slurm") / "slurm.conf"
+    conf.write_text(NO_CONTROLLER_CONF)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(conf))
+        yield conf
 
 
 @pytest.fixture

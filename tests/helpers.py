@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -81,32 +80,9 @@ def bad_corpus(root: Path) -> dict[str, str]:
 # the SLURM client is configured but no controller answers (this machine between SLURM tests, once
 # scripts/slurm_local.sh has written /etc/slurm/slurm.conf), scontrol retries for MessageTimeout:
 # about 9 s added to every Snakemake run. Tests that do not use SLURM point the client at a config
-# whose controller refuses at once (conftest.py); the SLURM tests put back the one the session began
-# with (`real_slurm_conf`).
+# whose controller refuses at once (conftest.py); the SLURM tests put back SLURM_CONF_AT_START.
 SLURM_CONF_AT_START = os.environ.get("SLURM_CONF")
 NO_CONTROLLER_CONF = "ClusterName=none\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\nMessageTimeout=1\n"
-
-
-def point_slurm_client_nowhere(folder: Path) -> Path:
-    """Write the no-controller SLURM config into ``folder`` and use it in this process and its children."""
-    conf = Path(folder) / "slurm.conf"
-    conf.write_text(NO_CONTROLLER_CONF)
-    os.environ["SLURM_CONF"] = str(conf)
-    return conf
-
-
-@contextlib.contextmanager
-def real_slurm_conf():
-    """Within the block, SLURM tools read the config they would outside the tests."""
-    saved = os.environ.pop("SLURM_CONF", None)
-    if SLURM_CONF_AT_START is not None:
-        os.environ["SLURM_CONF"] = SLURM_CONF_AT_START
-    try:
-        yield
-    finally:
-        os.environ.pop("SLURM_CONF", None)
-        if saved is not None:
-            os.environ["SLURM_CONF"] = saved
 
 
 def snakemake_env(**extra: str) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, real_slurm_conf, snakemake_env
+from helpers import REPO, SLURM_CONF_AT_START, snakemake_env
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,11 @@ def _script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def slurm_cluster():
     """A running single-node cluster; yields its default partition. Its tests see the real SLURM
     config (the rest of the suite points the SLURM client nowhere: see helpers.py)."""
-    with real_slurm_conf():
+    with pytest.MonkeyPatch.context() as mp:
+        if SLURM_CONF_AT_START is None:
+            mp.delenv("SLURM_CONF", raising=False)
+        else:
+            mp.setenv("SLURM_CONF", SLURM_CONF_AT_START)
         if not sys.platform.startswith("linux"):
             pytest.skip("the local SLURM cluster needs Linux")
         if os.geteuid() != 0:

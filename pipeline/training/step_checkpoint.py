@@ -141,14 +141,15 @@ class StepCheckpoints:
         self.prune()
         return final
 
-    def _folders(self) -> list[Path]:
+    def folders(self) -> list[Path]:
+        """The committed checkpoint folders, newest first (never a ``.tmp-`` one still being written)."""
         if not self.folder.is_dir():
             return []
         return sorted((p for p in self.folder.glob("step-*") if p.is_dir() and atomic.TEMP_MARK not in p.name),
                       key=lambda p: p.name, reverse=True)
 
     def prune(self) -> None:
-        for old in self._folders()[KEEP:]:
+        for old in self.folders()[KEEP:]:
             shutil.rmtree(old, ignore_errors=True)
         for tmp in self.folder.glob(f"step-*{atomic.TEMP_MARK}*"):  # left by a killed writer
             if tmp.stat().st_mtime < time.time() - 3600:
@@ -172,7 +173,7 @@ class StepCheckpoints:
 
     def latest(self) -> StepCheckpoint | None:
         """The newest intact checkpoint; damaged ones are named, moved to ``.damaged/`` and skipped."""
-        for path in self._folders():
+        for path in self.folders():
             try:
                 return self.verify(path)
             except CheckpointDamaged as exc:

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.training.step_checkpoint import StepCheckpoints
+
 import fault_util as fu
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -97,9 +99,8 @@ def test_kill_9_inside_an_epoch_resumes_from_the_step_checkpoint(tmp_path, serve
     bpe = cfg["training"]["batches_per_epoch"]
     rng = random.Random(0)
 
-    def committed_steps(run_dirs):  # step-<N> folders; a step-<N>.tmp-* one is a write in progress
-        return sorted((int(p.name.split("-")[1]), p) for d in run_dirs for p in d.glob("steps/step-*")
-                      if ".tmp-" not in p.name and (p / "manifest.json").is_file())
+    def committed_steps(run_dirs):  # (step, folder), oldest first: what the training itself would consider
+        return sorted((int(p.name.removeprefix("step-")), p) for d in run_dirs for p in StepCheckpoints(d).folders())
 
     def mid_epoch_checkpoint():  # a step checkpoint inside the second epoch exists
         return any(step % bpe and step > bpe for step, _ in committed_steps(state.glob("mae-*")))
