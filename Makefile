@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock xares==0.1.3  # test oracle, see pyproject
-	@$(BIN)/python -c 'from pipeline.common.audio import ffmpeg_exe; print(">> ffmpeg:", ffmpeg_exe())'
+	@$(BIN)/python -c 'from dasheng_pipeline.common.audio import ffmpeg_exe; print(">> ffmpeg:", ffmpeg_exe())'
 	@touch $(STAMP)
 
 install: $(STAMP)

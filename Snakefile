@@ -1,5 +1,5 @@
 # The Dasheng pipeline as one DAG, one rule file per stage (workflow/rules/), each calling the
-# entry points of its own package (pipeline/<stage>/, `python -m pipeline.<stage>.<module>`);
+# entry points of its own package (pipeline/<stage>/, `python -m dasheng_pipeline.<stage>.<module>`);
 # the model itself is the library in model/. Helpers of the rule files: workflow/rules/common.smk.
 #   sources (stage 1) -> features (2) -> training (3) -> evaluate (4) -> report
 #   snakemake --cores 2 all                       the embedded demo (config/config.yaml)

@@ -1,8 +1,8 @@
 """Evaluation throughput: embedding extraction (clips/s) per model size, and probe time per task.
 
-Generates the demo tasks (pipeline.evaluation.demo_tasks) in a temporary folder, then
+Generates the demo tasks (dasheng_pipeline.evaluation.demo_tasks) in a temporary folder, then
 
-1. runs ``pipeline.evaluation.embeddings.run`` (ffmpeg decode, batching, forward pass, npz writes: the whole step a
+1. runs ``dasheng_pipeline.evaluation.embeddings.run`` (ffmpeg decode, batching, forward pass, npz writes: the whole step a
    Snakemake ``embed`` job does) for the log-mel baseline and random-init ``tiny`` and ``base``
    encoders, reporting clips/s and audio seconds per wall second;
 2. runs the HEAR MLP probe on every task's ``tiny`` embeddings with the demo config's probe
@@ -27,8 +27,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.evaluation import demo_tasks, hear_tasks, probe  # noqa: E402
-from pipeline.evaluation import embeddings as extract  # noqa: E402
+from dasheng_pipeline.evaluation import demo_tasks, hear_tasks, probe  # noqa: E402
+from dasheng_pipeline.evaluation import embeddings as extract  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

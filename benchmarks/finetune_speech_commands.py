@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.tools.embed import Model, embed_files  # noqa: E402
-from pipeline.tools.finetune import finetune, read_data  # noqa: E402
-from pipeline.tools.predict import predict  # noqa: E402
+from dasheng_pipeline.tools.embed import Model, embed_files  # noqa: E402
+from dasheng_pipeline.tools.finetune import finetune, read_data  # noqa: E402
+from dasheng_pipeline.tools.predict import predict  # noqa: E402
 
 FIXTURE = Path(os.environ.get("DASHENG_SHARED", ROOT.parent / "shared")) / "fixtures" / "speech_commands_small"
 DEMO = ROOT / "results" / "demo" / "training" / "encoder.safetensors"

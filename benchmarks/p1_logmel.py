@@ -1,6 +1,6 @@
 """P1: log-mel throughput (seconds of audio per CPU-second), batched path vs a per-clip loop.
 
-Both compute the same features (model.frontend.LogMel, top_db per window) on the same 10 s
+Both compute the same features (dasheng_model.frontend.LogMel, top_db per window) on the same 10 s
 windows, in one process with one torch thread; the figure is their ratio.
 
     python benchmarks/p1_logmel.py [--windows 64] [--batch 16] [--repeats 3]
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from model.frontend import LogMel
-from pipeline.features import mel
+from dasheng_model.frontend import LogMel
+from dasheng_pipeline.features import mel
 
 
 def cpu_seconds(fn, repeats: int) -> float:

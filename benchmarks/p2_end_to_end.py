@@ -3,7 +3,7 @@
 Makes N 10 s, 44.1 kHz stereo WAV files, then times in the same run (wall clock, 2 cores):
   * baseline: decoding every file to 16 kHz mono float32 with the project's ffmpeg path,
     with the same number of decodes in flight as the mel job uses (audio.decode_threads);
-  * end to end: pipeline.features.mel.run_chunk on a chunk manifest of those files (keep_audio off:
+  * end to end: dasheng_pipeline.features.mel.run_chunk on a chunk manifest of those files (keep_audio off:
     the originals are decoded straight into the mel step), which writes the Parquet shard.
 The figure is throughput(end to end) / throughput(decode alone); goal ≥ 0.7.
 
@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.common import atomic, audio, manifest
-from pipeline.features import mel
+from dasheng_pipeline.common import atomic, audio, manifest
+from dasheng_pipeline.features import mel
 
 DEFAULTS = {
     "mel": {"sample_rate": 16000, "n_fft": 512, "win_length": 512, "hop_length": 160, "n_mels": 64, "f_min": 0,

@@ -3,7 +3,7 @@
 Writes one shard of N 10 s windows (uncompressed mel column, as the pipeline writes it),
 then, warm page cache, best of several runs:
   * raw: read the file's bytes and view the mel payload as a float16 torch tensor;
-  * shard: pipeline.features.shards.iter_batches → torch.from_numpy per batch (mel + valid_frames).
+  * shard: dasheng_pipeline.features.shards.iter_batches → torch.from_numpy per batch (mel + valid_frames).
 The figure is throughput(shard) / throughput(raw); goal ≥ 0.8.
 
     python benchmarks/p3_read.py [--rows 1024] [--batch 32]
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.features import shards
+from dasheng_pipeline.features import shards
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.encoder import SIZES, Attention, DashengEncoder, EncoderConfig  # noqa: E402
-from model.frontend import LogMel  # noqa: E402
-from model.mae import MaskedAutoencoder  # noqa: E402
+from dasheng_model.encoder import SIZES, Attention, DashengEncoder, EncoderConfig  # noqa: E402
+from dasheng_model.frontend import LogMel  # noqa: E402
+from dasheng_model.mae import MaskedAutoencoder  # noqa: E402
 
 SR = 16000
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, without sparsity.

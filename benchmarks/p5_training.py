@@ -2,7 +2,7 @@
 loader's throughput against what a training step consumes.
 
 Everything runs in one process on synthetic shards written with the pipeline's own writer:
-  * loader: pipeline.training.loader.TrainBatches over the shards (Parquet read + shuffle buffer + collate);
+  * loader: dasheng_pipeline.training.loader.TrainBatches over the shards (Parquet read + shuffle buffer + collate);
   * step: forward + backward + optimiser step of the MAE on batches of 10 s windows.
 The loader must outpace the step: the figure is loader samples/s ÷ step samples/s (> 1 means
 the loader is not the bottleneck; with loader_workers > 0 it also runs in parallel).
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.mae import MaskedAutoencoder
-from pipeline.features import shards
-from pipeline.training import loader
-from pipeline.training.train import make_optimizer
+from dasheng_model.mae import MaskedAutoencoder
+from dasheng_pipeline.features import shards
+from dasheng_pipeline.training import loader
+from dasheng_pipeline.training.train import make_optimizer
 
 BATCH = {"tiny": 16, "base": 4}
 

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import hear  # noqa: E402
-from pipeline.common.audio import decode  # noqa: E402
-from pipeline.tools.embed import Model, embed_files  # noqa: E402
+from dasheng_model import hear  # noqa: E402
+from dasheng_pipeline.common.audio import decode  # noqa: E402
+from dasheng_pipeline.tools.embed import Model, embed_files  # noqa: E402
 
 
 def make_clips(folder: Path, n: int, seed: int = 0) -> list[Path]:

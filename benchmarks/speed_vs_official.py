@@ -6,7 +6,7 @@ call by call, so that the other users of a shared machine slow both alike; only 
 over between machines. Rows:
 
 * encoder inference (base, batch × 10 s): official ``Dasheng(wav)`` in fp32 against
-  ``model.embed.embed(encoder, wav, dtype=...)`` in fp32 and in bf16 (autocast; the official
+  ``dasheng_model.embed.embed(encoder, wav, dtype=...)`` in fp32 and in bf16 (autocast; the official
   package has no such option). The bf16 embeddings are compared with ours in fp32: cosine of
   every frame and every clip embedding.
 * MAE training step (base, forward + backward + AdamW): the official ``AudioTransformerMAE``
@@ -15,7 +15,7 @@ over between machines. Rows:
   ``make_optimizer`` for ``optimizer: adamw``) in fp32 and under bf16 autocast (``training.precision``).
   The optimizer steps alone are timed too, so that the model's share of the gain shows.
 * log-mel of one 10 s clip on 1 thread: torchaudio ``MelSpectrogram`` + ``AmplitudeToDB`` (the
-  official front end) against ``model.frontend.LogMel``.
+  official front end) against ``dasheng_model.frontend.LogMel``.
 * ``--only probe``: the demo tasks' probe and k-NN scores from fp32 and from bf16 embeddings.
 
     python benchmarks/speed_vs_official.py                  # CPU, 2 threads, batch 8, 5 repeats
@@ -41,11 +41,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import encoder as encoder_module  # noqa: E402
-from model.embed import embed  # noqa: E402
-from model.encoder import DashengEncoder  # noqa: E402
-from model.frontend import LogMel  # noqa: E402
-from model.mae import MaskedAutoencoder  # noqa: E402
+from dasheng_model import encoder as encoder_module  # noqa: E402
+from dasheng_model.embed import embed  # noqa: E402
+from dasheng_model.encoder import DashengEncoder  # noqa: E402
+from dasheng_model.frontend import LogMel  # noqa: E402
+from dasheng_model.mae import MaskedAutoencoder  # noqa: E402
 
 SR = 16000
 BASE = {"embed_dim": 768, "depth": 12, "num_heads": 12}
@@ -176,7 +176,7 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     ours = ours.to(device).train()
     wav = test_audio(args.batch, args.seconds, seed=1).to(device)
     mel = LogMel().to(device)(wav)  # ours trains on the stored log-mel
-    from pipeline.training.train import make_optimizer
+    from dasheng_pipeline.training.train import make_optimizer
 
     opts = {id(official): torch.optim.AdamW(official.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01),
             id(ours): make_optimizer(ours.parameters(), {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.01})}
@@ -254,8 +254,8 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
 
     os.environ["TQDM_DISABLE"] = "1"
     logging.disable(logging.WARNING)
-    from pipeline.evaluation import demo_tasks, knn, probe
-    from pipeline.evaluation import embeddings as extract
+    from dasheng_pipeline.evaluation import demo_tasks, knn, probe
+    from dasheng_pipeline.evaluation import embeddings as extract
 
     cfg = probe.ProbeConfig(hidden_layers=[1], grid_points=2, max_epochs=150, patience=8)  # config/config.yaml's
     notes = []

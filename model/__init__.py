@@ -3,11 +3,11 @@
 See model/README.md for the modules and their shapes.
 """
 
-from model.checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint
-from model.embed import Embeddings, embed, embed_mel
-from model.encoder import SIZES, DashengEncoder, EncoderConfig
-from model.frontend import MEL_PARAMS, LogMel
-from model.mae import DECODERS, DecoderConfig, MaskedAutoencoder
+from dasheng_model.checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint
+from dasheng_model.embed import Embeddings, embed, embed_mel
+from dasheng_model.encoder import SIZES, DashengEncoder, EncoderConfig
+from dasheng_model.frontend import MEL_PARAMS, LogMel
+from dasheng_model.mae import DECODERS, DecoderConfig, MaskedAutoencoder
 
 __all__ = [
     "CheckpointError",

@@ -31,9 +31,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.encoder import SIZES, DashengEncoder, EncoderConfig, size_name
-from model.frontend import MEL_PARAMS
-from model.mae import DecoderConfig, MaskedAutoencoder
+from dasheng_model.encoder import SIZES, DashengEncoder, EncoderConfig, size_name
+from dasheng_model.frontend import MEL_PARAMS
+from dasheng_model.mae import DecoderConfig, MaskedAutoencoder
 
 FORMAT = "dasheng-pipeline/1"
 SUFFIX = ".safetensors"
@@ -211,7 +211,7 @@ def save_checkpoint(
     """Write ``path`` (.safetensors) and its ``.json`` sidecar atomically; returns ``path``.
 
     ``provenance``: the stamp of the run that made the weights (the pipeline passes
-    ``pipeline.common.provenance.stamp(...)``); by default :func:`library_provenance`.
+    ``dasheng_pipeline.common.provenance.stamp(...)``); by default :func:`library_provenance`.
     """
     path = Path(path)
     if path.suffix != SUFFIX:

@@ -19,9 +19,9 @@ from typing import Callable, NamedTuple, Union
 import torch
 from torch import nn
 
-from model.encoder import DashengEncoder
-from model.frontend import HOP_LENGTH, SAMPLE_RATE
-from model.inputs import (
+from dasheng_model.encoder import DashengEncoder
+from dasheng_model.frontend import HOP_LENGTH, SAMPLE_RATE
+from dasheng_model.inputs import (
     FRAMES_PER_TOKEN,
     SAMPLES_PER_TOKEN,
     check_dtype,

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.frontend import N_MELS, LogMel, MelBatchNorm
-from model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_mel, check_waveform
+from dasheng_model.frontend import N_MELS, LogMel, MelBatchNorm
+from dasheng_model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_mel, check_waveform
 
 MAX_TOKENS = 252  # longest chunk: 1008 frames, 10.08 s
 LN_EPS = 1e-6

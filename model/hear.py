@@ -1,24 +1,24 @@
 """The HEAR 2021 module API over a Dasheng encoder.
 
-    from model import hear
+    from dasheng_model import hear
     model = hear.load_model("dasheng_base.pt")      # official release, or our .safetensors
     scene = hear.get_scene_embeddings(audio, model)  # audio: (n_sounds, n_samples) at 16 kHz
     emb, ts = hear.get_timestamp_embeddings(audio, model)
 
-``load_model`` takes any model spec of :mod:`model.pretrained`: an official ``.pt`` release, one
+``load_model`` takes any model spec of :mod:`dasheng_model.pretrained`: an official ``.pt`` release, one
 of our ``.safetensors`` checkpoints (encoder or MAE), a Hugging Face-format folder or repo id,
 ``"random:<size>[:<seed>]"`` (e.g. ``"random:tiny"``), or ``""`` for a randomly initialised
 ``base`` encoder (HEAR's "no weights" case). Random weights come from a fixed seed (0 unless
 given), so they are the same each time.
 
 ``load_model(path, device=None, dtype="fp32")``: ``dtype="bf16"`` runs the encoder under bf16
-autocast (CPU or GPU; front end in fp32, embeddings float32), see ``model.embed``.
+autocast (CPU or GPU; front end in fp32, embeddings float32), see ``dasheng_model.embed``.
 
 Timestamp embeddings are the encoder's 25 Hz frames; a frame's timestamp is the centre of the
 four mel frames it covers (40·k + 15 ms). Scene embeddings are the mean of the frames.
 Clips longer than 10.08 s go through the model in chunks of 252 frames, concatenated.
 ``load_model(path, layer=...)`` takes the embeddings from another block than the last
-(``"last"``, a block number 1 … depth, or ``"mean"`` of all blocks; see ``model.embed``).
+(``"last"``, a block number 1 … depth, or ``"mean"`` of all blocks; see ``dasheng_model.embed``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model import pretrained
-from model.embed import Layer, check_layer, embed, frame_times_ms
-from model.encoder import DashengEncoder
-from model.frontend import SAMPLE_RATE
-from model.inputs import check_dtype
-from model.pretrained import RANDOM_PREFIX, RANDOM_SEED, random_encoder
+from dasheng_model import pretrained
+from dasheng_model.embed import Layer, check_layer, embed, frame_times_ms
+from dasheng_model.encoder import DashengEncoder
+from dasheng_model.frontend import SAMPLE_RATE
+from dasheng_model.inputs import check_dtype
+from dasheng_model.pretrained import RANDOM_PREFIX, RANDOM_SEED, random_encoder
 
 __all__ = ["RANDOM_PREFIX", "RANDOM_SEED", "HearModel", "load_model", "random_encoder",
            "get_scene_embeddings", "get_timestamp_embeddings"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from model.frontend import N_MELS, SAMPLE_RATE
+from dasheng_model.frontend import N_MELS, SAMPLE_RATE
 
 SAMPLES_PER_TOKEN = 640  # 4 frames of 160 samples: one token every 40 ms (25 Hz)
 FRAMES_PER_TOKEN = 4
@@ -15,7 +15,7 @@ def check_sample_rate(sample_rate: int) -> None:
     if sample_rate != SAMPLE_RATE:
         raise ValueError(
             f"expected audio at {SAMPLE_RATE} Hz, got {sample_rate} Hz: resample it first "
-            "(the project decodes and resamples with ffmpeg, see pipeline.common.audio)"
+            "(the project decodes and resamples with ffmpeg, see dasheng_pipeline.common.audio)"
         )
 
 

@@ -26,9 +26,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.encoder import LN_EPS, MAX_TOKENS, Block, DashengEncoder, EncoderConfig, encoder_config
-from model.frontend import N_MELS
-from model.inputs import FRAMES_PER_TOKEN, check_mel
+from dasheng_model.encoder import LN_EPS, MAX_TOKENS, Block, DashengEncoder, EncoderConfig, encoder_config
+from dasheng_model.frontend import N_MELS
+from dasheng_model.inputs import FRAMES_PER_TOKEN, check_mel
 
 PATCH_VALUES = N_MELS * FRAMES_PER_TOKEN  # 256 dB values per token
 GROUP = 2  # tokens masked together

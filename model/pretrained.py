@@ -4,7 +4,7 @@ A *model spec* is the string that ``--model``, the HEAR module and the DAG's ``m
 
 - ``random:<size>`` or ``random:<size>:<seed>`` — a seeded random-init encoder (``random:tiny``);
 - a path to a checkpoint file: an official ``.pt`` release, or one of our ``.safetensors``
-  (encoder or MAE) — see :mod:`model.checkpoint`;
+  (encoder or MAE) — see :mod:`dasheng_model.checkpoint`;
 - a path to a Hugging Face-format model: a folder holding ``model.safetensors`` and
   ``config.json`` (``mispeech/dasheng-base`` …), or that ``model.safetensors`` file itself;
 - a Hugging Face repo id (``mispeech/dasheng-base``), fetched through ``huggingface_hub`` when it
@@ -16,7 +16,7 @@ The Hugging Face format: ``model.safetensors`` holds the official encoder keys u
 
 Named constructors, as the official package has them::
 
-    from model.pretrained import dasheng_base
+    from dasheng_model.pretrained import dasheng_base
     encoder = dasheng_base()                                 # random init
     encoder = dasheng_base(weights="dasheng_base.pt")        # the official release
     encoder = dasheng_base(weights="mispeech/dasheng-base")  # from the hub (network)
@@ -35,8 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load_encoder, load_state_dict_strict
-from model.encoder import SIZES, DashengEncoder, EncoderConfig, size_name
+from dasheng_model.checkpoint import CheckpointError, load_encoder, load_state_dict_strict
+from dasheng_model.encoder import SIZES, DashengEncoder, EncoderConfig, size_name
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu") -
         log.info(f"{weights}: left out {len(others)} keys outside the encoder ({others[0]} …)")
     config = _hf_config(weights.parent)
     if config is None:
-        from model.checkpoint import infer_encoder_config
+        from dasheng_model.checkpoint import infer_encoder_config
 
         config = infer_encoder_config(state)
         if config is None:

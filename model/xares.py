@@ -22,11 +22,11 @@ import os
 import torch
 from torch import nn
 
-from model import checkpoint as _checkpoint
-from model import hear as _hear
-from model.encoder import MAX_TOKENS
-from model.frontend import SAMPLE_RATE
-from model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_waveform
+from dasheng_model import checkpoint as _checkpoint
+from dasheng_model import hear as _hear
+from dasheng_model.encoder import MAX_TOKENS
+from dasheng_model.frontend import SAMPLE_RATE
+from dasheng_model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_waveform
 
 CHECKPOINT_ENV = "DASHENG_CHECKPOINT"
 PIECE_FRAMES = MAX_TOKENS * FRAMES_PER_TOKEN  # 1008 mel frames = 252 tokens = 10.08 s, the encoder's own chunk

@@ -1,10 +1,10 @@
 """The Dasheng pipeline's stages, one subpackage each, in the order the data flows:
 
-- ``pipeline.common``: atomic writes, provenance stamps, audio decoding (ffmpeg), manifests, logging;
-- ``pipeline.sources``: stage 1, audio from the demo synthesiser, YouTube segment lists or local trees;
-- ``pipeline.features``: stage 2, 10 s windows → log-mel (the model's front end) → Parquet shards;
-- ``pipeline.training``: stage 3, MAE pre-training with Ray Train, the loader, schedule, averaging;
-- ``pipeline.evaluation``: stage 4, task readers, embeddings, HEAR probe, k-NN, tables, plots.
+- ``dasheng_pipeline.common``: atomic writes, provenance stamps, audio decoding (ffmpeg), manifests, logging;
+- ``dasheng_pipeline.sources``: stage 1, audio from the demo synthesiser, YouTube segment lists or local trees;
+- ``dasheng_pipeline.features``: stage 2, 10 s windows → log-mel (the model's front end) → Parquet shards;
+- ``dasheng_pipeline.training``: stage 3, MAE pre-training with Ray Train, the loader, schedule, averaging;
+- ``dasheng_pipeline.evaluation``: stage 4, task readers, embeddings, HEAR probe, k-NN, tables, plots.
 
 Every stage uses the ``model`` library; ``model`` never imports ``pipeline`` (enforced by
 import-linter, see ``[tool.importlinter]`` in pyproject.toml).

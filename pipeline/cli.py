@@ -1,4 +1,4 @@
-"""``dasheng-pipeline``: the command line over :mod:`pipeline.tools` (each subcommand calls one function).
+"""``dasheng-pipeline``: the command line over :mod:`dasheng_pipeline.tools` (each subcommand calls one function).
 
     dasheng-pipeline embed recordings/ --model dasheng_base.pt --out e.parquet
     dasheng-pipeline evaluate hear/speech_commands-v0.0.2-full --model mispeech/dasheng-base
@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 
-from pipeline.common import logs
+from dasheng_pipeline.common import logs
 
 log = logging.getLogger("dasheng-pipeline")
 
@@ -114,14 +114,14 @@ def parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "embed":
-        from pipeline.tools.embed import embed_files
+        from dasheng_pipeline.tools.embed import embed_files
 
         embed_files(args.inputs, args.model, args.out, frames=args.frames, batch_size=args.batch_size,
                     device=args.device, dtype=args.dtype, decode_threads=args.decode_threads, progress=not args.quiet)
     elif args.command == "evaluate":
         from pathlib import Path
 
-        from pipeline.tools.evaluate import evaluate_task, headline
+        from dasheng_pipeline.tools.evaluate import evaluate_task, headline
 
         out = args.out or f"eval-{Path(args.task).resolve().name}"
         results = evaluate_task(args.task, args.model, out, protocols=args.protocols, config=args.config,
@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         print(headline(results))
         print(f"results in {out}/")
     elif args.command == "finetune":
-        from pipeline.tools.finetune import finetune
+        from dasheng_pipeline.tools.finetune import finetune
 
         finetune(args.data, args.model, args.out, mode=args.mode, folds=args.folds,
                           valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, epochs=args.epochs,
@@ -137,12 +137,12 @@ def _run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                           progress=not args.quiet)
     elif args.command == "predict":
-        from pipeline.tools.predict import predict
+        from dasheng_pipeline.tools.predict import predict
 
         predict(args.inputs, args.classifier, args.out, top_k=args.top_k, chunks=args.chunks,
                 batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.quiet)
     elif args.command == "inspect":
-        from pipeline.tools.checkpoints import describe_checkpoint, render
+        from dasheng_pipeline.tools.checkpoints import describe_checkpoint, render
 
         info = describe_checkpoint(args.checkpoint)
         print(json.dumps(info, indent=1, sort_keys=True) if args.json else render(info))
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _versions() -> str:
-    from pipeline.common.provenance import package_versions
+    from dasheng_pipeline.common.provenance import package_versions
 
     return " ".join(f"{k} {v}" for k, v in package_versions().items())
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help()
         return 2
     logs.setup(logging.WARNING if args.quiet else logging.INFO)
-    from model.checkpoint import CheckpointError
+    from dasheng_model.checkpoint import CheckpointError
 
     try:
         return _run(args)

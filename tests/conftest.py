@@ -12,7 +12,7 @@ def pytest_configure(config):
     # Provenance stamps carry the checkout's git SHA (``-dirty`` with local edits). Freeze the value
     # the session starts with, so that editing a file while the suite runs cannot make two runs that
     # a test compares byte for byte differ in their stamps. The value is still the real one.
-    from pipeline.common import provenance
+    from dasheng_pipeline.common import provenance
 
     os.environ.setdefault("DASHENG_GIT_SHA", provenance.git_sha())
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.common.audio import ffmpeg_exe
+from dasheng_pipeline.common.audio import ffmpeg_exe
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("DASHENG_SHARED", REPO.parent / "shared"))

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.common import audio
+from dasheng_pipeline.common import audio
 
 from helpers import bad_corpus, tone
 

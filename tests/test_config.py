@@ -7,8 +7,8 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from pipeline.common.audio import ClipRules
-from pipeline.evaluation.probe import ProbeConfig
+from dasheng_pipeline.common.audio import ClipRules
+from dasheng_pipeline.evaluation.probe import ProbeConfig
 
 from helpers import REPO
 

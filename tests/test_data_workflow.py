@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.frontend import LogMel
-from pipeline.common import audio
-from pipeline.features import shards
+from dasheng_model.frontend import LogMel
+from dasheng_pipeline.common import audio
+from dasheng_pipeline.features import shards
 
 from helpers import bad_corpus, read_json, snakemake, tone
 from loopback import File, Status

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from pipeline.sources import lists
+from dasheng_pipeline.sources import lists
 
 AUDIOSET = """# Segments csv created Sun Mar  5 10:54:31 2017
 # num_ytids=4, num_segs=4, num_unique_labels=527, num_positive_labels=6

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchaudio
 
-from model.frontend import MEL_PARAMS, LogMel
-from pipeline.features import mel
+from dasheng_model.frontend import MEL_PARAMS, LogMel
+from dasheng_pipeline.features import mel
 
 W = mel.Windowing(window_s=10.0, min_tail_s=1.0)
 

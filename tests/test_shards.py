@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.common import atomic
-from pipeline.features import shards
+from dasheng_pipeline.common import atomic
+from dasheng_pipeline.features import shards
 
 
 def writer(path, rows=5, row_group_size=2):

@@ -17,10 +17,10 @@ import psutil
 import pytest
 import torch
 
-from pipeline.common import atomic
-from pipeline.features import shards
-from pipeline.training import loader, schedule
-from pipeline.training.averaging import average_state_dicts
+from dasheng_pipeline.common import atomic
+from dasheng_pipeline.features import shards
+from dasheng_pipeline.training import loader, schedule
+from dasheng_pipeline.training.averaging import average_state_dicts
 
 from helpers import read_json, snakemake
 
@@ -121,7 +121,7 @@ def test_loader_resumes_inside_an_epoch_with_the_batches_that_come_next(tmp_path
 
 
 def test_step_checkpoints_are_checked_and_a_damaged_one_is_skipped(tmp_path, caplog):
-    from pipeline.training import step_checkpoint as sc
+    from dasheng_pipeline.training import step_checkpoint as sc
 
     steps = sc.StepCheckpoints(tmp_path)
     for step in (3, 5, 8):
@@ -151,10 +151,10 @@ def test_step_checkpoints_are_checked_and_a_damaged_one_is_skipped(tmp_path, cap
 def test_one_driver_per_run_the_next_waits_for_a_lingering_one(tmp_path, caplog):
     """A second driver on the same state folder waits while another process holds the lock, names
     it, gives up after the wait; it gets the lock as soon as the holder dies (kill -9 included)."""
-    from pipeline.training import step_checkpoint as sc
+    from dasheng_pipeline.training import step_checkpoint as sc
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline.training.step_checkpoint import driver_lock\n"
+        "import sys, time; from dasheng_pipeline.training.step_checkpoint import driver_lock\n"
         "with driver_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"), str(tmp_path)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "SLURM_JOB_ID": "41"})
     try:
@@ -190,7 +190,7 @@ def demo_shards(tmp_path_factory):
 
 def train(work: Path, name: str, training=None, wait=True, **popen):
     params = {"training": {**TRAINING, **(training or {})}, "seed": 0}
-    cmd = [sys.executable, "-m", "pipeline.training.train", "--dataset", "results/demo/dataset/manifest.json",
+    cmd = [sys.executable, "-m", "dasheng_pipeline.training.train", "--dataset", "results/demo/dataset/manifest.json",
            "--params", json.dumps(params), "--state-dir", f"state-{name}", "--out-dir", f"out-{name}"]
     env = {**os.environ, "DASHENG_RAY_TMP": str(Path("/tmp") / f"ray-{os.getpid()}-{name}")}
     log = open(work / f"{name}.log", "ab")
@@ -228,7 +228,7 @@ def test_two_cpu_workers_train_and_the_loss_falls(uninterrupted):
 
 @pytest.mark.slow
 def test_exported_encoder_loads_in_the_hear_module(uninterrupted):
-    from model import hear
+    from dasheng_model import hear
 
     model = hear.load_model(str(uninterrupted / "encoder.safetensors"))
     assert model.scene_embedding_size == 192 and model.sample_rate == 16000
@@ -247,7 +247,7 @@ def _first_checkpoint(state: Path, timeout=300) -> None:
 
 
 def _quick_set(path: Path) -> Path:
-    """A two-class quick set (pipeline.evaluation.quickset's format): quiet vs loud low bins."""
+    """A two-class quick set (dasheng_pipeline.evaluation.quickset's format): quiet vs loud low bins."""
     rng = np.random.default_rng(0)
     label = np.arange(24) % 2
     mel = rng.normal(-40, 5, (24, 64, 101))
@@ -292,7 +292,7 @@ def test_a_signal_stops_training_with_a_step_checkpoint_and_the_next_run_resumes
     uninterrupted run's metrics and weights, bit for bit."""
     from safetensors.torch import load_file
 
-    from pipeline.training import step_checkpoint as sc
+    from dasheng_pipeline.training import step_checkpoint as sc
 
     proc = train(demo_shards, "s", wait=False)
     _wait_for("mae-*/resume.json", demo_shards / "state-s")  # the workers have started
@@ -333,7 +333,7 @@ def _copy_results(demo_shards: Path, tmp_path: Path) -> Path:
 
 
 def test_bad_training_inputs_are_refused_before_training(demo_shards, tmp_path):
-    from pipeline.training.train import TrainingInputError, select_shards
+    from dasheng_pipeline.training.train import TrainingInputError, select_shards
 
     root = _copy_results(demo_shards, tmp_path)
     good = _dataset(root)
@@ -359,7 +359,7 @@ def test_the_cli_names_a_damaged_shard_and_exits(demo_shards, tmp_path):
     manifest["shards"][0]["sha256"] = "f" * 64
     atomic.write_json(work / "bad.json", manifest)
     params = {"training": TRAINING, "seed": 0}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.training.train", "--dataset", "bad.json", "--params", json.dumps(params),
+    proc = subprocess.run([sys.executable, "-m", "dasheng_pipeline.training.train", "--dataset", "bad.json", "--params", json.dumps(params),
                            "--state-dir", "st", "--out-dir", "out"], cwd=work, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: ") and f"{manifest['shards'][0]['path']}: sha256" in proc.stderr

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.common import audio
-from pipeline.sources import lists, youtube
+from dasheng_pipeline.common import audio
+from dasheng_pipeline.sources import lists, youtube
 
 from helpers import tone
 from loopback import File, Flaky, Reset, Stall, Status

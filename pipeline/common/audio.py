@@ -19,7 +19,7 @@ from typing import Iterator
 import ffmpeg
 import numpy as np
 
-from pipeline.common import atomic
+from dasheng_pipeline.common import atomic
 
 SAMPLE_RATE = 16000
 # Local inputs may only open local files: a crafted playlist or concat file cannot make

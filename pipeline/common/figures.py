@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.common import atomic  # noqa: E402
+from dasheng_pipeline.common import atomic  # noqa: E402
 
 
 def save_png(fig, path: str | Path, stamp: dict) -> None:

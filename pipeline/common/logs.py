@@ -1,5 +1,5 @@
 """Logging set-up for the entry points. Library code logs through ``logging.getLogger(__name__)``
-and never configures logging itself; an entry point (``python -m pipeline...``, the command line)
+and never configures logging itself; an entry point (``python -m dasheng_pipeline...``, the command line)
 calls :func:`setup` once. Progress bars stay on tqdm."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def setup(level: int = logging.INFO, stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    for name in ("pipeline", "model"):
+    for name in ("dasheng_pipeline", "dasheng_model"):
         logging.getLogger(name).setLevel(level)
 
 

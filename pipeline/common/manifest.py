@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.common import atomic, provenance
+from dasheng_pipeline.common import atomic, provenance
 
 log = logging.getLogger(__name__)
 

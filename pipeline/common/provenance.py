@@ -20,8 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import atomic, logs
-from pipeline.common.atomic import canonical_json
+from dasheng_pipeline.common import atomic, logs
+from dasheng_pipeline.common.atomic import canonical_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def table(paths: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.common.provenance",
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.common.provenance",
                                      description="collect the provenance stamps of JSON artifacts into a CSV")
     parser.add_argument("--out", required=True)
     parser.add_argument("artifacts", nargs="+", help="JSON files with a 'provenance' key")

@@ -2,7 +2,7 @@
 
 Held out from the demo pre-training audio: clip ``i`` of task stream ``s`` is drawn from
 ``numpy.random.default_rng([seed, s, i])`` alone, and the pre-training corpus
-(``pipeline.sources.demo``) uses stream ``CORPUS_STREAM = 0``; every task has its own stream >= 1.
+(``dasheng_pipeline.sources.demo``) uses stream ``CORPUS_STREAM = 0``; every task has its own stream >= 1.
 
 | task | like | classes | clips (scale 1) | split | metrics |
 |---|---|---|---|---|---|
@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.common import atomic, audio, logs, provenance
-from pipeline.sources import synth
-from pipeline.sources.demo import CORPUS_STREAM
+from dasheng_pipeline.common import atomic, audio, logs, provenance
+from dasheng_pipeline.sources import synth
+from dasheng_pipeline.sources.demo import CORPUS_STREAM
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def generate_xares(name: str, out: str | Path, seed: int, scale: float = 1.0, pa
     """Demo task ``name`` as an X-ARES task: webdataset shards in ``out`` (``wds-audio-fold-<k>-000000.tar``
     or ``wds-audio-<split>-000000.tar``), each sample a wav and a json ``{"label": ...}`` (events:
     ``{"label": [{onset, offset, label}, ...]}`` in seconds). The same clips as the HEAR demo task."""
-    from pipeline.evaluation import xares_tasks
+    from dasheng_pipeline.evaluation import xares_tasks
 
     out = Path(out)
     hear_dir = out / ".hear"
@@ -416,7 +416,7 @@ def _event_splits(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.demo_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.demo_tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, choices=sorted(SPECS))
     parser.add_argument("--params", required=True, help="JSON: seed, demo_tasks (scale, speech)")
     parser.add_argument("--out", required=True, help="task folder to write")

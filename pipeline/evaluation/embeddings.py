@@ -1,4 +1,4 @@
-"""Embeddings of every clip of a HEAR task, for one model: ``python -m pipeline.evaluation.embeddings``.
+"""Embeddings of every clip of a HEAR task, for one model: ``python -m dasheng_pipeline.evaluation.embeddings``.
 
 Writes a folder holding, per split, ``<split>.npz`` with
 
@@ -13,14 +13,14 @@ reason; also printed to the log) and ``meta.json`` (model, task, dimensions, cou
 written last. The probe and k-NN steps read these without the encoder.
 
 ``--dtype fp32|bf16`` (the DAG passes ``evaluation.dtype``): bf16 runs our encoders (``checkpoint``,
-``random``) under bf16 autocast (``model.embed``); the log-mel baseline and HEAR modules always run
+``random``) under bf16 autocast (``dasheng_model.embed``); the log-mel baseline and HEAR modules always run
 as they are. ``meta.json`` records the precision used.
 
 Models (``spec["type"]``):
 
 - ``checkpoint``: our ``.safetensors`` (encoder or MAE), an official Dasheng ``.pt`` release, or a
-  Hugging Face-format folder or repo id (``model.pretrained.load``);
-- ``random``: a random-init encoder of ``size`` from ``seed`` (``model.pretrained.random_encoder``);
+  Hugging Face-format folder or repo id (``dasheng_model.pretrained.load``);
+- ``random``: a random-init encoder of ``size`` from ``seed`` (``dasheng_model.pretrained.random_encoder``);
 - ``logmel``: the baseline: clip = mean over time of the 64-bin dB log-mel; frames = the log-mel
   averaged over groups of 4 frames (25 Hz, the encoder's frame rate and timestamps);
 - ``hear_module``: any importable module with the HEAR API (``load_model(path)``,
@@ -28,7 +28,7 @@ Models (``spec["type"]``):
 
 ``layer`` (``checkpoint``, ``random``; and ``hear_module``, passed to its ``load_model`` when set):
 ``last`` (the default and the paper's protocol), a block number, or ``mean`` of all blocks
-(``model.embed``). ``--layer`` on the command line overrides the spec's.
+(``dasheng_model.embed``). ``--layer`` on the command line overrides the spec's.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from model.embed import check_layer, embed, frame_times_ms
-from model.frontend import LogMel
-from model.inputs import DTYPES, FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_dtype
-from pipeline.common import atomic, audio, logs, provenance
-from pipeline.evaluation import hear_tasks
+from dasheng_model.embed import check_layer, embed, frame_times_ms
+from dasheng_model.frontend import LogMel
+from dasheng_model.inputs import DTYPES, FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_dtype
+from dasheng_pipeline.common import atomic, audio, logs, provenance
+from dasheng_pipeline.evaluation import hear_tasks
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +163,14 @@ def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
     """``dtype`` ("fp32"/"bf16") applies to our encoders (checkpoint, random) only."""
     kind = spec.get("type")
     if kind == "checkpoint":
-        from model.pretrained import load
+        from dasheng_model.pretrained import load
 
         path = spec.get("path")
         if not path:
             raise ValueError("models: a 'checkpoint' model needs a 'path'")
         return EncoderEmbedder(load(path), f"checkpoint {path}", dtype, spec.get("layer") or "last")
     if kind == "random":
-        from model.pretrained import random_encoder
+        from dasheng_model.pretrained import random_encoder
 
         size = spec.get("size") or "base"
         model_seed = spec.get("seed")
@@ -329,7 +329,7 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.embeddings", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.embeddings", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--model", required=True, help="model name (for messages and meta.json)")
     parser.add_argument("--spec", required=True, help="JSON model spec: type, path, size, seed, module")

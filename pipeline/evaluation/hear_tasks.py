@@ -1,11 +1,11 @@
 """Read HEAR task folders (the output of hear-preprocess, or the demo tasks of
-``pipeline.evaluation.demo_tasks``).
+``dasheng_pipeline.evaluation.demo_tasks``).
 
 A task folder holds ``task_metadata.json``, ``labelvocabulary.csv`` (``idx,label``), one
 ``<split>.json`` per split (scene: ``{"file.wav": [label, ...]}``; event:
 ``{"file.wav": [{"label": l, "start": ms, "end": ms}, ...]}``; labels JSON strings or numbers)
 and the audio under ``<sample_rate>/<split>/*.wav``. Audio is always read through the project's
-one ffmpeg path (:func:`pipeline.common.audio.decode`), which resamples it to 16 kHz mono.
+one ffmpeg path (:func:`dasheng_pipeline.common.audio.decode`), which resamples it to 16 kHz mono.
 
 Bad input raises :class:`TaskError`, whose message names the task, the file and the field.
 A wav file named in a split but missing from disk is not an error: :meth:`Task.clips` reports it
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.common import audio
-from pipeline.evaluation.metrics import EVENT_METRICS, SCENE_METRICS
+from dasheng_pipeline.common import audio
+from dasheng_pipeline.evaluation.metrics import EVENT_METRICS, SCENE_METRICS
 
 METADATA = "task_metadata.json"
 VOCABULARY = "labelvocabulary.csv"
@@ -383,7 +383,7 @@ def scoring_parser(module: str, doc: str, params_help: str, threads: bool = True
     protocols): ``--task``, ``--embeddings``, ``--params`` (JSON), ``--out`` (result JSON), ``--threads``."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="task folder (HEAR format; X-ARES tasks after xares_tasks)")
-    parser.add_argument("--embeddings", required=True, help="folder written by python -m pipeline.evaluation.embeddings")
+    parser.add_argument("--embeddings", required=True, help="folder written by python -m dasheng_pipeline.evaluation.embeddings")
     parser.add_argument("--params", default="{}", help=f"JSON: {params_help}")
     parser.add_argument("--out", required=True, help="result JSON")
     if threads:

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour classification on mean-pooled clip embeddings: ``python -m pipeline.evaluation.knn``.
+"""k-nearest-neighbour classification on mean-pooled clip embeddings: ``python -m dasheng_pipeline.evaluation.knn``.
 
 As the paper's Table 5: k = 10, cosine similarity, accuracy. scikit-learn's
 ``KNeighborsClassifier(metric="cosine", algorithm="brute")`` (uniform votes; a tie goes to the
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import atomic, logs, provenance
-from pipeline.evaluation import hear_tasks
-from pipeline.evaluation.embeddings import load_meta, load_split
+from dasheng_pipeline.common import atomic, logs, provenance
+from dasheng_pipeline.evaluation import hear_tasks
+from dasheng_pipeline.evaluation.embeddings import load_meta, load_split
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser("pipeline.evaluation.knn", __doc__, "seed, knn {k, use_valid}", threads=False)
+    parser = hear_tasks.scoring_parser("dasheng_pipeline.evaluation.knn", __doc__, "seed, knn {k, use_valid}", threads=False)
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)

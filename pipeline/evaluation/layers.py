@@ -1,8 +1,8 @@
-"""Layer-wise probe: ``python -m pipeline.evaluation.layers {score,table}``.
+"""Layer-wise probe: ``python -m dasheng_pipeline.evaluation.layers {score,table}``.
 
-- ``score``: one model on one quick set (``pipeline.evaluation.quickset``): the clip embeddings of
-  every block (``model.embed.embed_layers``) scored with the quick k-NN and linear probe of the
-  pre-training checks (``pipeline.training.downstream.quick_scores``); the log-mel baseline has
+- ``score``: one model on one quick set (``dasheng_pipeline.evaluation.quickset``): the clip embeddings of
+  every block (``dasheng_model.embed.embed_layers``) scored with the quick k-NN and linear probe of the
+  pre-training checks (``dasheng_pipeline.training.downstream.quick_scores``); the log-mel baseline has
   one "layer" (0: the clip's mean log-mel); a HEAR module has none (no rows). → JSON.
 - ``table``: every score JSON → ``layers.csv`` (model, task, method, layer, score),
   ``layers.md`` (per task: one row per layer, one column per model and method) and
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import atomic, logs, provenance
-from pipeline.common.figures import plt, save_png
-from pipeline.evaluation.embeddings import EncoderEmbedder, LogMelEmbedder, build_embedder
-from pipeline.training.downstream import METHODS, QuickTask, layer_scores, load_quick_task, quick_scores
+from dasheng_pipeline.common import atomic, logs, provenance
+from dasheng_pipeline.common.figures import plt, save_png
+from dasheng_pipeline.evaluation.embeddings import EncoderEmbedder, LogMelEmbedder, build_embedder
+from dasheng_pipeline.training.downstream import METHODS, QuickTask, layer_scores, load_quick_task, quick_scores
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +116,10 @@ def _plot(rows: list[dict], models: list[str], tasks: list[str], path: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.layers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.layers", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="one model on one quick set → JSON")
-    s.add_argument("--quick", required=True, help=".npz from python -m pipeline.evaluation.quickset")
+    s.add_argument("--quick", required=True, help=".npz from python -m dasheng_pipeline.evaluation.quickset")
     s.add_argument("--model", required=True)
     s.add_argument("--spec", required=True, help="JSON model spec (as for the embeddings)")
     s.add_argument("--params", default="{}", help="JSON: seed, k")

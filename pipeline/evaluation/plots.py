@@ -1,13 +1,13 @@
-"""Figures of the evaluation: ``python -m pipeline.evaluation.plots``.
+"""Figures of the evaluation: ``python -m dasheng_pipeline.evaluation.plots``.
 
 - ``domains``: grouped bars of the primary probe score per domain (Env / Speech / Music / Other and
   their average), one bar per model, as the paper's Table 4;
 - ``tasks``: a radar of the primary probe score of every task, one polygon per model, like the
   paper's Figure 1 (bars when there are fewer than 3 tasks);
-- ``loss``: the training loss curve (:func:`pipeline.training.curve.loss_curve`) of the run, or of
+- ``loss``: the training loss curve (:func:`dasheng_pipeline.training.curve.loss_curve`) of the run, or of
   the CSV ``evaluation.training_metrics`` names;
 - ``downstream``: downstream score vs step, from the training's ``downstream.csv``
-  (:func:`pipeline.training.downstream.downstream_curve`).
+  (:func:`dasheng_pipeline.training.downstream.downstream_curve`).
 
 PNG files, written atomically, with the provenance stamp in the PNG's ``Description`` text chunk.
 Rendering uses matplotlib's Agg backend (no display needed).
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import logs, provenance
-from pipeline.common.figures import plt, save_png
-from pipeline.evaluation.metrics import LOWER_IS_BETTER
-from pipeline.evaluation.results import DOMAIN_TITLES, DOMAINS, domain_averages
-from pipeline.training import curve, downstream
+from dasheng_pipeline.common import logs, provenance
+from dasheng_pipeline.common.figures import plt, save_png
+from dasheng_pipeline.evaluation.metrics import LOWER_IS_BETTER
+from dasheng_pipeline.evaluation.results import DOMAIN_TITLES, DOMAINS, domain_averages
+from dasheng_pipeline.training import curve, downstream
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.plots", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scores", help="domain bars and task radar from scores.csv")
     s.add_argument("--scores", required=True)

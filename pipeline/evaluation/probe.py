@@ -1,4 +1,4 @@
-"""HEAR's downstream MLP probe on frozen embeddings: ``python -m pipeline.evaluation.probe``.
+"""HEAR's downstream MLP probe on frozen embeddings: ``python -m dasheng_pipeline.evaluation.probe``.
 
 The protocol (``shared/design/hear-facts.md``):
 
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import atomic, logs, provenance, sections
-from pipeline.evaluation import hear_tasks, metrics
-from pipeline.evaluation.embeddings import load_meta, load_split
+from dasheng_pipeline.common import atomic, logs, provenance, sections
+from dasheng_pipeline.evaluation import hear_tasks, metrics
+from dasheng_pipeline.evaluation.embeddings import load_meta, load_split
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser("pipeline.evaluation.probe", __doc__, "seed, probe (ProbeConfig keys)")
+    parser = hear_tasks.scoring_parser("dasheng_pipeline.evaluation.probe", __doc__, "seed, probe (ProbeConfig keys)")
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)

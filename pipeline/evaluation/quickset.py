@@ -1,7 +1,7 @@
-"""A quick set of a HEAR scene task: ``python -m pipeline.evaluation.quickset``.
+"""A quick set of a HEAR scene task: ``python -m dasheng_pipeline.evaluation.quickset``.
 
-The input of the quick downstream checks (``pipeline.training.downstream``: during pre-training,
-and the layer-wise table of ``pipeline.evaluation.layers``): the dB log-mel of every clip of the
+The input of the quick downstream checks (``dasheng_pipeline.training.downstream``: during pre-training,
+and the layer-wise table of ``dasheng_pipeline.evaluation.layers``): the dB log-mel of every clip of the
 task's first split (train + valid clips → ``train``, test clips → test), cut to ``max_seconds``,
 computed with the model's own front end, and each clip's class. At most ``max_clips`` clips, drawn
 with the seed when the task has more (train and test in their proportion). A plain ``.npz``
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.frontend import LogMel
-from model.inputs import SAMPLES_PER_TOKEN
-from pipeline.common import atomic, audio, logs, provenance
-from pipeline.evaluation import hear_tasks
+from dasheng_model.frontend import LogMel
+from dasheng_model.inputs import SAMPLES_PER_TOKEN
+from dasheng_pipeline.common import atomic, audio, logs, provenance
+from dasheng_pipeline.evaluation import hear_tasks
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def build(task_dir: str | Path, max_clips: int = 512, max_seconds: float = 10.0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.quickset", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.quickset", description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--params", default="{}", help="JSON: seed, max_clips, max_seconds")
     parser.add_argument("--out", required=True, help=".npz to write")

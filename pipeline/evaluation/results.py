@@ -1,4 +1,4 @@
-"""Score tables of the evaluation, and the comparison with the paper: ``python -m pipeline.evaluation.results``.
+"""Score tables of the evaluation, and the comparison with the paper: ``python -m dasheng_pipeline.evaluation.results``.
 
 Reads the probe, k-NN and X-ARES result JSONs (``<method>/<model>/<task>.json``, the file stem is the
 task's name in the config) and writes:
@@ -31,8 +31,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.common import atomic, logs, provenance
-from pipeline.evaluation.metrics import LOWER_IS_BETTER
+from dasheng_pipeline.common import atomic, logs, provenance
+from dasheng_pipeline.evaluation.metrics import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.results", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", required=True, help="probe and k-NN result JSONs")
     parser.add_argument("--params", default="{}", help="JSON: seed, models (order), tasks {name: {domain, paper_name}}")
     parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")

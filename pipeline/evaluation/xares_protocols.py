@@ -1,4 +1,4 @@
-"""X-ARES's two protocols on frozen embeddings: ``python -m pipeline.evaluation.xares_protocols``.
+"""X-ARES's two protocols on frozen embeddings: ``python -m dasheng_pipeline.evaluation.xares_protocols``.
 
 Read from X-ARES 0.1.3's own code (``xares/task.py``, ``xares/trainer.py``, ``xares/models/simple.py``),
 and checked against it in ``tests/eval/test_xares.py``:
@@ -48,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import atomic, logs, provenance, sections
-from pipeline.evaluation import hear_tasks, metrics
-from pipeline.evaluation.embeddings import load_meta, load_split
+from dasheng_pipeline.common import atomic, logs, provenance, sections
+from dasheng_pipeline.evaluation import hear_tasks, metrics
+from dasheng_pipeline.evaluation.embeddings import load_meta, load_split
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def evaluate_task(task: str | Path | dict, model: dict, protocol: str, work_dir:
     or ``xares_knn``. The embeddings go to ``work_dir/embeddings/<model_name>`` (reused when there).
     The score is ``result["metrics"][result["primary_metric"]]["mean"]``.
     """
-    from pipeline.evaluation import embeddings, xares_tasks
+    from dasheng_pipeline.evaluation import embeddings, xares_tasks
 
     work_dir = Path(work_dir)
     if isinstance(task, dict):
@@ -356,7 +356,7 @@ def evaluate_task(task: str | Path | dict, model: dict, protocol: str, work_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser("pipeline.evaluation.xares_protocols", __doc__,
+    parser = hear_tasks.scoring_parser("dasheng_pipeline.evaluation.xares_protocols", __doc__,
                                        "seed, xares {mlp {epochs, lr, batch_size}, knn {k, temperature}}")
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""X-ARES task data (webdataset tar shards) → a HEAR task folder: ``python -m pipeline.evaluation.xares_tasks``.
+"""X-ARES task data (webdataset tar shards) → a HEAR task folder: ``python -m dasheng_pipeline.evaluation.xares_tasks``.
 
 An X-ARES task (https://github.com/jimbozhang/xares, PyPI ``xares``) is a folder of webdataset tar
 shards: each sample is an audio member (``flac``, ``wav``, ``mp3``, ``ogg``, ``m4a``, ``wma``,
@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import atomic, logs, provenance
-from pipeline.evaluation.hear_tasks import TaskError, normalise_label
+from dasheng_pipeline.common import atomic, logs, provenance
+from dasheng_pipeline.evaluation.hear_tasks import TaskError, normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def write_shards(samples: list[tuple[str, str, bytes, Any]], pattern: str | Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluation.xares_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.xares_tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="task name (the config key)")
     parser.add_argument("--spec", required=True, help="JSON: the task's config (path, label, kind, splits|folds, ...)")
     parser.add_argument("--params", default="{}", help="JSON: seed (and anything to stamp)")

@@ -1,6 +1,6 @@
 """Log-mel features: 16 kHz audio → 10 s windows → dB log-mel → Parquet shards, per chunk.
 
-The front end is the model's own, :class:`model.frontend.LogMel` (Dasheng's: torchaudio
+The front end is the model's own, :class:`dasheng_model.frontend.LogMel` (Dasheng's: torchaudio
 ``MelSpectrogram``, n_fft 512, hop 160, 64 mels, 0-8 kHz, centred, power 2, then dB clamped at
 120 dB below the maximum of EACH window — never of the batch, so a window's features do not depend
 on its batch mates). There is no second copy of its parameters: shards record ``MEL_PARAMS``.
@@ -12,7 +12,7 @@ samples only, then padded to 1001 frames with the window's minimum value; ``vali
 ``samples // hop + 1``. A tail shorter than ``min_tail_s`` is dropped (a clip's first window
 is always kept).
 
-``python -m pipeline.features.mel`` turns one chunk manifest into a folder of shards (parts of at most
+``python -m dasheng_pipeline.features.mel`` turns one chunk manifest into a folder of shards (parts of at most
 ``shards.max_rows`` windows, in clip order) plus a shard manifest that lists them and accounts for
 every clip of the chunk (ok, failed or rejected, and at which stage).
 """
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.frontend import HOP_LENGTH, MEL_PARAMS, N_MELS, SAMPLE_RATE, LogMel
-from pipeline.common import audio, logs, manifest, provenance
-from pipeline.features import shards
+from dasheng_model.frontend import HOP_LENGTH, MEL_PARAMS, N_MELS, SAMPLE_RATE, LogMel
+from dasheng_pipeline.common import audio, logs, manifest, provenance
+from dasheng_pipeline.features import shards
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ _STORAGE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.features.mel", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.features.mel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="chunk manifest from the fetch/ingest step")
     parser.add_argument("--shards", required=True, help="folder for the chunk's Parquet shards")
     parser.add_argument("--out", required=True, help="shard manifest (JSON) to write")

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.common import atomic, logs, manifest, provenance
+from dasheng_pipeline.common import atomic, logs, manifest, provenance
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def load_dataset_manifest(path: str | Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.features.shards",
+        prog="python -m dasheng_pipeline.features.shards",
         description="check every shard of a dataset manifest against its sha256 (a damaged one is moved "
                     "to .damaged/ and named; rerun snakemake to rebuild it)")
     parser.add_argument("manifest", help="dataset manifest (JSON) written by the dataset_manifest rule")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.common import atomic, audio, logs, manifest
-from pipeline.sources import synth
+from dasheng_pipeline.common import atomic, audio, logs, manifest
+from dasheng_pipeline.sources import synth
 
 # The pre-training corpus's default random stream; the demo evaluation tasks use others.
 CORPUS_STREAM = 0
@@ -67,7 +67,7 @@ def run_chunk(chunk: str, params: dict, out: str, audio_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sources.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.sources.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunk", required=True)
     parser.add_argument("--params", required=True, help="JSON: source, source_cfg, audio, seed")
     parser.add_argument("--out", required=True, help="chunk manifest (JSON)")

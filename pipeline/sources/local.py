@@ -1,8 +1,8 @@
 """Local source: a folder tree of audio files in any format ffmpeg decodes
 (e.g. MTG-Jamendo's mp3 folders), with optional labels (from folder names or a CSV).
 
-``python -m pipeline.sources.local index`` lists the tree once (sorted, so chunk ``i`` is always the
-same files); ``python -m pipeline.sources.local chunk`` handles files ``[i*N, (i+1)*N)``: with
+``python -m dasheng_pipeline.sources.local index`` lists the tree once (sorted, so chunk ``i`` is always the
+same files); ``python -m dasheng_pipeline.sources.local chunk`` handles files ``[i*N, (i+1)*N)``: with
 ``audio.keep_audio`` each is decoded, checked and stored as 16 kHz mono FLAC; without it only
 cheap checks are made here and the mel step decodes the original file.
 """
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.common import atomic, audio, logs, manifest, provenance
+from dasheng_pipeline.common import atomic, audio, logs, manifest, provenance
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sources.local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.sources.local", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     idx = sub.add_parser("index", help="list the folder tree once")
     idx.add_argument("--params", required=True, help="JSON: source, source_cfg, seed")

@@ -1,6 +1,6 @@
 """YouTube source: download one chunk of a segment list with the yt-dlp Python API.
 
-One job per chunk of N list rows (``python -m pipeline.sources.youtube chunk ...``). For every row:
+One job per chunk of N list rows (``python -m dasheng_pipeline.sources.youtube chunk ...``). For every row:
 
 * invalid rows (bad ID or times, duplicates) are ``rejected`` with the reason;
 * a clip already on disk from an earlier run is reused (``note: cached``) — never downloaded twice;
@@ -13,7 +13,7 @@ One job per chunk of N list rows (``python -m pipeline.sources.youtube chunk ...
 * with ``audio.keep_audio`` the audio is converted to 16 kHz mono FLAC, otherwise the download
   is kept as it came and the mel step decodes the segment from it.
 
-The index job (``python -m pipeline.sources.youtube index ...``) scans the list once for chunk byte
+The index job (``python -m dasheng_pipeline.sources.youtube index ...``) scans the list once for chunk byte
 offsets and duplicates, so that each chunk job reads only its own rows.
 """
 
@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.common import atomic, audio, logs, manifest, provenance
-from pipeline.sources import lists
+from dasheng_pipeline.common import atomic, audio, logs, manifest, provenance
+from dasheng_pipeline.sources import lists
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _context():
     """Attempts start from a fork server (a clean single-threaded process with yt-dlp already
     imported): safe while several download threads run, and cheap."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.sources.youtube", "yt_dlp"])
+    ctx.set_forkserver_preload(["dasheng_pipeline.sources.youtube", "yt_dlp"])
     return ctx
 
 
@@ -331,7 +331,7 @@ def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sources.youtube", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.sources.youtube", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     idx = sub.add_parser("index", help="scan a segment list once: chunk offsets and duplicates")
     idx.add_argument("--list", required=True)

@@ -1,4 +1,4 @@
-"""The user-facing operations, as plain functions; ``pipeline.cli`` is a thin command line over them.
+"""The user-facing operations, as plain functions; ``dasheng_pipeline.cli`` is a thin command line over them.
 
 - :func:`embed_files` — audio files, folders or lists → one Parquet row per file (``embed``);
 - :func:`evaluate_task` — a HEAR task folder → the DAG's probe and k-NN scores (``evaluate``);
@@ -6,23 +6,23 @@
 - :func:`predict` — a classifier → top-k labels per file or per 10 s chunk (``predict``);
 - :func:`describe_checkpoint` — format, size, parameters, sha256, provenance (``inspect``).
 
-Models are named by the specs of :mod:`model.pretrained` everywhere.
+Models are named by the specs of :mod:`dasheng_model.pretrained` everywhere.
 """
 
 import importlib
 
 _WHERE = {
-    "embed_files": "pipeline.tools.embed",
-    "evaluate_task": "pipeline.tools.evaluate",
-    "finetune": "pipeline.tools.finetune",
-    "predict": "pipeline.tools.predict",
-    "describe_checkpoint": "pipeline.tools.checkpoints",
+    "embed_files": "dasheng_pipeline.tools.embed",
+    "evaluate_task": "dasheng_pipeline.tools.evaluate",
+    "finetune": "dasheng_pipeline.tools.finetune",
+    "predict": "dasheng_pipeline.tools.predict",
+    "describe_checkpoint": "dasheng_pipeline.tools.checkpoints",
 }
 __all__ = list(_WHERE)
 
 
 def __getattr__(name: str):
-    """Import on first use: ``from pipeline.tools import embed_files`` loads only what it needs."""
+    """Import on first use: ``from dasheng_pipeline.tools import embed_files`` loads only what it needs."""
     if name in _WHERE:
         return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'pipeline.tools' has no attribute {name!r}")
+    raise AttributeError(f"module 'dasheng_pipeline.tools' has no attribute {name!r}")

@@ -6,9 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from model import checkpoint, pretrained
-from model.encoder import size_name
-from model.mae import MaskedAutoencoder
+from dasheng_model import checkpoint, pretrained
+from dasheng_model.encoder import size_name
+from dasheng_model.mae import MaskedAutoencoder
 
 
 def _format(path: Path) -> str:
@@ -22,7 +22,7 @@ def _format(path: Path) -> str:
 def describe_checkpoint(spec: str | os.PathLike) -> dict:
     """Format, model size, parameters, bytes, sha256 and provenance of any model spec.
 
-    Raises ``model.checkpoint.CheckpointError`` (one line, naming the file) for what does not load.
+    Raises ``dasheng_model.checkpoint.CheckpointError`` (one line, naming the file) for what does not load.
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()

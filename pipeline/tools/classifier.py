@@ -23,13 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model import pretrained
-from model.checkpoint import CheckpointError, load_state_dict_strict
-from model.encoder import DashengEncoder, EncoderConfig
-from pipeline.common import atomic
-from pipeline.evaluation.probe import HParams, build_mlp
-from model.inputs import check_dtype
-from pipeline.tools.embed import Model
+from dasheng_model import pretrained
+from dasheng_model.checkpoint import CheckpointError, load_state_dict_strict
+from dasheng_model.encoder import DashengEncoder, EncoderConfig
+from dasheng_pipeline.common import atomic
+from dasheng_pipeline.evaluation.probe import HParams, build_mlp
+from dasheng_model.inputs import check_dtype
+from dasheng_pipeline.tools.embed import Model
 
 WEIGHTS = "classifier.safetensors"
 CONFIG = "classifier.json"

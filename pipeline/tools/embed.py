@@ -1,6 +1,6 @@
 """Embed audio files with a Dasheng encoder: ``dasheng-pipeline embed`` and its Python function.
 
-    from pipeline.tools import embed_files
+    from dasheng_pipeline.tools import embed_files
     summary = embed_files(["recordings/"], "random:tiny", "e.parquet", frames=True)
 
 One row per file in ``OUT`` (Parquet): ``path``, ``size``, ``mtime_ns``, ``duration_s``, ``chunks``
@@ -37,13 +37,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from model import pretrained
-from model.embed import embed_mel, frame_times_ms
-from model.encoder import MAX_TOKENS, DashengEncoder
-from model.frontend import HOP_LENGTH, LogMel
-from model.inputs import FRAMES_PER_TOKEN, check_dtype
-from pipeline.common import atomic, audio, provenance
-from pipeline.tools import inputs
+from dasheng_model import pretrained
+from dasheng_model.embed import embed_mel, frame_times_ms
+from dasheng_model.encoder import MAX_TOKENS, DashengEncoder
+from dasheng_model.frontend import HOP_LENGTH, LogMel
+from dasheng_model.inputs import FRAMES_PER_TOKEN, check_dtype
+from dasheng_pipeline.common import atomic, audio, provenance
+from dasheng_pipeline.tools import inputs
 
 log = logging.getLogger(__name__)
 AUDIO = inputs.AUDIO_SUFFIXES
@@ -60,7 +60,7 @@ class EmbedError(ValueError):
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16: autocast (training in finetune's full mode; inference goes through ``model.embed``)."""
+    """bf16: autocast (training in finetune's full mode; inference goes through ``dasheng_model.embed``)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=check_dtype(dtype) == "bf16")
 
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from model import pretrained
-from pipeline.common import atomic
-from pipeline.evaluation import embeddings, knn, probe
+from dasheng_model import pretrained
+from dasheng_pipeline.common import atomic
+from dasheng_pipeline.evaluation import embeddings, knn, probe
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def evaluate_task(task_dir: str | os.PathLike, model: str, out: str | os.PathLik
                   name: str = "model", threads: int = 1) -> dict:
     """Embeddings of ``model`` on the task at ``task_dir`` and its scores under ``protocols``
     (default: by the task's format); returns ``{protocol: result}``, each as the DAG's JSON."""
-    from pipeline.evaluation import xares_protocols, xares_tasks
+    from dasheng_pipeline.evaluation import xares_protocols, xares_tasks
 
     task_dir, out = Path(task_dir), Path(out)
     settings = settings_from_config(config)

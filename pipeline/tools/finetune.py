@@ -1,6 +1,6 @@
 """Train a classifier on a Dasheng encoder: ``dasheng-pipeline finetune`` and :func:`finetune`.
 
-    from pipeline.tools.finetune import finetune
+    from dasheng_pipeline.tools.finetune import finetune
     result = finetune("words/", "random:tiny", "clf/", mode="mlp")
 
 DATA is a folder with one subfolder per class (every audio file under ``DATA/<class>/``; folders
@@ -75,15 +75,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.encoder import MAX_TOKENS, DashengEncoder
-from model.inputs import FRAMES_PER_TOKEN
-from pipeline.common import atomic, audio, provenance
-from pipeline.evaluation import metrics
-from pipeline.tools import inputs
-from pipeline.tools.classifier import Head, build_head, encoder_meta, head_config
-from pipeline.tools.classifier import probabilities as scores
-from pipeline.tools.classifier import save as save_classifier
-from pipeline.tools.embed import Model, autocast, embed_files, read_embeddings, read_rejects, rejects_path
+from dasheng_model.encoder import MAX_TOKENS, DashengEncoder
+from dasheng_model.inputs import FRAMES_PER_TOKEN
+from dasheng_pipeline.common import atomic, audio, provenance
+from dasheng_pipeline.evaluation import metrics
+from dasheng_pipeline.tools import inputs
+from dasheng_pipeline.tools.classifier import Head, build_head, encoder_meta, head_config
+from dasheng_pipeline.tools.classifier import probabilities as scores
+from dasheng_pipeline.tools.classifier import save as save_classifier
+from dasheng_pipeline.tools.embed import Model, autocast, embed_files, read_embeddings, read_rejects, rejects_path
 
 log = logging.getLogger(__name__)
 
@@ -692,7 +692,7 @@ def _per_class(y: np.ndarray, pooled: np.ndarray, labels: list[str], multilabel:
 
 def _write_metrics(out: Path, res: Result, folds: list[dict], y: np.ndarray, pooled: np.ndarray, labels: list[str],
                    multilabel: bool, stamp: dict) -> None:
-    from pipeline.common.figures import plt, save_png
+    from dasheng_pipeline.common.figures import plt, save_png
 
     rows, plot = _per_class(y, pooled, labels, multilabel)
     header = ["label", "examples", "scored_positives", "ap"] if multilabel else \
@@ -736,7 +736,7 @@ def _write_metrics(out: Path, res: Result, folds: list[dict], y: np.ndarray, poo
 
 
 def _write_curve(out: Path, curve: list[dict], metric: str, stamp: dict) -> None:
-    from pipeline.common.figures import plt, save_png
+    from dasheng_pipeline.common.figures import plt, save_png
 
     _write_csv(out / "curve.csv", ["epoch", "train_loss", "valid_loss", f"valid_{metric}"],
                [[r["epoch"], _fmt(r["train_loss"]), _fmt(r["valid_loss"]), _fmt(r["valid_metric"])] for r in curve])

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.common import audio
+from dasheng_pipeline.common import audio
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def load_all(items: list[Item], *, threads: int = 2, desc: str = "decode",
     yields ``(item, samples, "")`` or ``(item, None, reason)`` (the reason also logged as a warning)."""
     from tqdm import tqdm
 
-    from pipeline.evaluation.embeddings import prefetch
+    from dasheng_pipeline.evaluation.embeddings import prefetch
 
     with tqdm(total=len(items), unit="file", desc=desc, disable=not progress or not items, file=sys.stderr,
               mininterval=2) as bar:

@@ -1,6 +1,6 @@
 """Tag audio files with a classifier written by ``finetune``: ``dasheng-pipeline predict`` and :func:`predict`.
 
-    from pipeline.tools.predict import predict
+    from dasheng_pipeline.tools.predict import predict
     summary = predict(["new/"], "clf/", "tags.csv", top_k=3)
 
 INPUT is handled as ``embed`` handles it (files, folders searched recursively, ``.txt``/``.csv``
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.embed import FRAME_MS
-from model.encoder import MAX_TOKENS
-from pipeline.common import atomic, audio
-from pipeline.tools import classifier as clf
-from pipeline.tools import inputs
-from pipeline.tools.embed import embed_waveforms, rejects_path, write_rejects
+from dasheng_model.embed import FRAME_MS
+from dasheng_model.encoder import MAX_TOKENS
+from dasheng_pipeline.common import atomic, audio
+from dasheng_pipeline.tools import classifier as clf
+from dasheng_pipeline.tools import inputs
+from dasheng_pipeline.tools.embed import embed_waveforms, rejects_path, write_rejects
 
 log = logging.getLogger(__name__)
 

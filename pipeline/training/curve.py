@@ -1,4 +1,4 @@
-"""The pre-training loss curve: ``python -m pipeline.training.curve --metrics CSV --out PNG``.
+"""The pre-training loss curve: ``python -m dasheng_pipeline.training.curve --metrics CSV --out PNG``.
 
 Reads a CSV with ``step`` or ``epoch``, ``train_loss`` and (optionally, empty on some rows)
 ``val_loss`` — the training stage's ``metrics.csv``, or any run's in that shape — and draws both.
@@ -12,8 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.common import logs, provenance
-from pipeline.common.figures import plt, save_png
+from dasheng_pipeline.common import logs, provenance
+from dasheng_pipeline.common.figures import plt, save_png
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.training.curve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.training.curve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--metrics", required=True, help="CSV: step|epoch, train_loss, val_loss")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--params", default="{}", help="JSON: seed (for the provenance stamp)")

@@ -3,12 +3,12 @@
 current encoder and scores a k-NN and a fast linear probe on it, per block.
 
 The task set is one or more *quick sets*, ``.npz`` files the evaluation stage writes from HEAR task
-folders (``python -m pipeline.evaluation.quickset``): every clip's dB log-mel, cut to
+folders (``python -m dasheng_pipeline.evaluation.quickset``): every clip's dB log-mel, cut to
 ``max_seconds``, with its class and whether it is a train or a test clip (the task's first split:
 train + valid → train, test → test). This module only reads them (numpy), so the training stage
 never imports the evaluation stage.
 
-The scores (``quick_scores``) are those of ``pipeline.evaluation.layers``'s layer-wise table too:
+The scores (``quick_scores``) are those of ``dasheng_pipeline.evaluation.layers``'s layer-wise table too:
 
 - **k-NN**: k = 10 (capped by the train clips), cosine, top-1 accuracy on clip means;
 - **linear**: standardised features, multinomial logistic regression (scikit-learn, lbfgs,
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.embed import embed_layers
-from pipeline.common import atomic
+from dasheng_model.embed import embed_layers
+from dasheng_pipeline.common import atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class QuickTask:
 
 
 def load_quick_task(path: str | Path) -> QuickTask:
-    """A quick set written by ``pipeline.evaluation.quickset`` (plain arrays, no pickles)."""
+    """A quick set written by ``dasheng_pipeline.evaluation.quickset`` (plain arrays, no pickles)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -173,7 +173,7 @@ class DownstreamCheck:
 def downstream_curve(csv_path: str | Path, path: str | Path, stamp: dict) -> None:
     """Plot "downstream score vs step": last layer's k-NN (dashed) and linear (solid) accuracy of
     every task, and their means (thick)."""
-    from pipeline.common.figures import plt, save_png
+    from dasheng_pipeline.common.figures import plt, save_png
 
     rows = read_rows(csv_path)
     fig, ax = plt.subplots(figsize=(7, 4.5))

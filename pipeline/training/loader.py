@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.features import shards
+from dasheng_pipeline.features import shards
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.common import atomic
+from dasheng_pipeline.common import atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Dasheng MAE pre-training with Ray Train (``TorchTrainer``, DDP), from the log-mel shards.
 
-``python -m pipeline.training.train`` is the training rule's entry point. The driver:
+``python -m dasheng_pipeline.training.train`` is the training rule's entry point. The driver:
 
 1. checks its inputs before anything starts — a non-empty shard list, mel parameters equal to
    the model's front end, every shard's sha256 against the dataset manifest — and names the
@@ -38,16 +38,16 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.encoder import DashengEncoder, encoder_config
-from model.frontend import MEL_PARAMS
-from model.mae import DEFAULT_DECODER, MaskedAutoencoder
-from pipeline.common import atomic, logs, provenance
-from pipeline.features import shards
-from pipeline.training import downstream, loader, schedule, step_checkpoint
-from pipeline.training.averaging import average_state_dicts, encoder_state
+from dasheng_model.checkpoint import save_checkpoint
+from dasheng_model.encoder import DashengEncoder, encoder_config
+from dasheng_model.frontend import MEL_PARAMS
+from dasheng_model.mae import DEFAULT_DECODER, MaskedAutoencoder
+from dasheng_pipeline.common import atomic, logs, provenance
+from dasheng_pipeline.features import shards
+from dasheng_pipeline.training import downstream, loader, schedule, step_checkpoint
+from dasheng_pipeline.training.averaging import average_state_dicts, encoder_state
 
-log = logging.getLogger("pipeline.training.train")  # (not __name__: "__main__" as the entry point)
+log = logging.getLogger("dasheng_pipeline.training.train")  # (not __name__: "__main__" as the entry point)
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss"]
 THROUGHPUT_FIELDS = ["epoch", "seconds", "samples_per_s", "tokens_per_s", "loader_wait_fraction"]
@@ -475,7 +475,7 @@ def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
                "epochs": cfg["epochs"], "final_val_loss": _last_val_loss(out / "metrics.csv"),
                "provenance": stamp}
     atomic.write_json(out / "summary.json", summary)
-    from pipeline.training.curve import loss_curve  # matplotlib: only the driver needs it
+    from dasheng_pipeline.training.curve import loss_curve  # matplotlib: only the driver needs it
 
     loss_curve(out / "metrics.csv", out / "loss_curve.png", stamp)
     log.info(f"exported {path} (mean of {len(best)} best checkpoints, val loss "
@@ -503,7 +503,7 @@ def _last_val_loss(metrics_csv: Path) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.training.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="dataset manifest (JSON) from the data stage")
     parser.add_argument("--params", required=True, help="JSON: training section and seed")
     parser.add_argument("--state-dir", required=True, help="Ray storage: checkpoints survive reruns here")

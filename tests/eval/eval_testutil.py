@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluation.demo_tasks import wav_bytes
+from dasheng_pipeline.evaluation.demo_tasks import wav_bytes
 
 SR = 16000
 

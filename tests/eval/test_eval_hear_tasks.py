@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.evaluation import hear_tasks
-from pipeline.evaluation.hear_tasks import TaskError, folds_for, load_task
+from dasheng_pipeline.evaluation import hear_tasks
+from dasheng_pipeline.evaluation.hear_tasks import TaskError, folds_for, load_task
 
 from eval_testutil import write_task
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.encoder import DashengEncoder
-from pipeline.evaluation import hear_tasks, layers, quickset
-from pipeline.training import downstream
+from dasheng_model.checkpoint import save_checkpoint
+from dasheng_model.encoder import DashengEncoder
+from dasheng_pipeline.evaluation import hear_tasks, layers, quickset
+from dasheng_pipeline.training import downstream
 
 from eval_testutil import separable_task, write_task
 
@@ -99,8 +99,8 @@ def test_downstream_check_rows_and_curve(quick, tmp_path):
 
 
 def test_model_specs_take_a_layer():
-    from model.embed import embed
-    from pipeline.evaluation.embeddings import build_embedder
+    from dasheng_model.embed import embed
+    from dasheng_pipeline.evaluation.embeddings import build_embedder
 
     emb = build_embedder({"type": "random", "size": "tiny", "seed": 0, "layer": "2"})
     assert emb.layer == 2 and emb.description.endswith(", layer 2")

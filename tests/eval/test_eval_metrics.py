@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.evaluation import metrics
-from pipeline.evaluation.probe import frames_to_events, median_frames
+from dasheng_pipeline.evaluation import metrics
+from dasheng_pipeline.evaluation.probe import frames_to_events, median_frames
 
 
 def test_top1_pitch_and_chroma_accuracy():

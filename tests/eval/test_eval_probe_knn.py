@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.embed import embed
-from model.encoder import DashengEncoder
-from model.frontend import LogMel
-from pipeline.evaluation import embeddings as extract
-from pipeline.evaluation import hear_tasks, knn, probe
-from pipeline.evaluation.probe import HParams, ProbeConfig
+from dasheng_model.checkpoint import save_checkpoint
+from dasheng_model.embed import embed
+from dasheng_model.encoder import DashengEncoder
+from dasheng_model.frontend import LogMel
+from dasheng_pipeline.evaluation import embeddings as extract
+from dasheng_pipeline.evaluation import hear_tasks, knn, probe
+from dasheng_pipeline.evaluation.probe import HParams, ProbeConfig
 
 from eval_testutil import SR, separable_task, write_task
 
@@ -108,7 +108,7 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     arr = extract.load_split(tmp_path / "ck", "train")
     assert arr["clip"].shape == (2, 192) and arr["frames"].shape == (2 * 12, 192)
     np.testing.assert_allclose(arr["clip"][0], arr["frames"][:12].mean(0), rtol=1e-5, atol=1e-6)
-    from model.checkpoint import load_encoder
+    from dasheng_model.checkpoint import load_encoder
 
     clip = hear_tasks.load_task(task).clips("train")[0][0]
     direct = embed(load_encoder(ckpt), torch.from_numpy(hear_tasks.load_audio(clip))[None])
@@ -121,7 +121,7 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     cos = (bf16 * arr["clip"]).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(arr["clip"], axis=1)
     assert bf16.dtype == np.float32 and cos.min() > 0.999 and not np.array_equal(bf16, arr["clip"])
     # the project's own HEAR module, loaded by name, equals the random-init encoder of the same size and seed
-    extract.run(task, "hear", {"type": "hear_module", "module": "model.hear", "path": "random:tiny"}, {}, tmp_path / "h")
+    extract.run(task, "hear", {"type": "hear_module", "module": "dasheng_model.hear", "path": "random:tiny"}, {}, tmp_path / "h")
     extract.run(task, "random", {"type": "random", "size": "tiny", "seed": 0}, {}, tmp_path / "r")
     for split in ("train", "test"):
         h, r = extract.load_split(tmp_path / "h", split), extract.load_split(tmp_path / "r", split)
@@ -184,7 +184,7 @@ def test_the_demo_probe_protocol_fits_as_the_full_hear_grid(tmp_path):
     (1 step per epoch, 2 grid points, patience 8) stopped before it fit, 4 clips below (70.8)."""
     import yaml
 
-    from pipeline.evaluation import demo_tasks
+    from dasheng_pipeline.evaluation import demo_tasks
 
     task = tmp_path / "demo_pitch"
     demo_tasks.generate("demo_pitch", task, seed=0, scale=0.5)

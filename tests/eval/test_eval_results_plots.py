@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.common.provenance import stamp
-from pipeline.evaluation import demo_tasks, hear_tasks, plots, results
-from pipeline.sources import demo
-from pipeline.training import curve
+from dasheng_pipeline.common.provenance import stamp
+from dasheng_pipeline.evaluation import demo_tasks, hear_tasks, plots, results
+from dasheng_pipeline.sources import demo
+from dasheng_pipeline.training import curve
 
 
 def _result(path, method, model, task, metric, mean, *, domain=None, mode="full", folds=1):

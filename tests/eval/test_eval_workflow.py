@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import save_checkpoint
-from model.encoder import DashengEncoder
-from model.pretrained import random_encoder, save_hf
-from pipeline import cli
-from pipeline.evaluation.embeddings import load_split
+from dasheng_model.checkpoint import save_checkpoint
+from dasheng_model.encoder import DashengEncoder
+from dasheng_model.pretrained import random_encoder, save_hf
+from dasheng_pipeline import cli
+from dasheng_pipeline.evaluation.embeddings import load_split
 
 from helpers import read_json, snakemake
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.hear import random_encoder
-from model.xares import XaresDashengEncoder
-from pipeline.evaluation import demo_tasks, embeddings, xares_protocols, xares_tasks
-from pipeline.evaluation.hear_tasks import load_task
+from dasheng_model.hear import random_encoder
+from dasheng_model.xares import XaresDashengEncoder
+from dasheng_pipeline.evaluation import demo_tasks, embeddings, xares_protocols, xares_tasks
+from dasheng_pipeline.evaluation.hear_tasks import load_task
 
 xares_checker = pytest.importorskip("xares.audio_encoder_checker", reason="xares (dev extra) is not installed")
 xares_trainer = pytest.importorskip("xares.trainer", reason="xares (dev extra) is not installed")
@@ -67,10 +67,10 @@ def test_xares_checker_accepts_our_encoder():
     encoder = XaresDashengEncoder(random_encoder("tiny"))
     assert xares_checker.check_audio_encoder(encoder)
     assert (encoder.output_dim, encoder.sampling_rate, encoder.hop_size_in_ms) == (192, 16000, 40)
-    import model.xares
+    import dasheng_model.xares
 
     # X-ARES builds the one class whose name ends in "Encoder" with no arguments
-    assert [n for n in dir(model.xares) if n.endswith("Encoder")] == ["XaresDashengEncoder"]
+    assert [n for n in dir(dasheng_model.xares) if n.endswith("Encoder")] == ["XaresDashengEncoder"]
     wav = 0.1 * torch.randn(1, 16000 * 25)
     with torch.no_grad():  # (the encoder's CPU inference path; with gradients another summation order)
         assert torch.equal(encoder(wav), encoder.model(wav))  # chunked inside, same frames as one call

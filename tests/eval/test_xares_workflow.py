@@ -5,8 +5,8 @@ import csv
 
 import pytest
 
-from pipeline import cli
-from pipeline.evaluation import demo_tasks
+from dasheng_pipeline import cli
+from dasheng_pipeline.evaluation import demo_tasks
 
 from helpers import read_json, snakemake
 

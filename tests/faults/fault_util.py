@@ -192,7 +192,7 @@ def untrusted_finals(root: Path) -> list[str]:
 
 def verify_dataset(workdir: Path) -> int:
     """Check every shard the dataset manifest lists against its sha256; returns how many."""
-    from pipeline.features import shards
+    from dasheng_pipeline.features import shards
 
     doc = read_json(workdir / OUT / "dataset/manifest.json")
     for entry in doc["shards"]:

@@ -38,7 +38,7 @@ def _limit_file_size(limit: int):
 
 def _no_partial_chunk(out: Path) -> list[str]:
     """Chunks whose shard folder exists without a manifest, or whose parts do not match it."""
-    from pipeline.features import shards
+    from dasheng_pipeline.features import shards
 
     bad = []
     for folder in sorted(p for p in (out / "shards").glob("*/*") if p.is_dir() and not p.name.startswith(".")):

@@ -137,7 +137,7 @@ def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
     model's weights (``models.<name>.path``), in the zip and the legacy pickle formats: the job
     fails naming the file, the command never runs, no embedding is written. (The task is a small
     demo task in HEAR format, so that the case runs wherever the suite does.)"""
-    from pipeline.evaluation import demo_tasks
+    from dasheng_pipeline.evaluation import demo_tasks
 
     hear_task = tmp_path / "task"
     demo_tasks.generate("demo_noise", hear_task, seed=0, scale=0.1)
@@ -155,7 +155,7 @@ def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
     results = {}
     for kind, path in files.items():
         out = tmp_path / f"emb-{kind.replace(' ', '_')}"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.embeddings", "--task", str(hear_task), "--model", "evil",
+        proc = subprocess.run([sys.executable, "-m", "dasheng_pipeline.evaluation.embeddings", "--task", str(hear_task), "--model", "evil",
                                "--spec", json.dumps({"type": "checkpoint", "path": str(path)}), "--out", str(out)],
                               capture_output=True, text=True, cwd=REPO, timeout=300)
         written = [p.name for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
@@ -191,9 +191,9 @@ def _wrong_schema_files(folder: Path, shard: Path) -> dict[str, Path]:
 def test_wrong_schema_parquet_is_refused_before_training(tmp_path, reference, figures):
     """A foreign Parquet file in place of a shard, with a manifest that vouches for its bytes (so the
     sha256 check passes): training's input check refuses it, naming the file and the column."""
-    from pipeline.common import atomic
-    from pipeline.features import shards
-    from pipeline.training.train import select_shards
+    from dasheng_pipeline.common import atomic
+    from dasheng_pipeline.features import shards
+    from dasheng_pipeline.training.train import select_shards
 
     dataset = fu.read_json(reference / fu.OUT / "dataset/manifest.json")
     victim = dataset["shards"][0]

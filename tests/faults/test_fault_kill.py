@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.training.step_checkpoint import StepCheckpoints
+from dasheng_pipeline.training.step_checkpoint import StepCheckpoints
 
 import fault_util as fu
 
@@ -37,9 +37,9 @@ def test_kill_9_at_random_points_then_rerun(tmp_path, server, reference, seed, f
     out = work / fu.OUT
     rng = random.Random(seed)
     plan = [  # stage, job marker, latest kill after the job is ready (s), ready condition
-        ("fetch", "pipeline.sources.youtube chunk", 2.0, lambda: any((out / "audio/yt").rglob("*.flac"))),
-        ("mel", "pipeline.features.mel", 1.0, lambda: any(p.is_file() for p in (out / "shards").glob("*/*/*"))),
-        ("train", "pipeline.training.train", 4.0, lambda: any((out / "training_state").rglob("checkpoint_*/state.json"))),
+        ("fetch", "dasheng_pipeline.sources.youtube chunk", 2.0, lambda: any((out / "audio/yt").rglob("*.flac"))),
+        ("mel", "dasheng_pipeline.features.mel", 1.0, lambda: any(p.is_file() for p in (out / "shards").glob("*/*/*"))),
+        ("train", "dasheng_pipeline.training.train", 4.0, lambda: any((out / "training_state").rglob("checkpoint_*/state.json"))),
     ]
     kills, broken_after_kill = [], []
     try:
@@ -107,7 +107,7 @@ def test_kill_9_inside_an_epoch_resumes_from_the_step_checkpoint(tmp_path, serve
 
     try:
         proc = fu.start(work, cfg, "all", log_name="run0.log")
-        hit = fu.kill_at_random_point(proc, "pipeline.training.train", rng, 0.3, mode="all", ready=mid_epoch_checkpoint)
+        hit = fu.kill_at_random_point(proc, "dasheng_pipeline.training.train", rng, 0.3, mode="all", ready=mid_epoch_checkpoint)
         fu.sweep(fu.ray_tmp(work))
         [run_dir] = state.glob("mae-*")
         killed_at = json.loads((run_dir / "progress.json").read_text())["step"]

@@ -28,8 +28,8 @@ MAX_GROWTH_MIB = 100  # 10 kB per clip; a kept window is 128 kB
 
 
 def _corpus(root: Path) -> None:
-    from pipeline.common import audio
-    from pipeline.sources import demo
+    from dasheng_pipeline.common import audio
+    from dasheng_pipeline.sources import demo
 
     store = root.parent / "distinct"
     store.mkdir(parents=True)
@@ -64,7 +64,7 @@ def test_mel_job_on_10000_clips_has_flat_memory(tmp_path, figures):
     t0 = time.monotonic()
     try:
         while proc.poll() is None:
-            jobs = [p for p in fu.session_processes(proc.pid) if "pipeline.features.mel" in fu.cmdline(p)
+            jobs = [p for p in fu.session_processes(proc.pid) if "dasheng_pipeline.features.mel" in fu.cmdline(p)
                     and "bash" not in p.name()]
             for job in jobs:
                 try:

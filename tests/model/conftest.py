@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.encoder import DashengEncoder
+from dasheng_model.encoder import DashengEncoder
 
 from model_testutil import trained_like
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.encoder import Attention, DashengEncoder
+from dasheng_model.encoder import Attention, DashengEncoder
 
 SR = 16000
 

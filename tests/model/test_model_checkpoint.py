@@ -11,7 +11,7 @@ import torch
 from dasheng.pretrained import pretrained  # the official package (dev extra): the test oracle
 from safetensors import safe_open
 
-from model.checkpoint import (
+from dasheng_model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_encoder,
@@ -19,8 +19,8 @@ from model.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from model.encoder import DashengEncoder, EncoderConfig
-from model.mae import MaskedAutoencoder
+from dasheng_model.encoder import DashengEncoder, EncoderConfig
+from dasheng_model.mae import MaskedAutoencoder
 
 from model_testutil import noise, trained_like
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from model import encoder as encoder_module
-from model.encoder import MAX_TOKENS, SIZES, DashengEncoder, count_parameters, key_padding_mask
-from model.frontend import LogMel
+from dasheng_model import encoder as encoder_module
+from dasheng_model.encoder import MAX_TOKENS, SIZES, DashengEncoder, count_parameters, key_padding_mask
+from dasheng_model.frontend import LogMel
 
 from model_testutil import explicit_attention, noise
 
@@ -228,7 +228,7 @@ def test_weights_changed_in_place_during_training_are_seen_by_the_next_eval():
     counter: leaving train mode must drop the CPU inference path's packed weights."""
     import copy
 
-    from model.pretrained import random_encoder
+    from dasheng_model.pretrained import random_encoder
 
     encoder = random_encoder("tiny", 1)
     mel = torch.randn(2, 64, 200)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torchaudio
 
-from model.frontend import MEL_PARAMS, LogMel, MelBatchNorm
+from dasheng_model.frontend import MEL_PARAMS, LogMel, MelBatchNorm
 
 from model_testutil import noise
 

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from model import hear
-from model.checkpoint import save_checkpoint
-from model.embed import embed, embed_layers, embed_mel, frame_times_ms
-from model.frontend import LogMel
+from dasheng_model import hear
+from dasheng_model.checkpoint import save_checkpoint
+from dasheng_model.embed import embed, embed_layers, embed_mel, frame_times_ms
+from dasheng_model.frontend import LogMel
 
 from model_testutil import noise
 

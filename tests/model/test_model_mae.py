@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.frontend import LogMel
-from model.mae import DECODERS, MaskedAutoencoder, group_masking, masked_mse, patchify
+from dasheng_model.frontend import LogMel
+from dasheng_model.mae import DECODERS, MaskedAutoencoder, group_masking, masked_mse, patchify
 
 from model_testutil import noise
 

@@ -1,4 +1,4 @@
-"""model.pretrained: one resolver for every way to name weights, and the Hugging Face format."""
+"""dasheng_model.pretrained: one resolver for every way to name weights, and the Hugging Face format."""
 
 import hashlib
 import http.server
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, save_checkpoint
-from model.pretrained import dasheng_base, load, load_hf, parse_random, random_encoder, save_hf, weights_sha256
+from dasheng_model.checkpoint import CheckpointError, save_checkpoint
+from dasheng_model.pretrained import dasheng_base, load, load_hf, parse_random, random_encoder, save_hf, weights_sha256
 
 
 def _same(a, b):
@@ -42,7 +42,7 @@ def test_hugging_face_folders_with_a_head_or_without_config(tmp_path, caplog):
     tensors = load_file(str(hf / "model.safetensors"))
     save_file({**tensors, "outputlayer.weight": torch.zeros(2, 192)}, str(hf / "model.safetensors"))
     (hf / "config.json").unlink()  # the size then comes from the shapes
-    with caplog.at_level("INFO", logger="model.pretrained"):
+    with caplog.at_level("INFO", logger="dasheng_model.pretrained"):
         assert _same(load_hf(hf), encoder)
     assert "left out 1 keys outside the encoder (outputlayer.weight" in caplog.text
     (hf / "config.json").write_text('{"encoder_kwargs": {"embed_dim": 192}}')
@@ -106,7 +106,7 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
 
 
 def _load_from_hub(repo_id: str, endpoint: str, home) -> subprocess.CompletedProcess:
-    code = ("import sys; from model.pretrained import load, weights_sha256; e = load(sys.argv[1]); "
+    code = ("import sys; from dasheng_model.pretrained import load, weights_sha256; e = load(sys.argv[1]); "
             "print(e.config.embed_dim, weights_sha256(sys.argv[1], e))")
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
     env.pop("HF_HUB_OFFLINE", None)

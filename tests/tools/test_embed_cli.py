@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from model import hear
-from model.checkpoint import save_checkpoint
-from model.pretrained import random_encoder, save_hf
-from pipeline import cli
-from pipeline.tools import embed as embed_tool
+from dasheng_model import hear
+from dasheng_model.checkpoint import save_checkpoint
+from dasheng_model.pretrained import random_encoder, save_hf
+from dasheng_pipeline import cli
+from dasheng_pipeline.tools import embed as embed_tool
 
 from helpers import bad_corpus, tone
 
@@ -107,7 +107,7 @@ def test_embed_equals_the_hear_module_in_every_format(tmp_path):
         embed_tool.embed_files([audio], str(spec), tmp_path / f"{name}.parquet", progress=False)
         tables[name] = np.array(pq.read_table(tmp_path / f"{name}.parquet").column("embedding").to_pylist())
     assert np.array_equal(tables["official"], tables["hf"]) and np.array_equal(tables["hf"], tables["ours"])
-    from pipeline.common.audio import decode
+    from dasheng_pipeline.common.audio import decode
 
     wav = torch.from_numpy(decode(audio))[None]
     for spec in (official, hf):
@@ -148,7 +148,7 @@ def test_a_killed_run_keeps_its_parts_and_the_rerun_finishes_it(tmp_path):
     for i in range(40):
         tone(folder / f"{i:02d}.wav", 1.0, sample_rate=16000, freq=200.0 + 20 * i)
     out = tmp_path / "e.parquet"
-    code = ("import sys; from pipeline.tools.embed import embed_files; "
+    code = ("import sys; from dasheng_pipeline.tools.embed import embed_files; "
             "embed_files([sys.argv[1]], 'random:tiny', sys.argv[2], batch_size=1, part_files=1, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder), str(out)])
     parts = embed_tool.parts_dir(out)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli
-from pipeline.tools.finetune import FinetuneError, finetune, split_folds, split_once
-from pipeline.tools.predict import predict
+from dasheng_pipeline import cli
+from dasheng_pipeline.tools.finetune import FinetuneError, finetune, split_folds, split_once
+from dasheng_pipeline.tools.predict import predict
 
 SR = 16000
 MODEL = "random:tiny"

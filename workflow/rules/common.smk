@@ -5,13 +5,15 @@ import json
 import os
 import re
 
-from pipeline.common import provenance
-from pipeline.sources import lists, local
+from dasheng_pipeline.common import provenance
+from dasheng_pipeline.sources import lists, local
 
-# Jobs run `python -m pipeline...` from this checkout, in whatever environment runs them
-# (the project's .venv, or a per-rule conda env with --sdm conda).
+# Jobs run `python -m dasheng_pipeline...` from this checkout, in whatever environment runs them
+# (the project's .venv, or the conda envs of --sdm conda). workflow/lib holds the import names of
+# the checkout's model/ and pipeline/ folders (links), as the installed package has them.
 # (Snakemake formats the prefix too, hence the doubled braces.)
-shell.prefix('export PYTHONPATH="%s${{PYTHONPATH:+:$PYTHONPATH}}"; ' % workflow.basedir)
+JOB_PYTHONPATH = os.path.join(workflow.basedir, "workflow", "lib")
+shell.prefix('export PYTHONPATH="%s${{PYTHONPATH:+:$PYTHONPATH}}"; ' % JOB_PYTHONPATH)
 
 OUT = config["out_dir"]
 LOGS = f"{OUT}/logs"
@@ -216,7 +218,7 @@ TRAINED_DEFAULT = f"{OUT}/training/encoder.safetensors"
 
 
 def _eval_demo_task_names():
-    from pipeline.evaluation import demo_tasks as _demo_tasks
+    from dasheng_pipeline.evaluation import demo_tasks as _demo_tasks
 
     demo = EVAL["demo_tasks"]
     speech = demo["speech"]
@@ -233,7 +235,7 @@ def _eval_demo_task_names():
 
 def _eval_demo_xares_names():
     """Demo tasks that run (HEAR format) and are also packed as X-ARES tasks (demo_tasks.xares)."""
-    from pipeline.evaluation import demo_tasks as _demo_tasks
+    from dasheng_pipeline.evaluation import demo_tasks as _demo_tasks
 
     hear = set(_eval_demo_task_names())
     return [
@@ -242,7 +244,7 @@ def _eval_demo_xares_names():
 
 
 def _eval_xares_spec(name, spec):
-    """An X-ARES task's reader config (the keys pipeline.evaluation.xares_tasks reads)."""
+    """An X-ARES task's reader config (the keys dasheng_pipeline.evaluation.xares_tasks reads)."""
     keys = ("path", "label", "kind", "splits", "folds", "split_pattern", "fold_pattern")
     keys += ("labels", "label_sep", "weight", "xares_name", "domain", "mlp")
     out = {k: spec.get(k) for k in keys if k in spec}
@@ -263,7 +265,7 @@ def _eval_tasks():
     """Task name → {"dir", "demo", "format", "source", "xares", "protocols", "domain", "paper_name",
     "xares_name"}; an X-ARES task's "dir" is its converted HEAR folder, "source" its shards.
     """
-    from pipeline.evaluation import demo_tasks as _demo_tasks
+    from dasheng_pipeline.evaluation import demo_tasks as _demo_tasks
 
     tasks = {}
     for name in _eval_demo_task_names():

@@ -26,7 +26,7 @@ rule demo_task:
             }
         ),
     shell:
-        "python -m pipeline.evaluation.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
+        "python -m dasheng_pipeline.evaluation.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -48,7 +48,7 @@ rule demo_xares_source:
             }
         ),
     shell:
-        "python -m pipeline.evaluation.demo_tasks --task {params.demo} --xares --params {params.cfg:q} "
+        "python -m dasheng_pipeline.evaluation.demo_tasks --task {params.demo} --xares --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -67,7 +67,7 @@ rule xares_task:
         spec=eval_xares_task_spec,
         cfg=as_json({"seed": config["seed"]}),
     shell:
-        "python -m pipeline.evaluation.xares_tasks --name {wildcards.task} --spec {params.spec:q} "
+        "python -m dasheng_pipeline.evaluation.xares_tasks --name {wildcards.task} --spec {params.spec:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -92,7 +92,7 @@ rule embed:
         spec=lambda wc: as_json(_model_spec(wc.model)),
         dtype=EVAL["dtype"],
     shell:
-        "python -m pipeline.evaluation.embeddings --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
+        "python -m dasheng_pipeline.evaluation.embeddings --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
         "--params {params.cfg:q} --dtype {params.dtype} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -115,7 +115,7 @@ rule probe:
     params:
         cfg=eval_probe_params(),
     shell:
-        "python -m pipeline.evaluation.probe --task {input.task:q} --embeddings {input.embeddings:q} "
+        "python -m dasheng_pipeline.evaluation.probe --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -135,7 +135,7 @@ rule knn:
     params:
         cfg=eval_knn_params(),
     shell:
-        "python -m pipeline.evaluation.knn --task {input.task:q} --embeddings {input.embeddings:q} "
+        "python -m dasheng_pipeline.evaluation.knn --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -157,7 +157,7 @@ rule xares_protocol:
     params:
         cfg=eval_xares_params(),
     shell:
-        "python -m pipeline.evaluation.xares_protocols --protocol {wildcards.protocol} --task {input.task:q} "
+        "python -m dasheng_pipeline.evaluation.xares_protocols --protocol {wildcards.protocol} --task {input.task:q} "
         "--embeddings {input.embeddings:q} --params {params.cfg:q} --out {output:q} --threads {threads} "
         "> {log:q} 2>&1"
 
@@ -191,7 +191,7 @@ rule eval_results:
         cfg=eval_results_params,
         out_dir=lambda wildcards, output: os.path.dirname(output.scores),
     shell:
-        "python -m pipeline.evaluation.results --inputs {input.results:q} --paper {input.paper:q} "
+        "python -m dasheng_pipeline.evaluation.results --inputs {input.results:q} --paper {input.paper:q} "
         "--xares {input.xares:q} "
         "--params {params.cfg:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
@@ -217,7 +217,7 @@ rule eval_plots:
     params:
         cfg=eval_results_params,
     shell:
-        "python -m pipeline.evaluation.plots scores --scores {input:q} --domains {output.domains:q} "
+        "python -m dasheng_pipeline.evaluation.plots scores --scores {input:q} --domains {output.domains:q} "
         "--tasks {output.tasks:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
@@ -237,7 +237,7 @@ rule eval_loss_curve:
     params:
         cfg=as_json({"seed": config["seed"]}),
     shell:
-        "python -m pipeline.evaluation.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.evaluation.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
 rule quick_set:
@@ -254,7 +254,7 @@ rule quick_set:
     params:
         cfg=eval_quick_params(),
     shell:
-        "python -m pipeline.evaluation.quickset --task {input.task:q} --params {params.cfg:q} "
+        "python -m dasheng_pipeline.evaluation.quickset --task {input.task:q} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -276,7 +276,7 @@ rule layer_scores:
         cfg=as_json({"seed": config["seed"], "k": EVAL["layers"]["k"]}),
         spec=lambda wc: as_json(_model_spec(wc.model)),
     shell:
-        "python -m pipeline.evaluation.layers score --quick {input.quick:q} --model {wildcards.model} "
+        "python -m dasheng_pipeline.evaluation.layers score --quick {input.quick:q} --model {wildcards.model} "
         "--spec {params.spec:q} --params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -299,7 +299,7 @@ rule eval_layers:
         cfg=as_json({"seed": config["seed"]}),
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
     shell:
-        "python -m pipeline.evaluation.layers table --inputs {input:q} --out-dir {params.out_dir:q} "
+        "python -m dasheng_pipeline.evaluation.layers table --inputs {input:q} --out-dir {params.out_dir:q} "
         "--plot {output.plot:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
@@ -319,7 +319,7 @@ rule eval_downstream_curve:
     params:
         cfg=as_json({"seed": config["seed"]}),
     shell:
-        "python -m pipeline.evaluation.plots downstream --csv {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.evaluation.plots downstream --csv {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
 rule evaluate:

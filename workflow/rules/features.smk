@@ -23,7 +23,7 @@ rule mel_chunk:
     params:
         cfg=features_params(),
     shell:
-        "python -m pipeline.features.mel --manifest {input:q} --shards {output.shards:q} "
+        "python -m dasheng_pipeline.features.mel --manifest {input:q} --shards {output.shards:q} "
         "--out {output.manifest:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
 
 

@@ -16,4 +16,4 @@ rule provenance_table:
     conda:
         "../../envs/data.yaml"
     shell:
-        "python -m pipeline.common.provenance --out {output:q} {input:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.common.provenance --out {output:q} {input:q} > {log:q} 2>&1"

@@ -18,7 +18,7 @@ rule demo_chunk:
         cfg=lambda wc: source_params(wc.source),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
     shell:
-        "python -m pipeline.sources.demo --chunk {wildcards.chunk} --params {params.cfg:q} "
+        "python -m dasheng_pipeline.sources.demo --chunk {wildcards.chunk} --params {params.cfg:q} "
         "--out {output:q} --audio-dir {params.audio_dir:q} > {log:q} 2>&1"
 
 
@@ -36,7 +36,7 @@ rule youtube_index:
     params:
         cfg=lambda wc: source_params(wc.source, expected_chunks=len(CHUNKS[wc.source])),
     shell:
-        "python -m pipeline.sources.youtube index --list {input:q} --params {params.cfg:q} "
+        "python -m dasheng_pipeline.sources.youtube index --list {input:q} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -59,7 +59,7 @@ rule youtube_chunk:
         cfg=lambda wc: source_params(wc.source),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
     shell:
-        "python -m pipeline.sources.youtube chunk --list {input.list:q} --index {input.index:q} "
+        "python -m dasheng_pipeline.sources.youtube chunk --list {input.list:q} --index {input.index:q} "
         "--chunk {wildcards.chunk} --params {params.cfg:q} --out {output:q} "
         "--audio-dir {params.audio_dir:q} > {log:q} 2>&1"
 
@@ -76,7 +76,7 @@ rule local_index:
     params:
         cfg=lambda wc: source_params(wc.source, files=LOCAL_FILES[wc.source]),
     shell:
-        "python -m pipeline.sources.local index --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.sources.local index --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule local_chunk:
@@ -95,5 +95,5 @@ rule local_chunk:
         cfg=lambda wc: source_params(wc.source),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
     shell:
-        "python -m pipeline.sources.local chunk --index {input:q} --chunk {wildcards.chunk} "
+        "python -m dasheng_pipeline.sources.local chunk --index {input:q} --chunk {wildcards.chunk} "
         "--params {params.cfg:q} --out {output:q} --audio-dir {params.audio_dir:q} > {log:q} 2>&1"

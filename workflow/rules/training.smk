@@ -46,5 +46,5 @@ rule train:
         # (not workflow.source_path(): that is a fresh cache path on every run, a params change)
         launcher=os.path.join(workflow.basedir, "workflow", "scripts", "ray_slurm.sh"),
     shell:
-        "bash {params.launcher:q} python -m pipeline.training.train --dataset {input.dataset:q} "
+        "bash {params.launcher:q} python -m dasheng_pipeline.training.train --dataset {input.dataset:q} "
         "--params {params.cfg:q} --state-dir {params.state:q} --out-dir {params.out:q} > {log:q} 2>&1"

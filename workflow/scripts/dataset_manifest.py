@@ -2,8 +2,8 @@
 import contextlib
 import json
 
-from pipeline.common import logs
-from pipeline.features import shards
+from dasheng_pipeline.common import logs
+from dasheng_pipeline.features import shards
 
 with open(snakemake.log[0], "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
     logs.setup(stream=log)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a Ray driver command (e.g. `python -m pipeline.training.train ...`) on the right Ray cluster.
+# Run a Ray driver command (e.g. `python -m dasheng_pipeline.training.train ...`) on the right Ray cluster.
 #
 # Outside SLURM, or in a one-node allocation, the command runs as it is and starts its own
 # local Ray instance. In a multi-node SLURM allocation this script starts a Ray head on the
