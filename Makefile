@@ -9,12 +9,13 @@ CORES ?= 2
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test lint dry-run clean-demo
+.PHONY: help install demo test test-fast lint dry-run clean-demo
 
 help:
 	@echo "make demo     set up .venv and run the embedded demo DAG (snakemake --cores $(CORES) all)"
 	@echo "make test     set up .venv and run the test suite (pytest)"
-	@echo "make lint     lint-imports (layers), snakemake --lint, snakefmt --check"
+	@echo "make test-fast  the fast tier only (pytest -m 'not slow': no Snakemake, SLURM or fault runs)"
+	@echo "make lint     ruff format --check, ruff check, lint-imports (layers), snakemake --lint, snakefmt --check"
 	@echo "make dry-run  show the demo DAG's jobs without running them"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -45,8 +46,14 @@ test: lint
 	@echo ">> running the tests: pytest"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-fast: lint
+	@echo ">> running the fast tests: pytest -m 'not slow'"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 lint: $(STAMP)
-	@echo ">> checking the layers (lint-imports), the workflow (snakemake --lint) and its format (snakefmt --check)"
+	@echo ">> checking the code's format and style (ruff), the layers (lint-imports), the workflow (snakemake --lint) and its format (snakefmt --check)"
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/

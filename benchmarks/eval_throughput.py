@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--scale", type=float, default=1.0, help="demo task size multiplier")
-    parser.add_argument("--hear", action="store_true", help="also the full HEAR probe protocol on scene tasks")
+    parser.add_argument(
+        "--hear", action="store_true", help="also the full HEAR probe protocol on scene tasks"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows_embed, rows_probe = [], []
@@ -53,7 +55,9 @@ def main() -> None:
         tmp = Path(tmp)
         for name in args.tasks:
             demo_tasks.generate(name, tmp / "tasks" / name, seed=0, scale=args.scale)
-        models = [("logmel", {"type": "logmel"})] + [(s, {"type": "random", "size": s, "seed": 0}) for s in args.sizes]
+        models = [("logmel", {"type": "logmel"})] + [
+            (s, {"type": "random", "size": s, "seed": 0}) for s in args.sizes
+        ]
         for name in args.tasks:
             task = hear_tasks.load_task(tmp / "tasks" / name)
             n = sum(len(task.clips(s)[0]) for s in task.splits)
@@ -61,8 +65,14 @@ def main() -> None:
             for model, spec in models:
                 out = tmp / "emb" / model / name
                 t0 = time.perf_counter()
-                extract.run(tmp / "tasks" / name, model, spec, {"batch_size": args.batch, "decode_threads": 2}, out,
-                            threads=args.threads)
+                extract.run(
+                    tmp / "tasks" / name,
+                    model,
+                    spec,
+                    {"batch_size": args.batch, "decode_threads": 2},
+                    out,
+                    threads=args.threads,
+                )
                 dt = time.perf_counter() - t0
                 rows_embed.append((name, f"{seconds:g} s", n, model, n / dt, n * seconds / dt))
         settings = [("demo config", demo_probe_config())]
@@ -77,13 +87,29 @@ def main() -> None:
                     if not (tmp / "emb" / model / name).is_dir():
                         continue
                     t0 = time.perf_counter()
-                    res = probe.run(tmp / "tasks" / name, tmp / "emb" / model / name, probe.ProbeConfig.from_dict(cfg),
-                                    seed=0, threads=args.threads)
+                    res = probe.run(
+                        tmp / "tasks" / name,
+                        tmp / "emb" / model / name,
+                        probe.ProbeConfig.from_dict(cfg),
+                        seed=0,
+                        threads=args.threads,
+                    )
                     dt = time.perf_counter() - t0
                     m = res["primary_metric"]
-                    rows_probe.append((name, label, model, len(res["folds"]), len(res["grid"]), dt,
-                                       res["metrics"][m]["mean"]))
-    print(f"\n## Embedding extraction (CPU, {args.threads} threads, batch {args.batch}; decode + forward + write)\n")
+                    rows_probe.append(
+                        (
+                            name,
+                            label,
+                            model,
+                            len(res["folds"]),
+                            len(res["grid"]),
+                            dt,
+                            res["metrics"][m]["mean"],
+                        )
+                    )
+    print(
+        f"\n## Embedding extraction (CPU, {args.threads} threads, batch {args.batch}; decode + forward + write)\n"
+    )
     print("| task | clip | clips | model | clips/s | audio s per wall s |")
     print("|---|---|---|---|---|---|")
     for name, clip, n, model, cps, rt in rows_embed:

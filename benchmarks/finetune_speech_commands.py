@@ -26,7 +26,11 @@ from dasheng_pipeline.tools.embed import Model, embed_files  # noqa: E402
 from dasheng_pipeline.tools.finetune import finetune, read_data  # noqa: E402
 from dasheng_pipeline.tools.predict import predict  # noqa: E402
 
-FIXTURE = Path(os.environ.get("DASHENG_SHARED", ROOT.parent / "shared")) / "fixtures" / "speech_commands_small"
+FIXTURE = (
+    Path(os.environ.get("DASHENG_SHARED", ROOT.parent / "shared"))
+    / "fixtures"
+    / "speech_commands_small"
+)
 DEMO = ROOT / "results" / "demo" / "training" / "encoder.safetensors"
 
 
@@ -42,9 +46,13 @@ def main() -> None:
         t0 = time.perf_counter()
         embed_files(files, model, tmp / "cache" / "embeddings.parquet", progress=False)
         base = time.perf_counter() - t0
-        print(f"model {args.model}; {len(files)} clips; baseline: one embedding pass {base:.1f} s\n")
-        print("| mode | train/valid/test clips | test accuracy | chance | accuracy / chance "
-              "| wall s (embeddings cached) | wall / embedding pass |")
+        print(
+            f"model {args.model}; {len(files)} clips; baseline: one embedding pass {base:.1f} s\n"
+        )
+        print(
+            "| mode | train/valid/test clips | test accuracy | chance | accuracy / chance "
+            "| wall s (embeddings cached) | wall / embedding pass |"
+        )
         print("|---|---|---|---|---|---|---|")
         classifier = None
         for mode in ("linear", "mlp", "full"):
@@ -57,16 +65,26 @@ def main() -> None:
             wall = time.perf_counter() - t0
             classifier = out if mode == "mlp" else classifier
             counts = json.loads((out / "metrics.json").read_text())["folds"][0]["counts"]
-            print(f"| {mode} | {counts['train']}/{counts['valid']}/{counts['test']} | {r.test:.3f} "
-                  f"| {r.chance:.3f} | {r.test / r.chance:.1f} | {wall:.1f} | {wall / base:.2f} |")
+            print(
+                f"| {mode} | {counts['train']}/{counts['valid']}/{counts['test']} | {r.test:.3f} "
+                f"| {r.chance:.3f} | {r.test / r.chance:.1f} | {wall:.1f} | {wall / base:.2f} |"
+            )
         probe = files[:: max(1, len(files) // 8)][:8]
         long = sorted(Path(args.data).glob("_*/*.wav"))
         t0 = time.perf_counter()
-        s = predict(probe + [str(p) for p in long], classifier, tmp / "tags.csv", top_k=3, chunks=True,
-                    progress=False)
+        s = predict(
+            probe + [str(p) for p in long],
+            classifier,
+            tmp / "tags.csv",
+            top_k=3,
+            chunks=True,
+            progress=False,
+        )
         wall = time.perf_counter() - t0
-        print(f"\npredict --chunks --top-k 3 with the mlp classifier: {s.files} files ({s.audio_seconds:.0f} s of "
-              f"audio) → {s.rows} rows in {wall:.1f} s (loading the encoder included)")
+        print(
+            f"\npredict --chunks --top-k 3 with the mlp classifier: {s.files} files ({s.audio_seconds:.0f} s of "
+            f"audio) → {s.rows} rows in {wall:.1f} s (loading the encoder included)"
+        )
 
 
 if __name__ == "__main__":

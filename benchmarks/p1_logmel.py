@@ -39,12 +39,15 @@ def main() -> None:
     windowing = mel.Windowing(window_s=10.0, min_tail_s=1.0)
     logmel = LogMel().eval()
     rng = np.random.default_rng(0)
-    pieces = [(rng.standard_normal(windowing.window_samples) * 0.1).astype(np.float32) for _ in range(args.windows)]
+    pieces = [
+        (rng.standard_normal(windowing.window_samples) * 0.1).astype(np.float32)
+        for _ in range(args.windows)
+    ]
     audio_s = args.windows * windowing.window_s
 
     def batched():
         for i in range(0, len(pieces), args.batch):
-            mel.compute(logmel, pieces[i:i + args.batch], windowing)
+            mel.compute(logmel, pieces[i : i + args.batch], windowing)
 
     def loop():
         with torch.no_grad():

@@ -25,10 +25,28 @@ from dasheng_pipeline.common import atomic, audio, manifest
 from dasheng_pipeline.features import mel
 
 DEFAULTS = {
-    "mel": {"sample_rate": 16000, "n_fft": 512, "win_length": 512, "hop_length": 160, "n_mels": 64, "f_min": 0,
-            "f_max": 8000, "top_db": 120, "window_s": 10.0, "min_tail_s": 1.0, "batch_size": 16},
-    "audio": {"keep_audio": False, "min_duration_s": 0.1, "max_duration_s": 3600, "too_long": "truncate",
-              "silence_dbfs": -90, "decode_errors": "reject", "decode_threads": 2},
+    "mel": {
+        "sample_rate": 16000,
+        "n_fft": 512,
+        "win_length": 512,
+        "hop_length": 160,
+        "n_mels": 64,
+        "f_min": 0,
+        "f_max": 8000,
+        "top_db": 120,
+        "window_s": 10.0,
+        "min_tail_s": 1.0,
+        "batch_size": 16,
+    },
+    "audio": {
+        "keep_audio": False,
+        "min_duration_s": 0.1,
+        "max_duration_s": 3600,
+        "too_long": "truncate",
+        "silence_dbfs": -90,
+        "decode_errors": "reject",
+        "decode_threads": 2,
+    },
     "shards": {"row_group_size": 256, "compression": "zstd", "max_rows": 2048},
     "seed": 0,
 }
@@ -38,8 +56,23 @@ def make_files(folder: Path, n: int) -> list[Path]:
     files = []
     for i in range(n):
         path = folder / f"clip{i:04d}.wav"
-        subprocess.run([audio.ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                        f"anoisesrc=d=10:c=pink:r=44100:a=0.3:s={i}", "-ac", "2", str(path)], check=True)
+        subprocess.run(
+            [
+                audio.ffmpeg_exe(),
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+                f"anoisesrc=d=10:c=pink:r=44100:a=0.3:s={i}",
+                "-ac",
+                "2",
+                str(path),
+            ],
+            check=True,
+        )
         files.append(path)
     return files
 
@@ -52,11 +85,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = make_files(tmp, args.files)
-        clips = [manifest.clip(f.name, "ok", audio=str(f), audio_offset_s=0.0, audio_duration_s=None, labels=[])
-                 for f in files]
+        clips = [
+            manifest.clip(
+                f.name, "ok", audio=str(f), audio_offset_s=0.0, audio_duration_s=None, labels=[]
+            )
+            for f in files
+        ]
         man = tmp / "chunk.json"
-        atomic.write_json(man, {"stage": "fetch", "source": "bench", "chunk": "00000", "clips": clips,
-                                "summary": manifest.summary(clips), "provenance": {}})
+        atomic.write_json(
+            man,
+            {
+                "stage": "fetch",
+                "source": "bench",
+                "chunk": "00000",
+                "clips": clips,
+                "summary": manifest.summary(clips),
+                "provenance": {},
+            },
+        )
         threads = DEFAULTS["audio"]["decode_threads"]
 
         def decode_only():
@@ -64,7 +110,9 @@ def main() -> None:
                 list(pool.map(audio.decode, files))
 
         def end_to_end():
-            mel.run_chunk(str(man), str(tmp / "shards"), str(tmp / "shard.json"), DEFAULTS, threads=1)
+            mel.run_chunk(
+                str(man), str(tmp / "shards"), str(tmp / "shard.json"), DEFAULTS, threads=1
+            )
 
         timings = {"decode": [], "e2e": []}
         decode_only()

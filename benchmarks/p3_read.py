@@ -45,7 +45,9 @@ def main() -> None:
 
         def raw():
             data = path.read_bytes()
-            return torch.frombuffer(bytearray(data[:nbytes]), dtype=torch.float16).view(-1, 64, 1001)
+            return torch.frombuffer(bytearray(data[:nbytes]), dtype=torch.float16).view(
+                -1, 64, 1001
+            )
 
         def shard():
             n = 0

@@ -42,7 +42,9 @@ class ReferenceAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         scores = (q @ k.transpose(-2, -1)) * (D // self.num_heads) ** -0.5  # (B, H, N, N)
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
@@ -97,7 +99,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict, repeats: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per call of each function, calls interleaved so that drift hits both alike."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -121,23 +125,38 @@ def bench_inference(size: str, args, device: torch.device, autocast: bool) -> li
     wav = torch.randn(args.batch, int(args.seconds * SR), device=device) * 0.1
 
     def run(model):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+        ):
             return model(wav)
 
     diff = (run(ours).float() - run(ref).float()).abs().max().item()
-    times = time_interleaved({"ours (SDPA)": lambda: run(ours), "reference": lambda: run(ref)},
-                             args.repeats, args.warmup, device)
+    times = time_interleaved(
+        {"ours (SDPA)": lambda: run(ours), "reference": lambda: run(ref)},
+        args.repeats,
+        args.warmup,
+        device,
+    )
     tokens = args.batch * ((int(args.seconds * SR) // 160 + 1) // 4)
     flops = encoder_flops(ours.config, tokens, min(252, tokens // args.batch))
     ref_median = statistics.median(times["reference"])
     rows = []
     for name, ts in times.items():
         t = statistics.median(ts)
-        rows.append({
-            "size": size, "impl": name, "ms": 1000 * t, "clips_s": args.batch / t,
-            "rt": args.batch * args.seconds / t, "tokens_s": tokens / t, "flops": flops / t,
-            "ratio": ref_median / t, "diff": diff,
-        })
+        rows.append(
+            {
+                "size": size,
+                "impl": name,
+                "ms": 1000 * t,
+                "clips_s": args.batch / t,
+                "rt": args.batch * args.seconds / t,
+                "tokens_s": tokens / t,
+                "flops": flops / t,
+                "ratio": ref_median / t,
+                "diff": diff,
+            }
+        )
     return rows
 
 
@@ -157,19 +176,31 @@ def bench_mae(size: str, args, device: torch.device, autocast: bool) -> list[dic
         loss.backward()
         opts[id(model)].step()
 
-    times = time_interleaved({"ours (SDPA)": lambda: step(mae), "reference": lambda: step(ref)},
-                             args.repeats, args.warmup, device)
+    times = time_interleaved(
+        {"ours (SDPA)": lambda: step(mae), "reference": lambda: step(ref)},
+        args.repeats,
+        args.warmup,
+        device,
+    )
     tokens = frames // 4
     flops = mae_step_flops(mae, args.batch, tokens)
     ref_median = statistics.median(times["reference"])
     rows = []
     for name, ts in times.items():
         t = statistics.median(ts)
-        rows.append({
-            "size": size, "impl": name, "ms": 1000 * t, "clips_s": args.batch / t,
-            "rt": args.batch * frames / 100 / t, "tokens_s": args.batch * tokens / t, "flops": flops / t,
-            "ratio": ref_median / t, "diff": float("nan"),
-        })
+        rows.append(
+            {
+                "size": size,
+                "impl": name,
+                "ms": 1000 * t,
+                "clips_s": args.batch / t,
+                "rt": args.batch * frames / 100 / t,
+                "tokens_s": args.batch * tokens / t,
+                "flops": flops / t,
+                "ratio": ref_median / t,
+                "diff": float("nan"),
+            }
+        )
     return rows
 
 
@@ -183,8 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--mae", action="store_true", help="time MAE training steps instead of inference")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    p.add_argument(
+        "--mae", action="store_true", help="time MAE training steps instead of inference"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -195,20 +230,32 @@ def main(argv: list[str] | None = None) -> None:
     rows = [row for size in args.sizes for row in bench(size, args, device, autocast)]
 
     what = "MAE training step" if args.mae else "encoder inference"
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"P4 {what}: batch {args.batch} × {args.seconds:g} s, {args.dtype}, {where}, torch {torch.__version__}, "
-          f"median of {args.repeats} (after {args.warmup} warm-up)\n")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {args.threads} threads"
+    )
+    print(
+        f"P4 {what}: batch {args.batch} × {args.seconds:g} s, {args.dtype}, {where}, torch {torch.__version__}, "
+        f"median of {args.repeats} (after {args.warmup} warm-up)\n"
+    )
     mfu = "| MFU " if peak else ""
-    print(f"| size | implementation | ms / batch | clips/s | × real time | tokens/s | GFLOP/s {mfu}| speed-up vs reference |")
+    print(
+        f"| size | implementation | ms / batch | clips/s | × real time | tokens/s | GFLOP/s {mfu}| speed-up vs reference |"
+    )
     print(f"|---|---|---:|---:|---:|---:|---:{'|---:' if peak else ''}|---:|")
     for r in rows:
         mfu_cell = f"| {100 * r['flops'] / (peak * 1e12):.1f} % " if peak else ""
-        print(f"| {r['size']} | {r['impl']} | {r['ms']:.1f} | {r['clips_s']:.2f} | {r['rt']:.1f} | "
-              f"{r['tokens_s']:.0f} | {r['flops'] / 1e9:.1f} {mfu_cell}| {r['ratio']:.2f}× |")
+        print(
+            f"| {r['size']} | {r['impl']} | {r['ms']:.1f} | {r['clips_s']:.2f} | {r['rt']:.1f} | "
+            f"{r['tokens_s']:.0f} | {r['flops'] / 1e9:.1f} {mfu_cell}| {r['ratio']:.2f}× |"
+        )
     if not args.mae:
         diffs = ", ".join(f"{r['size']} {r['diff']:.1e}" for r in rows[::2])
         print(f"\nmax |ours − reference| over the outputs: {diffs}")
-    print(f"\ncommand: python {shlex.join(['benchmarks/p4_encoder_inference.py', *(argv if argv is not None else sys.argv[1:])])}")
+    print(
+        f"\ncommand: python {shlex.join(['benchmarks/p4_encoder_inference.py', *(argv if argv is not None else sys.argv[1:])])}"
+    )
 
 
 if __name__ == "__main__":

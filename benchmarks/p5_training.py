@@ -38,7 +38,15 @@ def write_shards(folder: Path, n: int = 2, rows: int = 256) -> list[str]:
         path = folder / f"s{s}.parquet"
         w = shards.ShardWriter(path, 64, 1001, {}, 256, "zstd")
         for r in range(rows):
-            w.add(f"c{s}-{r}", "bench", 0, 0.0, 1001, [], (rng.standard_normal((64, 1001)) * 10 - 40).astype(np.float32))
+            w.add(
+                f"c{s}-{r}",
+                "bench",
+                0,
+                0.0,
+                1001,
+                [],
+                (rng.standard_normal((64, 1001)) * 10 - 40).astype(np.float32),
+            )
         w.close()
         paths.append(str(path))
     return paths
@@ -65,12 +73,22 @@ def main() -> None:
         for size in args.sizes:
             torch.manual_seed(0)
             mae = MaskedAutoencoder(size)
-            opt = make_optimizer(mae.parameters(), {"optimizer": args.optimizer, "lr": 1e-4, "weight_decay": 0.01})
-            batch = next(iter(loader.TrainBatches(parts, BATCH[size], 1, seed=0, epoch=0, shuffle_buffer=256)))
+            opt = make_optimizer(
+                mae.parameters(), {"optimizer": args.optimizer, "lr": 1e-4, "weight_decay": 0.01}
+            )
+            batch = next(
+                iter(
+                    loader.TrainBatches(parts, BATCH[size], 1, seed=0, epoch=0, shuffle_buffer=256)
+                )
+            )
             times = []
             for step in range(args.steps + 1):
                 t = time.perf_counter()
-                out = mae(batch["mel"], batch["valid_frames"], generator=torch.Generator().manual_seed(step))
+                out = mae(
+                    batch["mel"],
+                    batch["valid_frames"],
+                    generator=torch.Generator().manual_seed(step),
+                )
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -78,7 +96,9 @@ def main() -> None:
                     times.append(time.perf_counter() - t)
             per_step = float(np.median(times))
             rate = BATCH[size] / per_step
-            print(f"| {size} | {BATCH[size]} | {per_step:.3f} | {rate:,.1f} | {rate * 250:,.0f} | {loader_rate / rate:,.0f} |")
+            print(
+                f"| {size} | {BATCH[size]} | {per_step:.3f} | {rate:,.1f} | {rate * 250:,.0f} | {loader_rate / rate:,.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-ALPHABET = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", dtype=np.uint8)
+ALPHABET = np.frombuffer(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", dtype=np.uint8
+)
 
 
 def write_ids(path: Path, n: int, step: int = 5_000_000) -> None:
@@ -43,9 +45,23 @@ def dry_run(folder: Path, config: dict, target: str) -> tuple[float, int]:
     cfg = folder / f"config-{target}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(folder),
-                           "--configfile", str(cfg), "--dry-run", target],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(folder),
+            "--configfile",
+            str(cfg),
+            "--dry-run",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -57,7 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ids", type=int, default=95_000_000)
     parser.add_argument("--chunk-size", type=int, default=40_000)
-    parser.add_argument("--keep", type=Path, default=None, help="folder to keep the generated list in")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="folder to keep the generated list in"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
@@ -66,11 +84,26 @@ def main() -> None:
         if not ids.exists() or ids.stat().st_size != 12 * args.ids:
             write_ids(ids, args.ids)
         (folder / "one.txt").write_bytes(b"AAAAAAAAAAA\n")
-        config = {"out_dir": "results/p6", "training": {"validation_sources": ["acav100m"]},
-                  "evaluation": {"enabled": False},
-                  "sources": {"acav100m": {"type": "youtube", "format": "acav100m", "list": str(ids),
-                                           "chunk_size": args.chunk_size, "download_threads": 8}}}
-        small = {**config, "sources": {"acav100m": {**config["sources"]["acav100m"], "list": str(folder / "one.txt")}}}
+        config = {
+            "out_dir": "results/p6",
+            "training": {"validation_sources": ["acav100m"]},
+            "evaluation": {"enabled": False},
+            "sources": {
+                "acav100m": {
+                    "type": "youtube",
+                    "format": "acav100m",
+                    "list": str(ids),
+                    "chunk_size": args.chunk_size,
+                    "download_threads": 8,
+                }
+            },
+        }
+        small = {
+            **config,
+            "sources": {
+                "acav100m": {**config["sources"]["acav100m"], "list": str(folder / "one.txt")}
+            },
+        }
         rows = []
         for target in ("all", "data"):
             base, base_jobs = dry_run(folder, small, target)
@@ -81,8 +114,10 @@ def main() -> None:
     print("| target | one-row list: s (jobs) | 95 M list: s (jobs) | ratio | goal |")
     print("|---|---|---|---|---|")
     for target, base, base_jobs, big, big_jobs in rows:
-        print(f"| {target} | {base:.1f} ({base_jobs}) | {big:.1f} ({big_jobs:,}) | {big / base:.1f}× | "
-              f"{'met' if big < 15 else 'missed'} (< 15 s) |")
+        print(
+            f"| {target} | {base:.1f} ({base_jobs}) | {big:.1f} ({big_jobs:,}) | {big / base:.1f}× | "
+            f"{'met' if big < 15 else 'missed'} (< 15 s) |"
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def make_clips(folder: Path, n: int, seed: int = 0) -> list[Path]:
     for i in range(n):
         seconds = float(rng.uniform(1.0, 30.0))
         t = np.arange(int(seconds * 32000)) / 32000
-        x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 2000) * t) + 0.05 * rng.standard_normal(t.size)
+        x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 2000) * t) + 0.05 * rng.standard_normal(
+            t.size
+        )
         pcm = (np.clip(np.stack([x, 0.5 * x], 1), -1, 1) * 32767).astype("<i2")
         path = folder / f"clip{i:04d}.wav"
         with wave.open(str(path), "wb") as w:
@@ -88,11 +90,17 @@ def main() -> None:
                 times.setdefault(("embed", dtype), []).append(time.perf_counter() - t0)
                 import pyarrow.parquet as pq
 
-                results[("embed", dtype)] = np.array(pq.read_table(out).column("embedding").to_pylist())
+                results[("embed", dtype)] = np.array(
+                    pq.read_table(out).column("embedding").to_pylist()
+                )
     print(f"# {shlex.join(sys.argv)}")
-    print(f"{args.clips} clips, {audio_s:.0f} s of audio (1–30 s each, 32 kHz stereo WAV), {spec}, "
-          f"{args.threads} threads, batch {args.batch_size}, median of {args.repeats}")
-    print("| method | dtype | clips/s | × real time | ratio vs HEAR loop (same dtype) | clip cosine vs HEAR loop fp32 |")
+    print(
+        f"{args.clips} clips, {audio_s:.0f} s of audio (1–30 s each, 32 kHz stereo WAV), {spec}, "
+        f"{args.threads} threads, batch {args.batch_size}, median of {args.repeats}"
+    )
+    print(
+        "| method | dtype | clips/s | × real time | ratio vs HEAR loop (same dtype) | clip cosine vs HEAR loop fp32 |"
+    )
     print("|---|---|---|---|---|---|")
     ref = results[("hear loop", "fp32")]
     for dtype in ("fp32", "bf16"):
@@ -101,8 +109,10 @@ def main() -> None:
             t = statistics.median(times[(method, dtype)])
             e = results[(method, dtype)]
             cos = (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
-            print(f"| {method} | {dtype} | {args.clips / t:.1f} | {audio_s / t:.0f} | {base / t:.2f} | "
-                  f"min {cos.min():.5f} |")
+            print(
+                f"| {method} | {dtype} | {args.clips / t:.1f} | {audio_s / t:.0f} | {base / t:.2f} | "
+                f"min {cos.min():.5f} |"
+            )
 
 
 if __name__ == "__main__":

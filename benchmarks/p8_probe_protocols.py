@@ -34,7 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("eval_dir")
     ap.add_argument("--models", nargs="+", default=["trained", "random", "logmel"])
-    ap.add_argument("--tasks", nargs="+", default=["demo_pitch", "demo_timbre", "demo_noise", "demo_events"])
+    ap.add_argument(
+        "--tasks", nargs="+", default=["demo_pitch", "demo_timbre", "demo_noise", "demo_events"]
+    )
     ap.add_argument("--protocols", nargs="+", default=list(PROTOCOLS))
     ap.add_argument("--extra", default="{}", help="JSON: more protocols by name")
     ap.add_argument("--threads", type=int, default=1)
@@ -51,11 +53,25 @@ def main() -> None:
             for name in args.protocols:
                 cfg = probe.ProbeConfig.from_dict(protocols[name])
                 t0 = time.perf_counter()
-                out = probe.run(ev / "tasks" / task, ev / "embeddings" / model / task, cfg, seed=0, threads=args.threads)
+                out = probe.run(
+                    ev / "tasks" / task,
+                    ev / "embeddings" / model / task,
+                    cfg,
+                    seed=0,
+                    threads=args.threads,
+                )
                 seconds = time.perf_counter() - t0
                 score = out["metrics"][out["primary_metric"]]["mean"] * 100
-                results.append({"model": model, "task": task, "protocol": name, "score": score, "seconds": seconds,
-                                "best": out["best_hparams"]})
+                results.append(
+                    {
+                        "model": model,
+                        "task": task,
+                        "protocol": name,
+                        "score": score,
+                        "seconds": seconds,
+                        "best": out["best_hparams"],
+                    }
+                )
                 cells += [f"{score:.1f}", f"{seconds:.1f}"]
             print(f"| {model} | {task} | " + " | ".join(cells) + " |", flush=True)
     ref = {(r["model"], r["task"]): r for r in results if r["protocol"] == "hear"}
@@ -66,7 +82,9 @@ def main() -> None:
         if not ref:
             break
         d = [abs(r["score"] - ref[(r["model"], r["task"])]["score"]) for r in rows]
-        print(f"| {name} | {np.mean(d):.1f} | {max(d):.1f} | {sum(r['seconds'] for r in rows) / hear_s:.2f} |")
+        print(
+            f"| {name} | {np.mean(d):.1f} | {max(d):.1f} | {sum(r['seconds'] for r in rows) / hear_s:.2f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -64,7 +64,7 @@ def interleaved(fns: dict, repeats: int, warmup: int, device: torch.device) -> d
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync(device)
             t0 = time.perf_counter()
             fns[name]()
@@ -80,7 +80,9 @@ def test_audio(batch: int, seconds: float, seed: int = 0) -> torch.Tensor:
     t = torch.arange(n) / SR
     freqs = 100 * 2 ** (torch.rand(batch, 3, 1, generator=g) * 6)  # 100 Hz .. 6.4 kHz
     tones = torch.sin(2 * torch.pi * freqs * t).sum(1)
-    env = F.interpolate(torch.rand(batch, 1, int(seconds * 4) + 1, generator=g), size=n, mode="linear")[:, 0]
+    env = F.interpolate(
+        torch.rand(batch, 1, int(seconds * 4) + 1, generator=g), size=n, mode="linear"
+    )[:, 0]
     return 0.05 * env * (tones + torch.randn(batch, n, generator=g))
 
 
@@ -141,20 +143,30 @@ def bench_inference(args, device: torch.device) -> tuple[list[tuple], list[str]]
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 return ours(wav)
 
-        fns["ours bf16, plain autocast and F.linear (no packed weights)"] = lambda: plain_linear(plain_autocast)
+        fns["ours bf16, plain autocast and F.linear (no packed weights)"] = lambda: plain_linear(
+            plain_autocast
+        )
     t = interleaved(fns, args.repeats, args.warmup, device)
     rate = {k: args.batch / v for k, v in t.items()}
     if args.ablations:
-        for name in list(t)[3 + gpu_bf16:]:
+        for name in list(t)[3 + gpu_bf16 :]:
             base = "ours fp32" if "fp32" in name else "ours bf16"
-            notes.append(f"ablation: {name}: {rate[name]:.2f} clips/s ({base} is {t[name] / t[base]:.2f}× faster)")
+            notes.append(
+                f"ablation: {name}: {rate[name]:.2f} clips/s ({base} is {t[name] / t[base]:.2f}× faster)"
+            )
     rows = [
-        ("encoder inference, base, fp32", f"{rate['official fp32']:.2f} clips/s", f"{rate['ours fp32']:.2f} clips/s",
-         rate["ours fp32"] / rate["official fp32"]),
-        ("encoder inference, base, bf16 autocast (`dtype=\"bf16\"`)",
-         f"{rate['official bf16']:.2f} clips/s" if gpu_bf16 else "—",
-         f"{rate['ours bf16']:.2f} clips/s, clip cosine to fp32 ≥ {clip_cos[0]:.5f}",
-         rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"]),
+        (
+            "encoder inference, base, fp32",
+            f"{rate['official fp32']:.2f} clips/s",
+            f"{rate['ours fp32']:.2f} clips/s",
+            rate["ours fp32"] / rate["official fp32"],
+        ),
+        (
+            'encoder inference, base, bf16 autocast (`dtype="bf16"`)',
+            f"{rate['official bf16']:.2f} clips/s" if gpu_bf16 else "—",
+            f"{rate['ours bf16']:.2f} clips/s, clip cosine to fp32 ≥ {clip_cos[0]:.5f}",
+            rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"],
+        ),
     ]
     notes += [
         f"ours fp32 against the official fp32 outputs: max |difference| {official_diff:.1e}",
@@ -178,8 +190,14 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     mel = LogMel().to(device)(wav)  # ours trains on the stored log-mel
     from dasheng_pipeline.training.train import make_optimizer
 
-    opts = {id(official): torch.optim.AdamW(official.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01),
-            id(ours): make_optimizer(ours.parameters(), {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.01})}
+    opts = {
+        id(official): torch.optim.AdamW(
+            official.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01
+        ),
+        id(ours): make_optimizer(
+            ours.parameters(), {"optimizer": "adamw", "lr": 1e-5, "weight_decay": 0.01}
+        ),
+    }
 
     def step(model, loss_fn, bf16: bool):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -202,9 +220,19 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     rate = {k: args.batch / v for k, v in t.items()}
     for p in [*official.parameters(), *ours.parameters()]:
         p.grad = torch.randn_like(p) * 1e-3
-    adamw8bit = make_optimizer(ours.parameters(), {"optimizer": "adamw8bit", "lr": 1e-5, "weight_decay": 0.01})
-    o = interleaved({"official": opts[id(official)].step, "ours": opts[id(ours)].step, "adamw8bit": adamw8bit.step},
-                    args.repeats, 1, device)
+    adamw8bit = make_optimizer(
+        ours.parameters(), {"optimizer": "adamw8bit", "lr": 1e-5, "weight_decay": 0.01}
+    )
+    o = interleaved(
+        {
+            "official": opts[id(official)].step,
+            "ours": opts[id(ours)].step,
+            "adamw8bit": adamw8bit.step,
+        },
+        args.repeats,
+        1,
+        device,
+    )
     notes = [
         f"optimizer step alone: official {o['official']:.2f} s (torch.optim.AdamW, per-tensor loop on CPU), "
         f"ours {o['ours']:.2f} s (fused AdamW, `optimizer: adamw`; `adamw8bit`, bitsandbytes: {o['adamw8bit']:.2f} s); "
@@ -214,12 +242,18 @@ def bench_training(args, device: torch.device) -> tuple[list[tuple], list[str]]:
         f"/ {(t['official fp32'] - o['official']) / (t['ours bf16'] - o['ours']):.2f}",
     ]
     rows = [
-        ("MAE training step, base, fp32 (official: waveform in, mel on the fly; ours: stored mel)",
-         f"{rate['official fp32']:.2f} samples/s", f"{rate['ours fp32']:.2f} samples/s",
-         rate["ours fp32"] / rate["official fp32"]),
-        ("MAE training step, base, bf16 autocast (`training.precision: bf16`)",
-         f"{rate['official bf16']:.2f} samples/s" if gpu_bf16 else "—", f"{rate['ours bf16']:.2f} samples/s",
-         rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"]),
+        (
+            "MAE training step, base, fp32 (official: waveform in, mel on the fly; ours: stored mel)",
+            f"{rate['official fp32']:.2f} samples/s",
+            f"{rate['ours fp32']:.2f} samples/s",
+            rate["ours fp32"] / rate["official fp32"],
+        ),
+        (
+            "MAE training step, base, bf16 autocast (`training.precision: bf16`)",
+            f"{rate['official bf16']:.2f} samples/s" if gpu_bf16 else "—",
+            f"{rate['ours bf16']:.2f} samples/s",
+            rate["ours bf16"] / rate["official bf16" if gpu_bf16 else "official fp32"],
+        ),
     ]
     return rows, notes
 
@@ -230,18 +264,30 @@ def bench_logmel(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        official = Dasheng(embed_dim=192, depth=1, num_heads=3).front_end.to(device)  # MelSpectrogram + AmplitudeToDB
+        official = Dasheng(embed_dim=192, depth=1, num_heads=3).front_end.to(
+            device
+        )  # MelSpectrogram + AmplitudeToDB
         ours = LogMel().to(device)
         wav = test_audio(1, 10.0, seed=2).to(device)
         diff = float((official(wav) - ours(wav)).abs().max())
         with torch.no_grad():
-            t = interleaved({"official": lambda: official(wav), "ours": lambda: ours(wav)},
-                            max(args.repeats, 5) * 10, args.warmup, device)
+            t = interleaved(
+                {"official": lambda: official(wav), "ours": lambda: ours(wav)},
+                max(args.repeats, 5) * 10,
+                args.warmup,
+                device,
+            )
     finally:
         torch.set_num_threads(threads)
     rt = {k: 10.0 / v for k, v in t.items()}
-    rows = [("log-mel per 10 s clip, 1 thread (torchaudio MelSpectrogram + AmplitudeToDB)",
-             f"{rt['official']:,.0f}× real time", f"{rt['ours']:,.0f}×", rt["ours"] / rt["official"])]
+    rows = [
+        (
+            "log-mel per 10 s clip, 1 thread (torchaudio MelSpectrogram + AmplitudeToDB)",
+            f"{rt['official']:,.0f}× real time",
+            f"{rt['ours']:,.0f}×",
+            rt["ours"] / rt["official"],
+        )
+    ]
     return rows, [f"log-mel: max |ours − official| {diff:.1e} dB (one clip: the same clamp)"]
 
 
@@ -257,7 +303,9 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
     from dasheng_pipeline.evaluation import demo_tasks, knn, probe
     from dasheng_pipeline.evaluation import embeddings as extract
 
-    cfg = probe.ProbeConfig(hidden_layers=[1], grid_points=2, max_epochs=150, patience=8)  # config/config.yaml's
+    cfg = probe.ProbeConfig(
+        hidden_layers=[1], grid_points=2, max_epochs=150, patience=8
+    )  # config/config.yaml's
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("demo_pitch", "demo_timbre", "demo_noise", "demo_events"):
@@ -276,8 +324,10 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
                 k = knn.run(folder, emb)
                 if not k.get("skipped"):
                     scores[dtype].append(f"k-NN top1_acc {k['metrics']['top1_acc']['mean']:.4f}")
-            notes.append(f"{task} (random-init {args.probe_size}, scale {args.probe_scale:g}): fp32 "
-                         f"{', '.join(scores['fp32'])}; bf16 {', '.join(scores['bf16'])}")
+            notes.append(
+                f"{task} (random-init {args.probe_size}, scale {args.probe_scale:g}): fp32 "
+                f"{', '.join(scores['fp32'])}; bf16 {', '.join(scores['bf16'])}"
+            )
     logging.disable(logging.NOTSET)
     return [], notes
 
@@ -305,29 +355,60 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--ablations", action="store_true",
-                   help="also time ours without each speed-up (F.linear instead of oneDNN; autocast without cached casts)")
-    p.add_argument("--probe-size", default="tiny", help="probe: the random-init encoder's size (the demo's is tiny)")
-    p.add_argument("--probe-scale", type=float, default=1.0, help="probe: demo task size (evaluation.demo_tasks.scale)")
-    p.add_argument("--probe-mlp", nargs="*", default=["demo_pitch", "demo_timbre", "demo_noise", "demo_events"],
-                   help="probe: the tasks that get the MLP probe too (every one gets k-NN where it applies)")
-    p.add_argument("--only", nargs="+", choices=["inference", "training", "logmel", "probe"],
-                   default=["inference", "training", "logmel"])
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also time ours without each speed-up (F.linear instead of oneDNN; autocast without cached casts)",
+    )
+    p.add_argument(
+        "--probe-size",
+        default="tiny",
+        help="probe: the random-init encoder's size (the demo's is tiny)",
+    )
+    p.add_argument(
+        "--probe-scale",
+        type=float,
+        default=1.0,
+        help="probe: demo task size (evaluation.demo_tasks.scale)",
+    )
+    p.add_argument(
+        "--probe-mlp",
+        nargs="*",
+        default=["demo_pitch", "demo_timbre", "demo_noise", "demo_events"],
+        help="probe: the tasks that get the MLP probe too (every one gets k-NN where it applies)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["inference", "training", "logmel", "probe"],
+        default=["inference", "training", "logmel"],
+    )
     args = p.parse_args(argv)
     import dasheng
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    benches = {"inference": bench_inference, "training": bench_training, "logmel": bench_logmel, "probe": bench_probe}
+    benches = {
+        "inference": bench_inference,
+        "training": bench_training,
+        "logmel": bench_logmel,
+        "probe": bench_probe,
+    }
     rows, notes = [], []
     for name in args.only:
         r, n = benches[name](args, device)
         rows += r
         notes += n
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {args.threads} threads"
-    print(f"one process, same random weights, {where}, batch {args.batch} × {args.seconds:g} s, torch {torch.__version__}, "
-          f"dasheng {getattr(dasheng, '__version__', '0.0.9')}; median of {args.repeats} interleaved repeats "
-          f"after {args.warmup} warm-up\n")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_name()}, {args.threads} threads"
+    )
+    print(
+        f"one process, same random weights, {where}, batch {args.batch} × {args.seconds:g} s, torch {torch.__version__}, "
+        f"dasheng {getattr(dasheng, '__version__', '0.0.9')}; median of {args.repeats} interleaved repeats "
+        f"after {args.warmup} warm-up\n"
+    )
     if rows:
         print("| what | official `dasheng` 0.0.9 | ours | ratio |")
         print("|---|---|---|---|")
@@ -336,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         print()
     for n in notes:
         print(f"- {n}")
-    print(f"\ncommand: python {shlex.join(['benchmarks/speed_vs_official.py', *(argv if argv is not None else sys.argv[1:])])}")
+    print(
+        f"\ncommand: python {shlex.join(['benchmarks/speed_vs_official.py', *(argv if argv is not None else sys.argv[1:])])}"
+    )
 
 
 if __name__ == "__main__":

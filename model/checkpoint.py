@@ -48,7 +48,9 @@ class CheckpointError(ValueError):
 # -- what a checkpoint's shapes say ------------------------------------------------------------
 
 
-def infer_encoder_config(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> EncoderConfig | None:
+def infer_encoder_config(
+    state_dict: dict[str, torch.Tensor], num_heads: int | None = None
+) -> EncoderConfig | None:
     """Embed dim, depth and MLP ratio read off the shapes; heads from ``num_heads`` or the size table.
 
     None when the weights are not a Dasheng encoder's, or the heads cannot be told.
@@ -61,7 +63,11 @@ def infer_encoder_config(state_dict: dict[str, torch.Tensor], num_heads: int | N
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := _BLOCK_KEY.match(k)))
     mlp_ratio = fc1.shape[0] / dim
     if num_heads is None:
-        known = [c for c in SIZES.values() if (c.embed_dim, c.depth, c.mlp_ratio) == (dim, depth, mlp_ratio)]
+        known = [
+            c
+            for c in SIZES.values()
+            if (c.embed_dim, c.depth, c.mlp_ratio) == (dim, depth, mlp_ratio)
+        ]
         if not known:
             return None
         num_heads = known[0].num_heads
@@ -92,7 +98,9 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_strict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """``model.load_state_dict(strict=True)`` with an error that says what differs and what would fit."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict), key=_natural)
@@ -112,7 +120,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             problems.append(f"{len(wrong_shape)} keys of the wrong shape: {_listing(wrong_shape)}")
         encoder_keys = state_dict
         if isinstance(model, MaskedAutoencoder):
-            encoder_keys = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+            encoder_keys = {
+                k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")
+            }
         raise CheckpointError(
             f"{source} does not fit this model ({_model_label(model)}); {_describe_fit(encoder_keys)}. "
             + "; ".join(problems)
@@ -158,15 +168,23 @@ def model_config(model: DashengEncoder | MaskedAutoencoder) -> dict:
 def build_from_config(config: dict) -> DashengEncoder | MaskedAutoencoder:
     try:
         if config.get("format") != FORMAT:
-            raise CheckpointError(f"unknown checkpoint format {config.get('format')!r}; expected {FORMAT!r}")
+            raise CheckpointError(
+                f"unknown checkpoint format {config.get('format')!r}; expected {FORMAT!r}"
+            )
         if config.get("mel", MEL_PARAMS) != MEL_PARAMS:
-            raise CheckpointError(f"checkpoint front end {config['mel']} differs from this model's {MEL_PARAMS}")
+            raise CheckpointError(
+                f"checkpoint front end {config['mel']} differs from this model's {MEL_PARAMS}"
+            )
         encoder = EncoderConfig(**config["encoder"])
         if config["kind"] == "encoder":
             return DashengEncoder(encoder)
         if config["kind"] == "mae":
-            return MaskedAutoencoder(encoder, DecoderConfig(**config["decoder"]), config["mask_ratio"])
-        raise CheckpointError(f"unknown checkpoint kind {config['kind']!r}; expected 'encoder' or 'mae'")
+            return MaskedAutoencoder(
+                encoder, DecoderConfig(**config["decoder"]), config["mask_ratio"]
+            )
+        raise CheckpointError(
+            f"unknown checkpoint kind {config['kind']!r}; expected 'encoder' or 'mae'"
+        )
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"malformed checkpoint config {config!r}: {exc!r}") from exc
 
@@ -198,7 +216,9 @@ def library_provenance(config: dict, seed: int | None = None) -> dict:
             versions[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
             continue
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
     return {"config_hash": digest[:16], "seed": seed, "versions": versions, "git_sha": None}
 
 
@@ -242,11 +262,15 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> DashengEncoder | MaskedAutoencoder:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> DashengEncoder | MaskedAutoencoder:
     """One of our checkpoints → the model it holds (encoder or MAE), in eval mode."""
     meta = read_metadata(path)
     if "config" not in meta:
-        raise CheckpointError(f"{path}: no model config in its metadata; not a checkpoint of this project")
+        raise CheckpointError(
+            f"{path}: no model config in its metadata; not a checkpoint of this project"
+        )
     model = build_from_config(meta["config"])
     try:
         state_dict = load_file(str(path))
@@ -263,8 +287,12 @@ def read_torch_file(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        culprit = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
-        culprit = culprit.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
+        culprit = next(
+            (line.strip() for line in str(exc).splitlines() if "Unsupported" in line), ""
+        )
+        culprit = culprit.split(" was not an allowed global")[0].removeprefix(
+            "WeightsUnpickler error: "
+        )
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain containers "
             f"(unpickling it could run code), so it is not a plain weights file. {culprit}".rstrip()
@@ -272,17 +300,23 @@ def read_torch_file(path: Path) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict {{'model': state_dict, 'config': {{...}}}}, got {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a dict {{'model': state_dict, 'config': {{...}}}}, got {type(obj).__name__}"
+        )
     return obj
 
 
-def load_official(path: str | Path, size: str | None = None, map_location: str | torch.device = "cpu") -> DashengEncoder:
+def load_official(
+    path: str | Path, size: str | None = None, map_location: str | torch.device = "cpu"
+) -> DashengEncoder:
     """An official ``{'model': state_dict, 'config': {...}}`` file (or a bare state dict) → encoder, eval mode."""
     path = Path(path)
     obj = read_torch_file(path)
     state_dict = obj.get("model", obj)
     release_config = obj.get("config", {}) if "model" in obj else {}
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
         raise CheckpointError(f"{path}: its 'model' entry is not a state dict of tensors")
     if size is not None:
         config = SIZES.get(size)
@@ -292,13 +326,17 @@ def load_official(path: str | Path, size: str | None = None, map_location: str |
         heads = release_config.get("num_heads") if isinstance(release_config, dict) else None
         config = infer_encoder_config(state_dict, heads)
         if config is None:
-            raise CheckpointError(f"{path}: cannot tell the model size: {_describe_fit(state_dict)}")
+            raise CheckpointError(
+                f"{path}: cannot tell the model size: {_describe_fit(state_dict)}"
+            )
     model = DashengEncoder(config)
     load_state_dict_strict(model, state_dict, source=str(path))
     return model.to(map_location).eval()
 
 
-def load_encoder(path: str | Path, size: str | None = None, map_location: str | torch.device = "cpu") -> DashengEncoder:
+def load_encoder(
+    path: str | Path, size: str | None = None, map_location: str | torch.device = "cpu"
+) -> DashengEncoder:
     """Any encoder weights → ``DashengEncoder`` in eval mode.
 
     Reads our .safetensors (an exported encoder, or the encoder of an MAE checkpoint) and the

@@ -14,7 +14,8 @@ of those over all blocks). ``embed_layers`` gives every block's at once, from on
 from __future__ import annotations
 
 import weakref
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ FRAME_MS = 1000 * SAMPLES_PER_TOKEN / SAMPLE_RATE  # 40 ms between frame embeddi
 FRAME_CENTRE_MS = 1000 * HOP_LENGTH * (FRAMES_PER_TOKEN - 1) / 2 / SAMPLE_RATE
 
 
-Layer = Union[str, int]  # "last" | "mean" | 1 … depth
+Layer = str | int  # "last" | "mean" | 1 … depth
 
 
 class Embeddings(NamedTuple):
@@ -67,8 +68,12 @@ _BF16_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _bf16_weights(encoder: DashengEncoder) -> dict[str, torch.Tensor]:
     """The bf16 casts autocast makes of the weights of the matrix products (Linear, Conv2d), as
     ``"encoder.<name>"`` → tensor; recast when a parameter changes (its storage or version)."""
-    params = {f"encoder.{m}.{n}": p for m, module in encoder.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
-              for n, p in module.named_parameters(recurse=False)}
+    params = {
+        f"encoder.{m}.{n}": p
+        for m, module in encoder.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+        for n, p in module.named_parameters(recurse=False)
+    }
     key = tuple((p.data_ptr(), p._version, p.device) for p in params.values())
     cached = _BF16_WEIGHTS.get(encoder)
     if cached is None or cached[0] != key:
@@ -103,7 +108,9 @@ def _run(encoder: DashengEncoder, method: str, args: tuple, dtype, layer: Layer 
             return torch.func.functional_call(_Call(encoder, method), _bf16_weights(encoder), args)
 
     was_training = encoder.training
-    if was_training:  # weights may have changed in place without a version bump (see encoder.Linear.train)
+    if (
+        was_training
+    ):  # weights may have changed in place without a version bump (see encoder.Linear.train)
         _BF16_WEIGHTS.pop(encoder, None)
     encoder.eval()
     try:
@@ -119,12 +126,18 @@ def check_layer(layer: Layer, depth: int) -> Layer:
     """``"last"``, ``"mean"`` or a block number 1 … depth (an int or its digits); else ValueError."""
     if isinstance(layer, str) and layer.strip().lstrip("-").isdigit():
         layer = int(layer)
-    if layer in ("last", "mean") or (isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= depth):
+    if layer in ("last", "mean") or (
+        isinstance(layer, int) and not isinstance(layer, bool) and 1 <= layer <= depth
+    ):
         return layer
-    raise ValueError(f"layer {layer!r}: expected 'last', 'mean' or a block number 1..{depth} (this encoder has {depth} blocks)")
+    raise ValueError(
+        f"layer {layer!r}: expected 'last', 'mean' or a block number 1..{depth} (this encoder has {depth} blocks)"
+    )
 
 
-def _block_frames(encoder: DashengEncoder, forward: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+def _block_frames(
+    encoder: DashengEncoder, forward: Callable[[], torch.Tensor]
+) -> list[torch.Tensor]:
     """Run ``forward`` and return every block's output through the final norm, [(B, N, D)] × depth.
 
     Forward hooks on the blocks collect their outputs; an input longer than one chunk passes the
@@ -132,18 +145,25 @@ def _block_frames(encoder: DashengEncoder, forward: Callable[[], torch.Tensor]) 
     pieces are put back in time order as ``encoder.encode`` does with its outputs.
     """
     calls: list[list[torch.Tensor]] = [[] for _ in encoder.blocks]
-    hooks = [blk.register_forward_hook(lambda _m, _i, out, i=i: calls[i].append(out))
-             for i, blk in enumerate(encoder.blocks)]
+    hooks = [
+        blk.register_forward_hook(lambda _m, _i, out, i=i: calls[i].append(out))
+        for i, blk in enumerate(encoder.blocks)
+    ]
     try:
         final = forward()  # (B, N, D)
     finally:
         for h in hooks:
             h.remove()
     B, _, D = final.shape
-    return [encoder.norm(torch.cat([c.reshape(B, -1, D) for c in pieces], dim=1).float()) for pieces in calls]
+    return [
+        encoder.norm(torch.cat([c.reshape(B, -1, D) for c in pieces], dim=1).float())
+        for pieces in calls
+    ]
 
 
-def _layer_frames(encoder: DashengEncoder, forward: Callable[[], torch.Tensor], layer: Layer) -> torch.Tensor:
+def _layer_frames(
+    encoder: DashengEncoder, forward: Callable[[], torch.Tensor], layer: Layer
+) -> torch.Tensor:
     layer = check_layer(layer, len(encoder.blocks))
     if layer == "last":
         return forward()
@@ -152,7 +172,11 @@ def _layer_frames(encoder: DashengEncoder, forward: Callable[[], torch.Tensor], 
 
 
 def embed(
-    encoder: DashengEncoder, audio: torch.Tensor, sample_rate: int = SAMPLE_RATE, lengths=None, dtype="fp32",
+    encoder: DashengEncoder,
+    audio: torch.Tensor,
+    sample_rate: int = SAMPLE_RATE,
+    lengths=None,
+    dtype="fp32",
     layer: Layer = "last",
 ) -> Embeddings:
     """Mono audio (B, S) at 16 kHz → embeddings of ``layer``; ``lengths`` (B,) in samples for padded
@@ -164,8 +188,13 @@ def embed(
     return _pool(frames, None if lengths is None else lengths // SAMPLES_PER_TOKEN)
 
 
-def embed_mel(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None, dtype="fp32",
-              layer: Layer = "last") -> Embeddings:
+def embed_mel(
+    encoder: DashengEncoder,
+    mel: torch.Tensor,
+    valid_frames=None,
+    dtype="fp32",
+    layer: Layer = "last",
+) -> Embeddings:
     """dB log-mel (B, 64, T) as the data stage stores it → embeddings of ``layer``; ``valid_frames``
     (B,) mel frames of real audio (an item then has ``valid_frames // 4`` real frame embeddings);
     ``dtype`` "fp32" or "bf16" (autocast)."""
@@ -175,7 +204,9 @@ def embed_mel(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None, dty
     return _pool(frames, None if valid_frames is None else valid_frames // FRAMES_PER_TOKEN)
 
 
-def embed_layers(encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None, dtype="fp32") -> list[Embeddings]:
+def embed_layers(
+    encoder: DashengEncoder, mel: torch.Tensor, valid_frames=None, dtype="fp32"
+) -> list[Embeddings]:
     """dB log-mel (B, 64, T) → the embeddings of every block, [block 1, …, block depth], from one
     forward pass (the last one equals ``embed_mel``'s)."""
     mel, valid_frames = check_mel(mel, valid_frames)

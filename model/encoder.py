@@ -73,8 +73,10 @@ ONEDNN_INFERENCE = True
 
 def _onednn_available() -> bool:
     ops = torch.ops.mkldnn
-    return torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise") and hasattr(
-        ops, "_reorder_linear_weight"
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_reorder_linear_weight")
     )
 
 
@@ -102,8 +104,13 @@ class Linear(nn.Linear):
 
     def _onednn_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """The precision of the oneDNN path for this call, or None for the plain path."""
-        if not (ONEDNN_INFERENCE and _ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if not (
+            ONEDNN_INFERENCE
+            and _ONEDNN
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
             return None
         if torch.is_autocast_enabled("cpu"):
             return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
@@ -203,9 +210,13 @@ class PatchEmbed(nn.Module):
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         B, F_, T = mel.shape
         N = T // FRAMES_PER_TOKEN
-        patches = mel[..., : N * FRAMES_PER_TOKEN].reshape(B, F_, N, FRAMES_PER_TOKEN).transpose(1, 2)
+        patches = (
+            mel[..., : N * FRAMES_PER_TOKEN].reshape(B, F_, N, FRAMES_PER_TOKEN).transpose(1, 2)
+        )
         weight = self.proj.weight.reshape(self.proj.out_channels, F_ * FRAMES_PER_TOKEN)  # (D, 256)
-        x = F.linear(patches.reshape(B, N, F_ * FRAMES_PER_TOKEN), weight, self.proj.bias)  # (B, N, D)
+        x = F.linear(
+            patches.reshape(B, N, F_ * FRAMES_PER_TOKEN), weight, self.proj.bias
+        )  # (B, N, D)
         return x.transpose(1, 2)[:, :, None, :]  # (B, D, 1, N), as the convolution lays it out
 
 
@@ -221,7 +232,9 @@ class DashengEncoder(nn.Module):
         self.patch_embed = PatchEmbed(D)
         self.time_pos_embed = nn.Parameter(torch.zeros(1, D, 1, MAX_TOKENS))
         self.freq_pos_embed = nn.Parameter(torch.zeros(1, D, 1, 1))
-        self.blocks = nn.ModuleList(Block(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            Block(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(D, eps=LN_EPS)
         self.reset_parameters()
 
@@ -262,7 +275,9 @@ class DashengEncoder(nn.Module):
 
     # -- inference -----------------------------------------------------------------------
 
-    def encode(self, tokens: torch.Tensor, valid_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, tokens: torch.Tensor, valid_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Patch tokens (B, D, 1, N), any N → (B, N, D), in independent chunks of 252 tokens.
 
         Whole chunks are folded into the batch item by item, (B, k·252) → (B·k, 252), so
@@ -271,12 +286,16 @@ class DashengEncoder(nn.Module):
         B, D, _, N = tokens.shape
         valid = None
         if valid_tokens is not None:
-            valid = torch.arange(N, device=tokens.device) < valid_tokens.to(tokens.device)[:, None]  # (B, N)
+            valid = (
+                torch.arange(N, device=tokens.device) < valid_tokens.to(tokens.device)[:, None]
+            )  # (B, N)
         whole = N // MAX_TOKENS * MAX_TOKENS
         out = []
         if whole:
             k = whole // MAX_TOKENS
-            x = tokens[..., :whole].reshape(B, D, 1, k, MAX_TOKENS).permute(0, 3, 1, 2, 4)  # (B, k, D, 1, 252)
+            x = (
+                tokens[..., :whole].reshape(B, D, 1, k, MAX_TOKENS).permute(0, 3, 1, 2, 4)
+            )  # (B, k, D, 1, 252)
             x = self.add_positions(x.reshape(B * k, D, 1, MAX_TOKENS))  # (B·k, 252, D)
             v = None if valid is None else valid[:, :whole].reshape(B * k, MAX_TOKENS)
             out.append(self.transformer(x, v).reshape(B, whole, D))

@@ -110,7 +110,9 @@ class MelBatchNorm(nn.Sequential):
         if not self.training or valid_frames is None or bool((valid_frames >= T).all()):
             return super().forward(mel)
         # Batch statistics over the valid frames only.
-        w = (torch.arange(T, device=mel.device) < valid_frames[:, None]).to(mel.dtype)[:, None, :]  # (B, 1, T)
+        w = (torch.arange(T, device=mel.device) < valid_frames[:, None]).to(mel.dtype)[
+            :, None, :
+        ]  # (B, 1, T)
         n = w.sum()
         mean = (mel * w).sum(dim=(0, 2)) / n  # (64,)
         var = ((mel - mean[:, None]) ** 2 * w).sum(dim=(0, 2)) / n  # (64,), biased

@@ -33,8 +33,15 @@ from dasheng_model.frontend import SAMPLE_RATE
 from dasheng_model.inputs import check_dtype
 from dasheng_model.pretrained import RANDOM_PREFIX, RANDOM_SEED, random_encoder
 
-__all__ = ["RANDOM_PREFIX", "RANDOM_SEED", "HearModel", "load_model", "random_encoder",
-           "get_scene_embeddings", "get_timestamp_embeddings"]
+__all__ = [
+    "RANDOM_PREFIX",
+    "RANDOM_SEED",
+    "HearModel",
+    "load_model",
+    "random_encoder",
+    "get_scene_embeddings",
+    "get_timestamp_embeddings",
+]
 
 
 class HearModel(nn.Module):
@@ -42,18 +49,26 @@ class HearModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, encoder: DashengEncoder, batch_size: int = 16, dtype="fp32", layer: Layer = "last"):
+    def __init__(
+        self, encoder: DashengEncoder, batch_size: int = 16, dtype="fp32", layer: Layer = "last"
+    ):
         super().__init__()
         self.encoder = encoder.eval()
         self.dtype = check_dtype(dtype)  # "fp32" or "bf16" (autocast)
-        self.layer = check_layer(layer, len(encoder.blocks))  # which block's output is the embedding
+        self.layer = check_layer(
+            layer, len(encoder.blocks)
+        )  # which block's output is the embedding
         self.scene_embedding_size = encoder.embed_dim
         self.timestamp_embedding_size = encoder.embed_dim
         self.batch_size = batch_size  # sounds per forward pass
 
 
-def load_model(model_file_path: str = "", device: str | torch.device | None = None, dtype="fp32",
-               layer: Layer = "last") -> HearModel:
+def load_model(
+    model_file_path: str = "",
+    device: str | torch.device | None = None,
+    dtype="fp32",
+    layer: Layer = "last",
+) -> HearModel:
     dtype = check_dtype(dtype)  # before loading anything: a bad dtype fails fast
     encoder = random_encoder("base") if model_file_path == "" else pretrained.load(model_file_path)
     if device is None:
@@ -64,7 +79,9 @@ def load_model(model_file_path: str = "", device: str | torch.device | None = No
 def _check_audio(audio: torch.Tensor) -> None:
     if not isinstance(audio, torch.Tensor) or audio.ndim != 2:
         shape = tuple(audio.shape) if isinstance(audio, torch.Tensor) else type(audio).__name__
-        raise ValueError(f"expected audio as a Tensor[n_sounds, n_samples] (mono, {SAMPLE_RATE} Hz), got {shape}")
+        raise ValueError(
+            f"expected audio as a Tensor[n_sounds, n_samples] (mono, {SAMPLE_RATE} Hz), got {shape}"
+        )
     if audio.shape[0] == 0:
         raise ValueError("expected at least one sound, got Tensor[0, n_samples]")
 
@@ -72,12 +89,16 @@ def _check_audio(audio: torch.Tensor) -> None:
 def _frames(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """(n_sounds, n_samples) → (n_sounds, T, D) frame embeddings, in batches of ``model.batch_size``."""
     _check_audio(audio)
-    parts = [embed(model.encoder, chunk, dtype=model.dtype, layer=model.layer).frames
-             for chunk in audio.split(model.batch_size)]
+    parts = [
+        embed(model.encoder, chunk, dtype=model.dtype, layer=model.layer).frames
+        for chunk in audio.split(model.batch_size)
+    ]
     return torch.cat(parts).to(audio.device)
 
 
-def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
+def get_timestamp_embeddings(
+    audio: torch.Tensor, model: HearModel
+) -> tuple[torch.Tensor, torch.Tensor]:
     """→ (embeddings (n_sounds, T, D) float32, timestamps (n_sounds, T) in ms at frame centres)."""
     frames = _frames(audio, model)
     n, T, _ = frames.shape

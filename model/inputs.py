@@ -30,7 +30,9 @@ def _check_counts(counts, batch: int, low: int, high: int, what: str, unit: str)
     if counts.dtype.is_floating_point or counts.dtype == torch.bool:
         raise ValueError(f"{what} must be integers ({unit}), got dtype {counts.dtype}")
     if counts.shape != (batch,):
-        raise ValueError(f"{what} must have shape ({batch},), one count per item, got {tuple(counts.shape)}")
+        raise ValueError(
+            f"{what} must have shape ({batch},), one count per item, got {tuple(counts.shape)}"
+        )
     counts = counts.long()
     if batch and (int(counts.min()) < low or int(counts.max()) > high):
         raise ValueError(
@@ -43,7 +45,9 @@ def _check_counts(counts, batch: int, low: int, high: int, what: str, unit: str)
 def check_waveform(wav: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mono 16 kHz audio as (B, S), (S,) or (B, 1, S) → float32 (B, S); ``lengths`` (B,) in samples."""
     if not isinstance(wav, torch.Tensor):
-        raise ValueError(f"expected audio as a torch.Tensor of shape (batch, samples), got {type(wav).__name__}")
+        raise ValueError(
+            f"expected audio as a torch.Tensor of shape (batch, samples), got {type(wav).__name__}"
+        )
     if wav.ndim == 3 and wav.shape[1] == 1:
         wav = wav[:, 0]
     elif wav.ndim == 1:
@@ -59,8 +63,10 @@ def check_waveform(wav: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch
         raise ValueError(f"expected float audio in [-1, 1], got dtype {wav.dtype}")
     batch, samples = wav.shape
     if batch == 0 or samples == 0:
-        raise ValueError(f"empty audio: shape {tuple(wav.shape)}; expected at least one clip of >= "
-                         f"{SAMPLES_PER_TOKEN} samples")
+        raise ValueError(
+            f"empty audio: shape {tuple(wav.shape)}; expected at least one clip of >= "
+            f"{SAMPLES_PER_TOKEN} samples"
+        )
     if samples < SAMPLES_PER_TOKEN:
         hint = " (is it (samples, channels)? expected (batch, samples))" if batch > samples else ""
         raise ValueError(
@@ -77,8 +83,10 @@ def check_waveform(wav: torch.Tensor, lengths=None) -> tuple[torch.Tensor, torch
 def check_mel(mel: torch.Tensor, valid_frames=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dB log-mel (B, 64, T), float16/bfloat16/float32 → float32; ``valid_frames`` (B,)."""
     if not isinstance(mel, torch.Tensor):
-        raise ValueError(f"expected a log-mel torch.Tensor of shape (batch, {N_MELS}, frames), "
-                         f"got {type(mel).__name__}")
+        raise ValueError(
+            f"expected a log-mel torch.Tensor of shape (batch, {N_MELS}, frames), "
+            f"got {type(mel).__name__}"
+        )
     if mel.ndim != 3 or mel.shape[1] != N_MELS:
         raise ValueError(
             f"expected a dB log-mel of shape (batch, {N_MELS}, frames), got shape {tuple(mel.shape)}"
@@ -95,7 +103,9 @@ def check_mel(mel: torch.Tensor, valid_frames=None) -> tuple[torch.Tensor, torch
     mel = mel.float()
     _check_finite(mel, "log-mel")
     if valid_frames is not None:
-        valid_frames = _check_counts(valid_frames, batch, FRAMES_PER_TOKEN, frames, "valid_frames", "frames")
+        valid_frames = _check_counts(
+            valid_frames, batch, FRAMES_PER_TOKEN, frames, "valid_frames", "frames"
+        )
     return mel, valid_frames
 
 
@@ -115,5 +125,7 @@ def check_dtype(dtype) -> str:
     else:
         name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
     if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}: expected 'fp32' or 'bf16' (or torch.float32 / torch.bfloat16)")
+        raise ValueError(
+            f"unsupported dtype {dtype!r}: expected 'fp32' or 'bf16' (or torch.float32 / torch.bfloat16)"
+        )
     return name

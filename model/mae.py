@@ -26,7 +26,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dasheng_model.encoder import LN_EPS, MAX_TOKENS, Block, DashengEncoder, EncoderConfig, encoder_config
+from dasheng_model.encoder import (
+    LN_EPS,
+    MAX_TOKENS,
+    Block,
+    DashengEncoder,
+    EncoderConfig,
+    encoder_config,
+)
 from dasheng_model.frontend import N_MELS
 from dasheng_model.inputs import FRAMES_PER_TOKEN, check_mel
 
@@ -104,7 +111,9 @@ def group_masking(
     K = GROUP * int(kept_pairs.max())
     keep = shuffle[:, :K]
     real = torch.arange(G * GROUP, device=device) < valid_tokens[:, None]  # (B, N2)
-    keep_real = (torch.arange(K, device=device) < GROUP * kept_pairs[:, None]) & real.gather(1, keep)
+    keep_real = (torch.arange(K, device=device) < GROUP * kept_pairs[:, None]) & real.gather(
+        1, keep
+    )
     visible = torch.zeros_like(real).scatter(1, keep, keep_real)
     return Masking(keep, keep_real, restore, real & ~visible, real)
 
@@ -129,7 +138,9 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, MAX_TOKENS, Dd))  # learned, zero init
-        self.blocks = nn.ModuleList(Block(Dd, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            Block(Dd, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(Dd, eps=LN_EPS)
         self.pred = nn.Linear(Dd, PATCH_VALUES)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -189,19 +200,25 @@ class MaskedAutoencoder(nn.Module):
         mel, valid_frames = check_mel(mel, valid_frames)
         B, _, T = mel.shape
         if T > MAX_TOKENS * FRAMES_PER_TOKEN:
-            raise ValueError(f"MAE crops hold at most {MAX_TOKENS * FRAMES_PER_TOKEN} frames (10.08 s), got {T}")
+            raise ValueError(
+                f"MAE crops hold at most {MAX_TOKENS * FRAMES_PER_TOKEN} frames (10.08 s), got {T}"
+            )
         mel = mel.to(self.encoder.time_pos_embed.device)
         if valid_frames is not None:
             valid_frames = valid_frames.to(mel.device)
         N = T // FRAMES_PER_TOKEN
         valid_tokens = (
-            torch.full((B,), N, device=mel.device) if valid_frames is None else valid_frames // FRAMES_PER_TOKEN
+            torch.full((B,), N, device=mel.device)
+            if valid_frames is None
+            else valid_frames // FRAMES_PER_TOKEN
         )
 
         target = patchify(mel)  # (B, N, 256) fp32, dB before init_bn
         x = self.encoder.add_positions(self.encoder.tokenize(mel, valid_frames))  # (B, N, D)
         if N % GROUP:
-            x = torch.cat([x, x.new_zeros(B, 1, x.shape[-1])], dim=1)  # (B, N2, D), one padding token
+            x = torch.cat(
+                [x, x.new_zeros(B, 1, x.shape[-1])], dim=1
+            )  # (B, N2, D), one padding token
 
         m = group_masking(valid_tokens, N, self.mask_ratio, generator)
         visible = x.gather(1, m.keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)

@@ -47,7 +47,11 @@ HF_CONFIG = "config.json"
 HF_PREFIX = "encoder."
 _FRONT_END = "front_end."
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_HF_REPOS = {"base": "mispeech/dasheng-base", "0.6B": "mispeech/dasheng-0.6B", "1.2B": "mispeech/dasheng-1.2B"}
+_HF_REPOS = {
+    "base": "mispeech/dasheng-base",
+    "0.6B": "mispeech/dasheng-0.6B",
+    "1.2B": "mispeech/dasheng-1.2B",
+}
 
 
 # -- random weights --------------------------------------------------------------------------
@@ -62,11 +66,15 @@ def random_encoder(size: str | EncoderConfig = "base", seed: int = RANDOM_SEED) 
 
 def parse_random(spec: str) -> tuple[str, int]:
     """``random:<size>[:<seed>]`` → (size, seed)."""
-    size, _, seed = spec[len(RANDOM_PREFIX):].partition(":")
+    size, _, seed = spec[len(RANDOM_PREFIX) :].partition(":")
     if size not in SIZES:
-        raise CheckpointError(f"model {spec!r}: unknown size {size!r}; expected random:<size> with size in {sorted(SIZES)}")
+        raise CheckpointError(
+            f"model {spec!r}: unknown size {size!r}; expected random:<size> with size in {sorted(SIZES)}"
+        )
     if seed and not seed.isdigit():
-        raise CheckpointError(f"model {spec!r}: the seed after the size must be a whole number, e.g. random:{size}:0")
+        raise CheckpointError(
+            f"model {spec!r}: the seed after the size must be a whole number, e.g. random:{size}:0"
+        )
     return size, int(seed) if seed else RANDOM_SEED
 
 
@@ -80,8 +88,12 @@ def _hf_config(folder: Path) -> EncoderConfig | None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         kwargs = config["encoder_kwargs"]
-        return EncoderConfig(embed_dim=int(kwargs["embed_dim"]), depth=int(kwargs["depth"]),
-                             num_heads=int(kwargs["num_heads"]), mlp_ratio=float(kwargs.get("mlp_ratio", 4.0)))
+        return EncoderConfig(
+            embed_dim=int(kwargs["embed_dim"]),
+            depth=int(kwargs["depth"]),
+            num_heads=int(kwargs["num_heads"]),
+            mlp_ratio=float(kwargs.get("mlp_ratio", 4.0)),
+        )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: expected a JSON object with encoder_kwargs {{embed_dim, depth, num_heads}} ({exc!r})"
@@ -97,15 +109,19 @@ def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu") -
     path = Path(path)
     weights = path / HF_WEIGHTS if path.is_dir() else path
     if not weights.is_file():
-        raise CheckpointError(f"{path}: no {HF_WEIGHTS} in this folder; expected a Hugging Face-format model")
+        raise CheckpointError(
+            f"{path}: no {HF_WEIGHTS} in this folder; expected a Hugging Face-format model"
+        )
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: corrupt safetensors file ({exc})") from exc
-    state = {k[len(HF_PREFIX):]: v for k, v in tensors.items() if k.startswith(HF_PREFIX)}
+    state = {k[len(HF_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HF_PREFIX)}
     others = sorted(k for k in tensors if not k.startswith(HF_PREFIX))
     if not state:
-        raise CheckpointError(f"{weights}: no '{HF_PREFIX}*' keys; not a Hugging Face-format Dasheng model")
+        raise CheckpointError(
+            f"{weights}: no '{HF_PREFIX}*' keys; not a Hugging Face-format Dasheng model"
+        )
     if others:
         log.info(f"{weights}: left out {len(others)} keys outside the encoder ({others[0]} …)")
     config = _hf_config(weights.parent)
@@ -114,7 +130,9 @@ def load_hf(path: str | os.PathLike, map_location: str | torch.device = "cpu") -
 
         config = infer_encoder_config(state)
         if config is None:
-            raise CheckpointError(f"{weights}: no {HF_CONFIG} beside it and the shapes fit no known size")
+            raise CheckpointError(
+                f"{weights}: no {HF_CONFIG} beside it and the shapes fit no known size"
+            )
     model = DashengEncoder(config)
     for key, value in model.state_dict().items():  # the front end's fixed buffers are not stored
         if key.startswith(_FRONT_END):
@@ -127,18 +145,26 @@ def save_hf(encoder: DashengEncoder, folder: str | os.PathLike) -> Path:
     """Write ``encoder`` in the Hugging Face format (``model.safetensors`` + ``config.json``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {HF_PREFIX + k: v.detach().cpu().contiguous()
-               for k, v in encoder.state_dict().items() if not k.startswith(_FRONT_END)}
+    tensors = {
+        HF_PREFIX + k: v.detach().cpu().contiguous()
+        for k, v in encoder.state_dict().items()
+        if not k.startswith(_FRONT_END)
+    }
     c = encoder.config
-    config = {"model_type": "dasheng", "architectures": ["DashengModel"],
-              "encoder_kwargs": {"embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads}}
+    config = {
+        "model_type": "dasheng",
+        "architectures": ["DashengModel"],
+        "encoder_kwargs": {"embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads},
+    }
     save_file(tensors, str(folder / HF_WEIGHTS), metadata={"format": "pt"})
     (folder / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
 
 
 def is_hf(path: Path) -> bool:
-    return (path.is_dir() and (path / HF_WEIGHTS).is_file()) or (path.is_file() and path.name == HF_WEIGHTS)
+    return (path.is_dir() and (path / HF_WEIGHTS).is_file()) or (
+        path.is_file() and path.name == HF_WEIGHTS
+    )
 
 
 def download(repo_id: str) -> Path:
@@ -175,7 +201,9 @@ def load(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -> D
         if is_hf(path):
             return load_hf(path, map_location)
         if path.is_dir():
-            raise CheckpointError(f"{path}: a folder without {HF_WEIGHTS}; pass a checkpoint file or a Hugging Face-format folder")
+            raise CheckpointError(
+                f"{path}: a folder without {HF_WEIGHTS}; pass a checkpoint file or a Hugging Face-format folder"
+            )
         return load_encoder(path, map_location=map_location)
     if _REPO_ID.match(text) and not text.endswith((".pt", ".safetensors", ".pth")):
         return load_hf(download(text), map_location)
@@ -198,7 +226,9 @@ def weights_sha256(spec: str | os.PathLike, encoder: DashengEncoder | None = Non
     digest = hashlib.sha256()
     for key, value in encoder.state_dict().items():
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -210,7 +240,9 @@ def _named(size: str, weights: str | os.PathLike | None, map_location) -> Dashen
         return random_encoder(size).to(map_location)
     encoder = load(_HF_REPOS[size] if weights == "hub" else weights, map_location)
     if encoder.config != SIZES[size]:
-        raise CheckpointError(f"{weights}: holds size {size_name(encoder.config) or encoder.config}, not {size!r}")
+        raise CheckpointError(
+            f"{weights}: holds size {size_name(encoder.config) or encoder.config}, not {size!r}"
+        )
     return encoder
 
 

@@ -29,7 +29,9 @@ from dasheng_model.frontend import SAMPLE_RATE
 from dasheng_model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_waveform
 
 CHECKPOINT_ENV = "DASHENG_CHECKPOINT"
-PIECE_FRAMES = MAX_TOKENS * FRAMES_PER_TOKEN  # 1008 mel frames = 252 tokens = 10.08 s, the encoder's own chunk
+PIECE_FRAMES = (
+    MAX_TOKENS * FRAMES_PER_TOKEN
+)  # 1008 mel frames = 252 tokens = 10.08 s, the encoder's own chunk
 
 
 class XaresDashengEncoder(nn.Module):
@@ -55,8 +57,14 @@ class XaresDashengEncoder(nn.Module):
         audio, _ = check_waveform(audio, None)  # (B, S) float32; (S,) and (B, 1, S) accepted
         self.model.eval()
         with torch.no_grad():
-            mel = self.model.front_end(audio.to(self.model.time_pos_embed.device))  # (B, 64, S // 160 + 1)
-            usable = mel.shape[-1] // FRAMES_PER_TOKEN * FRAMES_PER_TOKEN  # frames that make whole tokens
-            pieces = [self.model.forward_mel(mel[..., a:min(a + PIECE_FRAMES, usable)])  # (B, ≤ 252, D)
-                      for a in range(0, usable, PIECE_FRAMES)]
+            mel = self.model.front_end(
+                audio.to(self.model.time_pos_embed.device)
+            )  # (B, 64, S // 160 + 1)
+            usable = (
+                mel.shape[-1] // FRAMES_PER_TOKEN * FRAMES_PER_TOKEN
+            )  # frames that make whole tokens
+            pieces = [
+                self.model.forward_mel(mel[..., a : min(a + PIECE_FRAMES, usable)])  # (B, ≤ 252, D)
+                for a in range(0, usable, PIECE_FRAMES)
+            ]
         return torch.cat(pieces, dim=1)  # (B, T = (S // 160 + 1) // 4, D)

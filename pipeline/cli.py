@@ -23,8 +23,10 @@ from dasheng_pipeline.common import logs
 
 log = logging.getLogger("dasheng-pipeline")
 
-EPILOG = ("MODEL: a checkpoint file (official .pt or our .safetensors), a Hugging Face folder or repo id "
-          "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B.")
+EPILOG = (
+    "MODEL: a checkpoint file (official .pt or our .safetensors), a Hugging Face folder or repo id "
+    "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B."
+)
 
 
 def _parser_with(parent: argparse.ArgumentParser):
@@ -38,75 +40,166 @@ def _parser_with(parent: argparse.ArgumentParser):
 def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, metavar="MODEL", help="the encoder (see below)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast around the transformer, front end in fp32 (default: fp32)")
-    p.add_argument("--batch-size", type=int, default=8, help="10 s windows per forward pass (default: 8)")
+    p.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast around the transformer, front end in fp32 (default: fp32)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="10 s windows per forward pass (default: 8)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dasheng-pipeline", description="Dasheng audio encoders on your own audio: "
-                                  "embed, evaluate, fine-tune, predict, inspect.", epilog=EPILOG)
+    top = argparse.ArgumentParser(
+        prog="dasheng-pipeline",
+        description="Dasheng audio encoders on your own audio: "
+        "embed, evaluate, fine-tune, predict, inspect.",
+        epilog=EPILOG,
+    )
     top.add_argument("--version", action="store_true", help="print the versions and exit")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     quiet = argparse.ArgumentParser(add_help=False)  # -q after the subcommand too
-    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars, warnings only")
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars, warnings only",
+    )
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(quiet))
 
-    p = sub.add_parser("embed", help="audio files → clip (and frame) embeddings, one Parquet row per file",
-                       description="Embed audio files, folders (recursive) or lists (.txt/.csv) into one Parquet "
-                       "row per file; long files in 10 s windows; a rerun skips what is done.", epilog=EPILOG)
+    p = sub.add_parser(
+        "embed",
+        help="audio files → clip (and frame) embeddings, one Parquet row per file",
+        description="Embed audio files, folders (recursive) or lists (.txt/.csv) into one Parquet "
+        "row per file; long files in 10 s windows; a rerun skips what is done.",
+        epilog=EPILOG,
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")
-    p.add_argument("--out", required=True, help="output .parquet (rejects: OUT.rejects.csv beside it)")
-    p.add_argument("--frames", action="store_true", help="also store the 25 Hz frame embeddings and their times")
-    p.add_argument("--decode-threads", type=int, default=2, help="files decoded ahead in threads (default: 2)")
+    p.add_argument(
+        "--out", required=True, help="output .parquet (rejects: OUT.rejects.csv beside it)"
+    )
+    p.add_argument(
+        "--frames",
+        action="store_true",
+        help="also store the 25 Hz frame embeddings and their times",
+    )
+    p.add_argument(
+        "--decode-threads", type=int, default=2, help="files decoded ahead in threads (default: 2)"
+    )
     _model_args(p)
 
-    p = sub.add_parser("evaluate", help="a HEAR or X-ARES task folder → the DAG's scores for it",
-                       description="Embed a task and score it exactly as the DAG does: a HEAR task folder with the "
-                       "HEAR MLP probe and the paper's k-NN, an X-ARES task (webdataset .tar shards, described by an "
-                       "evaluation.tasks entry of --config, e.g. config/xares.yaml) with X-ARES's MLP and k-NN.",
-                       epilog=EPILOG)
-    p.add_argument("task", metavar="TASK_DIR", help="HEAR task folder, or X-ARES task folder of .tar shards")
-    p.add_argument("--model", required=True, metavar="MODEL", help="the encoder (see below), or logmel for the baseline")
+    p = sub.add_parser(
+        "evaluate",
+        help="a HEAR or X-ARES task folder → the DAG's scores for it",
+        description="Embed a task and score it exactly as the DAG does: a HEAR task folder with the "
+        "HEAR MLP probe and the paper's k-NN, an X-ARES task (webdataset .tar shards, described by an "
+        "evaluation.tasks entry of --config, e.g. config/xares.yaml) with X-ARES's MLP and k-NN.",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "task", metavar="TASK_DIR", help="HEAR task folder, or X-ARES task folder of .tar shards"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="the encoder (see below), or logmel for the baseline",
+    )
     p.add_argument("--out", help="output folder (default: eval-<task name>)")
-    p.add_argument("--probe", action="append_const", const="probe", dest="protocols", help="the HEAR MLP probe")
-    p.add_argument("--knn", action="append_const", const="knn", dest="protocols", help="the paper's k-NN")
-    p.add_argument("--xares-mlp", action="append_const", const="xares_mlp", dest="protocols", help="X-ARES's MLP")
-    p.add_argument("--xares-knn", action="append_const", const="xares_knn", dest="protocols", help="X-ARES's k-NN "
-                   "(default: --probe --knn for HEAR folders, --xares-mlp --xares-knn for X-ARES ones)")
-    p.add_argument("--config", help="a workflow config (e.g. config/config.yaml, config/xares.yaml): its seed, "
-                   "evaluation settings and X-ARES task descriptions")
+    p.add_argument(
+        "--probe", action="append_const", const="probe", dest="protocols", help="the HEAR MLP probe"
+    )
+    p.add_argument(
+        "--knn", action="append_const", const="knn", dest="protocols", help="the paper's k-NN"
+    )
+    p.add_argument(
+        "--xares-mlp",
+        action="append_const",
+        const="xares_mlp",
+        dest="protocols",
+        help="X-ARES's MLP",
+    )
+    p.add_argument(
+        "--xares-knn",
+        action="append_const",
+        const="xares_knn",
+        dest="protocols",
+        help="X-ARES's k-NN "
+        "(default: --probe --knn for HEAR folders, --xares-mlp --xares-knn for X-ARES ones)",
+    )
+    p.add_argument(
+        "--config",
+        help="a workflow config (e.g. config/config.yaml, config/xares.yaml): its seed, "
+        "evaluation settings and X-ARES task descriptions",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
 
-    p = sub.add_parser("finetune", help="labelled audio → a classifier (linear, mlp or full fine-tuning)",
-                       description="Train a classifier on DATA: a folder with one subfolder per class, or a CSV "
-                       "path,label[,split] (labels ';'-separated for multi-label).", epilog=EPILOG)
-    p.add_argument("data", metavar="DATA", help="folder of class folders, or CSV with path,label[,split]")
+    p = sub.add_parser(
+        "finetune",
+        help="labelled audio → a classifier (linear, mlp or full fine-tuning)",
+        description="Train a classifier on DATA: a folder with one subfolder per class, or a CSV "
+        "path,label[,split] (labels ';'-separated for multi-label).",
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "data", metavar="DATA", help="folder of class folders, or CSV with path,label[,split]"
+    )
     p.add_argument("--out", required=True, help="output folder (classifier, metrics, plots)")
-    p.add_argument("--mode", choices=["linear", "mlp", "full"], default="mlp",
-                   help="linear/mlp: frozen encoder, embeddings cached; full: the encoder trained too (default: mlp)")
-    p.add_argument("--folds", type=int, default=0, help="K-fold cross-validation instead of one split")
-    p.add_argument("--valid-fraction", type=float, default=0.15, help="stratified split, when the CSV gives none")
-    p.add_argument("--test-fraction", type=float, default=0.15, help="stratified split, when the CSV gives none")
+    p.add_argument(
+        "--mode",
+        choices=["linear", "mlp", "full"],
+        default="mlp",
+        help="linear/mlp: frozen encoder, embeddings cached; full: the encoder trained too (default: mlp)",
+    )
+    p.add_argument(
+        "--folds", type=int, default=0, help="K-fold cross-validation instead of one split"
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.15,
+        help="stratified split, when the CSV gives none",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.15,
+        help="stratified split, when the CSV gives none",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: 100 (linear/mlp), 10 (full)")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (linear/mlp), 1e-4 (full)")
-    p.add_argument("--layer-decay", type=float, default=0.75, help="full: layer-wise lr decay (default: 0.75)")
-    p.add_argument("--mixup", type=float, default=0.0, help="full: mixup alpha, 0 = off (default: 0)")
+    p.add_argument(
+        "--layer-decay", type=float, default=0.75, help="full: layer-wise lr decay (default: 0.75)"
+    )
+    p.add_argument(
+        "--mixup", type=float, default=0.0, help="full: mixup alpha, 0 = off (default: 0)"
+    )
     p.add_argument("--seed", type=int, default=0)
     _model_args(p)
 
-    p = sub.add_parser("predict", help="a classifier → top-k labels per file (or per 10 s chunk)",
-                       description="Tag audio files with a classifier written by finetune.")
+    p = sub.add_parser(
+        "predict",
+        help="a classifier → top-k labels per file (or per 10 s chunk)",
+        description="Tag audio files with a classifier written by finetune.",
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")
     p.add_argument("--classifier", required=True, help="folder written by finetune")
     p.add_argument("--out", required=True, help="output .csv")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--chunks", action="store_true", help="one row per 10 s chunk instead of per file")
+    p.add_argument(
+        "--chunks", action="store_true", help="one row per 10 s chunk instead of per file"
+    )
     _model_args(p, model=False)
 
-    p = sub.add_parser("inspect", help="a checkpoint → format, size, parameters, sha256, provenance",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "inspect", help="a checkpoint → format, size, parameters, sha256, provenance", epilog=EPILOG
+    )
     p.add_argument("checkpoint", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print JSON")
     return top
@@ -116,31 +209,68 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "embed":
         from dasheng_pipeline.tools.embed import embed_files
 
-        embed_files(args.inputs, args.model, args.out, frames=args.frames, batch_size=args.batch_size,
-                    device=args.device, dtype=args.dtype, decode_threads=args.decode_threads, progress=not args.quiet)
+        embed_files(
+            args.inputs,
+            args.model,
+            args.out,
+            frames=args.frames,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            decode_threads=args.decode_threads,
+            progress=not args.quiet,
+        )
     elif args.command == "evaluate":
         from pathlib import Path
 
         from dasheng_pipeline.tools.evaluate import evaluate_task, headline
 
         out = args.out or f"eval-{Path(args.task).resolve().name}"
-        results = evaluate_task(args.task, args.model, out, protocols=args.protocols, config=args.config,
-                                threads=args.threads)
+        results = evaluate_task(
+            args.task,
+            args.model,
+            out,
+            protocols=args.protocols,
+            config=args.config,
+            threads=args.threads,
+        )
         print(headline(results))
         print(f"results in {out}/")
     elif args.command == "finetune":
         from dasheng_pipeline.tools.finetune import finetune
 
-        finetune(args.data, args.model, args.out, mode=args.mode, folds=args.folds,
-                          valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, epochs=args.epochs,
-                          lr=args.lr, layer_decay=args.layer_decay, mixup=args.mixup, seed=args.seed,
-                          batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                          progress=not args.quiet)
+        finetune(
+            args.data,
+            args.model,
+            args.out,
+            mode=args.mode,
+            folds=args.folds,
+            valid_fraction=args.valid_fraction,
+            test_fraction=args.test_fraction,
+            epochs=args.epochs,
+            lr=args.lr,
+            layer_decay=args.layer_decay,
+            mixup=args.mixup,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.quiet,
+        )
     elif args.command == "predict":
         from dasheng_pipeline.tools.predict import predict
 
-        predict(args.inputs, args.classifier, args.out, top_k=args.top_k, chunks=args.chunks,
-                batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.quiet)
+        predict(
+            args.inputs,
+            args.classifier,
+            args.out,
+            top_k=args.top_k,
+            chunks=args.chunks,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.quiet,
+        )
     elif args.command == "inspect":
         from dasheng_pipeline.tools.checkpoints import describe_checkpoint, render
 
@@ -169,10 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("interrupted: what was finished is kept; rerun the same command to continue", file=sys.stderr)
+        print(
+            "interrupted: what was finished is kept; rerun the same command to continue",
+            file=sys.stderr,
+        )
         return 130
-    except (CheckpointError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as exc:
+    except (
+        CheckpointError,
+        ValueError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 from helpers import HEAR_TASK, NO_CONTROLLER_CONF, SHARED, SPEECH_COMMANDS
 
 # Keep torch/BLAS from oversubscribing the 2-core machine when tests run jobs in parallel.
@@ -31,14 +30,18 @@ def slurm_client_points_nowhere(tmp_path_factory):
 @pytest.fixture
 def hear_task():
     if not HEAR_TASK.is_dir():
-        pytest.skip(f"shared fixture {HEAR_TASK} is absent (set DASHENG_SHARED to the shared folder)")
+        pytest.skip(
+            f"shared fixture {HEAR_TASK} is absent (set DASHENG_SHARED to the shared folder)"
+        )
     return HEAR_TASK
 
 
 @pytest.fixture
 def speech_commands():
     if not SPEECH_COMMANDS.is_dir():
-        pytest.skip(f"shared fixture {SPEECH_COMMANDS} is absent (set DASHENG_SHARED to the shared folder)")
+        pytest.skip(
+            f"shared fixture {SPEECH_COMMANDS} is absent (set DASHENG_SHARED to the shared folder)"
+        )
     return SPEECH_COMMANDS
 
 

@@ -20,16 +20,37 @@ HEAR_TASK = FIXTURES / "hear" / "spoken_digit-1.0.9-small"
 SPEECH_COMMANDS = FIXTURES / "speech_commands_small"
 
 
-def tone(path: Path, seconds: float, *, sample_rate: int = 44100, channels: int = 1, freq: float = 440.0,
-         extra: tuple[str, ...] = ()) -> Path:
+def tone(
+    path: Path,
+    seconds: float,
+    *,
+    sample_rate: int = 44100,
+    channels: int = 1,
+    freq: float = 440.0,
+    extra: tuple[str, ...] = (),
+) -> Path:
     """A sine tone in any container/codec ffmpeg infers from ``path``'s extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-         "-i", f"sine=frequency={freq}:sample_rate={sample_rate}:duration={seconds}",
-         "-ac", str(channels), *extra, str(path)],
-        check=True, capture_output=True,
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={freq}:sample_rate={sample_rate}:duration={seconds}",
+            "-ac",
+            str(channels),
+            *extra,
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
     )
     return path
 
@@ -37,9 +58,14 @@ def tone(path: Path, seconds: float, *, sample_rate: int = 44100, channels: int 
 def float_wav(path: Path, samples, sample_rate: int = 16000) -> Path:
     """A 32-bit float WAV written by hand (so it can hold NaN)."""
     data = b"".join(struct.pack("<f", float(x)) for x in samples)
-    header = (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
-              + struct.pack("<IHHIIHH", 16, 3, 1, sample_rate, sample_rate * 4, 4, 32)
-              + b"data" + struct.pack("<I", len(data)))
+    header = (
+        b"RIFF"
+        + struct.pack("<I", 36 + len(data))
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 3, 1, sample_rate, sample_rate * 4, 4, 32)
+        + b"data"
+        + struct.pack("<I", len(data))
+    )
     Path(path).write_bytes(header + data)
     return Path(path)
 
@@ -65,14 +91,27 @@ def bad_corpus(root: Path) -> dict[str, str]:
     silent_wav(root / "bad" / "silent.wav", 2.0)
     tone(root / "bad" / "short.wav", 0.05)
     zero = root / "bad" / "zero_length.wav"
-    zero.write_bytes(b"RIFF" + struct.pack("<I", 36) + b"WAVEfmt "
-                     + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16) + b"data" + struct.pack("<I", 0))
+    zero.write_bytes(
+        b"RIFF"
+        + struct.pack("<I", 36)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+        + b"data"
+        + struct.pack("<I", 0)
+    )
     (root / "notes.txt").write_text("not listed: not an audio extension\n")
     return {
-        "good/tone.wav": "ok", "good/tone.mp3": "ok", "good/long.flac": "ok",
-        "bad/truncated.flac": "undecodable", "bad/corrupt.wav": "undecodable", "bad/empty.wav": "empty file",
-        "bad/text.mp3": "undecodable", "bad/nan.wav": "8000 of 8000 samples are NaN",
-        "bad/silent.wav": "silent", "bad/short.wav": "too short", "bad/zero_length.wav": "no audio decoded",
+        "good/tone.wav": "ok",
+        "good/tone.mp3": "ok",
+        "good/long.flac": "ok",
+        "bad/truncated.flac": "undecodable",
+        "bad/corrupt.wav": "undecodable",
+        "bad/empty.wav": "empty file",
+        "bad/text.mp3": "undecodable",
+        "bad/nan.wav": "8000 of 8000 samples are NaN",
+        "bad/silent.wav": "silent",
+        "bad/short.wav": "too short",
+        "bad/zero_length.wav": "no audio decoded",
     }
 
 
@@ -82,7 +121,9 @@ def bad_corpus(root: Path) -> dict[str, str]:
 # about 9 s added to every Snakemake run. Tests that do not use SLURM point the client at a config
 # whose controller refuses at once (conftest.py); the SLURM tests put back SLURM_CONF_AT_START.
 SLURM_CONF_AT_START = os.environ.get("SLURM_CONF")
-NO_CONTROLLER_CONF = "ClusterName=none\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\nMessageTimeout=1\n"
+NO_CONTROLLER_CONF = (
+    "ClusterName=none\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\nMessageTimeout=1\n"
+)
 
 
 def snakemake_env(**extra: str) -> dict:
@@ -97,18 +138,46 @@ def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "test-config.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=True))
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--configfile", str(cfg), "--cores", "2", *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(cfg),
+        "--cores",
+        "2",
+        *args,
+    ]
 
 
-def snakemake(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 900,
-              env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path,
+    config: dict,
+    *args: str,
+    check: bool = True,
+    timeout: int = 900,
+    env: dict | None = None,
+    **popen,
+) -> subprocess.CompletedProcess:
     """Run the real workflow with ``config`` (merged over nothing: schema defaults apply);
     ``popen`` goes to ``subprocess.run`` (``preexec_fn``, say)."""
-    proc = subprocess.run(snakemake_cmd(workdir, config, *args), capture_output=True, text=True, timeout=timeout,
-                          env=env or snakemake_env(), cwd=workdir, **popen)
+    proc = subprocess.run(
+        snakemake_cmd(workdir, config, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or snakemake_env(),
+        cwd=workdir,
+        **popen,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -64,7 +64,7 @@ class Flaky:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -75,7 +75,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self._serve(head=False)
 
-    def _serve(self, head: bool):
+    def _serve(self, head: bool):  # noqa: C901 (to split: issue 24)
         parts = self.path.split("?")[0].strip("/").split("/")
         key = parts[1] if len(parts) == 2 and parts[0] == "v" else None
         with self.server.lock:
@@ -119,7 +119,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         else:
             self.send_response(200)
-        body = data[start:end + 1]
+        body = data[start : end + 1]
         self.send_header("Content-Type", route.content_type)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(body)))
@@ -135,7 +135,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif isinstance(route, Trickle):
                 step = max(1, route.bytes_per_s // 10)
                 for i in range(0, len(body), step):
-                    self.wfile.write(body[i:i + step])
+                    self.wfile.write(body[i : i + step])
                     self.wfile.flush()
                     time.sleep(0.1)
             else:
@@ -183,7 +183,7 @@ class Server:
     def url_template(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v/{{id}}"
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.thread.start()
         return self
 

@@ -11,15 +11,18 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TEMP_MARK = ".tmp-"
 
 
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no insignificant whitespace: the form that gets hashed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def temp_path_for(path: str | os.PathLike) -> Path:

@@ -13,8 +13,8 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import ffmpeg
 import numpy as np
@@ -88,8 +88,9 @@ def ffmpeg_input_name(source: str | os.PathLike) -> str:
     return "file:" + os.path.abspath(text)
 
 
-def _decode_args(source: str | os.PathLike, sample_rate: int, start_s: float | None,
-                 duration_s: float | None):
+def _decode_args(
+    source: str | os.PathLike, sample_rate: int, start_s: float | None, duration_s: float | None
+):
     input_kwargs, output_kwargs = {}, {}
     if start_s:
         input_kwargs["ss"] = f"{start_s:.6f}"  # input seek: fast and sample-accurate for audio
@@ -102,10 +103,19 @@ def _decode_args(source: str | os.PathLike, sample_rate: int, start_s: float | N
         input_kwargs["protocol_whitelist"] = LOCAL_PROTOCOLS
     stream = ffmpeg.input(name, **input_kwargs)
     stream = stream.output(
-        "pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate,
-        af=f"aresample=resampler={resampler()}", vn=None, sn=None, **output_kwargs,
+        "pipe:",
+        format="f32le",
+        acodec="pcm_f32le",
+        ac=1,
+        ar=sample_rate,
+        af=f"aresample=resampler={resampler()}",
+        vn=None,
+        sn=None,
+        **output_kwargs,
     )
-    return stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(cmd=ffmpeg_exe())
+    return stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(
+        cmd=ffmpeg_exe()
+    )
 
 
 class _StderrTail(threading.Thread):
@@ -127,9 +137,15 @@ class _StderrTail(threading.Thread):
         return self.lines[-1] if self.lines else f"ffmpeg exited with status {returncode}"
 
 
-def stream(source: str | os.PathLike, block_samples: int, *, sample_rate: int = SAMPLE_RATE,
-           start_s: float | None = None, duration_s: float | None = None,
-           strict: bool = True) -> Iterator[np.ndarray]:
+def stream(
+    source: str | os.PathLike,
+    block_samples: int,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    start_s: float | None = None,
+    duration_s: float | None = None,
+    strict: bool = True,
+) -> Iterator[np.ndarray]:
     """Decode ``source`` and yield consecutive float32 blocks of ``block_samples`` (the last
     one shorter). Memory stays bounded whatever the file's length.
 
@@ -137,7 +153,9 @@ def stream(source: str | os.PathLike, block_samples: int, *, sample_rate: int = 
     reported decoding errors (a truncated or damaged file) even though it went on."""
     args = _decode_args(source, sample_rate, start_s, duration_s)
     cap = None if duration_s is None else int(round(duration_s * sample_rate))
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     tail = _StderrTail(proc.stderr)
     tail.start()
     emitted = 0
@@ -165,7 +183,9 @@ def stream(source: str | os.PathLike, block_samples: int, *, sample_rate: int = 
     if reached_end and returncode != 0:
         raise DecodeError(os.fspath(source), tail.reason(returncode))
     if (reached_end or capped) and strict and tail.lines:
-        raise DecodeError(os.fspath(source), f"decoding errors (damaged or truncated file): {tail.lines[-1]}")
+        raise DecodeError(
+            os.fspath(source), f"decoding errors (damaged or truncated file): {tail.lines[-1]}"
+        )
 
 
 def _read_exact(pipe, nbytes: int) -> bytes:
@@ -180,12 +200,26 @@ def _read_exact(pipe, nbytes: int) -> bytes:
     return b"".join(parts)
 
 
-def decode(source: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE, start_s: float | None = None,
-           duration_s: float | None = None, strict: bool = True,
-           block_samples: int = SAMPLE_RATE * 60) -> np.ndarray:
+def decode(
+    source: str | os.PathLike,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    start_s: float | None = None,
+    duration_s: float | None = None,
+    strict: bool = True,
+    block_samples: int = SAMPLE_RATE * 60,
+) -> np.ndarray:
     """Decode a whole file (or the segment ``start_s`` + ``duration_s``) to float32 mono."""
-    blocks = list(stream(source, block_samples, sample_rate=sample_rate, start_s=start_s,
-                         duration_s=duration_s, strict=strict))
+    blocks = list(
+        stream(
+            source,
+            block_samples,
+            sample_rate=sample_rate,
+            start_s=start_s,
+            duration_s=duration_s,
+            strict=strict,
+        )
+    )
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
@@ -200,7 +234,7 @@ class ClipRules:
     decode_errors: str = "reject"  # or "keep": keep what decoded before the damage
 
     @classmethod
-    def from_config(cls, audio_cfg: dict) -> "ClipRules":
+    def from_config(cls, audio_cfg: dict) -> ClipRules:
         return cls(
             min_duration_s=float(audio_cfg["min_duration_s"]),
             max_duration_s=float(audio_cfg["max_duration_s"]),
@@ -210,8 +244,9 @@ class ClipRules:
         )
 
 
-def check_stats(n_samples: int, n_nonfinite: int, peak: float, rules: ClipRules,
-                sample_rate: int = SAMPLE_RATE) -> str | None:
+def check_stats(
+    n_samples: int, n_nonfinite: int, peak: float, rules: ClipRules, sample_rate: int = SAMPLE_RATE
+) -> str | None:
     """Why a decoded clip cannot be used (from its running statistics), or None."""
     if n_samples == 0:
         return "no audio decoded (empty or zero-length stream)"
@@ -241,9 +276,16 @@ class ClipReader:
     damaged file is only known to be damaged when ffmpeg finishes. Memory is one block.
     """
 
-    def __init__(self, source: str | os.PathLike, rules: ClipRules, block_samples: int, *,
-                 start_s: float | None = None, duration_s: float | None = None,
-                 sample_rate: int = SAMPLE_RATE):
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        rules: ClipRules,
+        block_samples: int,
+        *,
+        start_s: float | None = None,
+        duration_s: float | None = None,
+        sample_rate: int = SAMPLE_RATE,
+    ):
         self.source, self.rules, self.block_samples = source, rules, block_samples
         self.start_s, self.duration_s, self.sample_rate = start_s, duration_s, sample_rate
         self.reason = "not read yet"
@@ -259,15 +301,23 @@ class ClipReader:
         n = nonfinite = 0
         peak = 0.0
         try:
-            for block in stream(self.source, self.block_samples, sample_rate=sr, start_s=self.start_s,
-                                duration_s=span, strict=rules.decode_errors == "reject"):
+            for block in stream(
+                self.source,
+                self.block_samples,
+                sample_rate=sr,
+                start_s=self.start_s,
+                duration_s=span,
+                strict=rules.decode_errors == "reject",
+            ):
                 truncated = n + block.size > limit
                 if truncated:
                     if rules.too_long == "reject":
-                        self.reason = (f"too long: over audio.max_duration_s={rules.max_duration_s:g} s "
-                                       "(raise it, or set audio.too_long: truncate)")
+                        self.reason = (
+                            f"too long: over audio.max_duration_s={rules.max_duration_s:g} s "
+                            "(raise it, or set audio.too_long: truncate)"
+                        )
                         return
-                    block = block[:limit - n]
+                    block = block[: limit - n]
                     self.note = f"truncated to audio.max_duration_s={rules.max_duration_s:g} s"
                 finite = np.isfinite(block)
                 nonfinite += int(block.size - finite.sum())
@@ -285,14 +335,22 @@ class ClipReader:
         self.reason = check_stats(n, nonfinite, peak, rules, sr) or ""
 
 
-def encode_flac(samples: np.ndarray, path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE) -> None:
+def encode_flac(
+    samples: np.ndarray, path: str | os.PathLike, *, sample_rate: int = SAMPLE_RATE
+) -> None:
     """Write mono float32 samples as 16-bit FLAC, atomically and bit-exactly (no encoder tags)."""
     samples = np.ascontiguousarray(samples, dtype="<f4")
     with atomic.atomic_path(path) as tmp:
         args = (
             ffmpeg.input("pipe:", format="f32le", ar=sample_rate, ac=1)
-            .output(str(tmp), format="flac", acodec="flac", sample_fmt="s16",
-                    fflags="+bitexact", **{"flags:a": "+bitexact", "map_metadata": "-1"})
+            .output(
+                str(tmp),
+                format="flac",
+                acodec="flac",
+                sample_fmt="s16",
+                fflags="+bitexact",
+                **{"flags:a": "+bitexact", "map_metadata": "-1"},
+            )
             .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-y")
             .compile(cmd=ffmpeg_exe())
         )
@@ -302,12 +360,24 @@ def encode_flac(samples: np.ndarray, path: str | os.PathLike, *, sample_rate: in
             raise DecodeError(os.fspath(path), lines[-1] if lines else "flac encoding failed")
 
 
-def load_clip(source: str | os.PathLike, rules: ClipRules, *, start_s: float | None = None,
-              duration_s: float | None = None, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray | None, str, str]:
+def load_clip(
+    source: str | os.PathLike,
+    rules: ClipRules,
+    *,
+    start_s: float | None = None,
+    duration_s: float | None = None,
+    sample_rate: int = SAMPLE_RATE,
+) -> tuple[np.ndarray | None, str, str]:
     """Decode and check one whole clip. Returns ``(samples, reason, note)``: samples is None
     when the clip is rejected (``reason`` says why); ``note`` says when it was truncated."""
-    reader = ClipReader(source, rules, sample_rate * 60, start_s=start_s, duration_s=duration_s,
-                        sample_rate=sample_rate)
+    reader = ClipReader(
+        source,
+        rules,
+        sample_rate * 60,
+        start_s=start_s,
+        duration_s=duration_s,
+        sample_rate=sample_rate,
+    )
     blocks = list(reader)
     if reader.reason:
         return None, reader.reason, reader.note

@@ -19,6 +19,14 @@ def save_png(fig, path: str | Path, stamp: dict) -> None:
     """Write ``fig`` to ``path`` and close it."""
     path = Path(path)
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight",
-                    metadata={"Description": json.dumps({"provenance": stamp}, sort_keys=True), "Software": None})
+        fig.savefig(
+            tmp,
+            format="png",
+            dpi=120,
+            bbox_inches="tight",
+            metadata={
+                "Description": json.dumps({"provenance": stamp}, sort_keys=True),
+                "Software": None,
+            },
+        )
     plt.close(fig)

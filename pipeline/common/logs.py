@@ -34,8 +34,9 @@ def one_line_errors(*expected: type[BaseException]):
     """For entry points: an expected error (``ValueError`` by default: bad task folders, bad
     input, bad config) becomes one ``error: ...`` line on stderr and exit status 1 instead of a
     traceback; anything else still raises with its traceback (a bug, not bad input)."""
+    caught = expected or (ValueError,)
     try:
         yield
-    except expected or (ValueError,) as exc:
+    except caught as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

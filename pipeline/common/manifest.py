@@ -18,8 +18,8 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dasheng_pipeline.common import atomic, provenance
 
@@ -51,8 +51,16 @@ def summary(clips: Iterable[dict]) -> dict[str, int]:
     return {status: counts.get(status, 0) for status in STATUSES}
 
 
-def write(path: str | Path, *, stage: str, source: str, chunk: str, clips: list[dict],
-          provenance: dict, **extra) -> dict:
+def write(
+    path: str | Path,
+    *,
+    stage: str,
+    source: str,
+    chunk: str,
+    clips: list[dict],
+    provenance: dict,
+    **extra,
+) -> dict:
     doc = {
         "stage": stage,
         "source": source,
@@ -66,11 +74,15 @@ def write(path: str | Path, *, stage: str, source: str, chunk: str, clips: list[
     return doc
 
 
-def write_fetch(out: str | Path, params: dict, chunk: str, clips: list[dict], versions: dict) -> dict:
+def write_fetch(
+    out: str | Path, params: dict, chunk: str, clips: list[dict], versions: dict
+) -> dict:
     """Write a source job's chunk manifest (stamped with the job's params, seed and the given
     tool versions) and print its summary."""
     stamp = provenance.stamp(params, params.get("seed"), versions)
-    doc = write(out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp)
+    doc = write(
+        out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp
+    )
     print_summary(f"{params['source']} chunk {chunk}", clips)
     return doc
 
@@ -80,9 +92,13 @@ def read(path: str | Path) -> dict:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: manifest missing; rerun the rule that writes it") from None
+        raise FileNotFoundError(
+            f"{path}: manifest missing; rerun the rule that writes it"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a valid manifest ({exc}); delete it and rerun its rule") from None
+        raise ValueError(
+            f"{path}: not a valid manifest ({exc}); delete it and rerun its rule"
+        ) from None
     for key in ("stage", "clips", "summary", "provenance"):
         if key not in doc:
             raise ValueError(f"{path}: manifest has no {key!r} key; delete it and rerun its rule")
@@ -91,7 +107,9 @@ def read(path: str | Path) -> dict:
 
 def print_summary(label: str, clips: list[dict]) -> None:
     counts = summary(clips)
-    log.info(f"{label}: ok {counts['ok']} / failed {counts['failed']} / rejected {counts['rejected']}")
+    log.info(
+        f"{label}: ok {counts['ok']} / failed {counts['failed']} / rejected {counts['rejected']}"
+    )
     for c in clips:
         if c["status"] != "ok":
             log.info(f"  {c['status']:8s} {c['clip_id']}: {c['reason']}")

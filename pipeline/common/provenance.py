@@ -69,18 +69,26 @@ def git_sha() -> str:
     try:
         sha = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True, text=True, check=True, timeout=10,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
 
 
-def stamp(section: Any, seed: int | None = None, extra_versions: dict[str, str] | None = None) -> dict:
+def stamp(
+    section: Any, seed: int | None = None, extra_versions: dict[str, str] | None = None
+) -> dict:
     """The provenance record of an artifact produced from ``section`` of the config."""
     versions = dict(package_versions())
     if extra_versions:
@@ -103,13 +111,17 @@ def table(paths: list[str]) -> str:
             doc = json.load(fh)
         stamp = doc.get("provenance") or {}
         versions = " ".join(f"{k}={v}" for k, v in sorted((stamp.get("versions") or {}).items()))
-        writer.writerow([path, stamp.get("config_hash"), stamp.get("seed"), stamp.get("git_sha"), versions])
+        writer.writerow(
+            [path, stamp.get("config_hash"), stamp.get("seed"), stamp.get("git_sha"), versions]
+        )
     return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.common.provenance",
-                                     description="collect the provenance stamps of JSON artifacts into a CSV")
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.common.provenance",
+        description="collect the provenance stamps of JSON artifacts into a CSV",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("artifacts", nargs="+", help="JSON files with a 'provenance' key")
     args = parser.parse_args(argv)

@@ -6,10 +6,10 @@ Held out from the demo pre-training audio: clip ``i`` of task stream ``s`` is dr
 
 | task | like | classes | clips (scale 1) | split | metrics |
 |---|---|---|---|---|---|
-| ``demo_pitch`` | NSynth pitch | 24 MIDI notes 48–71 (labels are JSON numbers) | 288 × 1 s | train/valid/test | pitch_acc, chroma_acc |
-| ``demo_timbre`` | instrument family | 5 waveforms (sine, square, sawtooth, triangle, pulse) | 200 × 1 s | 5 new folds | top1_acc |
-| ``demo_noise`` | environment texture | 6 (white, pink, brown, blue noise, crackle, hum) | 180 × 1 s | 4 pre-split folds | top1_acc |
-| ``demo_events`` | DCASE 2016 task 2 | 4 events (beep, chirp, knock, noise burst) with known onsets | 60 × 3 s | train/valid/test | onset F 200 ms |
+| ``demo_pitch`` | NSynth pitch | 24 MIDI notes 48–71 | 288 × 1 s | train/valid/test | pitch_acc, chroma_acc |
+| ``demo_timbre`` | instrument family | 5 waveforms (sine, square, saw, …) | 200 × 1 s | 5 new folds | top1_acc |
+| ``demo_noise`` | environment texture | 6 (white … brown noise, crackle, hum) | 180 × 1 s | 4 folds | top1_acc |
+| ``demo_events`` | DCASE 2016 task 2 | 4 events with known onsets | 60 × 3 s | train/valid/test | onset F |
 
 With ``espeak-ng`` on PATH (a Debian package; optional) three speech tasks are available too:
 ``demo_keyword`` (10 words, Speech-Commands-like), ``demo_language`` (5 languages reading random
@@ -30,9 +30,9 @@ import shutil
 import subprocess
 import sys
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -73,18 +73,90 @@ COUNTS = ("0", "1", "2", "3")
 SPECS = {
     s.name: s
     for s in (
-        Spec("demo_pitch", 1, "music", "scene", "trainvaltest", ("pitch_acc", "chroma_acc"), PITCHES, 12, 1.0,
-             numeric_labels=True),
-        Spec("demo_timbre", 2, "music", "scene", "new_split_kfold", ("top1_acc",), WAVEFORMS, 40, 1.0, nfolds=5),
-        Spec("demo_noise", 3, "env", "scene", "presplit_kfold", ("top1_acc",), TEXTURES, 30, 1.0, nfolds=4),
-        Spec("demo_events", 4, "env", "event", "trainvaltest", ("event_onset_200ms_fms", "segment_1s_er"),
-             EVENTS, 60, 3.0),
-        Spec("demo_keyword", 5, "speech", "scene", "trainvaltest", ("top1_acc",), KEYWORDS, 16, 1.0,
-             needs_espeak=True),
-        Spec("demo_language", 6, "speech", "scene", "new_split_kfold", ("top1_acc",), LANGUAGES, 24, 2.0,
-             nfolds=3, needs_espeak=True),
-        Spec("demo_speaker_count", 7, "speech", "scene", "trainvaltest", ("top1_acc",), COUNTS, 30, 2.0,
-             needs_espeak=True),
+        Spec(
+            "demo_pitch",
+            1,
+            "music",
+            "scene",
+            "trainvaltest",
+            ("pitch_acc", "chroma_acc"),
+            PITCHES,
+            12,
+            1.0,
+            numeric_labels=True,
+        ),
+        Spec(
+            "demo_timbre",
+            2,
+            "music",
+            "scene",
+            "new_split_kfold",
+            ("top1_acc",),
+            WAVEFORMS,
+            40,
+            1.0,
+            nfolds=5,
+        ),
+        Spec(
+            "demo_noise",
+            3,
+            "env",
+            "scene",
+            "presplit_kfold",
+            ("top1_acc",),
+            TEXTURES,
+            30,
+            1.0,
+            nfolds=4,
+        ),
+        Spec(
+            "demo_events",
+            4,
+            "env",
+            "event",
+            "trainvaltest",
+            ("event_onset_200ms_fms", "segment_1s_er"),
+            EVENTS,
+            60,
+            3.0,
+        ),
+        Spec(
+            "demo_keyword",
+            5,
+            "speech",
+            "scene",
+            "trainvaltest",
+            ("top1_acc",),
+            KEYWORDS,
+            16,
+            1.0,
+            needs_espeak=True,
+        ),
+        Spec(
+            "demo_language",
+            6,
+            "speech",
+            "scene",
+            "new_split_kfold",
+            ("top1_acc",),
+            LANGUAGES,
+            24,
+            2.0,
+            nfolds=3,
+            needs_espeak=True,
+        ),
+        Spec(
+            "demo_speaker_count",
+            7,
+            "speech",
+            "scene",
+            "trainvaltest",
+            ("top1_acc",),
+            COUNTS,
+            30,
+            2.0,
+            needs_espeak=True,
+        ),
     )
 }
 assert all(s.stream != CORPUS_STREAM for s in SPECS.values())
@@ -107,12 +179,16 @@ def available(speech: str = "auto") -> list[str]:
 # -- sound makers: rng, label → (samples, events) -------------------------------------------------
 
 
-def _finish(rng: np.random.Generator, x: np.ndarray, low_db: float = 1.0, high_db: float = 20.0) -> np.ndarray:
+def _finish(
+    rng: np.random.Generator, x: np.ndarray, low_db: float = 1.0, high_db: float = 20.0
+) -> np.ndarray:
     x = synth.normalise(x, -rng.uniform(low_db, high_db))
     return (x + synth.noise_floor(rng, x.size)).astype(np.float32)
 
 
-def _additive(n: int, f0: float, coef: Callable[[int], float], vibrato_hz: float, vibrato_cents: float) -> np.ndarray:
+def _additive(
+    n: int, f0: float, coef: Callable[[int], float], vibrato_hz: float, vibrato_cents: float
+) -> np.ndarray:
     t = np.arange(n) / SR
     # instantaneous phase of the fundamental with a slow vibrato
     inst = f0 * 2 ** (vibrato_cents / 1200 * np.sin(2 * np.pi * vibrato_hz * t))
@@ -139,7 +215,9 @@ WAVE_COEF = {
 def make_pitch(rng: np.random.Generator, label: str, n: int):
     note = int(label)
     f0 = synth.midi_to_hz(note)
-    x = synth.harmonic(n, f0, int(rng.integers(1, 13)), rng.uniform(0.5, 2.0), rng.uniform(0.3, 3.0))
+    x = synth.harmonic(
+        n, f0, int(rng.integers(1, 13)), rng.uniform(0.5, 2.0), rng.uniform(0.3, 3.0)
+    )
     x = x * synth.envelope(n, rng.uniform(0.002, 0.05), 0.05)
     return _finish(rng, x), ()
 
@@ -162,7 +240,13 @@ def make_texture(rng: np.random.Generator, label: str, n: int):
         x = np.convolve(x, np.exp(-np.arange(48) / 8.0), mode="same")
     elif label == "hum":  # mains / engine hum: low harmonic buzz with a slow wobble
         f0 = rng.uniform(40, 130)
-        x = _additive(n, f0, lambda k: 1.0 / k**rng.uniform(0.8, 1.5), rng.uniform(0.5, 3), rng.uniform(5, 40))
+        x = _additive(
+            n,
+            f0,
+            lambda k: 1.0 / k ** rng.uniform(0.8, 1.5),
+            rng.uniform(0.5, 3),
+            rng.uniform(5, 40),
+        )
     else:
         raise ValueError(label)
     # a faint background of another colour, so that no class is a pure signal
@@ -180,7 +264,12 @@ def _event_sound(rng: np.random.Generator, label: str, n: int) -> np.ndarray:
         x = synth.chirp(n, lo, lo * rng.uniform(3, 8))
     elif label == "knock":
         x = synth.clicks(rng, n, rng.uniform(6, 14), 0.1)
-        x = np.convolve(x, np.sin(2 * np.pi * rng.uniform(150, 400) * np.arange(400) / SR) * np.exp(-np.arange(400) / 80), "same")
+        x = np.convolve(
+            x,
+            np.sin(2 * np.pi * rng.uniform(150, 400) * np.arange(400) / SR)
+            * np.exp(-np.arange(400) / 80),
+            "same",
+        )
     elif label == "noise_burst":
         x = synth.coloured_noise(rng, n, rng.uniform(-0.5, 1.0))
     else:
@@ -196,26 +285,48 @@ def make_events(rng: np.random.Generator, _label: str, n: int):
         label = EVENTS[int(rng.integers(len(EVENTS)))]
         length = int(rng.uniform(0.25, 1.0) * SR)
         start = int(rng.integers(0, n - length))
-        x[start:start + length] += _event_sound(rng, label, length) * 10 ** (-rng.uniform(0, 10) / 20)
-        events.append({"label": label, "start": round(1000 * start / SR, 3), "end": round(1000 * (start + length) / SR, 3)})
+        x[start : start + length] += _event_sound(rng, label, length) * 10 ** (
+            -rng.uniform(0, 10) / 20
+        )
+        events.append(
+            {
+                "label": label,
+                "start": round(1000 * start / SR, 3),
+                "end": round(1000 * (start + length) / SR, 3),
+            }
+        )
     events.sort(key=lambda e: (e["start"], e["label"]))
     return _finish(rng, x, 1.0, 6.0), tuple(events)
 
 
 # -- espeak-ng speech ------------------------------------------------------------------------------
 
-ESPEAK_VOICES = {"en": ("en", "en-us", "en-gb-scotland"), "de": ("de",), "fr": ("fr",), "es": ("es",), "it": ("it",)}
+ESPEAK_VOICES = {
+    "en": ("en", "en-us", "en-gb-scotland"),
+    "de": ("de",),
+    "fr": ("fr",),
+    "es": ("es",),
+    "it": ("it",),
+}
 VARIANTS = ("m1", "m2", "m3", "f1", "f2", "f3", "f4")
 
 
 def _speak(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     exe = espeak_exe()
     if exe is None:
-        raise RuntimeError("the speech demo tasks need espeak-ng on PATH (Debian: apt-get install espeak-ng)")
-    proc = subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", "--", text],
-                          capture_output=True, check=False, timeout=60)
+        raise RuntimeError(
+            "the speech demo tasks need espeak-ng on PATH (Debian: apt-get install espeak-ng)"
+        )
+    proc = subprocess.run(
+        [exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", "--", text],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
     if proc.returncode != 0 or not proc.stdout:
-        raise RuntimeError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace').strip()}")
+        raise RuntimeError(
+            f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace').strip()}"
+        )
     with atomic.atomic_path(_scratch() / "speech.wav") as tmp:
         tmp.write_bytes(proc.stdout)
         samples = audio.decode(tmp)  # the project's one decode path (resamples 22.05 → 16 kHz)
@@ -231,14 +342,18 @@ def _scratch() -> Path:
 
 def _voice(rng: np.random.Generator, lang: str = "en") -> tuple[str, int, int]:
     base = ESPEAK_VOICES[lang][int(rng.integers(len(ESPEAK_VOICES[lang])))]
-    return f"{base}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}", int(rng.integers(120, 220)), int(rng.integers(20, 80))
+    return (
+        f"{base}+{VARIANTS[int(rng.integers(len(VARIANTS)))]}",
+        int(rng.integers(120, 220)),
+        int(rng.integers(20, 80)),
+    )
 
 
 def _place(rng: np.random.Generator, speech: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros(n)
     speech = speech[:n]
     start = int(rng.integers(0, n - speech.size + 1))
-    out[start:start + speech.size] = synth.normalise(speech, 0)
+    out[start : start + speech.size] = synth.normalise(speech, 0)
     return out
 
 
@@ -267,8 +382,13 @@ def make_speaker_count(rng: np.random.Generator, label: str, n: int):
 
 
 MAKERS = {
-    "demo_pitch": make_pitch, "demo_timbre": make_timbre, "demo_noise": make_texture, "demo_events": make_events,
-    "demo_keyword": make_keyword, "demo_language": make_language, "demo_speaker_count": make_speaker_count,
+    "demo_pitch": make_pitch,
+    "demo_timbre": make_timbre,
+    "demo_noise": make_texture,
+    "demo_events": make_events,
+    "demo_keyword": make_keyword,
+    "demo_language": make_language,
+    "demo_speaker_count": make_speaker_count,
 }
 
 
@@ -318,22 +438,31 @@ def clip_plan(spec: Spec, scale: float) -> list[str]:
     return [label for _ in range(per_class) for label in spec.labels]
 
 
-def generate(name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None) -> dict:
+def generate(
+    name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None
+) -> dict:
     """Write task ``name`` to folder ``out``; returns its metadata."""
     if name not in SPECS:
         raise ValueError(f"unknown demo task {name!r}; expected one of {sorted(SPECS)}")
     spec = SPECS[name]
     out = Path(out)
     plan = clip_plan(spec, scale)
-    splits_of = assign_splits(spec, plan) if spec.embedding_type == "scene" else _event_splits(len(plan))
-    split_names = ["train", "valid", "test"] if spec.split_mode == "trainvaltest" else [f"fold{i:02d}" for i in range(spec.nfolds)]
+    splits_of = (
+        assign_splits(spec, plan) if spec.embedding_type == "scene" else _event_splits(len(plan))
+    )
+    split_names = (
+        ["train", "valid", "test"]
+        if spec.split_mode == "trainvaltest"
+        else [f"fold{i:02d}" for i in range(spec.nfolds)]
+    )
     n = int(round(spec.seconds * SR))
     out.mkdir(parents=True, exist_ok=True)
     contents: dict[str, dict] = {s: {} for s in split_names}
     from tqdm import tqdm
 
-    for index, (label, split) in enumerate(tqdm(list(zip(plan, splits_of)), desc=name, unit="clip",
-                                                  file=sys.stdout, mininterval=5)):
+    for index, (label, split) in enumerate(
+        tqdm(list(zip(plan, splits_of)), desc=name, unit="clip", file=sys.stdout, mininterval=5)
+    ):
         rng = np.random.default_rng([seed, spec.stream, index])
         samples, events = MAKERS[name](rng, label, n)
         fname = f"{name}-{index:05d}.wav"
@@ -358,14 +487,17 @@ def generate(name: str, out: str | Path, seed: int, scale: float = 1.0, params: 
         "splits": split_names,
         "domain": spec.domain,
         "clips": len(plan),
-        "provenance": provenance.stamp(params if params is not None else {"task": name, "scale": scale}, seed,
-                                       audio.versions()),
+        "provenance": provenance.stamp(
+            params if params is not None else {"task": name, "scale": scale}, seed, audio.versions()
+        ),
     }
     if spec.nfolds:
         meta["nfolds"] = spec.nfolds
     atomic.write_json(out / "task_metadata.json", meta)
-    log.info(f"{name}: {len(plan)} clips of {spec.seconds:g} s, {len(spec.labels)} labels, splits "
-          + ", ".join(f"{s} {len(contents[s])}" for s in split_names))
+    log.info(
+        f"{name}: {len(plan)} clips of {spec.seconds:g} s, {len(spec.labels)} labels, splits "
+        + ", ".join(f"{s} {len(contents[s])}" for s in split_names)
+    )
     return meta
 
 
@@ -375,8 +507,12 @@ XARES_SUFFIX = "_xares"
 def xares_config(name: str, path: str) -> dict:
     """The ``evaluation.tasks`` entry (format xares) of demo task ``name`` packed by :func:`generate_xares`."""
     spec = SPECS[name]
-    cfg = {"path": path, "label": "label", "kind": "frame" if spec.embedding_type == "event" else "multiclass",
-           "domain": spec.domain}
+    cfg = {
+        "path": path,
+        "label": "label",
+        "kind": "frame" if spec.embedding_type == "event" else "multiclass",
+        "domain": spec.domain,
+    }
     if spec.split_mode == "trainvaltest":
         cfg["splits"] = {s: f"wds-audio-{s}" for s in ("train", "valid", "test")}
     else:
@@ -384,7 +520,9 @@ def xares_config(name: str, path: str) -> dict:
     return cfg
 
 
-def generate_xares(name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None) -> list[Path]:
+def generate_xares(
+    name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None
+) -> list[Path]:
     """Demo task ``name`` as an X-ARES task: webdataset shards in ``out`` (``wds-audio-fold-<k>-000000.tar``
     or ``wds-audio-<split>-000000.tar``), each sample a wav and a json ``{"label": ...}`` (events:
     ``{"label": [{onset, offset, label}, ...]}`` in seconds). The same clips as the HEAR demo task."""
@@ -399,12 +537,19 @@ def generate_xares(name: str, out: str | Path, seed: int, scale: float = 1.0, pa
         samples = []
         for fname, value in sorted(labels.items()):
             if meta["embedding_type"] == "event":
-                value = [{"onset": ev["start"] / 1000, "offset": ev["end"] / 1000, "label": ev["label"]} for ev in value]
+                value = [
+                    {"onset": ev["start"] / 1000, "offset": ev["end"] / 1000, "label": ev["label"]}
+                    for ev in value
+                ]
             else:
                 value = value[0]
             data = (hear_dir / str(SR) / split / fname).read_bytes()
             samples.append((Path(fname).stem, "wav", data, {"label": value}))
-        stem = f"wds-audio-fold-{int(split[4:])}-*.tar" if split.startswith("fold") else f"wds-audio-{split}-*.tar"
+        stem = (
+            f"wds-audio-fold-{int(split[4:])}-*.tar"
+            if split.startswith("fold")
+            else f"wds-audio-{split}-*.tar"
+        )
         written += xares_tasks.write_shards(samples, out / stem)
     shutil.rmtree(hear_dir)
     log.info(f"{name}: X-ARES shards in {out}: {', '.join(p.name for p in written)}")
@@ -416,11 +561,16 @@ def _event_splits(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.demo_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.demo_tasks",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("--task", required=True, choices=sorted(SPECS))
     parser.add_argument("--params", required=True, help="JSON: seed, demo_tasks (scale, speech)")
     parser.add_argument("--out", required=True, help="task folder to write")
-    parser.add_argument("--xares", action="store_true", help="write X-ARES-format shards instead of a HEAR folder")
+    parser.add_argument(
+        "--xares", action="store_true", help="write X-ARES-format shards instead of a HEAR folder"
+    )
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)

@@ -40,9 +40,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -77,7 +77,9 @@ class EncoderEmbedder(Embedder):
         self.dtype = check_dtype(dtype)
         self.layer = check_layer(layer, len(encoder.blocks))
         description = description if self.layer == "last" else f"{description}, layer {self.layer}"
-        self.description = description if self.dtype == "fp32" else f"{description}, {self.dtype} autocast"
+        self.description = (
+            description if self.dtype == "fp32" else f"{description}, {self.dtype} autocast"
+        )
 
     def __call__(self, batch):
         longest = max(SAMPLES_PER_TOKEN, max(x.size for x in batch))
@@ -90,7 +92,9 @@ class EncoderEmbedder(Embedder):
         results = []
         for i in range(len(batch)):
             n = int(out.num_frames[i])
-            results.append((out.frames[i, :n].numpy(), frame_times_ms(n).numpy(), out.clip[i].numpy()))
+            results.append(
+                (out.frames[i, :n].numpy(), frame_times_ms(n).numpy(), out.clip[i].numpy())
+            )
         return results
 
 
@@ -109,7 +113,9 @@ class LogMelEmbedder(Embedder):
                     x = np.pad(x, (0, SAMPLES_PER_TOKEN - x.size))
                 mel = self.logmel(torch.from_numpy(x)[None])[0]  # (64, T)
                 T = mel.shape[1] // FRAMES_PER_TOKEN
-                frames = mel[:, : T * FRAMES_PER_TOKEN].reshape(64, T, FRAMES_PER_TOKEN).mean(-1).T  # (T, 64)
+                frames = (
+                    mel[:, : T * FRAMES_PER_TOKEN].reshape(64, T, FRAMES_PER_TOKEN).mean(-1).T
+                )  # (T, 64)
                 results.append((frames.numpy(), frame_times_ms(T).numpy(), mel.mean(dim=1).numpy()))
         return results
 
@@ -122,26 +128,42 @@ class HearModuleEmbedder(Embedder):
             self.module = importlib.import_module(module_name)
         except ImportError as exc:
             raise ValueError(f"models: cannot import HEAR module {module_name!r}: {exc}") from exc
-        missing = [f for f in ("load_model", "get_scene_embeddings", "get_timestamp_embeddings")
-                   if not callable(getattr(self.module, f, None))]
+        missing = [
+            f
+            for f in ("load_model", "get_scene_embeddings", "get_timestamp_embeddings")
+            if not callable(getattr(self.module, f, None))
+        ]
         if missing:
-            raise ValueError(f"models: module {module_name!r} lacks the HEAR API functions {missing}")
+            raise ValueError(
+                f"models: module {module_name!r} lacks the HEAR API functions {missing}"
+            )
         kwargs = {} if layer in (None, "last") else {"layer": layer}
         try:
-            self.model = self.module.load_model(path, **kwargs) if path else self.module.load_model(**kwargs)
+            self.model = (
+                self.module.load_model(path, **kwargs) if path else self.module.load_model(**kwargs)
+            )
         except TypeError as exc:
             if not kwargs:
                 raise
-            raise ValueError(f"models: {module_name}.load_model() does not take layer={layer!r} ({exc}); "
-                             f"leave the model's layer unset") from exc
+            raise ValueError(
+                f"models: {module_name}.load_model() does not take layer={layer!r} ({exc}); "
+                f"leave the model's layer unset"
+            ) from exc
         for attr in ("sample_rate", "scene_embedding_size", "timestamp_embedding_size"):
             if not hasattr(self.model, attr):
-                raise ValueError(f"models: {module_name}.load_model() returned a model without {attr!r}")
+                raise ValueError(
+                    f"models: {module_name}.load_model() returned a model without {attr!r}"
+                )
         self.sample_rate = int(self.model.sample_rate)
         self.dim = int(self.model.scene_embedding_size)
-        self.description = f"HEAR module {module_name} ({path or 'no weights file'})" + (f", layer {layer}" if kwargs else "")
-        self.device = next((p.device for p in self.model.parameters()), torch.device("cpu")) \
-            if isinstance(self.model, torch.nn.Module) else torch.device("cpu")
+        self.description = f"HEAR module {module_name} ({path or 'no weights file'})" + (
+            f", layer {layer}" if kwargs else ""
+        )
+        self.device = (
+            next((p.device for p in self.model.parameters()), torch.device("cpu"))
+            if isinstance(self.model, torch.nn.Module)
+            else torch.device("cpu")
+        )
 
     def __call__(self, batch):
         results: list = [None] * len(batch)
@@ -149,13 +171,16 @@ class HearModuleEmbedder(Embedder):
         for i, x in enumerate(batch):
             by_length[x.size].append(i)
         with torch.no_grad():
-            for length, idx in by_length.items():
+            for idx in by_length.values():
                 wav = torch.from_numpy(np.stack([batch[i] for i in idx])).to(self.device)
                 emb, ts = self.module.get_timestamp_embeddings(wav, self.model)
                 scene = self.module.get_scene_embeddings(wav, self.model)
                 for j, i in enumerate(idx):
-                    results[i] = (emb[j].float().cpu().numpy(), ts[j].float().cpu().numpy(),
-                                  scene[j].float().cpu().numpy())
+                    results[i] = (
+                        emb[j].float().cpu().numpy(),
+                        ts[j].float().cpu().numpy(),
+                        scene[j].float().cpu().numpy(),
+                    )
         return results
 
 
@@ -175,11 +200,17 @@ def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
         size = spec.get("size") or "base"
         model_seed = spec.get("seed")
         model_seed = seed if model_seed is None else int(model_seed)
-        return EncoderEmbedder(random_encoder(size, model_seed), f"random-init {size} encoder (seed {model_seed})",
-                               dtype, spec.get("layer") or "last")
+        return EncoderEmbedder(
+            random_encoder(size, model_seed),
+            f"random-init {size} encoder (seed {model_seed})",
+            dtype,
+            spec.get("layer") or "last",
+        )
     if kind == "logmel":
         if spec.get("layer") not in (None, "last"):
-            raise ValueError(f"models: the log-mel baseline has no layers (layer {spec['layer']!r}); leave layer unset")
+            raise ValueError(
+                f"models: the log-mel baseline has no layers (layer {spec['layer']!r}); leave layer unset"
+            )
         return LogMelEmbedder()
     if kind == "hear_module":
         if not spec.get("module"):
@@ -188,7 +219,9 @@ def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
     raise ValueError(f"models: unknown model type {kind!r}; expected one of {MODEL_TYPES}")
 
 
-def prefetch(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterator[tuple[object, Future]]:
+def prefetch(
+    fn: Callable, items: Iterable, workers: int, ahead: int
+) -> Iterator[tuple[object, Future]]:
     """Yield ``(item, future of fn(item))`` in order, with at most ``ahead`` calls in flight."""
     items = list(items)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -202,8 +235,13 @@ def prefetch(fn: Callable, items: Iterable, workers: int, ahead: int) -> Iterato
             yield pending.popleft()
 
 
-def embed_split(embedder: Embedder, clips: list[hear_tasks.Clip], batch_size: int, decode_threads: int,
-                desc: str) -> tuple[dict, list[hear_tasks.Reject]]:
+def embed_split(
+    embedder: Embedder,
+    clips: list[hear_tasks.Clip],
+    batch_size: int,
+    decode_threads: int,
+    desc: str,
+) -> tuple[dict, list[hear_tasks.Reject]]:
     """Embed a split's clips; returns arrays for the npz and the clips that failed to decode."""
     from tqdm import tqdm
 
@@ -222,15 +260,23 @@ def embed_split(embedder: Embedder, clips: list[hear_tasks.Clip], batch_size: in
         batch.clear()
 
     decode = lambda c: hear_tasks.load_audio(c, embedder.sample_rate)  # noqa: E731
-    for clip, fut in tqdm(prefetch(decode, clips, decode_threads, 4 * batch_size), total=len(clips), desc=desc,
-                          unit="clip", file=sys.stdout, mininterval=5):
+    for clip, fut in tqdm(
+        prefetch(decode, clips, decode_threads, 4 * batch_size),
+        total=len(clips),
+        desc=desc,
+        unit="clip",
+        file=sys.stdout,
+        mininterval=5,
+    ):
         try:
             x = fut.result()
         except audio.DecodeError as exc:
             rejects.append(hear_tasks.Reject(clip.split, clip.file, f"undecodable: {exc.reason}"))
             continue
         if x.size == 0:
-            rejects.append(hear_tasks.Reject(clip.split, clip.file, "no audio decoded (empty file)"))
+            rejects.append(
+                hear_tasks.Reject(clip.split, clip.file, "no audio decoded (empty file)")
+            )
             continue
         if not np.isfinite(x).all():
             rejects.append(hear_tasks.Reject(clip.split, clip.file, "NaN or infinite samples"))
@@ -267,8 +313,15 @@ def load_meta(folder: str | Path) -> dict:
         return json.load(fh)
 
 
-def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: str | Path, threads: int = 1,
-        dtype: str = "fp32") -> dict:
+def run(
+    task_dir: str | Path,
+    model_name: str,
+    spec: dict,
+    params: dict,
+    out: str | Path,
+    threads: int = 1,
+    dtype: str = "fp32",
+) -> dict:
     dtype = check_dtype(dtype)
     torch.set_num_threads(max(1, threads))
     out = Path(out)
@@ -279,16 +332,23 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
     store_frames = params.get("frames", "all") == "all" or task.is_event
     t0 = time.perf_counter()
     embedder = build_embedder(spec, seed, dtype)
-    log.info(f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
-          f"({task.embedding_type}, {task.split_mode}, audio {task.sample_rate} Hz → {embedder.sample_rate} Hz)")
+    log.info(
+        f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
+        f"({task.embedding_type}, {task.split_mode}, audio {task.sample_rate} Hz → {embedder.sample_rate} Hz)"
+    )
     all_rejects: list[hear_tasks.Reject] = []
     counts = {}
     for split in task.splits:
         clips, rejects = task.clips(split)
         for r in rejects:
             log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
-        arrays, bad = embed_split(embedder, clips, int(params.get("batch_size", 16)),
-                                  int(params.get("decode_threads", 2)), f"{model_name}/{task.name}/{split}")
+        arrays, bad = embed_split(
+            embedder,
+            clips,
+            int(params.get("batch_size", 16)),
+            int(params.get("decode_threads", 2)),
+            f"{model_name}/{task.name}/{split}",
+        )
         for r in bad:
             log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
         rejects += bad
@@ -297,16 +357,22 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
             atomic.write_json(out / "rejects.json", {"rejects": [r.as_dict() for r in all_rejects]})
             raise hear_tasks.TaskError(
                 f"task {task.name!r}, file {str(task.root / (split + '.json'))!r}: no usable clip in split {split!r} "
-                f"({len(rejects)} rejected, see {out / 'rejects.json'})")
+                f"({len(rejects)} rejected, see {out / 'rejects.json'})"
+            )
         if not store_frames:
             arrays = {k: arrays[k] for k in ("files", "clip")}
         save_npz(out / f"{split}.npz", arrays)
-        counts[split] = {"clips": int(arrays["files"].size), "rejected": len(rejects),
-                         "frames": int(arrays["frames"].shape[0]) if "frames" in arrays else None}
+        counts[split] = {
+            "clips": int(arrays["files"].size),
+            "rejected": len(rejects),
+            "frames": int(arrays["frames"].shape[0]) if "frames" in arrays else None,
+        }
     elapsed = time.perf_counter() - t0
     n = sum(c["clips"] for c in counts.values())
-    log.info(f"embedded {n} clips in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} clips/s); "
-          f"rejected {len(all_rejects)}")
+    log.info(
+        f"embedded {n} clips in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} clips/s); "
+        f"rejected {len(all_rejects)}"
+    )
     atomic.write_json(out / "rejects.json", {"rejects": [r.as_dict() for r in all_rejects]})
     meta = {
         "model": model_name,
@@ -321,31 +387,49 @@ def run(task_dir: str | Path, model_name: str, spec: dict, params: dict, out: st
         "dtype": embedder.dtype,
         "splits": counts,
         "rejected": len(all_rejects),
-        "provenance": provenance.stamp({"model": spec, "params": params, "task": task.name, "dtype": embedder.dtype},
-                                       seed, audio.versions()),
+        "provenance": provenance.stamp(
+            {"model": spec, "params": params, "task": task.name, "dtype": embedder.dtype},
+            seed,
+            audio.versions(),
+        ),
     }
     atomic.write_json(out / "meta.json", meta)
     return meta
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.embeddings", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.embeddings",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--model", required=True, help="model name (for messages and meta.json)")
-    parser.add_argument("--spec", required=True, help="JSON model spec: type, path, size, seed, module")
-    parser.add_argument("--params", default="{}", help="JSON: seed, batch_size, frames, decode_threads")
-    parser.add_argument("--layer", default=None, help="last | N (block 1..depth) | mean; overrides the spec's layer")
+    parser.add_argument(
+        "--spec", required=True, help="JSON model spec: type, path, size, seed, module"
+    )
+    parser.add_argument(
+        "--params", default="{}", help="JSON: seed, batch_size, frames, decode_threads"
+    )
+    parser.add_argument(
+        "--layer", default=None, help="last | N (block 1..depth) | mean; overrides the spec's layer"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                        help="precision of our encoders: fp32, or bf16 autocast (CPU or GPU)")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=sorted(DTYPES),
+        help="precision of our encoders: fp32, or bf16 autocast (CPU or GPU)",
+    )
     args = parser.parse_args(argv)
     logs.setup()
     with logs.one_line_errors():
         spec = json.loads(args.spec)
         if args.layer is not None:
             spec["layer"] = args.layer
-        run(args.task, args.model, spec, json.loads(args.params), args.out, args.threads, args.dtype)
+        run(
+            args.task, args.model, spec, json.loads(args.params), args.out, args.threads, args.dtype
+        )
 
 
 if __name__ == "__main__":

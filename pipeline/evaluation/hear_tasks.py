@@ -144,22 +144,36 @@ class Task:
 
     def _read_split(self, split: str) -> dict:
         if split not in self.splits:
-            raise TaskError(f"{self.where(METADATA, 'splits')}: no split {split!r} (splits: {self.splits})")
+            raise TaskError(
+                f"{self.where(METADATA, 'splits')}: no split {split!r} (splits: {self.splits})"
+            )
         name = f"{split}.json"
         path = self.root / name
         if not path.is_file():
-            raise TaskError(f"{self.where(name)}: split file missing (listed in {METADATA} 'splits')")
+            raise TaskError(
+                f"{self.where(name)}: split file missing (listed in {METADATA} 'splits')"
+            )
         data = _read_object(path, self.where(name), 'an object {"file.wav": labels}')
         if not data:
             raise TaskError(f"{self.where(name)}: empty split (no files)")
         index = self.label_index
         out: dict[str, list] = {}
         for fname, value in data.items():
-            if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
-                raise TaskError(f"{self.where(name)}: bad file name {fname!r} (a plain file name is expected)")
+            if (
+                not isinstance(fname, str)
+                or not fname
+                or "/" in fname
+                or "\\" in fname
+                or fname in (".", "..")
+            ):
+                raise TaskError(
+                    f"{self.where(name)}: bad file name {fname!r} (a plain file name is expected)"
+                )
             if not isinstance(value, list):
-                raise TaskError(f"{self.where(name, fname)}: expected a list of "
-                                f"{'events' if self.is_event else 'labels'}, got {type(value).__name__}")
+                raise TaskError(
+                    f"{self.where(name, fname)}: expected a list of "
+                    f"{'events' if self.is_event else 'labels'}, got {type(value).__name__}"
+                )
             if self.is_event:
                 out[fname] = [self._event(name, fname, i, ev, index) for i, ev in enumerate(value)]
             else:
@@ -167,24 +181,32 @@ class Task:
                 if not labels:
                     raise TaskError(f"{self.where(name, fname)}: no label")
                 if self.prediction_type == "multiclass" and len(labels) != 1:
-                    raise TaskError(f"{self.where(name, fname)}: a multiclass task needs exactly one label, "
-                                    f"got {len(labels)}")
+                    raise TaskError(
+                        f"{self.where(name, fname)}: a multiclass task needs exactly one label, "
+                        f"got {len(labels)}"
+                    )
                 out[fname] = labels
         return out
 
     def _label(self, name: str, fname: str, raw: Any, index: dict[str, int]) -> str:
         label = normalise_label(raw)
         if label is None:
-            raise TaskError(f"{self.where(name, fname)}: label {raw!r} is neither a string nor a number")
+            raise TaskError(
+                f"{self.where(name, fname)}: label {raw!r} is neither a string nor a number"
+            )
         if label not in index:
-            raise TaskError(f"{self.where(name, fname)}: label {raw!r} is not in {VOCABULARY} "
-                            f"({len(self.vocabulary)} labels)")
+            raise TaskError(
+                f"{self.where(name, fname)}: label {raw!r} is not in {VOCABULARY} "
+                f"({len(self.vocabulary)} labels)"
+            )
         return label
 
     def _event(self, name: str, fname: str, i: int, ev: Any, index: dict[str, int]) -> Event:
         where = f"{fname}[{i}]"
         if not isinstance(ev, dict):
-            raise TaskError(f"{self.where(name, where)}: expected an event {{label, start, end}}, got {ev!r}")
+            raise TaskError(
+                f"{self.where(name, where)}: expected an event {{label, start, end}}, got {ev!r}"
+            )
         for key in ("label", "start", "end"):
             if key not in ev:
                 raise TaskError(f"{self.where(name, where + '.' + key)}: missing")
@@ -192,11 +214,20 @@ class Task:
         times = []
         for key in ("start", "end"):
             v = ev[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise TaskError(f"{self.where(name, where + '.' + key)}: expected milliseconds >= 0, got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+            ):
+                raise TaskError(
+                    f"{self.where(name, where + '.' + key)}: expected milliseconds >= 0, got {v!r}"
+                )
             times.append(float(v))
         if times[1] < times[0]:
-            raise TaskError(f"{self.where(name, where)}: end {times[1]} ms is before start {times[0]} ms")
+            raise TaskError(
+                f"{self.where(name, where)}: end {times[1]} ms is before start {times[0]} ms"
+            )
         return Event(label, times[0], times[1])
 
     def clips(self, split: str) -> tuple[list[Clip], list[Reject]]:
@@ -260,7 +291,9 @@ def _require(meta: dict, key: str, where, types: type, allowed=None):
         raise TaskError(f"{where(METADATA, key)}: missing")
     value = meta[key]
     if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
-        raise TaskError(f"{where(METADATA, key)}: expected a JSON {_JSON_NAMES[types]}, got {value!r}")
+        raise TaskError(
+            f"{where(METADATA, key)}: expected a JSON {_JSON_NAMES[types]}, got {value!r}"
+        )
     if allowed is not None and value not in allowed:
         raise TaskError(f"{where(METADATA, key)}: {value!r} is not one of {list(allowed)}")
     return value
@@ -276,13 +309,17 @@ def _read_vocabulary(root: Path, where) -> list[str]:
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or not {"idx", "label"} <= set(reader.fieldnames):
-            raise TaskError(f"{where(VOCABULARY)}: expected a header with columns 'idx,label', got {reader.fieldnames}")
+            raise TaskError(
+                f"{where(VOCABULARY)}: expected a header with columns 'idx,label', got {reader.fieldnames}"
+            )
         rows = []
         for line, row in enumerate(reader, start=2):
             try:
                 idx = int(row["idx"])
             except (TypeError, ValueError):
-                raise TaskError(f"{where(VOCABULARY, 'idx')}: line {line}: {row['idx']!r} is not an integer") from None
+                raise TaskError(
+                    f"{where(VOCABULARY, 'idx')}: line {line}: {row['idx']!r} is not an integer"
+                ) from None
             if row["label"] is None or row["label"] == "":
                 raise TaskError(f"{where(VOCABULARY, 'label')}: line {line}: empty label")
             rows.append((idx, row["label"]))
@@ -290,7 +327,9 @@ def _read_vocabulary(root: Path, where) -> list[str]:
         raise TaskError(f"{where(VOCABULARY)}: no labels")
     idxs = sorted(i for i, _ in rows)
     if idxs != list(range(len(rows))):
-        raise TaskError(f"{where(VOCABULARY, 'idx')}: indices must be 0..{len(rows) - 1} without gaps or repeats")
+        raise TaskError(
+            f"{where(VOCABULARY, 'idx')}: indices must be 0..{len(rows) - 1} without gaps or repeats"
+        )
     labels = [label for _, label in sorted(rows)]
     if len(set(labels)) != len(labels):
         dup = sorted({lab for lab in labels if labels.count(lab) > 1})
@@ -299,20 +338,26 @@ def _read_vocabulary(root: Path, where) -> list[str]:
 
 
 def _audio_root(root: Path, where) -> tuple[Path, int]:
-    rate_dirs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    rate_dirs = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
     if not rate_dirs:
-        raise TaskError(f"{where('<sample_rate>/')}: no audio folder (expected one of "
-                        f"{[str(r) for r in SUPPORTED_RATES]} holding <split>/*.wav)")
+        raise TaskError(
+            f"{where('<sample_rate>/')}: no audio folder (expected one of "
+            f"{[str(r) for r in SUPPORTED_RATES]} holding <split>/*.wav)"
+        )
     usable = [p for p in rate_dirs if int(p.name) in SUPPORTED_RATES]
     if not usable:
-        raise TaskError(f"{where(rate_dirs[0].name + '/')}: unsupported sample rate "
-                        f"{[int(p.name) for p in rate_dirs]} Hz; HEAR tasks come at {list(SUPPORTED_RATES)} Hz")
+        raise TaskError(
+            f"{where(rate_dirs[0].name + '/')}: unsupported sample rate "
+            f"{[int(p.name) for p in rate_dirs]} Hz; HEAR tasks come at {list(SUPPORTED_RATES)} Hz"
+        )
     # 16 kHz needs no resampling; otherwise the highest rate (resampled by ffmpeg).
     best = next((p for p in usable if int(p.name) == audio.SAMPLE_RATE), usable[-1])
     return best, int(best.name)
 
 
-def load_task(root: str | os.PathLike) -> Task:
+def load_task(root: str | os.PathLike) -> Task:  # noqa: C901 (to split: issue 24)
     """Read and validate a task folder's metadata and vocabulary (split files are read lazily)."""
     root = Path(root)
     task_label = root.name
@@ -336,33 +381,53 @@ def load_task(root: str | os.PathLike) -> Task:
     mode = _require(meta, "split_mode", where, str, SPLIT_MODES)
     evaluation = _require(meta, "evaluation", where, list)
     if not evaluation or not all(isinstance(m, str) for m in evaluation):
-        raise TaskError(f"{where(METADATA, 'evaluation')}: expected a non-empty list of metric names, got {evaluation!r}")
+        raise TaskError(
+            f"{where(METADATA, 'evaluation')}: expected a non-empty list of metric names, got {evaluation!r}"
+        )
     unknown = [m for m in evaluation if m not in SCENE_METRICS + EVENT_METRICS]
     if unknown:
-        raise TaskError(f"{where(METADATA, 'evaluation')}: unknown metrics {unknown}; known: {list(SCENE_METRICS + EVENT_METRICS)}")
+        raise TaskError(
+            f"{where(METADATA, 'evaluation')}: unknown metrics {unknown}; known: {list(SCENE_METRICS + EVENT_METRICS)}"
+        )
     if meta["embedding_type"] == "event" and not evaluation[0].startswith(("event_", "segment_")):
-        raise TaskError(f"{where(METADATA, 'evaluation')}: an event task's primary metric must be an event metric, "
-                        f"got {evaluation[0]!r}")
+        raise TaskError(
+            f"{where(METADATA, 'evaluation')}: an event task's primary metric must be an event metric, "
+            f"got {evaluation[0]!r}"
+        )
     if meta["embedding_type"] == "event" and meta["prediction_type"] != "multilabel":
-        raise TaskError(f"{where(METADATA, 'prediction_type')}: event tasks are multilabel, got {meta['prediction_type']!r}")
+        raise TaskError(
+            f"{where(METADATA, 'prediction_type')}: event tasks are multilabel, got {meta['prediction_type']!r}"
+        )
     splits = _require(meta, "splits", where, list)
     if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in splits):
-        raise TaskError(f"{where(METADATA, 'splits')}: expected a list of split names, got {splits!r}")
+        raise TaskError(
+            f"{where(METADATA, 'splits')}: expected a list of split names, got {splits!r}"
+        )
     if len(set(splits)) != len(splits):
         raise TaskError(f"{where(METADATA, 'splits')}: repeated split names {splits}")
     if mode == "trainvaltest":
         if sorted(splits) != sorted(TRAINVALTEST):
-            raise TaskError(f"{where(METADATA, 'splits')}: split_mode 'trainvaltest' needs splits "
-                            f"{list(TRAINVALTEST)}, got {splits}")
+            raise TaskError(
+                f"{where(METADATA, 'splits')}: split_mode 'trainvaltest' needs splits "
+                f"{list(TRAINVALTEST)}, got {splits}"
+            )
     else:
         nfolds = _require(meta, "nfolds", where, int)
         if nfolds < 3:
-            raise TaskError(f"{where(METADATA, 'nfolds')}: k-fold tasks need at least 3 folds, got {nfolds}")
+            raise TaskError(
+                f"{where(METADATA, 'nfolds')}: k-fold tasks need at least 3 folds, got {nfolds}"
+            )
         if len(splits) != nfolds:
-            raise TaskError(f"{where(METADATA, 'splits')}: {len(splits)} splits but nfolds is {nfolds}")
+            raise TaskError(
+                f"{where(METADATA, 'splits')}: {len(splits)} splits but nfolds is {nfolds}"
+            )
     duration = meta.get("sample_duration")
-    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0):
-        raise TaskError(f"{where(METADATA, 'sample_duration')}: expected seconds > 0 or null, got {duration!r}")
+    if duration is not None and (
+        isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0
+    ):
+        raise TaskError(
+            f"{where(METADATA, 'sample_duration')}: expected seconds > 0 or null, got {duration!r}"
+        )
     vocabulary = _read_vocabulary(root, where)
     if meta["prediction_type"] == "multiclass" and len(vocabulary) < 2:
         raise TaskError(f"{where(VOCABULARY)}: a multiclass task needs at least 2 labels")
@@ -370,7 +435,9 @@ def load_task(root: str | os.PathLike) -> Task:
     missing = [s for s in splits if not (audio_root / s).is_dir()]
     if missing:
         raise TaskError(f"{where(audio_root.name + '/')}: no audio folder for splits {missing}")
-    return Task(root=root, metadata=meta, vocabulary=vocabulary, audio_root=audio_root, sample_rate=rate)
+    return Task(
+        root=root, metadata=meta, vocabulary=vocabulary, audio_root=audio_root, sample_rate=rate
+    )
 
 
 def load_audio(clip: Clip, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
@@ -378,12 +445,20 @@ def load_audio(clip: Clip, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
     return audio.decode(clip.path, sample_rate=sample_rate)
 
 
-def scoring_parser(module: str, doc: str, params_help: str, threads: bool = True) -> argparse.ArgumentParser:
+def scoring_parser(
+    module: str, doc: str, params_help: str, threads: bool = True
+) -> argparse.ArgumentParser:
     """The command line shared by the jobs that score a task's embeddings (probe, k-NN, X-ARES
     protocols): ``--task``, ``--embeddings``, ``--params`` (JSON), ``--out`` (result JSON), ``--threads``."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
-    parser.add_argument("--task", required=True, help="task folder (HEAR format; X-ARES tasks after xares_tasks)")
-    parser.add_argument("--embeddings", required=True, help="folder written by python -m dasheng_pipeline.evaluation.embeddings")
+    parser.add_argument(
+        "--task", required=True, help="task folder (HEAR format; X-ARES tasks after xares_tasks)"
+    )
+    parser.add_argument(
+        "--embeddings",
+        required=True,
+        help="folder written by python -m dasheng_pipeline.evaluation.embeddings",
+    )
     parser.add_argument("--params", default="{}", help=f"JSON: {params_help}")
     parser.add_argument("--out", required=True, help="result JSON")
     if threads:

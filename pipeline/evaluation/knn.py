@@ -24,7 +24,9 @@ from dasheng_pipeline.evaluation.embeddings import load_meta, load_split
 log = logging.getLogger(__name__)
 
 
-def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int = 10) -> float:
+def knn_accuracy(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int = 10
+) -> float:
     """Accuracy of a k-NN (cosine) classifier; ``k`` is capped at the number of references."""
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -46,17 +48,33 @@ def _xy(task: hear_tasks.Task, emb_dir: Path, splits) -> tuple[np.ndarray, np.nd
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool = True, seed: int = 0,
-        stamp_section: dict | None = None) -> dict:
+def run(
+    task_dir: str | Path,
+    emb_dir: str | Path,
+    k: int = 10,
+    use_valid: bool = True,
+    seed: int = 0,
+    stamp_section: dict | None = None,
+) -> dict:
     task = hear_tasks.load_task(task_dir)
     emb_dir = Path(emb_dir)
     meta = load_meta(emb_dir)
     result = {
-        "method": "knn", "model": meta["model"], "task": task.name, "task_dir": str(task_dir), "task_mode": task.metadata.get("mode"),
-        "domain": task.metadata.get("domain"), "embedding_type": task.embedding_type, "split_mode": task.split_mode,
-        "primary_metric": "top1_acc", "k": k, "use_valid": use_valid,
+        "method": "knn",
+        "model": meta["model"],
+        "task": task.name,
+        "task_dir": str(task_dir),
+        "task_mode": task.metadata.get("mode"),
+        "domain": task.metadata.get("domain"),
+        "embedding_type": task.embedding_type,
+        "split_mode": task.split_mode,
+        "primary_metric": "top1_acc",
+        "k": k,
+        "use_valid": use_valid,
         "embeddings_provenance": meta.get("provenance"),
-        "provenance": provenance.stamp(stamp_section if stamp_section is not None else {"k": k, "use_valid": use_valid}, seed),
+        "provenance": provenance.stamp(
+            stamp_section if stamp_section is not None else {"k": k, "use_valid": use_valid}, seed
+        ),
     }
     if task.is_event or task.prediction_type != "multiclass":
         why = "event task" if task.is_event else "multilabel task (accuracy is undefined)"
@@ -68,24 +86,51 @@ def run(task_dir: str | Path, emb_dir: str | Path, k: int = 10, use_valid: bool 
         tx, ty = _xy(task, emb_dir, refs)
         qx, qy = _xy(task, emb_dir, fold.test)
         acc = knn_accuracy(tx, ty, qx, qy, k)
-        folds.append({"index": fold.index, "references": list(refs), "test": list(fold.test),
-                      "n_references": int(len(tx)), "n_test": int(len(qx)), "top1_acc": acc})
+        folds.append(
+            {
+                "index": fold.index,
+                "references": list(refs),
+                "test": list(fold.test),
+                "n_references": int(len(tx)),
+                "n_test": int(len(qx)),
+                "top1_acc": acc,
+            }
+        )
         log.info(f"  split {fold.index} (test {', '.join(fold.test)}): k-NN top1_acc {acc:.4f}")
     accs = np.array([f["top1_acc"] for f in folds])
-    log.info(f"k-NN (k={k}) {meta['model']}/{task.name}: top1_acc {accs.mean():.4f} ± {accs.std():.4f}")
-    return {**result, "metrics": {"top1_acc": {"mean": float(accs.mean()), "std": float(accs.std()),
-                                               "folds": [float(a) for a in accs]}}, "folds": folds}
+    log.info(
+        f"k-NN (k={k}) {meta['model']}/{task.name}: top1_acc {accs.mean():.4f} ± {accs.std():.4f}"
+    )
+    return {
+        **result,
+        "metrics": {
+            "top1_acc": {
+                "mean": float(accs.mean()),
+                "std": float(accs.std()),
+                "folds": [float(a) for a in accs],
+            }
+        },
+        "folds": folds,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser("dasheng_pipeline.evaluation.knn", __doc__, "seed, knn {k, use_valid}", threads=False)
+    parser = hear_tasks.scoring_parser(
+        "dasheng_pipeline.evaluation.knn", __doc__, "seed, knn {k, use_valid}", threads=False
+    )
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
     knn = params.get("knn", {})
     with logs.one_line_errors():
-        result = run(args.task, args.embeddings, int(knn.get("k", 10)), bool(knn.get("use_valid", True)),
-                     int(params.get("seed", 0)), params)
+        result = run(
+            args.task,
+            args.embeddings,
+            int(knn.get("k", 10)),
+            bool(knn.get("use_valid", True)),
+            int(params.get("seed", 0)),
+            params,
+        )
     atomic.write_json(args.out, result)
 
 

@@ -26,7 +26,13 @@ import numpy as np
 from dasheng_pipeline.common import atomic, logs, provenance
 from dasheng_pipeline.common.figures import plt, save_png
 from dasheng_pipeline.evaluation.embeddings import EncoderEmbedder, LogMelEmbedder, build_embedder
-from dasheng_pipeline.training.downstream import METHODS, QuickTask, layer_scores, load_quick_task, quick_scores
+from dasheng_pipeline.training.downstream import (
+    METHODS,
+    QuickTask,
+    layer_scores,
+    load_quick_task,
+    quick_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +53,24 @@ def score(quick: str | Path, model_name: str, spec: dict, seed: int = 0, k: int 
     if isinstance(embedder, EncoderEmbedder):
         rows = layer_scores(embedder.encoder, task, k, "all")
     elif isinstance(embedder, LogMelEmbedder):
-        rows = [{"task": task.name, "method": m, "layer": 0, "score": s}
-                for m, s in quick_scores(logmel_features(task), task.label, task.train, k).items()]
+        rows = [
+            {"task": task.name, "method": m, "layer": 0, "score": s}
+            for m, s in quick_scores(logmel_features(task), task.label, task.train, k).items()
+        ]
     else:
         log.info(f"model {model_name}: {embedder.description} has no layers to score")
         rows = []
     rows = [{"model": model_name, **r} for r in rows]
     for r in rows:
         log.info(f"{model_name}/{task.name} layer {r['layer']} {r['method']}: {r['score']:.4f}")
-    return {"model": model_name, "task": task.name, "n_train": int(task.train.sum()),
-            "n_test": int((~task.train).sum()), "rows": rows,
-            "provenance": provenance.stamp({"model": spec, "task": task.name, "k": k}, seed)}
+    return {
+        "model": model_name,
+        "task": task.name,
+        "n_train": int(task.train.sum()),
+        "n_test": int((~task.train).sum()),
+        "rows": rows,
+        "provenance": provenance.stamp({"model": spec, "task": task.name, "k": k}, seed),
+    }
 
 
 def table(inputs: list[str], out_dir: str | Path, plot: str | Path, seed: int = 0) -> list[dict]:
@@ -68,23 +81,47 @@ def table(inputs: list[str], out_dir: str | Path, plot: str | Path, seed: int = 
         writer = csv.DictWriter(fh, fieldnames=FIELDS + ["config_hash", "git_sha"])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**{f: r[f] for f in FIELDS}, "score": f"{r['score']:.6f}",
-                             "config_hash": stamp["config_hash"], "git_sha": stamp["git_sha"]})
+            writer.writerow(
+                {
+                    **{f: r[f] for f in FIELDS},
+                    "score": f"{r['score']:.6f}",
+                    "config_hash": stamp["config_hash"],
+                    "git_sha": stamp["git_sha"],
+                }
+            )
     models = list(dict.fromkeys(r["model"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    lines = ["# Layer-wise probe (quick protocol)", "",
-             "Top-1 accuracy (%) of a standardised logistic regression (linear) and a cosine 10-NN (knn) on "
-             "each block's clip means, trained on the task's first split's train + valid clips, tested on its "
-             "test clips. Layer 0 is the log-mel baseline. The paper's tables use the last layer and the HEAR probe.", ""]
+    lines = [
+        "# Layer-wise probe (quick protocol)",
+        "",
+        "Top-1 accuracy (%) of a standardised logistic regression (linear) and a cosine 10-NN (knn) on "
+        "each block's clip means, trained on the task's first split's train + valid clips, tested on its "
+        "test clips. Layer 0 is the log-mel baseline. The paper's tables use the last layer and the HEAR probe.",
+        "",
+    ]
     for task in tasks:
-        cols = [(m, meth) for m in models for meth in METHODS if any(r["model"] == m and r["task"] == task for r in rows)]
+        cols = [
+            (m, meth)
+            for m in models
+            for meth in METHODS
+            if any(r["model"] == m and r["task"] == task for r in rows)
+        ]
         layers = sorted({int(r["layer"]) for r in rows if r["task"] == task})
-        lines += [f"## {task}", "", "| layer | " + " | ".join(f"{m} {meth}" for m, meth in cols) + " |",
-                  "|---" * (len(cols) + 1) + "|"]
+        lines += [
+            f"## {task}",
+            "",
+            "| layer | " + " | ".join(f"{m} {meth}" for m, meth in cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
         for layer in layers:
             cells = []
             for m, meth in cols:
-                v = [r["score"] for r in rows if (r["model"], r["task"], r["method"], int(r["layer"])) == (m, task, meth, layer)]
+                v = [
+                    r["score"]
+                    for r in rows
+                    if (r["model"], r["task"], r["method"], int(r["layer"]))
+                    == (m, task, meth, layer)
+                ]
                 cells.append(f"{v[0] * 100:.1f}" if v else "")
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -93,19 +130,31 @@ def table(inputs: list[str], out_dir: str | Path, plot: str | Path, seed: int = 
     return rows
 
 
-def _plot(rows: list[dict], models: list[str], tasks: list[str], path: str | Path, stamp: dict) -> None:
+def _plot(
+    rows: list[dict], models: list[str], tasks: list[str], path: str | Path, stamp: dict
+) -> None:
     n = max(1, len(tasks))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, m in enumerate(models):
             for meth, style in zip(METHODS, ("--", "-")):
-                pts = sorted((int(r["layer"]), r["score"] * 100) for r in rows
-                             if (r["model"], r["task"], r["method"]) == (m, task, meth))
+                pts = sorted(
+                    (int(r["layer"]), r["score"] * 100)
+                    for r in rows
+                    if (r["model"], r["task"], r["method"]) == (m, task, meth)
+                )
                 if len(pts) == 1 and pts[0][0] == 0:  # the log-mel baseline: a reference line
                     ax.axhline(pts[0][1], ls=style, color=f"C{i}", lw=1, label=f"{m} {meth}")
                 elif pts:
-                    ax.plot([p for p, _ in pts], [v for _, v in pts], style, marker="o", ms=3, color=f"C{i}",
-                            label=f"{m} {meth}")
+                    ax.plot(
+                        [p for p, _ in pts],
+                        [v for _, v in pts],
+                        style,
+                        marker="o",
+                        ms=3,
+                        color=f"C{i}",
+                        label=f"{m} {meth}",
+                    )
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("block")
         ax.grid(alpha=0.3)
@@ -116,10 +165,14 @@ def _plot(rows: list[dict], models: list[str], tasks: list[str], path: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.layers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.layers", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="one model on one quick set → JSON")
-    s.add_argument("--quick", required=True, help=".npz from python -m dasheng_pipeline.evaluation.quickset")
+    s.add_argument(
+        "--quick", required=True, help=".npz from python -m dasheng_pipeline.evaluation.quickset"
+    )
     s.add_argument("--model", required=True)
     s.add_argument("--spec", required=True, help="JSON model spec (as for the embeddings)")
     s.add_argument("--params", default="{}", help="JSON: seed, k")
@@ -139,7 +192,12 @@ def main(argv: list[str] | None = None) -> None:
             import torch
 
             torch.set_num_threads(max(1, args.threads))
-            atomic.write_json(args.out, score(args.quick, args.model, json.loads(args.spec), seed, int(params.get("k", 10))))
+            atomic.write_json(
+                args.out,
+                score(
+                    args.quick, args.model, json.loads(args.spec), seed, int(params.get("k", 10))
+                ),
+            )
         else:
             table(args.inputs, args.out_dir, args.plot, seed)
 

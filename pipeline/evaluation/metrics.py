@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 SCENE_METRICS = ("top1_acc", "pitch_acc", "chroma_acc", "mAP", "d_prime", "aucroc")
-EVENT_METRICS = ("event_onset_200ms_fms", "event_onset_50ms_fms", "event_onset_offset_50ms_20perc_fms",
-                 "segment_1s_er")
+EVENT_METRICS = (
+    "event_onset_200ms_fms",
+    "event_onset_50ms_fms",
+    "event_onset_offset_50ms_20perc_fms",
+    "segment_1s_er",
+)
 # Metrics where lower is better (everything else: higher is better).
 LOWER_IS_BETTER = frozenset({"segment_1s_er"})
 
@@ -32,7 +36,9 @@ LOWER_IS_BETTER = frozenset({"segment_1s_er"})
 def _check(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     target, scores = np.asarray(target), np.asarray(scores, dtype=np.float64)
     if target.ndim != 2 or target.shape != scores.shape:
-        raise ValueError(f"target and scores must both be (n, labels), got {target.shape} and {scores.shape}")
+        raise ValueError(
+            f"target and scores must both be (n, labels), got {target.shape} and {scores.shape}"
+        )
     if target.shape[0] == 0:
         raise ValueError("no clips to score")
     return target, scores
@@ -56,7 +62,9 @@ def chroma_acc(target: np.ndarray, scores: np.ndarray, vocabulary: Sequence[str]
     try:
         pitches = np.array([int(float(v)) for v in vocabulary])
     except ValueError as exc:
-        raise ValueError(f"chroma_acc needs MIDI-number labels, got vocabulary {list(vocabulary)[:5]}...") from exc
+        raise ValueError(
+            f"chroma_acc needs MIDI-number labels, got vocabulary {list(vocabulary)[:5]}..."
+        ) from exc
     pred = pitches[scores.argmax(axis=1)] % 12
     true = pitches[target.argmax(axis=1)] % 12
     return float((pred == true).mean())
@@ -102,7 +110,9 @@ def d_prime(target: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(math.sqrt(2.0) * norm.ppf(auc)))
 
 
-def scene_score(metric: str, target: np.ndarray, scores: np.ndarray, vocabulary: Sequence[str]) -> float:
+def scene_score(
+    metric: str, target: np.ndarray, scores: np.ndarray, vocabulary: Sequence[str]
+) -> float:
     if metric == "top1_acc":
         return top1_acc(target, scores)
     if metric == "pitch_acc":
@@ -127,13 +137,25 @@ def _container(events: Iterable[dict]):
         import dcase_util
 
     return dcase_util.containers.MetaDataContainer(
-        [{"filename": e["file"], "event_label": e["label"], "onset": float(e["onset"]), "offset": float(e["offset"])}
-         for e in events]
+        [
+            {
+                "filename": e["file"],
+                "event_label": e["label"],
+                "onset": float(e["onset"]),
+                "offset": float(e["offset"]),
+            }
+            for e in events
+        ]
     )
 
 
-def event_score(metric: str, reference: list[dict], estimated: list[dict], labels: Sequence[str],
-                files: Sequence[str]) -> float:
+def event_score(
+    metric: str,
+    reference: list[dict],
+    estimated: list[dict],
+    labels: Sequence[str],
+    files: Sequence[str],
+) -> float:
     """An event metric over ``files`` (every file is scored, also those without any event)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,13 +166,21 @@ def event_score(metric: str, reference: list[dict], estimated: list[dict], label
         m = sed_eval.sound_event.SegmentBasedMetrics(event_label_list=labels, time_resolution=1.0)
     else:
         params = {
-            "event_onset_200ms_fms": dict(t_collar=0.2, percentage_of_length=0.0, evaluate_offset=False),
-            "event_onset_50ms_fms": dict(t_collar=0.05, percentage_of_length=0.0, evaluate_offset=False),
-            "event_onset_offset_50ms_20perc_fms": dict(t_collar=0.05, percentage_of_length=0.2, evaluate_offset=True),
+            "event_onset_200ms_fms": dict(
+                t_collar=0.2, percentage_of_length=0.0, evaluate_offset=False
+            ),
+            "event_onset_50ms_fms": dict(
+                t_collar=0.05, percentage_of_length=0.0, evaluate_offset=False
+            ),
+            "event_onset_offset_50ms_20perc_fms": dict(
+                t_collar=0.05, percentage_of_length=0.2, evaluate_offset=True
+            ),
         }.get(metric)
         if params is None:
             raise ValueError(f"unknown event metric {metric!r}; expected one of {EVENT_METRICS}")
-        m = sed_eval.sound_event.EventBasedMetrics(event_label_list=labels, evaluate_onset=True, **params)
+        m = sed_eval.sound_event.EventBasedMetrics(
+            event_label_list=labels, evaluate_onset=True, **params
+        )
     by_file_ref: dict[str, list] = {f: [] for f in files}
     by_file_est: dict[str, list] = {f: [] for f in files}
     for e in reference:
@@ -158,10 +188,14 @@ def event_score(metric: str, reference: list[dict], estimated: list[dict], label
     for e in estimated:
         by_file_est.setdefault(e["file"], []).append(e)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # sed_eval's class-wise means over empty classes
+        warnings.simplefilter(
+            "ignore", RuntimeWarning
+        )  # sed_eval's class-wise means over empty classes
         for f in by_file_ref:
-            m.evaluate(reference_event_list=_container(by_file_ref[f]),
-                       estimated_event_list=_container(by_file_est.get(f, [])))
+            m.evaluate(
+                reference_event_list=_container(by_file_ref[f]),
+                estimated_event_list=_container(by_file_est.get(f, [])),
+            )
         results = m.results()
     if metric == "segment_1s_er":
         return float(results["overall"]["error_rate"]["error_rate"])

@@ -58,7 +58,13 @@ def domain_bars(rows: list[dict], models: list[str], path: str | Path, stamp: di
             bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, vals, width, label=m)
             for b, v in zip(bars, vals):
                 if not math.isnan(v):
-                    ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+                    ax.annotate(
+                        f"{v:.1f}",
+                        (b.get_x() + b.get_width() / 2, v),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                    )
         ax.set_xticks(x, [DOMAIN_TITLES[g] for g in groups])
         ax.set_ylabel("primary probe score ×100")
         ax.set_ylim(0, 105)
@@ -70,7 +76,10 @@ def domain_bars(rows: list[dict], models: list[str], path: str | Path, stamp: di
 
 def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dict) -> None:
     prim = [r for r in rows if r["method"] == "probe" and r["primary"] and r["score"] is not None]
-    tasks = sorted({r["task"] for r in prim}, key=lambda t: (next(r["domain"] for r in prim if r["task"] == t), t))
+    tasks = sorted(
+        {r["task"] for r in prim},
+        key=lambda t: (next(r["domain"] for r in prim if r["task"] == t), t),
+    )
     lookup = {(r["task"], r["model"]): r for r in prim}
 
     def value(t, m):
@@ -85,8 +94,12 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
         angles = np.linspace(0, 2 * np.pi, len(tasks), endpoint=False)
         for m in models:
             vals = np.array([value(t, m) for t in tasks])
-            ax.plot(np.append(angles, angles[0]), np.append(vals, vals[0]), marker="o", ms=3, label=m)
-            ax.fill(np.append(angles, angles[0]), np.nan_to_num(np.append(vals, vals[0])), alpha=0.08)
+            ax.plot(
+                np.append(angles, angles[0]), np.append(vals, vals[0]), marker="o", ms=3, label=m
+            )
+            ax.fill(
+                np.append(angles, angles[0]), np.nan_to_num(np.append(vals, vals[0])), alpha=0.08
+            )
         ax.set_xticks(angles, tasks, fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_rlabel_position(90)
@@ -97,7 +110,12 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
         width = 0.8 / max(1, len(models))
         x = np.arange(len(tasks))
         for i, m in enumerate(models):
-            ax.bar(x + (i - (len(models) - 1) / 2) * width, [value(t, m) for t in tasks], width, label=m)
+            ax.bar(
+                x + (i - (len(models) - 1) / 2) * width,
+                [value(t, m) for t in tasks],
+                width,
+                label=m,
+            )
         ax.set_xticks(x, tasks)
         ax.set_ylim(0, 105)
         ax.set_ylabel("primary probe score ×100")
@@ -107,7 +125,9 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.plots", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.plots", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scores", help="domain bars and task radar from scores.csv")
     s.add_argument("--scores", required=True)
@@ -126,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "downstream":
         logs.setup()
         params = json.loads(args.params)
-        downstream.downstream_curve(args.csv, args.out, provenance.stamp(params, params.get("seed")))
+        downstream.downstream_curve(
+            args.csv, args.out, provenance.stamp(params, params.get("seed"))
+        )
         return None
     if args.cmd == "loss":  # the training stage's own plot, of this run's or a given metrics CSV
         return curve.main(["--metrics", args.metrics, "--out", args.out, "--params", args.params])

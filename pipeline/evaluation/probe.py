@@ -73,7 +73,7 @@ class ProbeConfig:
     steps_per_epoch: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ProbeConfig":
+    def from_dict(cls, d: dict | None) -> ProbeConfig:
         return sections.from_section(cls, d, "evaluation.probe")
 
 
@@ -101,22 +101,36 @@ class HParams:
 def grid(cfg: ProbeConfig, seed: int) -> list[HParams]:
     """The grid points to search: ``grid_points`` of the full product, sampled with ``seed``
     (all of them when the product is no larger)."""
-    full = [HParams(h, float(lr), i) for h, lr, i in itertools.product(cfg.hidden_layers, cfg.lr, cfg.init)]
+    full = [
+        HParams(h, float(lr), i)
+        for h, lr, i in itertools.product(cfg.hidden_layers, cfg.lr, cfg.init)
+    ]
     if len(full) <= cfg.grid_points:
         return full
     return random.Random(seed).sample(full, cfg.grid_points)
 
 
-def build_mlp(in_dim: int, out_dim: int, hp: HParams, hidden_dim: int = 1024, dropout: float = 0.1) -> nn.Sequential:
+def build_mlp(
+    in_dim: int, out_dim: int, hp: HParams, hidden_dim: int = 1024, dropout: float = 0.1
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     d = in_dim
     for _ in range(hp.hidden_layers):
-        layers += [nn.Linear(d, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.Dropout(dropout), nn.ReLU()]
+        layers += [
+            nn.Linear(d, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.Dropout(dropout),
+            nn.ReLU(),
+        ]
         d = hidden_dim
     layers.append(nn.Linear(d, out_dim))
-    init = {"xavier_uniform": nn.init.xavier_uniform_, "xavier_normal": nn.init.xavier_normal_}.get(hp.init)
+    init = {"xavier_uniform": nn.init.xavier_uniform_, "xavier_normal": nn.init.xavier_normal_}.get(
+        hp.init
+    )
     if init is None:
-        raise ValueError(f"evaluation.probe.init: unknown initialisation {hp.init!r}; expected xavier_uniform or xavier_normal")
+        raise ValueError(
+            f"evaluation.probe.init: unknown initialisation {hp.init!r}; expected xavier_uniform or xavier_normal"
+        )
     for layer in layers:
         if isinstance(layer, nn.Linear):
             init(layer.weight)
@@ -148,15 +162,23 @@ def load_splits(task: hear_tasks.Task, emb_dir: Path, splits: tuple[str, ...]) -
         names = [str(f) for f in arr["files"]]
         if task.is_event:
             if "frames" not in arr:
-                raise ValueError(f"{emb_dir}/{split}.npz has no frame embeddings; an event task needs them")
+                raise ValueError(
+                    f"{emb_dir}/{split}.npz has no frame embeddings; an event task needs them"
+                )
             for i, name in enumerate(names):
                 a, b = int(arr["offsets"][i]), int(arr["offsets"][i + 1])
                 ts = arr["timestamps"][a:b]
                 y = np.zeros((b - a, C), np.float32)
                 for ev in labels[name]:
                     y[(ts >= ev.start_ms) & (ts <= ev.end_ms), index[ev.label]] = 1.0
-                    events.append({"file": f"{split}/{name}", "label": ev.label,
-                                   "onset": ev.start_ms / 1000, "offset": ev.end_ms / 1000})
+                    events.append(
+                        {
+                            "file": f"{split}/{name}",
+                            "label": ev.label,
+                            "onset": ev.start_ms / 1000,
+                            "offset": ev.end_ms / 1000,
+                        }
+                    )
                 xs.append(arr["frames"][a:b])
                 ys.append(y)
                 stamps.append(ts)
@@ -180,8 +202,15 @@ def load_splits(task: hear_tasks.Task, emb_dir: Path, splits: tuple[str, ...]) -
 # -- event post-processing -----------------------------------------------------------------------------
 
 
-def frames_to_events(probs: np.ndarray, timestamps: np.ndarray, labels: list[str], file: str, threshold: float,
-                     median_frames: int, min_duration_ms: float) -> list[dict]:
+def frames_to_events(
+    probs: np.ndarray,
+    timestamps: np.ndarray,
+    labels: list[str],
+    file: str,
+    threshold: float,
+    median_frames: int,
+    min_duration_ms: float,
+) -> list[dict]:
     """(T, C) probabilities of one file → events: threshold, median filter, runs → events
     (onset/offset half a hop before/after the first/last frame's centre), short ones dropped."""
     from scipy.ndimage import median_filter
@@ -200,7 +229,9 @@ def frames_to_events(probs: np.ndarray, timestamps: np.ndarray, labels: list[str
             onset = max(0.0, float(timestamps[start]) - hop / 2)
             offset = float(timestamps[end - 1]) + hop / 2
             if offset - onset >= min_duration_ms:
-                out.append({"file": file, "label": label, "onset": onset / 1000, "offset": offset / 1000})
+                out.append(
+                    {"file": file, "label": label, "onset": onset / 1000, "offset": offset / 1000}
+                )
     return out
 
 
@@ -224,17 +255,34 @@ class Scorer:
 
     def events(self, probs: np.ndarray, data: SplitData, min_duration_ms: float) -> list[dict]:
         out = []
-        hop = float(np.median(np.diff(data.timestamps[: min(len(data.timestamps), 50)]))) if len(data.timestamps) > 1 else 40.0
+        hop = (
+            float(np.median(np.diff(data.timestamps[: min(len(data.timestamps), 50)])))
+            if len(data.timestamps) > 1
+            else 40.0
+        )
         mf = median_frames(self.cfg.median_filter_ms, hop)
         for i, file in enumerate(data.files):
             a, b = int(data.offsets[i]), int(data.offsets[i + 1])
-            out += frames_to_events(probs[a:b], data.timestamps[a:b], self.task.vocabulary, file,
-                                    self.cfg.threshold, mf, min_duration_ms)
+            out += frames_to_events(
+                probs[a:b],
+                data.timestamps[a:b],
+                self.task.vocabulary,
+                file,
+                self.cfg.threshold,
+                mf,
+                min_duration_ms,
+            )
         return out
 
-    def score(self, metric: str, probs: np.ndarray, data: SplitData, min_duration_ms: float | None = None) -> float:
+    def score(
+        self, metric: str, probs: np.ndarray, data: SplitData, min_duration_ms: float | None = None
+    ) -> float:
         if self.task.is_event:
-            est = self.events(probs, data, min_duration_ms if min_duration_ms is not None else self.cfg.min_duration_ms[0])
+            est = self.events(
+                probs,
+                data,
+                min_duration_ms if min_duration_ms is not None else self.cfg.min_duration_ms[0],
+            )
             return metrics.event_score(metric, data.events, est, self.task.vocabulary, data.files)
         return metrics.scene_score(metric, data.y, probs, self.task.vocabulary)
 
@@ -264,11 +312,22 @@ class Trained:
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else torch.zeros(0)
+        return (
+            torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+            if len(x)
+            else torch.zeros(0)
+        )
 
 
-def train(train_data: SplitData, valid_data: SplitData, hp: HParams, cfg: ProbeConfig, scorer: Scorer,
-          seed: int, check_every: int) -> Trained:
+def train(
+    train_data: SplitData,
+    valid_data: SplitData,
+    hp: HParams,
+    cfg: ProbeConfig,
+    scorer: Scorer,
+    seed: int,
+    check_every: int,
+) -> Trained:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(train_data.x)
@@ -288,8 +347,10 @@ def train(train_data: SplitData, valid_data: SplitData, hp: HParams, cfg: ProbeC
         model.train()
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, batch):
-            idx = order[i:i + batch]
-            if len(idx) < 2:  # BatchNorm needs two items; a lone leftover item waits for the next epoch
+            idx = order[i : i + batch]
+            if (
+                len(idx) < 2
+            ):  # BatchNorm needs two items; a lone leftover item waits for the next epoch
                 continue
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), target[idx])
@@ -308,18 +369,29 @@ def train(train_data: SplitData, valid_data: SplitData, hp: HParams, cfg: ProbeC
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return Trained(model, hp, float("nan") if best is None else float(best), best_d, epoch, best_epoch)
+    return Trained(
+        model, hp, float("nan") if best is None else float(best), best_d, epoch, best_epoch
+    )
 
 
 def _mean_std(values: list[float]) -> dict:
     arr = np.array(values, dtype=np.float64)
     ok = arr[~np.isnan(arr)]
-    return {"mean": float(ok.mean()) if ok.size else None, "std": float(ok.std()) if ok.size else None,
-            "folds": [None if math.isnan(v) else float(v) for v in arr]}
+    return {
+        "mean": float(ok.mean()) if ok.size else None,
+        "std": float(ok.std()) if ok.size else None,
+        "folds": [None if math.isnan(v) else float(v) for v in arr],
+    }
 
 
-def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, threads: int = 1,
-        stamp_section: dict | None = None) -> dict:
+def run(
+    task_dir: str | Path,
+    emb_dir: str | Path,
+    cfg: ProbeConfig,
+    seed: int,
+    threads: int = 1,
+    stamp_section: dict | None = None,
+) -> dict:
     torch.set_num_threads(max(1, threads))
     task = hear_tasks.load_task(task_dir)
     emb_dir = Path(emb_dir)
@@ -335,18 +407,31 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
     tr, va = load_splits(task, emb_dir, first.train), load_splits(task, emb_dir, first.valid)
     search = []
     best: Trained | None = None
-    for hp in tqdm(points, desc=f"probe {meta['model']}/{task.name} grid", unit="point", file=sys.stdout):
+    for hp in tqdm(
+        points, desc=f"probe {meta['model']}/{task.name} grid", unit="point", file=sys.stdout
+    ):
         result = train(tr, va, hp, cfg, scorer, seed, check_every)
-        search.append({**asdict(hp), "val_score": result.val_score, "epochs": result.epochs,
-                       "best_epoch": result.best_epoch, "min_duration_ms": result.min_duration_ms})
-        log.info(f"  {hp}: validation {task.primary_metric} = {result.val_score:.4f} "
-              f"(best epoch {result.best_epoch} of {result.epochs})")
+        search.append(
+            {
+                **asdict(hp),
+                "val_score": result.val_score,
+                "epochs": result.epochs,
+                "best_epoch": result.best_epoch,
+                "min_duration_ms": result.min_duration_ms,
+            }
+        )
+        log.info(
+            f"  {hp}: validation {task.primary_metric} = {result.val_score:.4f} "
+            f"(best epoch {result.best_epoch} of {result.epochs})"
+        )
         if best is None or metrics.is_better(task.primary_metric, result.val_score, best.val_score):
             best = result
     assert best is not None
     log.info(f"best grid point: {best.hp} (validation {task.primary_metric} {best.val_score:.4f})")
     fold_results = []
-    for fold in tqdm(folds, desc=f"probe {meta['model']}/{task.name} splits", unit="split", file=sys.stdout):
+    for fold in tqdm(
+        folds, desc=f"probe {meta['model']}/{task.name} splits", unit="split", file=sys.stdout
+    ):
         if fold.index == 0:
             trained = best
         else:
@@ -355,23 +440,41 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
         te = load_splits(task, emb_dir, fold.test)
         probs = scorer.probabilities(predict(trained.model, torch.from_numpy(te.x)))
         scores = {m: scorer.score(m, probs, te, trained.min_duration_ms) for m in task.evaluation}
-        fold_results.append({
-            "index": fold.index, "train": list(fold.train), "valid": list(fold.valid), "test": list(fold.test),
-            "n_train": int(len(tr.x)), "n_test": int(len(te.x)), "val_score": trained.val_score,
-            "epochs": trained.epochs, "best_epoch": trained.best_epoch,
-            "min_duration_ms": trained.min_duration_ms, "scores": scores,
-        })
-        log.info(f"  split {fold.index} (test {', '.join(fold.test)}): "
-              + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()))
+        fold_results.append(
+            {
+                "index": fold.index,
+                "train": list(fold.train),
+                "valid": list(fold.valid),
+                "test": list(fold.test),
+                "n_train": int(len(tr.x)),
+                "n_test": int(len(te.x)),
+                "val_score": trained.val_score,
+                "epochs": trained.epochs,
+                "best_epoch": trained.best_epoch,
+                "min_duration_ms": trained.min_duration_ms,
+                "scores": scores,
+            }
+        )
+        log.info(
+            f"  split {fold.index} (test {', '.join(fold.test)}): "
+            + ", ".join(f"{m} {v:.4f}" for m, v in scores.items())
+        )
     elapsed = time.perf_counter() - t0
     summary = {m: _mean_std([f["scores"][m] for f in fold_results]) for m in task.evaluation}
-    log.info(f"probe done in {elapsed:.1f} s: " + ", ".join(f"{m} {v['mean']:.4f} ± {v['std']:.4f}"
-                                                           for m, v in summary.items() if v["mean"] is not None))
+    log.info(
+        f"probe done in {elapsed:.1f} s: "
+        + ", ".join(
+            f"{m} {v['mean']:.4f} ± {v['std']:.4f}"
+            for m, v in summary.items()
+            if v["mean"] is not None
+        )
+    )
     return {
         "method": "probe",
         "model": meta["model"],
         "task": task.name,
-        "task_dir": str(task_dir), "task_mode": task.metadata.get("mode"),
+        "task_dir": str(task_dir),
+        "task_mode": task.metadata.get("mode"),
         "domain": task.metadata.get("domain"),
         "embedding_type": task.embedding_type,
         "split_mode": task.split_mode,
@@ -384,18 +487,28 @@ def run(task_dir: str | Path, emb_dir: str | Path, cfg: ProbeConfig, seed: int, 
         "protocol": protocol(cfg),
         "seed": seed,
         "embeddings_provenance": meta.get("provenance"),
-        "provenance": provenance.stamp(stamp_section if stamp_section is not None else {"probe": asdict(cfg)}, seed),
+        "provenance": provenance.stamp(
+            stamp_section if stamp_section is not None else {"probe": asdict(cfg)}, seed
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser("dasheng_pipeline.evaluation.probe", __doc__, "seed, probe (ProbeConfig keys)")
+    parser = hear_tasks.scoring_parser(
+        "dasheng_pipeline.evaluation.probe", __doc__, "seed, probe (ProbeConfig keys)"
+    )
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
     with logs.one_line_errors():
-        result = run(args.task, args.embeddings, ProbeConfig.from_dict(params.get("probe")), int(params.get("seed", 0)),
-                     args.threads, params)
+        result = run(
+            args.task,
+            args.embeddings,
+            ProbeConfig.from_dict(params.get("probe")),
+            int(params.get("seed", 0)),
+            args.threads,
+            params,
+        )
     atomic.write_json(args.out, result)
 
 

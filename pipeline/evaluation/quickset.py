@@ -31,11 +31,15 @@ from dasheng_pipeline.evaluation import hear_tasks
 log = logging.getLogger(__name__)
 
 
-def build(task_dir: str | Path, max_clips: int = 512, max_seconds: float = 10.0, seed: int = 0) -> dict[str, np.ndarray]:
+def build(
+    task_dir: str | Path, max_clips: int = 512, max_seconds: float = 10.0, seed: int = 0
+) -> dict[str, np.ndarray]:
     task = hear_tasks.load_task(task_dir)
     if task.is_event or task.prediction_type != "multiclass":
-        raise hear_tasks.TaskError(f"task {task.name!r} ({task.root}): a quick set needs a multiclass scene task, "
-                                   f"not a {task.prediction_type} {task.embedding_type} task; leave it out of the quick tasks")
+        raise hear_tasks.TaskError(
+            f"task {task.name!r} ({task.root}): a quick set needs a multiclass scene task, "
+            f"not a {task.prediction_type} {task.embedding_type} task; leave it out of the quick tasks"
+        )
     fold = task.folds()[0]
     clips = [(c, True) for s in (*fold.train, *fold.valid) for c in task.clips(s)[0]]
     clips += [(c, False) for s in fold.test for c in task.clips(s)[0]]
@@ -48,14 +52,20 @@ def build(task_dir: str | Path, max_clips: int = 512, max_seconds: float = 10.0,
     mels, valid, labels, train = [], [], [], []
     from tqdm import tqdm
 
-    for clip, is_train in tqdm(clips, desc=f"quick set {task.name}", unit="clip", file=sys.stdout, mininterval=5):
+    for clip, is_train in tqdm(
+        clips, desc=f"quick set {task.name}", unit="clip", file=sys.stdout, mininterval=5
+    ):
         try:
             x = hear_tasks.load_audio(clip)[:max_samples]
         except audio.DecodeError as exc:
-            log.warning(f"task {task.name!r}: skipped {clip.split}/{clip.file}: undecodable: {exc.reason}")
+            log.warning(
+                f"task {task.name!r}: skipped {clip.split}/{clip.file}: undecodable: {exc.reason}"
+            )
             continue
         if x.size == 0 or not np.isfinite(x).all():
-            log.warning(f"task {task.name!r}: skipped {clip.split}/{clip.file}: empty or not finite")
+            log.warning(
+                f"task {task.name!r}: skipped {clip.split}/{clip.file}: empty or not finite"
+            )
             continue
         x = np.pad(x, (0, max(0, SAMPLES_PER_TOKEN - x.size)))
         with torch.no_grad():
@@ -64,17 +74,28 @@ def build(task_dir: str | Path, max_clips: int = 512, max_seconds: float = 10.0,
         labels.append(index[clip.labels[0]])
         train.append(is_train)
     if not any(train) or all(train):
-        raise hear_tasks.TaskError(f"task {task.name!r} ({task.root}): the quick set needs train and test clips, "
-                                   f"got {sum(train)} train and {len(train) - sum(train)} test")
+        raise hear_tasks.TaskError(
+            f"task {task.name!r} ({task.root}): the quick set needs train and test clips, "
+            f"got {sum(train)} train and {len(train) - sum(train)} test"
+        )
     T = max(valid)
-    mel = np.stack([np.pad(m, ((0, 0), (0, T - m.shape[1])), constant_values=m.min()) for m in mels])
-    return {"name": np.array(task.name), "mel": mel.astype(np.float16), "valid_frames": np.array(valid, np.int64),
-            "label": np.array(labels, np.int64), "train": np.array(train, bool),
-            "classes": np.array(task.vocabulary, dtype=str)}
+    mel = np.stack(
+        [np.pad(m, ((0, 0), (0, T - m.shape[1])), constant_values=m.min()) for m in mels]
+    )
+    return {
+        "name": np.array(task.name),
+        "mel": mel.astype(np.float16),
+        "valid_frames": np.array(valid, np.int64),
+        "label": np.array(labels, np.int64),
+        "train": np.array(train, bool),
+        "classes": np.array(task.vocabulary, dtype=str),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.quickset", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.quickset", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--params", default="{}", help="JSON: seed, max_clips, max_seconds")
     parser.add_argument("--out", required=True, help=".npz to write")
@@ -82,14 +103,22 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup()
     params = json.loads(args.params)
     with logs.one_line_errors(hear_tasks.TaskError):
-        arrays = build(args.task, int(params.get("max_clips", 512)), float(params.get("max_seconds", 10.0)),
-                       int(params.get("seed", 0)))
-    arrays["provenance"] = np.array(json.dumps(provenance.stamp(params, params.get("seed")), sort_keys=True))
+        arrays = build(
+            args.task,
+            int(params.get("max_clips", 512)),
+            float(params.get("max_seconds", 10.0)),
+            int(params.get("seed", 0)),
+        )
+    arrays["provenance"] = np.array(
+        json.dumps(provenance.stamp(params, params.get("seed")), sort_keys=True)
+    )
     with atomic.atomic_path(args.out) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    log.info(f"wrote {args.out}: {len(arrays['label'])} clips ({int(arrays['train'].sum())} train), "
-             f"{len(arrays['classes'])} classes")
+    log.info(
+        f"wrote {args.out}: {len(arrays['label'])} clips ({int(arrays['train'].sum())} train), "
+        f"{len(arrays['classes'])} classes"
+    )
 
 
 if __name__ == "__main__":

@@ -42,14 +42,33 @@ PAPER_CSV = REPO / "config" / "paper_results.csv"
 # The paper's grouping of the HEAR tasks into domains (Section 3.1.2 and Table 4; Gunshot
 # triangulation counts as environment, which reproduces Table 4's averages from Table 2).
 PAPER_DOMAINS = {
-    "dcase2016_task2": "env", "esc50": "env", "fsd50k": "env", "gunshot_triangulation": "env",
-    "crema_d": "speech", "libricount": "speech", "speech_commands_5h": "speech", "speech_commands_full": "speech",
-    "vocal_imitation": "speech", "vox_lingua_top10": "speech",
-    "beijing_opera": "music", "gtzan_genre": "music", "gtzan_music_speech": "music", "maestro": "music",
-    "mridangam_stroke": "music", "mridangam_tonic": "music", "nsynth_pitch_50h": "music", "nsynth_pitch_5h": "music",
+    "dcase2016_task2": "env",
+    "esc50": "env",
+    "fsd50k": "env",
+    "gunshot_triangulation": "env",
+    "crema_d": "speech",
+    "libricount": "speech",
+    "speech_commands_5h": "speech",
+    "speech_commands_full": "speech",
+    "vocal_imitation": "speech",
+    "vox_lingua_top10": "speech",
+    "beijing_opera": "music",
+    "gtzan_genre": "music",
+    "gtzan_music_speech": "music",
+    "maestro": "music",
+    "mridangam_stroke": "music",
+    "mridangam_tonic": "music",
+    "nsynth_pitch_50h": "music",
+    "nsynth_pitch_5h": "music",
 }
 DOMAINS = ("env", "speech", "music")
-DOMAIN_TITLES = {"env": "Env", "speech": "Speech", "music": "Music", "other": "Other", "average": "Average"}
+DOMAIN_TITLES = {
+    "env": "Env",
+    "speech": "Speech",
+    "music": "Music",
+    "other": "Other",
+    "average": "Average",
+}
 DASHENG = ("Dasheng-Base", "Dasheng-0.6B", "Dasheng-1.2B")
 
 
@@ -61,7 +80,9 @@ def read_paper(path: str | Path = PAPER_CSV) -> list[dict]:
     return rows
 
 
-def paper_name(key: str, result: dict, paper_tasks: set[str], override: str | None = None) -> str | None:
+def paper_name(
+    key: str, result: dict, paper_tasks: set[str], override: str | None = None
+) -> str | None:
     if override:
         return override
     candidates = [key]
@@ -91,16 +112,27 @@ def build_rows(results: list[dict], tasks_cfg: dict, paper: list[dict]) -> list[
     for r in results:
         cfg = tasks_cfg.get(r["key"], {}) or {}
         pname = paper_name(r["key"], r, paper_tasks, cfg.get("paper_name"))
-        domain = cfg.get("domain") or r.get("domain") or PAPER_DOMAINS.get(pname or "", None) or "other"
+        domain = (
+            cfg.get("domain") or r.get("domain") or PAPER_DOMAINS.get(pname or "", None) or "other"
+        )
         stamp = r.get("provenance", {})
         for metric, v in r.get("metrics", {}).items():
-            rows.append({
-                "model": r["model"], "task": r["key"], "method": r["method"], "metric": metric,
-                "primary": metric == r.get("primary_metric"),
-                "score": v.get("mean"), "std": v.get("std"), "n_splits": len(v.get("folds", [])),
-                "domain": domain, "paper_task": pname or "",
-                "config_hash": stamp.get("config_hash", ""), "git_sha": stamp.get("git_sha", ""),
-            })
+            rows.append(
+                {
+                    "model": r["model"],
+                    "task": r["key"],
+                    "method": r["method"],
+                    "metric": metric,
+                    "primary": metric == r.get("primary_metric"),
+                    "score": v.get("mean"),
+                    "std": v.get("std"),
+                    "n_splits": len(v.get("folds", [])),
+                    "domain": domain,
+                    "paper_task": pname or "",
+                    "config_hash": stamp.get("config_hash", ""),
+                    "git_sha": stamp.get("git_sha", ""),
+                }
+            )
     rows.sort(key=lambda x: (x["method"], x["task"], x["model"], not x["primary"], x["metric"]))
     return rows
 
@@ -118,7 +150,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(x):
         return str(x).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -127,7 +162,12 @@ def domain_averages(rows: list[dict], models: list[str]) -> dict[str, dict[str, 
     """Per model and domain: mean primary probe score (higher-is-better metrics) and task count."""
     acc: dict = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r["method"] == "probe" and r["primary"] and r["metric"] not in LOWER_IS_BETTER and r["score"] is not None:
+        if (
+            r["method"] == "probe"
+            and r["primary"]
+            and r["metric"] not in LOWER_IS_BETTER
+            and r["score"] is not None
+        ):
             acc[r["model"]][r["domain"]].append(r["score"])
     out = {}
     for m in models:
@@ -169,8 +209,9 @@ def read_xares(path: str | Path = XARES_CSV) -> list[dict]:
     return rows
 
 
-def xares_tables(results: list[dict], models: list[str], published: list[dict],
-                 tasks_cfg: dict) -> tuple[list[dict], str]:
+def xares_tables(
+    results: list[dict], models: list[str], published: list[dict], tasks_cfg: dict
+) -> tuple[list[dict], str]:
     """Per X-ARES protocol: every task's score per model next to X-ARES's published dasheng-base score,
     and the weighted averages. Returns long-form rows and the Markdown document."""
     pub = {(r["task"], r["protocol"]): r["score"] for r in published}
@@ -201,39 +242,80 @@ def xares_tables(results: list[dict], models: list[str], published: list[dict],
                 if v and v["mean"] is not None and weight:
                     sums[m][0] += v["mean"] * weight
                     sums[m][1] += weight
-                out_rows.append({"protocol": method, "task": task, "xares_task": xname, "metric": any_r["primary_metric"],
-                                 "model": m, "score": None if not v else v["mean"], "weight": weight,
-                                 "published_dasheng_base": published_score})
+                out_rows.append(
+                    {
+                        "protocol": method,
+                        "task": task,
+                        "xares_task": xname,
+                        "metric": any_r["primary_metric"],
+                        "model": m,
+                        "score": None if not v else v["mean"],
+                        "weight": weight,
+                        "published_dasheng_base": published_score,
+                    }
+                )
             cells.append(_fmt(published_score))
             body.append(cells)
         avg = [_fmt(sums[m][0] / sums[m][1]) if sums[m][1] else "–" for m in models]
-        body.append(["**weighted average**", "", str(sums[models[0]][1] if models else ""), *avg,
-                     _fmt(pub.get(("weighted_average_public", proto))) + " (all public tasks)"])
+        body.append(
+            [
+                "**weighted average**",
+                "",
+                str(sums[models[0]][1] if models else ""),
+                *avg,
+                _fmt(pub.get(("weighted_average_public", proto))) + " (all public tasks)",
+            ]
+        )
         for m in models:
-            out_rows.append({"protocol": method, "task": "weighted_average", "xares_task": "weighted_average_public",
-                             "metric": "weighted_mean", "model": m,
-                             "score": sums[m][0] / sums[m][1] if sums[m][1] else None, "weight": sums[m][1],
-                             "published_dasheng_base": pub.get(("weighted_average_public", proto))})
-        md.append(markdown_table(["task", "metric", "weight", *models, "published dasheng-base"], body))
+            out_rows.append(
+                {
+                    "protocol": method,
+                    "task": "weighted_average",
+                    "xares_task": "weighted_average_public",
+                    "metric": "weighted_mean",
+                    "model": m,
+                    "score": sums[m][0] / sums[m][1] if sums[m][1] else None,
+                    "weight": sums[m][1],
+                    "published_dasheng_base": pub.get(("weighted_average_public", proto)),
+                }
+            )
+        md.append(
+            markdown_table(["task", "metric", "weight", *models, "published dasheng-base"], body)
+        )
     return out_rows, "".join(md)
 
 
-XARES_COLUMNS = ["protocol", "task", "xares_task", "metric", "model", "score", "weight", "published_dasheng_base"]
+XARES_COLUMNS = [
+    "protocol",
+    "task",
+    "xares_task",
+    "metric",
+    "model",
+    "score",
+    "weight",
+    "published_dasheng_base",
+]
 
 
-def scores_markdown(rows: list[dict], models: list[str], stamp: dict, protocols: list[str] | None = None) -> str:
-    parts = ["# Evaluation scores\n",
-             "Scores ×100 (mean ± std over splits; k-fold tasks average their folds). "
-             "Probe: HEAR's MLP protocol; k-NN: k = 10, cosine, accuracy. "
-             "`segment_1s_er` is an error rate (lower is better); everything else is higher-is-better.\n"]
+def scores_markdown(
+    rows: list[dict], models: list[str], stamp: dict, protocols: list[str] | None = None
+) -> str:
+    parts = [
+        "# Evaluation scores\n",
+        "Scores ×100 (mean ± std over splits; k-fold tasks average their folds). "
+        "Probe: HEAR's MLP protocol; k-NN: k = 10, cosine, accuracy. "
+        "`segment_1s_er` is an error rate (lower is better); everything else is higher-is-better.\n",
+    ]
     if protocols:
         parts.append("\nProbe protocol: " + "; ".join(protocols) + ".\n")
     for method, title in METHOD_TITLES.items():
         mrows = [r for r in rows if r["method"] == method]
         if not mrows:
             continue
-        keys = sorted({(r["task"], r["metric"], r["primary"], r["domain"]) for r in mrows},
-                      key=lambda k: (k[3], k[0], not k[2], k[1]))
+        keys = sorted(
+            {(r["task"], r["metric"], r["primary"], r["domain"]) for r in mrows},
+            key=lambda k: (k[3], k[0], not k[2], k[1]),
+        )
         lookup = {(r["task"], r["metric"], r["model"]): r for r in mrows}
         body = []
         for task, metric, primary, domain in keys:
@@ -242,30 +324,58 @@ def scores_markdown(rows: list[dict], models: list[str], stamp: dict, protocols:
                 r = lookup.get((task, metric, m))
                 cells.append(_fmt(r["score"], r["std"]) if r else "–")
             body.append([task, domain, metric + (" (primary)" if primary else "")] + cells)
-        parts.append(f"\n## {title}\n\n" + markdown_table(["task", "domain", "metric"] + models, body))
+        parts.append(
+            f"\n## {title}\n\n" + markdown_table(["task", "domain", "metric"] + models, body)
+        )
     avgs = domain_averages(rows, models)
     present = [d for d in (*DOMAINS, "other", "average") if any(d in avgs[m] for m in models)]
     if present:
-        body = [[m] + [(_fmt(avgs[m][d][0]) + f" ({avgs[m][d][1]})") if d in avgs[m] else "–" for d in present]
-                for m in models]
-        parts.append("\n## Per-domain averages of the primary probe scores (number of tasks)\n\n"
-                     "As the paper's Table 4: the mean over a domain's tasks; Average = mean of the domains.\n\n"
-                     + markdown_table(["model"] + [DOMAIN_TITLES[d] for d in present], body))
-    for method, label in (("probe", "primary probe score"), ("knn", "k-NN accuracy"),
-                          ("xares_mlp", "X-ARES MLP score"), ("xares_knn", "X-ARES k-NN accuracy")):
+        body = [
+            [m]
+            + [
+                (_fmt(avgs[m][d][0]) + f" ({avgs[m][d][1]})") if d in avgs[m] else "–"
+                for d in present
+            ]
+            for m in models
+        ]
+        parts.append(
+            "\n## Per-domain averages of the primary probe scores (number of tasks)\n\n"
+            "As the paper's Table 4: the mean over a domain's tasks; Average = mean of the domains.\n\n"
+            + markdown_table(["model"] + [DOMAIN_TITLES[d] for d in present], body)
+        )
+    for method, label in (
+        ("probe", "primary probe score"),
+        ("knn", "k-NN accuracy"),
+        ("xares_mlp", "X-ARES MLP score"),
+        ("xares_knn", "X-ARES k-NN accuracy"),
+    ):
         helped = pretraining_effect(rows, models, method)
         if helped:
-            parts.append(f"\n## Did pre-training help? ({METHOD_TITLES[method]})\n\n"
-                         f"The trained encoder's {label} minus its random-init twin's, and minus the log-mel "
-                         "baseline's (×100; positive = the trained encoder is better); the last row is the "
-                         "mean over tasks.\n\n"
-                         + markdown_table(["task", "metric", "trained", "random-init", "log-mel",
-                                           "trained − random", "trained − log-mel"], helped))
+            parts.append(
+                f"\n## Did pre-training help? ({METHOD_TITLES[method]})\n\n"
+                f"The trained encoder's {label} minus its random-init twin's, and minus the log-mel "
+                "baseline's (×100; positive = the trained encoder is better); the last row is the "
+                "mean over tasks.\n\n"
+                + markdown_table(
+                    [
+                        "task",
+                        "metric",
+                        "trained",
+                        "random-init",
+                        "log-mel",
+                        "trained − random",
+                        "trained − log-mel",
+                    ],
+                    helped,
+                )
+            )
     parts.append(_provenance_md(stamp))
     return "".join(parts)
 
 
-def pretraining_effect(rows: list[dict], models: list[str], method: str = "probe") -> list[list[str]]:
+def pretraining_effect(
+    rows: list[dict], models: list[str], method: str = "probe"
+) -> list[list[str]]:
     """Rows comparing 'trained' with 'random' and 'logmel' on one method's primary scores (when
     those models are evaluated), and a last row with the means over tasks."""
     if "trained" not in models or not ({"random", "logmel"} & set(models)):
@@ -280,8 +390,12 @@ def pretraining_effect(rows: list[dict], models: list[str], method: str = "probe
         cells = [task, t["metric"], _fmt(t["score"])]
         others = [lookup.get((task, "random")), lookup.get((task, "logmel"))]
         cells += [_fmt(o["score"]) if o else "–" for o in others]
-        cells += [f"{sign * (t['score'] - o['score']) * 100:+.1f}" if o and o["score"] is not None else "–"
-                  for o in others]
+        cells += [
+            f"{sign * (t['score'] - o['score']) * 100:+.1f}"
+            if o and o["score"] is not None
+            else "–"
+            for o in others
+        ]
         out.append(cells)
         for name, row in (("trained", t), ("random", others[0]), ("logmel", others[1])):
             # signed so that higher is better for every metric; the mean row compares these
@@ -290,37 +404,56 @@ def pretraining_effect(rows: list[dict], models: list[str], method: str = "probe
         mean = {k: (sum(v) / len(v) if v and None not in v else None) for k, v in scores.items()}
         cells = ["mean (higher is better)", "", _fmt(mean["trained"])]
         cells += [_fmt(mean[k]) if mean[k] is not None else "–" for k in ("random", "logmel")]
-        cells += [f"{(mean['trained'] - mean[k]) * 100:+.1f}" if mean[k] is not None else "–"
-                  for k in ("random", "logmel")]
+        cells += [
+            f"{(mean['trained'] - mean[k]) * 100:+.1f}" if mean[k] is not None else "–"
+            for k in ("random", "logmel")
+        ]
         out.append(cells)
     return out
 
 
 def _provenance_md(stamp: dict) -> str:
-    return (f"\n---\nProvenance: config hash `{stamp.get('config_hash')}`, seed {stamp.get('seed')}, "
-            f"git `{stamp.get('git_sha')}`.\n")
+    return (
+        f"\n---\nProvenance: config hash `{stamp.get('config_hash')}`, seed {stamp.get('seed')}, "
+        f"git `{stamp.get('git_sha')}`.\n"
+    )
 
 
-def build_comparison(rows: list[dict], models: list[str], paper: list[dict]) -> tuple[list[dict], str]:
+def build_comparison(  # noqa: C901 (to split: issue 24)
+    rows: list[dict], models: list[str], paper: list[dict]
+) -> tuple[list[dict], str]:
     """Long-form comparison rows and the Markdown document."""
     comp: list[dict] = []
-    md = ["# Comparison with the paper\n",
-          "Our scores (×100) next to the paper's for tasks with the same name. The paper's models ran on "
-          "the full HEAR tasks; ours on whatever data the config names, so only same-named tasks are compared.\n"]
+    md = [
+        "# Comparison with the paper\n",
+        "Our scores (×100) next to the paper's for tasks with the same name. The paper's models ran on "
+        "the full HEAR tasks; ours on whatever data the config names, so only same-named tasks are compared.\n",
+    ]
     by_table = defaultdict(list)
     for p in paper:
         by_table[p["table"]].append(p)
-    sections = (("table2_hear", "probe", "Table 2: HEAR (MLP probe)"), ("table5_knn", "knn", "Table 5: k-NN (k = 10)"))
+    sections = (
+        ("table2_hear", "probe", "Table 2: HEAR (MLP probe)"),
+        ("table5_knn", "knn", "Table 5: k-NN (k = 10)"),
+    )
     for table, method, title in sections:
-        ours = [r for r in rows if r["method"] == method and r["primary"] and r["paper_task"]
-                and any(p["task"] == r["paper_task"] for p in by_table[table])]
+        ours = [
+            r
+            for r in rows
+            if r["method"] == method
+            and r["primary"]
+            and r["paper_task"]
+            and any(p["task"] == r["paper_task"] for p in by_table[table])
+        ]
         tasks = sorted({r["paper_task"] for r in ours})
         md.append(f"\n## {title}\n\n")
         if not tasks:
             md.append("No evaluated task shares a name with this table's tasks.\n")
             continue
         paper_models = list(dict.fromkeys(p["model"] for p in by_table[table]))
-        show = [m for m in paper_models if m in DASHENG] + [m for m in paper_models if m not in DASHENG]
+        show = [m for m in paper_models if m in DASHENG] + [
+            m for m in paper_models if m not in DASHENG
+        ]
         lookup = {(p["task"], p["model"]): p for p in by_table[table]}
         body = []
         for task in tasks:
@@ -329,19 +462,40 @@ def build_comparison(rows: list[dict], models: list[str], paper: list[dict]) -> 
             for m, r in mine.items():
                 for pm in show:
                     p = lookup.get((task, pm))
-                    comp.append({"table": table, "task": task, "column": column, "metric": r["metric"],
-                                 "model": m, "score": None if r["score"] is None else round(r["score"] * 100, 2),
-                                 "paper_model": pm, "paper_score": p["score"] if p else None})
+                    comp.append(
+                        {
+                            "table": table,
+                            "task": task,
+                            "column": column,
+                            "metric": r["metric"],
+                            "model": m,
+                            "score": None if r["score"] is None else round(r["score"] * 100, 2),
+                            "paper_model": pm,
+                            "paper_score": p["score"] if p else None,
+                        }
+                    )
             cells = [task, column] + [_fmt(mine[m]["score"]) if m in mine else "–" for m in models]
-            cells += [f"{lookup[(task, pm)]['score']:.1f}" if (task, pm) in lookup and lookup[(task, pm)]["score"] is not None
-                      else "–" for pm in show]
+            cells += [
+                f"{lookup[(task, pm)]['score']:.1f}"
+                if (task, pm) in lookup and lookup[(task, pm)]["score"] is not None
+                else "–"
+                for pm in show
+            ]
             body.append(cells)
-        md.append(markdown_table(["task", "paper column"] + [f"ours: {m}" for m in models] + show, body))
+        md.append(
+            markdown_table(["task", "paper column"] + [f"ours: {m}" for m in models] + show, body)
+        )
     # Table 4: per-domain averages over the matched HEAR tasks
     md.append("\n## Table 4: domain averages\n\n")
-    t2 = [r for r in rows if r["method"] == "probe" and r["primary"] and r["paper_task"] in PAPER_DOMAINS]
+    t2 = [
+        r
+        for r in rows
+        if r["method"] == "probe" and r["primary"] and r["paper_task"] in PAPER_DOMAINS
+    ]
     if not t2:
-        md.append("No evaluated task is one of the paper's 18 HEAR tasks, so no domain average is comparable.\n")
+        md.append(
+            "No evaluated task is one of the paper's 18 HEAR tasks, so no domain average is comparable.\n"
+        )
     else:
         t2_paper = by_table["table2_hear"]
         t4 = {(p["task"], p["model"]): p["score"] for p in by_table["table4_domains"]}
@@ -353,18 +507,37 @@ def build_comparison(rows: list[dict], models: list[str], paper: list[dict]) -> 
             total = sum(1 for v in PAPER_DOMAINS.values() if v == d)
             cells = [DOMAIN_TITLES[d], f"{len(tasks_d)} of {total}"]
             for m in models:
-                vals = [r["score"] for r in t2 if r["model"] == m and r["paper_task"] in tasks_d and r["score"] is not None]
+                vals = [
+                    r["score"]
+                    for r in t2
+                    if r["model"] == m and r["paper_task"] in tasks_d and r["score"] is not None
+                ]
                 avg = sum(vals) / len(vals) if len(vals) == len(tasks_d) else None
                 cells.append(_fmt(avg))
                 if avg is not None:
                     for pm in DASHENG:
-                        comp.append({"table": "table4_domains", "task": d, "column": DOMAIN_TITLES[d],
-                                     "metric": "mean primary", "model": m, "score": round(avg * 100, 2),
-                                     "paper_model": pm, "paper_score": t4.get((d, pm))})
+                        comp.append(
+                            {
+                                "table": "table4_domains",
+                                "task": d,
+                                "column": DOMAIN_TITLES[d],
+                                "metric": "mean primary",
+                                "model": m,
+                                "score": round(avg * 100, 2),
+                                "paper_model": pm,
+                                "paper_score": t4.get((d, pm)),
+                            }
+                        )
             for pm in DASHENG:
-                same = [p["score"] for p in t2_paper if p["model"] == pm and p["task"] in tasks_d and p["score"] is not None]
+                same = [
+                    p["score"]
+                    for p in t2_paper
+                    if p["model"] == pm and p["task"] in tasks_d and p["score"] is not None
+                ]
                 cells.append(f"{sum(same) / len(same):.1f}" if len(same) == len(tasks_d) else "–")
-                cells.append(f"{t4[(d, pm)]:.2f}" if (d, pm) in t4 and t4[(d, pm)] is not None else "–")
+                cells.append(
+                    f"{t4[(d, pm)]:.2f}" if (d, pm) in t4 and t4[(d, pm)] is not None else "–"
+                )
             body.append(cells)
         header = ["domain", "tasks"] + [f"ours: {m}" for m in models]
         for pm in DASHENG:
@@ -383,13 +556,39 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         fh.write(buf.getvalue())
 
 
-SCORE_COLUMNS = ["model", "task", "method", "metric", "primary", "score", "std", "n_splits", "domain", "paper_task",
-                 "config_hash", "git_sha"]
-COMPARISON_COLUMNS = ["table", "task", "column", "metric", "model", "score", "paper_model", "paper_score"]
+SCORE_COLUMNS = [
+    "model",
+    "task",
+    "method",
+    "metric",
+    "primary",
+    "score",
+    "std",
+    "n_splits",
+    "domain",
+    "paper_task",
+    "config_hash",
+    "git_sha",
+]
+COMPARISON_COLUMNS = [
+    "table",
+    "task",
+    "column",
+    "metric",
+    "model",
+    "score",
+    "paper_model",
+    "paper_score",
+]
 
 
-def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: str | Path = PAPER_CSV,
-        xares_csv: str | Path = XARES_CSV) -> dict:
+def run(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    params: dict,
+    paper_csv: str | Path = PAPER_CSV,
+    xares_csv: str | Path = XARES_CSV,
+) -> dict:
     out_dir = Path(out_dir)
     results = load_results(inputs)
     paper = read_paper(paper_csv)
@@ -402,26 +601,45 @@ def run(inputs: list[str | Path], out_dir: str | Path, params: dict, paper_csv: 
         r["git_sha"] = r["git_sha"] or stamp["git_sha"]
     comp, comp_md = build_comparison(rows, models, paper)
     write_csv(out_dir / "scores.csv", rows, SCORE_COLUMNS)
-    protocols = sorted({r["protocol"] for r in results if r["method"] == "probe" and r.get("protocol")})
-    atomic.write_bytes(out_dir / "scores.md", scores_markdown(rows, models, stamp, protocols).encode())
+    protocols = sorted(
+        {r["protocol"] for r in results if r["method"] == "probe" and r.get("protocol")}
+    )
+    atomic.write_bytes(
+        out_dir / "scores.md", scores_markdown(rows, models, stamp, protocols).encode()
+    )
     write_csv(out_dir / "comparison.csv", comp, COMPARISON_COLUMNS)
     atomic.write_bytes(out_dir / "comparison.md", (comp_md + _provenance_md(stamp)).encode())
     xrows, xmd = xares_tables(results, models, read_xares(xares_csv), tasks_cfg)
     write_csv(out_dir / "xares.csv", xrows, XARES_COLUMNS)
     atomic.write_bytes(out_dir / "xares.md", (xmd + _provenance_md(stamp)).encode())
-    summary = {"models": models, "scores": rows, "comparison": comp, "xares": xrows,
-               "domain_averages": {m: {d: {"mean": v[0], "tasks": v[1]} for d, v in per.items()}
-                                   for m, per in domain_averages(rows, models).items()},
-               "provenance": stamp}
+    summary = {
+        "models": models,
+        "scores": rows,
+        "comparison": comp,
+        "xares": xrows,
+        "domain_averages": {
+            m: {d: {"mean": v[0], "tasks": v[1]} for d, v in per.items()}
+            for m, per in domain_averages(rows, models).items()
+        },
+        "provenance": stamp,
+    }
     atomic.write_json(out_dir / "summary.json", summary)
-    log.info(f"{len(results)} result files, {len(rows)} scores, {len(comp)} comparison rows → {out_dir}")
+    log.info(
+        f"{len(results)} result files, {len(rows)} scores, {len(comp)} comparison rows → {out_dir}"
+    )
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.results", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.results", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--inputs", nargs="+", required=True, help="probe and k-NN result JSONs")
-    parser.add_argument("--params", default="{}", help="JSON: seed, models (order), tasks {name: {domain, paper_name}}")
+    parser.add_argument(
+        "--params",
+        default="{}",
+        help="JSON: seed, models (order), tasks {name: {domain, paper_name}}",
+    )
     parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
     parser.add_argument("--xares", default=str(XARES_CSV), help="X-ARES's published numbers (CSV)")
     parser.add_argument("--out-dir", required=True)

@@ -1,7 +1,7 @@
 """X-ARES's two protocols on frozen embeddings: ``python -m dasheng_pipeline.evaluation.xares_protocols``.
 
 Read from X-ARES 0.1.3's own code (``xares/task.py``, ``xares/trainer.py``, ``xares/models/simple.py``),
-and checked against it in ``tests/eval/test_xares.py``:
+and checked against it in ``tests/evaluation/test_xares.py``:
 
 - **MLP** (``xares_mlp``): LayerNorm(D) + Linear(D, C) (torch's default init after
   ``torch.manual_seed(seed)``) on the clip embedding, the mean of the real frames (padding
@@ -66,7 +66,7 @@ class MlpConfig:
     decay_fraction: float = 0.1
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "MlpConfig":
+    def from_dict(cls, d: dict | None) -> MlpConfig:
         return sections.from_section(cls, d, "evaluation.xares.mlp")
 
 
@@ -76,7 +76,7 @@ class KnnConfig:
     temperature: float = 0.07
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "KnnConfig":
+    def from_dict(cls, d: dict | None) -> KnnConfig:
         return sections.from_section(cls, d, "evaluation.xares.knn")
 
 
@@ -92,16 +92,24 @@ def task_info(task: hear_tasks.Task) -> dict:
     task carries; a HEAR task gets its kind's metric and its test size as weight)."""
     x = dict(task.metadata.get("xares") or {})
     kind = x.get("kind") or task_kind(task)
-    return {"kind": kind, "metric": x.get("metric") or METRIC_OF[kind], "weight": x.get("weight"),
-            "name": x.get("name") or task.name, "mlp": x.get("mlp") or {}, "is_xares": bool(x)}
+    return {
+        "kind": kind,
+        "metric": x.get("metric") or METRIC_OF[kind],
+        "weight": x.get("weight"),
+        "name": x.get("name") or task.name,
+        "mlp": x.get("mlp") or {},
+        "is_xares": bool(x),
+    }
 
 
 def xares_folds(task: hear_tasks.Task) -> list[hear_tasks.Fold]:
     """X-ARES's rotation: train/valid/test, or per fold i: train = the other folds, valid = test = fold i."""
     if task.split_mode == "trainvaltest":
         return [hear_tasks.Fold(0, ("train",), ("valid",), ("test",))]
-    return [hear_tasks.Fold(i, tuple(s for s in task.splits if s != held), (held,), (held,))
-            for i, held in enumerate(task.splits)]
+    return [
+        hear_tasks.Fold(i, tuple(s for s in task.splits if s != held), (held,), (held,))
+        for i, held in enumerate(task.splits)
+    ]
 
 
 @dataclass
@@ -111,12 +119,14 @@ class Data:
     offsets: np.ndarray | None = None  # frame tasks: clip i is rows offsets[i]:offsets[i+1]
 
 
-def frame_targets(events, n_frames: int, hop_ms: float, index: dict[str, int], C: int) -> np.ndarray:
+def frame_targets(
+    events, n_frames: int, hop_ms: float, index: dict[str, int], C: int
+) -> np.ndarray:
     """X-ARES's frame labels: frame k is on for an event when ceil(onset / hop) <= k < ceil(offset / hop)."""
     y = np.zeros((n_frames, C), np.float32)
     for ev in events:
         a, b = math.ceil(ev.start_ms / hop_ms - 1e-9), math.ceil(ev.end_ms / hop_ms - 1e-9)
-        y[max(0, a):max(0, min(b, n_frames)), index[ev.label]] = 1.0
+        y[max(0, a) : max(0, min(b, n_frames)), index[ev.label]] = 1.0
     return y
 
 
@@ -129,7 +139,9 @@ def load_data(task: hear_tasks.Task, emb_dir: Path, splits: tuple[str, ...]) -> 
         names = [str(f) for f in arr["files"]]
         if task.is_event:
             if "frames" not in arr:
-                raise ValueError(f"{emb_dir}/{split}.npz has no frame embeddings; a frame task needs them")
+                raise ValueError(
+                    f"{emb_dir}/{split}.npz has no frame embeddings; a frame task needs them"
+                )
             ts = arr["timestamps"]
             hop = float(np.median(np.diff(ts[: min(len(ts), 50)]))) if len(ts) > 1 else 40.0
             for i, name in enumerate(names):
@@ -151,7 +163,9 @@ def load_data(task: hear_tasks.Task, emb_dir: Path, splits: tuple[str, ...]) -> 
 # -- metrics -------------------------------------------------------------------------------------------
 
 
-def segment_f1_macro(logits: np.ndarray, target: np.ndarray, offsets: np.ndarray, window: int) -> float:
+def segment_f1_macro(
+    logits: np.ndarray, target: np.ndarray, offsets: np.ndarray, window: int
+) -> float:
     """X-ARES's segmentf1_macro per clip: round(sigmoid), max over whole windows of ``window`` frames."""
     from sklearn.metrics import f1_score
 
@@ -161,12 +175,16 @@ def segment_f1_macro(logits: np.ndarray, target: np.ndarray, offsets: np.ndarray
         n = (b - a) // window * window
         if n == 0:
             continue
-        p = (logits[a:a + n] > 0).astype(np.int64)  # round(sigmoid(z)) == (z > 0)
+        p = (logits[a : a + n] > 0).astype(np.int64)  # round(sigmoid(z)) == (z > 0)
         preds.append(p.reshape(-1, window, p.shape[1]).max(axis=1))
-        tars.append(target[a:a + n].astype(np.int64).reshape(-1, window, target.shape[1]).max(axis=1))
+        tars.append(
+            target[a : a + n].astype(np.int64).reshape(-1, window, target.shape[1]).max(axis=1)
+        )
     if not preds:
         return float("nan")
-    return float(f1_score(np.concatenate(tars), np.concatenate(preds), average="macro", zero_division=0))
+    return float(
+        f1_score(np.concatenate(tars), np.concatenate(preds), average="macro", zero_division=0)
+    )
 
 
 def score(metric: str, logits: np.ndarray, data: Data, window: int = 25) -> float:
@@ -182,12 +200,20 @@ def score(metric: str, logits: np.ndarray, data: Data, window: int = 25) -> floa
 # -- k-NN ----------------------------------------------------------------------------------------------
 
 
-def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
-                k: int = 10, temperature: float = 0.07) -> np.ndarray:
+def knn_predict(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    num_classes: int,
+    k: int = 10,
+    temperature: float = 0.07,
+) -> np.ndarray:
     """X-ARES's k-NN class scores (n_test, C): ``train_y`` holds class indices."""
     if len(train_x) == 0 or len(test_x) == 0:
         raise ValueError(f"k-NN needs references and queries, got {len(train_x)} and {len(test_x)}")
-    refs = nn.functional.normalize(torch.from_numpy(train_x).float().T, dim=1, p=2)  # (D, N), as X-ARES
+    refs = nn.functional.normalize(
+        torch.from_numpy(train_x).float().T, dim=1, p=2
+    )  # (D, N), as X-ARES
     queries = nn.functional.normalize(torch.from_numpy(test_x).float(), dim=1, p=2)  # (B, D)
     labels = torch.from_numpy(train_y).long().view(1, -1)
     sims = queries @ refs  # (B, N)
@@ -224,15 +250,16 @@ def cosine_lr(lr: float, epoch: int, epochs: int, decay_fraction: float = 0.1) -
 def _batches(data: Data, order: np.ndarray, batch_size: int):
     """Index arrays of rows per batch of ``batch_size`` items (clips; a frame task's clip is its frames)."""
     for i in range(0, len(order), batch_size):
-        items = order[i:i + batch_size]
+        items = order[i : i + batch_size]
         if data.offsets is None:
             yield items
         else:
             yield np.concatenate([np.arange(data.offsets[j], data.offsets[j + 1]) for j in items])
 
 
-def train_mlp(train: Data, valid: Data, kind: str, metric: str, cfg: MlpConfig, seed: int,
-              window: int = 25) -> tuple[XaresMlp, dict]:
+def train_mlp(
+    train: Data, valid: Data, kind: str, metric: str, cfg: MlpConfig, seed: int, window: int = 25
+) -> tuple[XaresMlp, dict]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = XaresMlp(train.x.shape[1], train.y.shape[1])
@@ -272,8 +299,16 @@ def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
 # -- running a protocol on a task ------------------------------------------------------------------
 
 
-def run(protocol: str, task_dir: str | Path, emb_dir: str | Path, seed: int = 0, mlp: dict | None = None,
-        knn: dict | None = None, threads: int = 1, stamp_section: dict | None = None) -> dict:
+def run(
+    protocol: str,
+    task_dir: str | Path,
+    emb_dir: str | Path,
+    seed: int = 0,
+    mlp: dict | None = None,
+    knn: dict | None = None,
+    threads: int = 1,
+    stamp_section: dict | None = None,
+) -> dict:
     """Score one task's embeddings with ``protocol`` (``xares_mlp`` or ``xares_knn``); returns the result
     (``metrics[metric]`` = mean, std and per-fold scores, ``weight`` for X-ARES's weighted average)."""
     if protocol not in PROTOCOLS:
@@ -288,29 +323,55 @@ def run(protocol: str, task_dir: str | Path, emb_dir: str | Path, seed: int = 0,
     knn_cfg = KnnConfig.from_dict(knn)
     folds = xares_folds(task)
     result = {
-        "method": protocol, "model": meta["model"], "task": task.name, "task_dir": str(task_dir),
-        "task_mode": task.metadata.get("mode"), "domain": task.metadata.get("domain"),
-        "embedding_type": task.embedding_type, "split_mode": task.split_mode, "kind": kind,
-        "primary_metric": metric, "xares_name": info["name"], "xares_format": info["is_xares"],
-        "rotation": "k-fold: train on the other folds, validate and test on the held-out fold" if len(folds) > 1
+        "method": protocol,
+        "model": meta["model"],
+        "task": task.name,
+        "task_dir": str(task_dir),
+        "task_mode": task.metadata.get("mode"),
+        "domain": task.metadata.get("domain"),
+        "embedding_type": task.embedding_type,
+        "split_mode": task.split_mode,
+        "kind": kind,
+        "primary_metric": metric,
+        "xares_name": info["name"],
+        "xares_format": info["is_xares"],
+        "rotation": "k-fold: train on the other folds, validate and test on the held-out fold"
+        if len(folds) > 1
         else "train / valid / test",
         "config": {"mlp": asdict(mlp_cfg)} if protocol == "xares_mlp" else {"knn": asdict(knn_cfg)},
-        "seed": seed, "embeddings_provenance": meta.get("provenance"),
-        "provenance": provenance.stamp(stamp_section if stamp_section is not None else
-                                       {"protocol": protocol, "mlp": asdict(mlp_cfg), "knn": asdict(knn_cfg)}, seed),
+        "seed": seed,
+        "embeddings_provenance": meta.get("provenance"),
+        "provenance": provenance.stamp(
+            stamp_section
+            if stamp_section is not None
+            else {"protocol": protocol, "mlp": asdict(mlp_cfg), "knn": asdict(knn_cfg)},
+            seed,
+        ),
     }
     if protocol == "xares_knn" and kind != "multiclass":
-        log.info(f"X-ARES k-NN skipped for {task.name}: {kind} task (X-ARES runs k-NN on multiclass tasks only)")
+        log.info(
+            f"X-ARES k-NN skipped for {task.name}: {kind} task (X-ARES runs k-NN on multiclass tasks only)"
+        )
         return {**result, "skipped": f"{kind} task", "metrics": {}, "folds": [], "weight": None}
     from tqdm import tqdm
 
     out_folds = []
-    for fold in tqdm(folds, desc=f"{protocol} {meta['model']}/{task.name}", unit="fold", file=sys.stdout):
+    for fold in tqdm(
+        folds, desc=f"{protocol} {meta['model']}/{task.name}", unit="fold", file=sys.stdout
+    ):
         tr, te = load_data(task, emb_dir, fold.train), load_data(task, emb_dir, fold.test)
-        entry = {"index": fold.index, "train": list(fold.train), "valid": list(fold.valid), "test": list(fold.test),
-                 "n_train": int(len(tr.x)), "n_test": int(len(te.x) if te.offsets is None else len(te.offsets) - 1)}
+        entry = {
+            "index": fold.index,
+            "train": list(fold.train),
+            "valid": list(fold.valid),
+            "test": list(fold.test),
+            "n_train": int(len(tr.x)),
+            "n_test": int(len(te.x) if te.offsets is None else len(te.offsets) - 1),
+        }
         if protocol == "xares_knn":
-            votes = knn_predict(tr.x, tr.y.argmax(1), te.x, len(task.vocabulary), knn_cfg.k, knn_cfg.temperature)
+            votes = knn_predict(
+                tr.x, tr.y.argmax(1), te.x, len(task.vocabulary), knn_cfg.k, knn_cfg.temperature
+            )
             entry["score"] = score(metric, votes, te)
         else:
             va = te if fold.valid == fold.test else load_data(task, emb_dir, fold.valid)
@@ -318,18 +379,43 @@ def run(protocol: str, task_dir: str | Path, emb_dir: str | Path, seed: int = 0,
             entry.update(info_fit)
             entry["score"] = score(metric, predict(model, te.x), te)
         out_folds.append(entry)
-        log.info(f"  fold {fold.index} (test {', '.join(fold.test)}): {metric} {entry['score']:.4f}")
+        log.info(
+            f"  fold {fold.index} (test {', '.join(fold.test)}): {metric} {entry['score']:.4f}"
+        )
     values = np.array([f["score"] for f in out_folds], np.float64)
     n_test = int(round(np.mean([f["n_test"] for f in out_folds])))
-    summary = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "folds": [float(v) for v in values]}
-    log.info(f"{protocol} {meta['model']}/{task.name}: {metric} {summary['mean']:.4f} ± {summary['std']:.4f}")
+    summary = {
+        "mean": float(np.nanmean(values)),
+        "std": float(np.nanstd(values)),
+        "folds": [float(v) for v in values],
+    }
+    log.info(
+        f"{protocol} {meta['model']}/{task.name}: {metric} {summary['mean']:.4f} ± {summary['std']:.4f}"
+    )
     weight = info["weight"] if info["weight"] is not None else n_test
-    return {**result, "metrics": {metric: summary}, "folds": out_folds, "weight": int(weight), "n_test": n_test}
+    return {
+        **result,
+        "metrics": {metric: summary},
+        "folds": out_folds,
+        "weight": int(weight),
+        "n_test": n_test,
+    }
 
 
-def evaluate_task(task: str | Path | dict, model: dict, protocol: str, work_dir: str | Path, *, name: str | None = None,
-                  model_name: str = "model", seed: int = 0, batch_size: int = 16, threads: int = 1,
-                  mlp: dict | None = None, knn: dict | None = None) -> dict:
+def evaluate_task(
+    task: str | Path | dict,
+    model: dict,
+    protocol: str,
+    work_dir: str | Path,
+    *,
+    name: str | None = None,
+    model_name: str = "model",
+    seed: int = 0,
+    batch_size: int = 16,
+    threads: int = 1,
+    mlp: dict | None = None,
+    knn: dict | None = None,
+) -> dict:
     """Evaluate one task for one encoder with one protocol, end to end, and return the result dict.
 
     ``task``: a HEAR task folder, or an X-ARES task's config (``{"path": ..., "label": ..., "kind": ...,
@@ -351,21 +437,34 @@ def evaluate_task(task: str | Path | dict, model: dict, protocol: str, work_dir:
         task_dir = Path(task)
     emb_dir = work_dir / "embeddings" / model_name
     if not (emb_dir / "meta.json").is_file():
-        embeddings.run(task_dir, model_name, model, {"seed": seed, "batch_size": batch_size}, emb_dir, threads)
+        embeddings.run(
+            task_dir, model_name, model, {"seed": seed, "batch_size": batch_size}, emb_dir, threads
+        )
     return run(protocol, task_dir, emb_dir, seed, mlp, knn, threads)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser("dasheng_pipeline.evaluation.xares_protocols", __doc__,
-                                       "seed, xares {mlp {epochs, lr, batch_size}, knn {k, temperature}}")
+    parser = hear_tasks.scoring_parser(
+        "dasheng_pipeline.evaluation.xares_protocols",
+        __doc__,
+        "seed, xares {mlp {epochs, lr, batch_size}, knn {k, temperature}}",
+    )
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS)
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
     x = params.get("xares", {})
     with logs.one_line_errors():
-        result = run(args.protocol, args.task, args.embeddings, int(params.get("seed", 0)), x.get("mlp"), x.get("knn"),
-                     args.threads, params)
+        result = run(
+            args.protocol,
+            args.task,
+            args.embeddings,
+            int(params.get("seed", 0)),
+            x.get("mlp"),
+            x.get("knn"),
+            args.threads,
+            params,
+        )
     atomic.write_json(args.out, result)
 
 

@@ -49,8 +49,11 @@ KINDS = ("multiclass", "multilabel", "frame")
 DEFAULT_FOLD_PATTERN = "wds-audio-fold-{fold}-*.tar"
 DEFAULT_SPLIT_PATTERN = "{split}*.tar"
 XARES_METRIC = {"multiclass": "accuracy", "multilabel": "mAP", "frame": "segmentf1_macro"}
-HEAR_EVALUATION = {"multiclass": ["top1_acc"], "multilabel": ["mAP", "d_prime"],
-                   "frame": ["event_onset_200ms_fms", "segment_1s_er"]}
+HEAR_EVALUATION = {
+    "multiclass": ["top1_acc"],
+    "multilabel": ["mAP", "d_prime"],
+    "frame": ["event_onset_200ms_fms", "segment_1s_er"],
+}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -66,15 +69,19 @@ class XaresSpec:
     folds: list[int | str] | None = None
     fold_pattern: str = DEFAULT_FOLD_PATTERN
     split_pattern: str = DEFAULT_SPLIT_PATTERN
-    labels: list[str] | None = None  # the vocabulary in index order (None: every value found, sorted)
+    labels: list[str] | None = (
+        None  # the vocabulary in index order (None: every value found, sorted)
+    )
     label_sep: str | None = None
     weight: int | None = None  # X-ARES's eval_weight (None: the test clips)
     xares_name: str | None = None  # the task's name in the published X-ARES results
     domain: str | None = None
-    mlp: dict = field(default_factory=dict)  # per-task X-ARES MLP overrides (epochs, lr, batch_size)
+    mlp: dict = field(
+        default_factory=dict
+    )  # per-task X-ARES MLP overrides (epochs, lr, batch_size)
 
     @classmethod
-    def from_config(cls, name: str, cfg: dict) -> "XaresSpec":
+    def from_config(cls, name: str, cfg: dict) -> XaresSpec:
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in cfg.items() if k in known and v is not None}
         spec = cls(name=name, **{k: v for k, v in values.items() if k != "name"})
@@ -88,27 +95,39 @@ class XaresSpec:
         if self.kind not in KINDS:
             raise TaskError(f"{where}, field 'kind': {self.kind!r} is not one of {list(KINDS)}")
         if (self.splits is None) == (self.folds is None):
-            raise TaskError(f"{where}: name exactly one of 'splits' ({{train, valid, test}}) or 'folds'")
+            raise TaskError(
+                f"{where}: name exactly one of 'splits' ({{train, valid, test}}) or 'folds'"
+            )
         if self.splits is not None:
             missing = [r for r in ("train", "valid", "test") if not self.splits.get(r)]
             if missing:
-                raise TaskError(f"{where}, field 'splits': missing {missing} (each names a shard pattern)")
+                raise TaskError(
+                    f"{where}, field 'splits': missing {missing} (each names a shard pattern)"
+                )
         if self.folds is not None and len(self.folds) < 3:
             raise TaskError(f"{where}, field 'folds': at least 3 folds, got {self.folds!r}")
         if self.folds is not None and "{fold}" not in self.fold_pattern:
-            raise TaskError(f"{where}, field 'fold_pattern': {self.fold_pattern!r} lacks '{{fold}}'")
+            raise TaskError(
+                f"{where}, field 'fold_pattern': {self.fold_pattern!r} lacks '{{fold}}'"
+            )
         if self.kind != "frame" and self.label is None:
-            raise TaskError(f"{where}, field 'label': a clip task needs the JSON field holding the label")
+            raise TaskError(
+                f"{where}, field 'label': a clip task needs the JSON field holding the label"
+            )
 
     # -- split roles ---------------------------------------------------------------------------
     def split_names(self) -> list[str]:
         """The HEAR split names: train/valid/test, or fold<id> per fold."""
-        return ["train", "valid", "test"] if self.folds is None else [f"fold{f}" for f in self.folds]
+        return (
+            ["train", "valid", "test"] if self.folds is None else [f"fold{f}" for f in self.folds]
+        )
 
     def pattern(self, split: str) -> str:
         if self.folds is None:
             return self.split_pattern.format(split=self.splits[split])
-        return self.fold_pattern.format(fold=self.folds[self.split_names().index(split)])  # {fold:02d} works
+        return self.fold_pattern.format(
+            fold=self.folds[self.split_names().index(split)]
+        )  # {fold:02d} works
 
 
 @dataclass(frozen=True)
@@ -126,8 +145,10 @@ def shards(spec: XaresSpec, split: str) -> list[Path]:
     pattern = spec.pattern(split)
     found = sorted(p for p in root.glob(pattern) if p.is_file())
     if not found:
-        raise TaskError(f"task {spec.name!r}, folder {str(root)!r}: no shard matches {pattern!r} (split {split!r}); "
-                        "download the task's tar files there or fix the pattern in the config")
+        raise TaskError(
+            f"task {spec.name!r}, folder {str(root)!r}: no shard matches {pattern!r} (split {split!r}); "
+            "download the task's tar files there or fix the pattern in the config"
+        )
     return found
 
 
@@ -146,15 +167,27 @@ def read_shard(path: Path, spec: XaresSpec, split: str, rejects: list[dict]) -> 
             else:
                 out.append(item)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a damaged shard: reject, go on
-        rejects.append({"split": split, "file": "", "shard": shard,
-                        "reason": f"unreadable shard after {len(out)} samples: {type(exc).__name__}: {exc}"})
+        rejects.append(
+            {
+                "split": split,
+                "file": "",
+                "shard": shard,
+                "reason": f"unreadable shard after {len(out)} samples: {type(exc).__name__}: {exc}",
+            }
+        )
     return out
 
 
-def _sample(sample: dict, spec: XaresSpec, split: str, shard: str) -> tuple[str | None, Sample | None]:
+def _sample(
+    sample: dict, spec: XaresSpec, split: str, shard: str
+) -> tuple[str | None, Sample | None]:
     ext = next((k for k in AUDIO_KEYS if k in sample), None)
     if ext is None:
-        return f"no audio member (expected one of {list(AUDIO_KEYS)}; has {sorted(k for k in sample if not k.startswith('__'))})", None
+        return (
+            f"no audio member (expected one of {list(AUDIO_KEYS)}; "
+            f"has {sorted(k for k in sample if not k.startswith('__'))})",
+            None,
+        )
     if "json" not in sample:
         return "no json member (the labels)", None
     try:
@@ -205,7 +238,10 @@ def _events(raw: Any, sep: str | None) -> tuple[list[dict] | None, str | None]:
         if not isinstance(ev, dict) or not {"onset", "offset", "label"} <= set(ev):
             return None, f"event {i}: expected {{onset, offset, label}}, got {ev!r}"
         on, off = ev["onset"], ev["offset"]
-        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0 for t in (on, off)):
+        if any(
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0
+            for t in (on, off)
+        ):
             return None, f"event {i}: onset/offset must be seconds >= 0, got {on!r}, {off!r}"
         if off < on:
             return None, f"event {i}: offset {off} s is before onset {on} s"
@@ -220,8 +256,11 @@ def _events(raw: Any, sep: str | None) -> tuple[list[dict] | None, str | None]:
 def vocabulary(spec: XaresSpec, samples: list[Sample]) -> list[str]:
     if spec.labels is not None:
         return [normalise_label(v) or str(v) for v in spec.labels]
-    found = {ev["label"] for s in samples for ev in s.target} if spec.kind == "frame" \
+    found = (
+        {ev["label"] for s in samples for ev in s.target}
+        if spec.kind == "frame"
         else {lab for s in samples for lab in s.target}
+    )
     if all(re.fullmatch(r"-?\d+", v) for v in found):
         return sorted(found, key=int)
     return sorted(found)
@@ -236,7 +275,9 @@ def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None
     """Read the task's shards and write the HEAR task folder ``out``; returns its metadata."""
     root = Path(spec.path)
     if not root.is_dir():
-        raise TaskError(f"task {spec.name!r}: folder {str(root)!r} does not exist (download the X-ARES task there)")
+        raise TaskError(
+            f"task {spec.name!r}: folder {str(root)!r} does not exist (download the X-ARES task there)"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale_temps(out)
@@ -249,7 +290,9 @@ def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None
         paths = shards(spec, split)
         patterns[split] = spec.pattern(split)
         samples: list[Sample] = []
-        for path in tqdm(paths, desc=f"{spec.name}/{split}", unit="shard", file=sys.stdout, mininterval=5):
+        for path in tqdm(
+            paths, desc=f"{spec.name}/{split}", unit="shard", file=sys.stdout, mininterval=5
+        ):
             samples += read_shard(path, spec, split, rejects)
         per_split[split] = samples
     vocab = vocabulary(spec, [s for v in per_split.values() for s in v])
@@ -267,29 +310,44 @@ def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None
             name = file_name(s.key, s.audio_ext)
             reason = None
             if unknown:
-                reason = f"label(s) {unknown} not in the task's labels ({len(vocab)}); add them to 'labels' or fix the data"
+                reason = (
+                    f"label(s) {unknown} not in the task's labels ({len(vocab)}); "
+                    "add them to 'labels' or fix the data"
+                )
             elif name in mapping:
                 reason = f"duplicate key in split {split!r} (file name {name!r})"
             if reason:
                 rejects.append({"split": split, "file": s.key, "shard": s.shard, "reason": reason})
                 continue
-            with open(audio_dir / name, "wb") as fh:  # the folder is the job's output: atomic as a whole
+            with open(
+                audio_dir / name, "wb"
+            ) as fh:  # the folder is the job's output: atomic as a whole
                 fh.write(s.audio)
             mapping[name] = s.target
         if not mapping:
             atomic.write_json(out / "rejects.json", {"rejects": rejects})
-            raise TaskError(f"task {spec.name!r}, folder {str(root)!r}, pattern {patterns[split]!r}: no usable sample "
-                            f"in split {split!r} ({sum(r['split'] == split for r in rejects)} rejected, see "
-                            f"{out / 'rejects.json'})")
+            raise TaskError(
+                f"task {spec.name!r}, folder {str(root)!r}, pattern {patterns[split]!r}: no usable sample "
+                f"in split {split!r} ({sum(r['split'] == split for r in rejects)} rejected, see "
+                f"{out / 'rejects.json'})"
+            )
         contents[split] = mapping
         atomic.write_json(out / f"{split}.json", mapping)
     for r in rejects:
-        log.warning(f"task {spec.name!r}, split {r['split']!r}, shard {r['shard']!r}: skipped {r['file']!r}: {r['reason']}")
+        log.warning(
+            f"task {spec.name!r}, split {r['split']!r}, shard {r['shard']!r}: skipped {r['file']!r}: {r['reason']}"
+        )
     atomic.write_json(out / "rejects.json", {"rejects": rejects})
     with atomic.atomic_open(out / "labelvocabulary.csv", "w", encoding="utf-8", newline="") as fh:
-        fh.write("idx,label\n" + "".join(f"{i},{_csv_cell(label)}\n" for i, label in enumerate(vocab)))
+        fh.write(
+            "idx,label\n" + "".join(f"{i},{_csv_cell(label)}\n" for i, label in enumerate(vocab))
+        )
     splits = spec.split_names()
-    n_test = len(contents["test"]) if spec.folds is None else round(sum(len(contents[s]) for s in splits) / len(splits))
+    n_test = (
+        len(contents["test"])
+        if spec.folds is None
+        else round(sum(len(contents[s]) for s in splits) / len(splits))
+    )
     meta = {
         "task_name": spec.name,
         "version": "xares",
@@ -315,11 +373,15 @@ def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None
             "mlp": dict(spec.mlp),
             "rejected": len(rejects),
         },
-        "provenance": provenance.stamp(params if params is not None else {"xares_task": asdict(spec)}, seed),
+        "provenance": provenance.stamp(
+            params if params is not None else {"xares_task": asdict(spec)}, seed
+        ),
     }
     atomic.write_json(out / "task_metadata.json", meta)
-    log.info(f"{spec.name}: {meta['clips']} clips, {len(vocab)} labels, rejected {len(rejects)}; splits "
-             + ", ".join(f"{s} {len(contents[s])}" for s in splits))
+    log.info(
+        f"{spec.name}: {meta['clips']} clips, {len(vocab)} labels, rejected {len(rejects)}; splits "
+        + ", ".join(f"{s} {len(contents[s])}" for s in splits)
+    )
     return meta
 
 
@@ -327,7 +389,9 @@ def _csv_cell(label: str) -> str:
     return '"' + label.replace('"', '""') + '"' if any(c in label for c in ',"\n') else label
 
 
-def write_shards(samples: list[tuple[str, str, bytes, Any]], pattern: str | Path, per_shard: int = 1000) -> list[Path]:
+def write_shards(
+    samples: list[tuple[str, str, bytes, Any]], pattern: str | Path, per_shard: int = 1000
+) -> list[Path]:
     """Write X-ARES shards: ``samples`` are (key, audio extension, audio bytes, json object), ``pattern``
     a path with one ``*`` that becomes the shard number (``.../wds-audio-fold-1-*.tar``). Used by the
     demo's X-ARES tasks and the tests; byte-identical for the same samples (fixed member times)."""
@@ -341,23 +405,37 @@ def write_shards(samples: list[tuple[str, str, bytes, Any]], pattern: str | Path
         with atomic.atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 with wds.TarWriter(fh, mtime=0.0) as sink:
-                    for key, ext, data, meta in samples[start:start + per_shard]:
-                        sink.write({"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8")})
+                    for key, ext, data, meta in samples[start : start + per_shard]:
+                        sink.write(
+                            {"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8")}
+                        )
         paths.append(path)
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.evaluation.xares_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.evaluation.xares_tasks",
+        description=__doc__.split("\n\n")[0],
+    )
     parser.add_argument("--name", required=True, help="task name (the config key)")
-    parser.add_argument("--spec", required=True, help="JSON: the task's config (path, label, kind, splits|folds, ...)")
+    parser.add_argument(
+        "--spec",
+        required=True,
+        help="JSON: the task's config (path, label, kind, splits|folds, ...)",
+    )
     parser.add_argument("--params", default="{}", help="JSON: seed (and anything to stamp)")
     parser.add_argument("--out", required=True, help="HEAR task folder to write")
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
     with logs.one_line_errors(TaskError):
-        convert(XaresSpec.from_config(args.name, json.loads(args.spec)), args.out, int(params.get("seed", 0)), params)
+        convert(
+            XaresSpec.from_config(args.name, json.loads(args.spec)),
+            args.out,
+            int(params.get("seed", 0)),
+            params,
+        )
 
 
 if __name__ == "__main__":

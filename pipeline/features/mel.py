@@ -44,7 +44,7 @@ class Windowing:
     min_tail_s: float
 
     @classmethod
-    def from_config(cls, mel_cfg: dict) -> "Windowing":
+    def from_config(cls, mel_cfg: dict) -> Windowing:
         return cls(window_s=float(mel_cfg["window_s"]), min_tail_s=float(mel_cfg["min_tail_s"]))
 
     @property
@@ -66,7 +66,7 @@ def split_windows(samples: np.ndarray, windowing: Windowing) -> list[tuple[int, 
     min_tail = int(round(windowing.min_tail_s * SAMPLE_RATE))
     out = []
     for start in range(0, samples.size, size):
-        piece = samples[start:start + size]
+        piece = samples[start : start + size]
         if start > 0 and piece.size < size and piece.size < min_tail:
             break
         out.append((start, piece))
@@ -74,7 +74,9 @@ def split_windows(samples: np.ndarray, windowing: Windowing) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def compute(logmel: LogMel, pieces: list[np.ndarray], windowing: Windowing) -> list[tuple[np.ndarray, int]]:
+def compute(
+    logmel: LogMel, pieces: list[np.ndarray], windowing: Windowing
+) -> list[tuple[np.ndarray, int]]:
     """Log-mel of windows as ((64, window_frames) float32, valid frames): full windows in
     one batch, partial ones one by one (so padding never touches their real frames)."""
     out: list[tuple[np.ndarray, int] | None] = [None] * len(pieces)
@@ -98,13 +100,22 @@ def compute(logmel: LogMel, pieces: list[np.ndarray], windowing: Windowing) -> l
 class ShardBuilder:
     """Accumulates a chunk's windows, computes log-mel in batches and writes the shard."""
 
-    def __init__(self, writer: shards.PartWriter, windowing: Windowing, source: str, batch_size: int):
-        self.writer, self.windowing, self.source, self.batch_size = writer, windowing, source, batch_size
+    def __init__(
+        self, writer: shards.PartWriter, windowing: Windowing, source: str, batch_size: int
+    ):
+        self.writer, self.windowing, self.source, self.batch_size = (
+            writer,
+            windowing,
+            source,
+            batch_size,
+        )
         self.logmel = LogMel().eval()
         self.pending: list[tuple[str, int, float, list[str], np.ndarray]] = []
         self.stats = {"frames": 0, "sum": np.zeros(N_MELS), "sumsq": np.zeros(N_MELS)}
 
-    def add_clip(self, clip_id: str, labels: list[str], windows: list[tuple[int, np.ndarray]]) -> None:
+    def add_clip(
+        self, clip_id: str, labels: list[str], windows: list[tuple[int, np.ndarray]]
+    ) -> None:
         for index, (start, piece) in enumerate(windows):
             self.pending.append((clip_id, index, start / SAMPLE_RATE, labels, piece))
         # Count every pending window, full or partial: counting only full ones let a chunk of
@@ -121,20 +132,29 @@ class ShardBuilder:
             real = half[:, :valid].astype(np.float64)
             self.stats["frames"] += valid
             self.stats["sum"] += real.sum(axis=1)
-            self.stats["sumsq"] += (real ** 2).sum(axis=1)
+            self.stats["sumsq"] += (real**2).sum(axis=1)
             self.writer.add(clip_id, self.source, index, start_s, valid, labels, half)
         self.pending = []
 
     def stats_json(self) -> dict:
-        return {"frames": int(self.stats["frames"]),
-                "sum": [float(v) for v in self.stats["sum"]],
-                "sumsq": [float(v) for v in self.stats["sumsq"]]}
+        return {
+            "frames": int(self.stats["frames"]),
+            "sum": [float(v) for v in self.stats["sum"]],
+            "sumsq": [float(v) for v in self.stats["sumsq"]],
+        }
 
 
-def _read_clip(row: dict, rules: audio.ClipRules, windowing: Windowing) -> tuple[list[np.ndarray], str, str]:
+def _read_clip(
+    row: dict, rules: audio.ClipRules, windowing: Windowing
+) -> tuple[list[np.ndarray], str, str]:
     """Decode one clip into window-sized blocks (runs in a prefetch thread)."""
-    reader = audio.ClipReader(row["audio"], rules, windowing.window_samples,
-                              start_s=row.get("audio_offset_s") or None, duration_s=row.get("audio_duration_s"))
+    reader = audio.ClipReader(
+        row["audio"],
+        rules,
+        windowing.window_samples,
+        start_s=row.get("audio_offset_s") or None,
+        duration_s=row.get("audio_duration_s"),
+    )
     blocks = list(reader)
     return blocks, reader.reason, reader.note
 
@@ -145,10 +165,20 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
     windowing = Windowing.from_config(params["mel"])
     rules = audio.ClipRules.from_config(params["audio"])
     stamp = provenance.stamp(params, params.get("seed"), audio.versions())
-    meta = {"format_version": shards.FORMAT_VERSION, "mel": windowing.shard_params(), "provenance": stamp}
-    writer = shards.PartWriter(shard_dir, N_MELS, windowing.window_frames, meta,
-                               int(params["shards"]["row_group_size"]), params["shards"]["compression"],
-                               int(params["shards"]["max_rows"]))
+    meta = {
+        "format_version": shards.FORMAT_VERSION,
+        "mel": windowing.shard_params(),
+        "provenance": stamp,
+    }
+    writer = shards.PartWriter(
+        shard_dir,
+        N_MELS,
+        windowing.window_frames,
+        meta,
+        int(params["shards"]["row_group_size"]),
+        params["shards"]["compression"],
+        int(params["shards"]["max_rows"]),
+    )
     builder = ShardBuilder(writer, windowing, fetch["source"], int(params["mel"]["batch_size"]))
     clips: list[dict] = []
     ok_rows = [c for c in fetch["clips"] if c["status"] == "ok"]
@@ -158,8 +188,14 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
             ahead = 2 * int(params["audio"]["decode_threads"])
             futures = {}
             from tqdm import tqdm
-            progress = tqdm(total=len(fetch["clips"]), desc=f"mel {fetch['source']} chunk {fetch['chunk']}",
-                            unit="clip", file=sys.stdout, mininterval=5)
+
+            progress = tqdm(
+                total=len(fetch["clips"]),
+                desc=f"mel {fetch['source']} chunk {fetch['chunk']}",
+                unit="clip",
+                file=sys.stdout,
+                mininterval=5,
+            )
             ok_index = 0
             for row in fetch["clips"]:
                 while len(futures) < ahead and ok_index < len(ok_rows):
@@ -177,9 +213,16 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
                 samples = np.concatenate(blocks)
                 windows = split_windows(samples, windowing)
                 builder.add_clip(row["clip_id"], row.get("labels") or [], windows)
-                clips.append(manifest.clip(row["clip_id"], "ok", stage="mel", windows=len(windows),
-                                           duration_s=round(samples.size / SAMPLE_RATE, 6),
-                                           **({"note": note} if note else {})))
+                clips.append(
+                    manifest.clip(
+                        row["clip_id"],
+                        "ok",
+                        stage="mel",
+                        windows=len(windows),
+                        duration_s=round(samples.size / SAMPLE_RATE, 6),
+                        **({"note": note} if note else {}),
+                    )
+                )
             progress.close()
         builder.flush()
         parts = writer.close()
@@ -187,11 +230,22 @@ def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, thread
         writer.abort()
         raise
     rows = sum(part["rows"] for part in parts)
-    doc = manifest.write(out, stage="mel", source=fetch["source"], chunk=fetch["chunk"], clips=clips,
-                         provenance=stamp, shards=parts, rows=rows, mel=windowing.shard_params(),
-                         stats=builder.stats_json())
-    manifest.print_summary(f"mel {fetch['source']} chunk {fetch['chunk']} ({rows} windows in {len(parts)} "
-                           f"shard(s))", clips)
+    doc = manifest.write(
+        out,
+        stage="mel",
+        source=fetch["source"],
+        chunk=fetch["chunk"],
+        clips=clips,
+        provenance=stamp,
+        shards=parts,
+        rows=rows,
+        mel=windowing.shard_params(),
+        stats=builder.stats_json(),
+    )
+    manifest.print_summary(
+        f"mel {fetch['source']} chunk {fetch['chunk']} ({rows} windows in {len(parts)} shard(s))",
+        clips,
+    )
     return doc
 
 
@@ -199,13 +253,20 @@ def _account(row: dict) -> dict:
     return {"clip_id": row["clip_id"], "status": row["status"], "reason": row["reason"]}
 
 
-_STORAGE_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                   errno.EFBIG: "file size limit exceeded"}
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit exceeded",
+}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.features.mel", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", required=True, help="chunk manifest from the fetch/ingest step")
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.features.mel", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--manifest", required=True, help="chunk manifest from the fetch/ingest step"
+    )
     parser.add_argument("--shards", required=True, help="folder for the chunk's Parquet shards")
     parser.add_argument("--out", required=True, help="shard manifest (JSON) to write")
     parser.add_argument("--params", required=True, help="JSON: mel, audio, shards, seed")
@@ -219,8 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         if why is None:
             raise
         # The writers removed their temporary files: nothing is left under a final name.
-        raise SystemExit(f"error: {why} while writing the shards of {args.manifest} to {args.shards} "
-                         f"and {args.out} ({exc}); no partial shard was kept: free space and rerun") from None
+        raise SystemExit(
+            f"error: {why} while writing the shards of {args.manifest} to {args.shards} "
+            f"and {args.out} ({exc}); no partial shard was kept: free space and rerun"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -63,8 +63,15 @@ class ShardWriter:
     """Writes rows in row groups of ``row_group_size`` to a temporary file; ``close()``
     returns (rows, sha256, bytes) and renames it to ``path``. Abort leaves nothing behind."""
 
-    def __init__(self, path: str | Path, n_mels: int, frames: int, meta: dict, row_group_size: int,
-                 compression: str):
+    def __init__(
+        self,
+        path: str | Path,
+        n_mels: int,
+        frames: int,
+        meta: dict,
+        row_group_size: int,
+        compression: str,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = atomic.temp_path_for(self.path)
@@ -75,7 +82,8 @@ class ShardWriter:
         # Column paths as Parquet names them (list columns have a ".list.element" leaf).
         small = [c if c != "labels" else "labels.list.element" for c in SMALL_COLUMNS]
         self.writer = pq.ParquetWriter(
-            self.tmp, self.schema,
+            self.tmp,
+            self.schema,
             compression={**{c: codec for c in small}, "mel.list.element": "NONE"},
             use_dictionary=["source", "labels.list.element"],
             write_statistics=small,
@@ -84,13 +92,31 @@ class ShardWriter:
         self.pending: list[dict] = []
         self.rows = 0
 
-    def add(self, clip_id: str, source: str, window: int, start_s: float, valid_frames: int,
-            labels: list[str], mel: np.ndarray) -> None:
+    def add(
+        self,
+        clip_id: str,
+        source: str,
+        window: int,
+        start_s: float,
+        valid_frames: int,
+        labels: list[str],
+        mel: np.ndarray,
+    ) -> None:
         if mel.shape != self.shape:
-            raise ShardError(f"mel of {clip_id} window {window} has shape {mel.shape}, expected {self.shape}")
-        self.pending.append({"clip_id": clip_id, "source": source, "window": window, "start_s": start_s,
-                             "valid_frames": valid_frames, "labels": labels,
-                             "mel": np.ascontiguousarray(mel, dtype=np.float16)})
+            raise ShardError(
+                f"mel of {clip_id} window {window} has shape {mel.shape}, expected {self.shape}"
+            )
+        self.pending.append(
+            {
+                "clip_id": clip_id,
+                "source": source,
+                "window": window,
+                "start_s": start_s,
+                "valid_frames": valid_frames,
+                "labels": labels,
+                "mel": np.ascontiguousarray(mel, dtype=np.float16),
+            }
+        )
         if len(self.pending) >= self.row_group_size:
             self._flush()
 
@@ -98,8 +124,13 @@ class ShardWriter:
         if not self.pending:
             return
         rows = self.pending
-        mel = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(np.stack([r["mel"] for r in rows])))
-        columns = [pa.array([r[name] for r in rows], type=self.schema.field(name).type) for name in SMALL_COLUMNS]
+        mel = pa.FixedShapeTensorArray.from_numpy_ndarray(
+            np.ascontiguousarray(np.stack([r["mel"] for r in rows]))
+        )
+        columns = [
+            pa.array([r[name] for r in rows], type=self.schema.field(name).type)
+            for name in SMALL_COLUMNS
+        ]
         table = pa.Table.from_arrays([*columns, mel], schema=self.schema)
         self.writer.write_table(table, row_group_size=self.row_group_size)
         self.rows += len(rows)
@@ -125,8 +156,16 @@ class PartWriter:
     ``max_rows`` rows each (a few hundred MB), whatever the chunk's size. ``close()`` returns one
     entry per part: path, rows, clips, sha256, bytes."""
 
-    def __init__(self, folder: str | Path, n_mels: int, frames: int, meta: dict, row_group_size: int,
-                 compression: str, max_rows: int):
+    def __init__(
+        self,
+        folder: str | Path,
+        n_mels: int,
+        frames: int,
+        meta: dict,
+        row_group_size: int,
+        compression: str,
+        max_rows: int,
+    ):
         self.folder = Path(folder)
         self.args = (n_mels, frames, meta, row_group_size, compression)
         self.max_rows = max_rows
@@ -138,7 +177,9 @@ class PartWriter:
     def add(self, clip_id: str, *row) -> None:
         if self.current is None or self.count == self.max_rows:
             self._finish()
-            self.current = ShardWriter(self.folder / f"part-{len(self.parts):03d}.parquet", *self.args)
+            self.current = ShardWriter(
+                self.folder / f"part-{len(self.parts):03d}.parquet", *self.args
+            )
         self.current.add(clip_id, *row)
         self.count += 1
         self.clips.add(clip_id)
@@ -147,8 +188,15 @@ class PartWriter:
         if self.current is None:
             return
         rows, digest, size = self.current.close()
-        self.parts.append({"path": str(self.current.path), "rows": rows, "clips": len(self.clips),
-                           "sha256": digest, "bytes": size})
+        self.parts.append(
+            {
+                "path": str(self.current.path),
+                "rows": rows,
+                "clips": len(self.clips),
+                "sha256": digest,
+                "bytes": size,
+            }
+        )
         self.current, self.count, self.clips = None, 0, set()
 
     def close(self) -> list[dict]:
@@ -174,7 +222,9 @@ def read_meta(path: str | Path) -> dict:
         raise ShardError(f"{path}: not a readable Parquet file ({exc}); rebuild it") from None
     raw = (sch.metadata or {}).get(META_KEY)
     if raw is None:
-        raise ShardError(f"{path}: no '{META_KEY.decode()}' schema metadata: not a shard of this pipeline")
+        raise ShardError(
+            f"{path}: no '{META_KEY.decode()}' schema metadata: not a shard of this pipeline"
+        )
     missing = [n for n in (*SMALL_COLUMNS, "mel") if n not in sch.names]
     if missing:
         raise ShardError(f"{path}: wrong schema, missing column(s) {missing}")
@@ -185,8 +235,11 @@ def read_meta(path: str | Path) -> dict:
         # deep inside the training workers.
         frames = int(round(mel["window_s"] * mel["sample_rate"])) // mel["hop_length"] + 1
         expected = schema(int(mel["n_mels"]), frames, {})
-        wrong = [f"{f.name} is {sch.field(f.name).type}, expected {f.type}" for f in expected
-                 if not sch.field(f.name).type.equals(f.type)]
+        wrong = [
+            f"{f.name} is {sch.field(f.name).type}, expected {f.type}"
+            for f in expected
+            if not sch.field(f.name).type.equals(f.type)
+        ]
         if wrong:
             raise ShardError(f"{path}: wrong schema: {'; '.join(wrong)}")
     return meta
@@ -197,10 +250,14 @@ def verify(path: str | Path, sha256: str) -> None:
     try:
         actual = atomic.sha256_file(path)
     except FileNotFoundError:
-        raise ShardError(f"{path}: shard listed in the dataset manifest is missing; rerun its mel rule") from None
+        raise ShardError(
+            f"{path}: shard listed in the dataset manifest is missing; rerun its mel rule"
+        ) from None
     if actual != sha256:
-        raise ShardError(f"{path}: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}...: "
-                         "the shard is damaged or was changed; delete it and rerun its mel rule")
+        raise ShardError(
+            f"{path}: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}...: "
+            "the shard is damaged or was changed; delete it and rerun its mel rule"
+        )
 
 
 def quarantine(shard_path: str | Path) -> Path:
@@ -231,16 +288,23 @@ def verify_all(entries: list[dict], root: str | Path = ".") -> None:
                 quarantine(path)
             problems.append(str(exc))
     if problems:
-        raise ShardError(f"{len(problems)} shard(s) failed their check and were moved to .damaged/; "
-                         "run snakemake again to rebuild them (rule mel_chunk):\n  " + "\n  ".join(problems))
+        raise ShardError(
+            f"{len(problems)} shard(s) failed their check and were moved to .damaged/; "
+            "run snakemake again to rebuild them (rule mel_chunk):\n  " + "\n  ".join(problems)
+        )
 
 
-def iter_batches(path: str | Path, batch_size: int = 64, columns: tuple[str, ...] = ("mel", "valid_frames"),
-                 row_groups: list[int] | None = None) -> Iterator[dict]:
+def iter_batches(
+    path: str | Path,
+    batch_size: int = 64,
+    columns: tuple[str, ...] = ("mel", "valid_frames"),
+    row_groups: list[int] | None = None,
+) -> Iterator[dict]:
     """Stream a shard as dicts of numpy arrays (mel as float16 [B, n_mels, frames])."""
     pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns), row_groups=row_groups,
-                                 use_threads=False):
+    for batch in pf.iter_batches(
+        batch_size=batch_size, columns=list(columns), row_groups=row_groups, use_threads=False
+    ):
         out = {}
         for name in columns:
             col = batch.column(name)
@@ -255,6 +319,7 @@ def iter_batches(path: str | Path, batch_size: int = 64, columns: tuple[str, ...
 
 # --------------------------------------------------------------------------- dataset manifest
 
+
 def combine_stats(parts: list[dict], n_mels: int) -> dict:
     """Per-mel-bin mean and std over the valid frames of all shards."""
     frames = sum(p["frames"] for p in parts)
@@ -266,23 +331,38 @@ def combine_stats(parts: list[dict], n_mels: int) -> dict:
     if frames == 0:
         return {"frames": 0, "mean": [0.0] * n_mels, "std": [0.0] * n_mels}
     mean = total / frames
-    std = np.sqrt(np.maximum(total_sq / frames - mean ** 2, 0.0))
-    return {"frames": int(frames), "mean": [round(float(v), 6) for v in mean],
-            "std": [round(float(v), 6) for v in std]}
+    std = np.sqrt(np.maximum(total_sq / frames - mean**2, 0.0))
+    return {
+        "frames": int(frames),
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+    }
 
 
-def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, rejects_out: str) -> dict:
+def build_dataset_manifest(
+    shard_manifests: list[str], params: dict, out: str, rejects_out: str
+) -> dict:
     """Aggregate the shard manifests; with ``shards.verify`` every part is checked against the
     sha256 its mel job recorded first (a damaged one is moved aside, naming the file)."""
     shards, rejects, stats = [], [], []
-    totals = {"clips": 0, "ok": 0, "failed": 0, "rejected": 0, "windows": 0, "hours": 0.0, "bytes": 0}
+    totals = {
+        "clips": 0,
+        "ok": 0,
+        "failed": 0,
+        "rejected": 0,
+        "windows": 0,
+        "hours": 0.0,
+        "bytes": 0,
+    }
     mel_params = None
     for path in shard_manifests:
         doc = manifest.read(path)
         if mel_params is None:
             mel_params = doc["mel"]
         elif doc["mel"] != mel_params:
-            raise ShardError(f"{path}: mel parameters {doc['mel']} differ from the other shards' {mel_params}")
+            raise ShardError(
+                f"{path}: mel parameters {doc['mel']} differ from the other shards' {mel_params}"
+            )
         for i, part in enumerate(doc["shards"]):
             shards.append({**part, "source": doc["source"], "chunk": doc["chunk"], "part": i})
         stats.append(doc["stats"])
@@ -290,22 +370,40 @@ def build_dataset_manifest(shard_manifests: list[str], params: dict, out: str, r
             totals["clips"] += 1
             totals[c["status"]] += 1
             if c["status"] != "ok":
-                rejects.append({"source": doc["source"], "chunk": doc["chunk"], "clip_id": c["clip_id"],
-                                "status": c["status"], "stage": c.get("stage", "mel"), "reason": c["reason"]})
+                rejects.append(
+                    {
+                        "source": doc["source"],
+                        "chunk": doc["chunk"],
+                        "clip_id": c["clip_id"],
+                        "status": c["status"],
+                        "stage": c.get("stage", "mel"),
+                        "reason": c["reason"],
+                    }
+                )
         totals["windows"] += doc["rows"]
         totals["bytes"] += sum(part["bytes"] for part in doc["shards"])
-        totals["hours"] += doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
+        totals["hours"] += (
+            doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
+        )
     if params["shards"]["verify"]:
         verify_all(shards)
     totals["hours"] = round(totals["hours"], 6)
     n_mels = mel_params["n_mels"] if mel_params else 0
     stamp = provenance.stamp(params, params.get("seed"))
-    doc = {"format_version": FORMAT_VERSION, "mel": mel_params, "shards": shards, "totals": totals,
-           "stats": combine_stats(stats, n_mels), "provenance": stamp}
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "mel": mel_params,
+        "shards": shards,
+        "totals": totals,
+        "stats": combine_stats(stats, n_mels),
+        "provenance": stamp,
+    }
     atomic.write_json(out, doc)
     atomic.write_json(rejects_out, {"rejects": rejects, "count": len(rejects), "provenance": stamp})
-    log.info(f"dataset: {len(shards)} shards, {totals['windows']} windows ({totals['hours']:.3f} h of audio), "
-          f"clips ok {totals['ok']} / failed {totals['failed']} / rejected {totals['rejected']}")
+    log.info(
+        f"dataset: {len(shards)} shards, {totals['windows']} windows ({totals['hours']:.3f} h of audio), "
+        f"clips ok {totals['ok']} / failed {totals['failed']} / rejected {totals['rejected']}"
+    )
     return doc
 
 
@@ -316,7 +414,9 @@ def load_dataset_manifest(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ShardError(f"{path}: dataset manifest missing; run the data stage first") from None
     if doc.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: dataset manifest format {doc.get('format_version')} is not {FORMAT_VERSION}")
+        raise ShardError(
+            f"{path}: dataset manifest format {doc.get('format_version')} is not {FORMAT_VERSION}"
+        )
     return doc
 
 
@@ -324,8 +424,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dasheng_pipeline.features.shards",
         description="check every shard of a dataset manifest against its sha256 (a damaged one is moved "
-                    "to .damaged/ and named; rerun snakemake to rebuild it)")
-    parser.add_argument("manifest", help="dataset manifest (JSON) written by the dataset_manifest rule")
+        "to .damaged/ and named; rerun snakemake to rebuild it)",
+    )
+    parser.add_argument(
+        "manifest", help="dataset manifest (JSON) written by the dataset_manifest rule"
+    )
     args = parser.parse_args(argv)
     logs.setup()
     try:

@@ -1,9 +1,10 @@
 """Demo source: a deterministic synthetic corpus (no network), the embedded default.
 
 Clip ``i`` of a corpus with seed ``s`` and stream ``k`` (default 0) is drawn from
-``numpy.random.default_rng([s, k, i])`` alone, so it is the same whatever the chunking or the number of jobs. Families (the clip's
-label): tones, harmonic notes, chirps, coloured noise, clicks, AM and FM sounds, and mixtures
-of those. Durations are uniform in [min_s, max_s], so some clips span two 10 s windows.
+``numpy.random.default_rng([s, k, i])`` alone, so it is the same whatever the chunking or the
+number of jobs. Families (the clip's label): tones, harmonic notes, chirps, coloured noise,
+clicks, AM and FM sounds, and mixtures of those. Durations are uniform in [min_s, max_s], so
+some clips span two 10 s windows.
 
 The demo audio is itself the source (like a local corpus): it is always written as 16 kHz
 FLAC, whatever ``audio.keep_audio`` says.
@@ -29,8 +30,9 @@ def clip_id(index: int, stream: int = CORPUS_STREAM) -> str:
     return f"demo-{index:06d}" if stream == CORPUS_STREAM else f"demo{stream}-{index:06d}"
 
 
-def make_clip(seed: int, index: int, min_s: float, max_s: float,
-              stream: int = CORPUS_STREAM) -> tuple[np.ndarray, str]:
+def make_clip(
+    seed: int, index: int, min_s: float, max_s: float, stream: int = CORPUS_STREAM
+) -> tuple[np.ndarray, str]:
     """Samples (float32, 16 kHz) and family of clip ``index``."""
     rng = np.random.default_rng([seed, stream, index])
     family = synth.FAMILIES[int(rng.integers(len(synth.FAMILIES)))]
@@ -51,9 +53,14 @@ def run_chunk(chunk: str, params: dict, out: str, audio_dir: str) -> None:
     rules = audio.ClipRules.from_config(params["audio"])
     clips = []
     from tqdm import tqdm
-    for index in tqdm(indices, desc=f"demo chunk {chunk}", unit="clip", file=sys.stdout, mininterval=5):
+
+    for index in tqdm(
+        indices, desc=f"demo chunk {chunk}", unit="clip", file=sys.stdout, mininterval=5
+    ):
         stream = int(src["stream"])
-        samples, family = make_clip(int(params["seed"]), index, float(src["min_s"]), float(src["max_s"]), stream)
+        samples, family = make_clip(
+            int(params["seed"]), index, float(src["min_s"]), float(src["max_s"]), stream
+        )
         cid = clip_id(index, stream)
         reason = audio.check_clip(samples, rules)
         if reason:
@@ -61,13 +68,24 @@ def run_chunk(chunk: str, params: dict, out: str, audio_dir: str) -> None:
             continue
         path = dest / f"{cid}.flac"
         audio.encode_flac(samples, path)
-        clips.append(manifest.clip(cid, "ok", audio=str(path), audio_offset_s=0.0, audio_duration_s=None,
-                                   labels=[family], duration_s=round(samples.size / synth.SR, 6)))
+        clips.append(
+            manifest.clip(
+                cid,
+                "ok",
+                audio=str(path),
+                audio_offset_s=0.0,
+                audio_duration_s=None,
+                labels=[family],
+                duration_s=round(samples.size / synth.SR, 6),
+            )
+        )
     manifest.write_fetch(out, params, chunk, clips, audio.versions())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.sources.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.sources.demo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--chunk", required=True)
     parser.add_argument("--params", required=True, help="JSON: source, source_cfg, audio, seed")
     parser.add_argument("--out", required=True, help="chunk manifest (JSON)")

@@ -26,9 +26,9 @@ import csv
 import hashlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -40,13 +40,13 @@ _BLOCK = 16 << 20
 
 @dataclass
 class Segment:
-    row: int                  # 0-based row number in the list
-    line: int                 # 1-based line number in the file (for messages)
+    row: int  # 0-based row number in the list
+    line: int  # 1-based line number in the file (for messages)
     ytid: str = ""
     start_s: float = 0.0
     end_s: float = 0.0
     labels: list[str] = field(default_factory=list)
-    error: str = ""           # why the row cannot be used ("" = valid)
+    error: str = ""  # why the row cannot be used ("" = valid)
 
     @property
     def clip_id(self) -> str:
@@ -116,7 +116,7 @@ def _number(text: str, name: str) -> tuple[float | None, str]:
     return value, ""
 
 
-def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -> Segment | None:
+def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -> Segment | None:  # noqa: C901 (to split: issue 24)
     """Parse one row. Returns None for a header row (only possible for ``acav100m`` row 0)."""
     seg = Segment(row=row, line=line)
     try:
@@ -126,7 +126,12 @@ def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -
         return seg
     fields = [f.strip() for f in next(csv.reader([text], skipinitialspace=True), [])]
     ytid = fields[0] if fields else ""
-    if fmt == "acav100m" and row == 0 and not YOUTUBE_ID.match(ytid) and ytid.lower() in _HEADER_WORDS:
+    if (
+        fmt == "acav100m"
+        and row == 0
+        and not YOUTUBE_ID.match(ytid)
+        and ytid.lower() in _HEADER_WORDS
+    ):
         return None
     seg.ytid = ytid
     if not YOUTUBE_ID.match(ytid):
@@ -156,7 +161,9 @@ def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -
             start, err = _number(fields[1], "start_seconds")
             end, err2 = _number(fields[2], "end_seconds")
         else:
-            seg.error = f"expected 'ytid' or 'ytid,start_seconds,end_seconds', got {len(fields)} fields"
+            seg.error = (
+                f"expected 'ytid' or 'ytid,start_seconds,end_seconds', got {len(fields)} fields"
+            )
             return seg
     else:
         raise ValueError(f"unknown list format {fmt!r}; expected one of {FORMATS}")
@@ -210,11 +217,15 @@ def build_index(path: str | Path, fmt: str, chunk_size: int, segment_s: float) -
     return {"rows": rows, "chunk_size": chunk_size, "offsets": offsets, "duplicates": duplicates}
 
 
-def read_chunk(path: str | Path, fmt: str, index: dict, chunk: int, segment_s: float) -> list[Segment]:
+def read_chunk(
+    path: str | Path, fmt: str, index: dict, chunk: int, segment_s: float
+) -> list[Segment]:
     """The parsed rows of chunk ``chunk`` (duplicates marked as errors)."""
     if chunk >= len(index["offsets"]):
-        raise IndexError(f"{path}: chunk {chunk} does not exist (the list has {len(index['offsets'])} chunks); "
-                         "the list changed after its index was built: rerun the index rule")
+        raise IndexError(
+            f"{path}: chunk {chunk} does not exist (the list has {len(index['offsets'])} chunks); "
+            "the list changed after its index was built: rerun the index rule"
+        )
     size = index["chunk_size"]
     first_row = chunk * size
     out: list[Segment] = []

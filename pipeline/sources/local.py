@@ -48,13 +48,17 @@ def read_labels_csv(path: str) -> dict[str, list[str]]:
         reader = csv.DictReader(fh)
         missing = {"path", "labels"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: labels CSV lacks column(s) {sorted(missing)}; "
-                             f"expected a header 'path,labels' (labels separated by ';'), got {reader.fieldnames}")
+            raise ValueError(
+                f"{path}: labels CSV lacks column(s) {sorted(missing)}; "
+                f"expected a header 'path,labels' (labels separated by ';'), got {reader.fieldnames}"
+            )
         out = {}
         for line_no, row in enumerate(reader, start=2):
             if not row["path"]:
                 raise ValueError(f"{path}, line {line_no}: empty 'path'")
-            out[row["path"].replace("\\", "/")] = [lab.strip() for lab in (row["labels"] or "").split(";") if lab.strip()]
+            out[row["path"].replace("\\", "/")] = [
+                lab.strip() for lab in (row["labels"] or "").split(";") if lab.strip()
+            ]
     return out
 
 
@@ -85,16 +89,36 @@ def inside(path: str, root: str) -> bool:
     return os.path.commonpath([real, real_root]) == real_root
 
 
-def ingest_file(rel: str, root: str, labels: list[str], dest: Path, keep_audio: bool,
-                rules: audio.ClipRules, allow_outside: bool) -> dict:
+def ingest_file(
+    rel: str,
+    root: str,
+    labels: list[str],
+    dest: Path,
+    keep_audio: bool,
+    rules: audio.ClipRules,
+    allow_outside: bool,
+) -> dict:
     """Check (and with keep_audio, convert) one file; returns its manifest row."""
     path = os.path.join(root, rel)
     base = {"path": rel, "labels": labels}
-    if not is_utf8(rel):  # ffmpeg-python and Parquet take text only: say so instead of failing the job
+    if not is_utf8(
+        rel
+    ):  # ffmpeg-python and Parquet take text only: say so instead of failing the job
         shown = printable(rel)
-        return manifest.clip(shown, "rejected", "file name is not valid UTF-8 (rename the file)", path=shown, labels=[])
+        return manifest.clip(
+            shown,
+            "rejected",
+            "file name is not valid UTF-8 (rename the file)",
+            path=shown,
+            labels=[],
+        )
     if not allow_outside and not inside(path, root):
-        return manifest.clip(rel, "rejected", "link points outside the corpus root (allow_outside_paths is false)", **base)
+        return manifest.clip(
+            rel,
+            "rejected",
+            "link points outside the corpus root (allow_outside_paths is false)",
+            **base,
+        )
     try:
         size = os.path.getsize(path)
     except OSError as exc:
@@ -102,24 +126,41 @@ def ingest_file(rel: str, root: str, labels: list[str], dest: Path, keep_audio: 
     if size == 0:
         return manifest.clip(rel, "rejected", "empty file (0 bytes)", **base)
     if not keep_audio:
-        return manifest.clip(rel, "ok", audio=path, audio_offset_s=0.0, audio_duration_s=None, **base)
+        return manifest.clip(
+            rel, "ok", audio=path, audio_offset_s=0.0, audio_duration_s=None, **base
+        )
     samples, reason, note = audio.load_clip(path, rules)
     if samples is None:
         return manifest.clip(rel, "rejected", reason, **base)
     flac = dest / f"{manifest.storage_name(rel)}.flac"
     audio.encode_flac(samples, flac)
-    return manifest.clip(rel, "ok", audio=str(flac), audio_offset_s=0.0, audio_duration_s=None,
-                         duration_s=round(samples.size / audio.SAMPLE_RATE, 6), **({"note": note} if note else {}), **base)
+    return manifest.clip(
+        rel,
+        "ok",
+        audio=str(flac),
+        audio_offset_s=0.0,
+        audio_duration_s=None,
+        duration_s=round(samples.size / audio.SAMPLE_RATE, 6),
+        **({"note": note} if note else {}),
+        **base,
+    )
 
 
 def run_index(params: dict, out: str) -> None:
     src = params["source_cfg"]
     files, ignored = list_files(src["root"], src["extensions"])
-    doc = {"root": src["root"], "files": files, "ignored": ignored, "chunk_size": int(src["chunk_size"]),
-           "provenance": provenance.stamp(params, params.get("seed"))}
+    doc = {
+        "root": src["root"],
+        "files": files,
+        "ignored": ignored,
+        "chunk_size": int(src["chunk_size"]),
+        "provenance": provenance.stamp(params, params.get("seed")),
+    }
     atomic.write_json(out, doc, indent=None)
-    log.info(f"{src['root']}: {len(files)} audio files, {len(ignored)} other files ignored "
-          f"(extensions {', '.join(src['extensions'])})")
+    log.info(
+        f"{src['root']}: {len(files)} audio files, {len(ignored)} other files ignored "
+        f"(extensions {', '.join(src['extensions'])})"
+    )
     for name in ignored[:20]:
         log.info(f"  ignored: {printable(name)}")
 
@@ -129,7 +170,7 @@ def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: st
     with open(index_path) as fh:
         index = json.load(fh)
     size = index["chunk_size"]
-    files = index["files"][int(chunk) * size:(int(chunk) + 1) * size]
+    files = index["files"][int(chunk) * size : (int(chunk) + 1) * size]
     table = read_labels_csv(src["labels_csv"]) if src["labels"] == "csv" else {}
     dest = Path(audio_dir)
     keep_audio = bool(params["audio"]["keep_audio"])
@@ -139,14 +180,28 @@ def run_chunk(index_path: str, chunk: str, params: dict, out: str, audio_dir: st
     rules = audio.ClipRules.from_config(params["audio"])
     clips = []
     from tqdm import tqdm
-    for rel in tqdm(files, desc=f"{params['source']} chunk {chunk}", unit="file", file=sys.stdout, mininterval=5):
-        clips.append(ingest_file(rel, index["root"], labels_for(rel, src["labels"], table), dest, keep_audio,
-                                 rules, bool(params["allow_outside_paths"])))
+
+    for rel in tqdm(
+        files, desc=f"{params['source']} chunk {chunk}", unit="file", file=sys.stdout, mininterval=5
+    ):
+        clips.append(
+            ingest_file(
+                rel,
+                index["root"],
+                labels_for(rel, src["labels"], table),
+                dest,
+                keep_audio,
+                rules,
+                bool(params["allow_outside_paths"]),
+            )
+        )
     manifest.write_fetch(out, params, chunk, clips, audio.versions())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.sources.local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.sources.local", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     idx = sub.add_parser("index", help="list the folder tree once")
     idx.add_argument("--params", required=True, help="JSON: source, source_cfg, seed")
@@ -154,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     chk = sub.add_parser("chunk", help="ingest one chunk of files")
     chk.add_argument("--index", required=True)
     chk.add_argument("--chunk", required=True)
-    chk.add_argument("--params", required=True, help="JSON: source, source_cfg, audio, seed, allow_outside_paths")
+    chk.add_argument(
+        "--params", required=True, help="JSON: source, source_cfg, audio, seed, allow_outside_paths"
+    )
     chk.add_argument("--out", required=True)
     chk.add_argument("--audio-dir", required=True)
     args = parser.parse_args(argv)

@@ -10,8 +10,20 @@ from __future__ import annotations
 import numpy as np
 
 SR = 16000
-FAMILIES = ("tone", "harmonic", "chirp", "noise", "clicks", "am", "fm", "melody", "chords", "babble", "scene",
-            "mixture")
+FAMILIES = (
+    "tone",
+    "harmonic",
+    "chirp",
+    "noise",
+    "clicks",
+    "am",
+    "fm",
+    "melody",
+    "chords",
+    "babble",
+    "scene",
+    "mixture",
+)
 # Major and minor scales (semitones above the tonic) for melodies and chords.
 SCALES = ((0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10))
 NOISE_COLOURS = {"white": 0.0, "pink": 1.0, "brown": 2.0, "blue": -1.0}
@@ -32,7 +44,7 @@ def envelope(n: int, attack_s: float, release_s: float) -> np.ndarray:
     r = min(n - a, max(1, int(release_s * SR)))
     env[:a] = np.linspace(0.0, 1.0, a, endpoint=False)
     if r > 0:
-        env[n - r:] = np.linspace(1.0, 0.0, r)
+        env[n - r :] = np.linspace(1.0, 0.0, r)
     return env
 
 
@@ -47,7 +59,7 @@ def harmonic(n: int, f0: float, n_harmonics: int, rolloff: float, decay_s: float
     for k in range(1, n_harmonics + 1):
         if k * f0 >= SR / 2:
             break
-        out += np.sin(2 * np.pi * k * f0 * t) * k ** -rolloff * np.exp(-t * k / (decay_s * 2))
+        out += np.sin(2 * np.pi * k * f0 * t) * k**-rolloff * np.exp(-t * k / (decay_s * 2))
     return out * np.exp(-t / decay_s)
 
 
@@ -72,13 +84,15 @@ def coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndar
 def clicks(rng: np.random.Generator, n: int, rate_hz: float, jitter: float) -> np.ndarray:
     """A click train (short decaying bursts) at ``rate_hz`` with relative timing jitter."""
     out = np.zeros(n)
-    click = np.exp(-np.arange(int(0.004 * SR)) / (0.0008 * SR)) * rng.choice([-1.0, 1.0], int(0.004 * SR))
+    click = np.exp(-np.arange(int(0.004 * SR)) / (0.0008 * SR)) * rng.choice(
+        [-1.0, 1.0], int(0.004 * SR)
+    )
     period = SR / rate_hz
     pos = rng.uniform(0, period)
     while pos < n:
         i = int(pos)
         seg = click[: n - i]
-        out[i:i + seg.size] += seg
+        out[i : i + seg.size] += seg
         pos += period * (1 + rng.uniform(-jitter, jitter))
     return out
 
@@ -92,7 +106,9 @@ def fm(n: int, carrier: float, mod_hz: float, index: float) -> np.ndarray:
     return np.sin(2 * np.pi * carrier * t + index * np.sin(2 * np.pi * mod_hz * t))
 
 
-def _segments(rng: np.random.Generator, n: int, min_s: float, max_s: float) -> list[tuple[int, int]]:
+def _segments(
+    rng: np.random.Generator, n: int, min_s: float, max_s: float
+) -> list[tuple[int, int]]:
     """Consecutive (start, end) sample ranges of random lengths covering ``n`` samples."""
     out, start = [], 0
     while start < n:
@@ -105,12 +121,18 @@ def _segments(rng: np.random.Generator, n: int, min_s: float, max_s: float) -> l
 def melody(rng: np.random.Generator, n: int) -> np.ndarray:
     """Notes of a random scale, one after another, with one harmonic timbre (music-like)."""
     tonic, scale = int(rng.integers(45, 70)), SCALES[int(rng.integers(len(SCALES)))]
-    harmonics, rolloff, decay = int(rng.integers(2, 12)), rng.uniform(0.6, 2.0), rng.uniform(0.2, 1.5)
+    harmonics, rolloff, decay = (
+        int(rng.integers(2, 12)),
+        rng.uniform(0.6, 2.0),
+        rng.uniform(0.2, 1.5),
+    )
     out = np.zeros(n)
     for start, end in _segments(rng, n, 0.12, 0.6):
         note = tonic + scale[int(rng.integers(len(scale)))] + 12 * int(rng.integers(-1, 2))
         m = end - start
-        out[start:end] = harmonic(m, midi_to_hz(note), harmonics, rolloff, decay) * envelope(m, 0.005, 0.03)
+        out[start:end] = harmonic(m, midi_to_hz(note), harmonics, rolloff, decay) * envelope(
+            m, 0.005, 0.03
+        )
     return out
 
 
@@ -132,7 +154,9 @@ def babble(rng: np.random.Generator, n: int) -> np.ndarray:
     """Speech-like sound: a glottal pulse train with a wandering pitch, shaped by vowel formants
     that change every syllable (0.08-0.3 s), with short unvoiced gaps."""
     t = _time(n)
-    f0 = rng.uniform(90, 240) * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t + rng.uniform(0, 6)))
+    f0 = rng.uniform(90, 240) * (
+        1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t + rng.uniform(0, 6))
+    )
     phase = 2 * np.pi * np.cumsum(f0) / SR
     source = sum(np.sin(k * phase) / k for k in range(1, 30))  # sawtooth-like pulse train
     out = np.zeros(n)
@@ -164,7 +188,7 @@ def scene(rng: np.random.Generator, n: int) -> np.ndarray:
             event = chirp(m, rng.uniform(200, 1000), rng.uniform(1500, 6000))
         else:
             event = coloured_noise(rng, m, rng.uniform(-1, 2))
-        out[start:start + m] += event * envelope(m, 0.003, m / SR / 3)
+        out[start : start + m] += event * envelope(m, 0.003, m / SR / 3)
     return out
 
 
@@ -172,13 +196,18 @@ def normalise(x: np.ndarray, peak_dbfs: float) -> np.ndarray:
     return x / (np.abs(x).max() + 1e-12) * 10 ** (peak_dbfs / 20)
 
 
-def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:
+def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:  # noqa: C901 (to split: issue 24)
     """A random sound of one family (its parameters drawn from ``rng``), peak 1."""
     if family == "tone":
         x = tone(n, rng.uniform(80, 4000), rng.uniform(0, 2 * np.pi)) * envelope(n, 0.02, 0.05)
     elif family == "harmonic":
-        x = harmonic(n, midi_to_hz(rng.integers(36, 96)), int(rng.integers(3, 16)),
-                     rng.uniform(0.5, 2.0), rng.uniform(0.3, 3.0))
+        x = harmonic(
+            n,
+            midi_to_hz(rng.integers(36, 96)),
+            int(rng.integers(3, 16)),
+            rng.uniform(0.5, 2.0),
+            rng.uniform(0.3, 3.0),
+        )
     elif family == "chirp":
         lo, hi = sorted(rng.uniform(60, 7000, 2))
         f0, f1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
@@ -201,7 +230,9 @@ def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:
     elif family == "scene":
         x = scene(rng, n)
     elif family == "mixture":
-        parts = rng.choice([f for f in FAMILIES if f != "mixture"], size=int(rng.integers(2, 4)), replace=False)
+        parts = rng.choice(
+            [f for f in FAMILIES if f != "mixture"], size=int(rng.integers(2, 4)), replace=False
+        )
         x = sum(normalise(render(rng, str(p), n), -rng.uniform(0, 12)) for p in parts)
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")

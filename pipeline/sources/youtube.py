@@ -42,8 +42,16 @@ log = logging.getLogger(__name__)
 # A download may be this much shorter than its segment (codec frame boundaries).
 INCOMPLETE_TOLERANCE_S = 0.5
 PERMANENT_MARKERS = (
-    "private video", "video unavailable", "has been removed", "not available", "account associated",
-    "copyright", "sign in to confirm your age", "unsupported url", "no video formats", "is not a valid url",
+    "private video",
+    "video unavailable",
+    "has been removed",
+    "not available",
+    "account associated",
+    "copyright",
+    "sign in to confirm your age",
+    "unsupported url",
+    "no video formats",
+    "is not a valid url",
 )
 
 
@@ -61,12 +69,17 @@ class FetchOptions:
     segment_download: bool
 
     @classmethod
-    def from_config(cls, src: dict) -> "FetchOptions":
+    def from_config(cls, src: dict) -> FetchOptions:
         return cls(
-            url_template=src["url_template"], retries=int(src["retries"]), backoff_s=float(src["backoff_s"]),
-            max_backoff_s=float(src["max_backoff_s"]), socket_timeout_s=float(src["socket_timeout_s"]),
-            attempt_timeout_s=float(src["attempt_timeout_s"]), rate_limit=src["rate_limit"],
-            sleep_between_s=float(src["sleep_between_s"]), cookies=src["cookies"],
+            url_template=src["url_template"],
+            retries=int(src["retries"]),
+            backoff_s=float(src["backoff_s"]),
+            max_backoff_s=float(src["max_backoff_s"]),
+            socket_timeout_s=float(src["socket_timeout_s"]),
+            attempt_timeout_s=float(src["attempt_timeout_s"]),
+            rate_limit=src["rate_limit"],
+            sleep_between_s=float(src["sleep_between_s"]),
+            cookies=src["cookies"],
             segment_download=bool(src["segment_download"]),
         )
 
@@ -82,6 +95,7 @@ def parse_rate(text: str | None) -> int | None:
 
 # --------------------------------------------------------------------------- one attempt
 
+
 def _classify(exc: BaseException) -> dict:
     """Turn a yt-dlp error into {transient, reason, retry_after}."""
     from yt_dlp.networking.exceptions import HTTPError, TransportError
@@ -96,8 +110,11 @@ def _classify(exc: BaseException) -> dict:
             value = cause.response.headers.get("Retry-After")
             retry_after = float(value) if value is not None else None
         transient = status in (408, 425, 429) or status >= 500
-        return {"transient": transient, "reason": f"HTTP {status} {cause.reason or ''}".strip(),
-                "retry_after": retry_after}
+        return {
+            "transient": transient,
+            "reason": f"HTTP {status} {cause.reason or ''}".strip(),
+            "retry_after": retry_after,
+        }
     if isinstance(cause, TransportError):
         return {"transient": True, "reason": f"network error: {cause}", "retry_after": None}
     lowered = message.lower()
@@ -117,20 +134,38 @@ def _download(url: str, start_s: float, end_s: float, workdir: str, opts: FetchO
     FFmpegPostProcessor._ffmpeg_location.set(exe)  # the API does not set it for range downloads
 
     class _Quiet:
-        def debug(self, msg): pass
-        def info(self, msg): pass
-        def warning(self, msg): pass
-        def error(self, msg): pass
+        def debug(self, msg):
+            pass
+
+        def info(self, msg):
+            pass
+
+        def warning(self, msg):
+            pass
+
+        def error(self, msg):
+            pass
 
     params = {
         "format": "bestaudio/best",
         "outtmpl": {"default": os.path.join(workdir, "media.%(ext)s")},
         "paths": {"home": workdir, "temp": workdir},
-        "quiet": True, "no_warnings": True, "noprogress": True, "logger": _Quiet(),
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "logger": _Quiet(),
         "socket_timeout": opts.socket_timeout_s,
-        "retries": 0, "fragment_retries": 0, "extractor_retries": 0, "file_access_retries": 0,
-        "ffmpeg_location": exe, "noplaylist": True, "cachedir": False, "overwrites": True,
-        "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(opts.socket_timeout_s * 1e6))]},
+        "retries": 0,
+        "fragment_retries": 0,
+        "extractor_retries": 0,
+        "file_access_retries": 0,
+        "ffmpeg_location": exe,
+        "noplaylist": True,
+        "cachedir": False,
+        "overwrites": True,
+        "external_downloader_args": {
+            "ffmpeg_i": ["-rw_timeout", str(int(opts.socket_timeout_s * 1e6))]
+        },
     }
     if opts.rate_limit:
         params["ratelimit"] = parse_rate(opts.rate_limit)
@@ -144,13 +179,28 @@ def _download(url: str, start_s: float, end_s: float, workdir: str, opts: FetchO
     except Exception as exc:  # yt-dlp raises DownloadError (and occasionally others)
         return {"ok": False, **_classify(exc)}
     if not info:
-        return {"ok": False, "transient": False, "reason": "yt-dlp returned no information", "retry_after": None}
+        return {
+            "ok": False,
+            "transient": False,
+            "reason": "yt-dlp returned no information",
+            "retry_after": None,
+        }
     requested = (info.get("requested_downloads") or [{}])[0]
     path = requested.get("filepath") or requested.get("_filename")
     if not path or not os.path.isfile(path):
-        return {"ok": False, "transient": True, "reason": "download produced no file", "retry_after": None}
+        return {
+            "ok": False,
+            "transient": True,
+            "reason": "download produced no file",
+            "retry_after": None,
+        }
     sectioned = requested.get("section_start") is not None or info.get("section_start") is not None
-    return {"ok": True, "path": path, "sectioned": bool(sectioned), "media_duration": info.get("duration")}
+    return {
+        "ok": True,
+        "path": path,
+        "sectioned": bool(sectioned),
+        "media_duration": info.get("duration"),
+    }
 
 
 def _child(conn, url, start_s, end_s, workdir, opts) -> None:
@@ -158,7 +208,12 @@ def _child(conn, url, start_s, end_s, workdir, opts) -> None:
     try:
         result = _download(url, start_s, end_s, workdir, opts)
     except BaseException as exc:  # never leave the parent without an answer
-        result = {"ok": False, "transient": True, "reason": f"{type(exc).__name__}: {exc}", "retry_after": None}
+        result = {
+            "ok": False,
+            "transient": True,
+            "reason": f"{type(exc).__name__}: {exc}",
+            "retry_after": None,
+        }
     conn.send(result)
     conn.close()
 
@@ -175,7 +230,9 @@ def attempt(url: str, start_s: float, end_s: float, workdir: str, opts: FetchOpt
     """One download attempt in a child process, killed after ``attempt_timeout_s``."""
     ctx = _context()
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(sender, url, start_s, end_s, workdir, opts), daemon=True)
+    proc = ctx.Process(
+        target=_child, args=(sender, url, start_s, end_s, workdir, opts), daemon=True
+    )
     proc.start()
     sender.close()
     result = None
@@ -186,16 +243,21 @@ def attempt(url: str, start_s: float, end_s: float, workdir: str, opts: FetchOpt
     if result is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        result = {"ok": False, "transient": True, "retry_after": None,
-                  "reason": f"timed out: no complete download within {opts.attempt_timeout_s:g} s"}
+        result = {
+            "ok": False,
+            "transient": True,
+            "retry_after": None,
+            "reason": f"timed out: no complete download within {opts.attempt_timeout_s:g} s",
+        }
     proc.join(5)
     return result
 
 
 # --------------------------------------------------------------------------- one clip
 
+
 def backoff_delay(opts: FetchOptions, attempt_no: int, retry_after: float | None) -> float:
-    delay = min(opts.max_backoff_s, opts.backoff_s * 2 ** attempt_no)
+    delay = min(opts.max_backoff_s, opts.backoff_s * 2**attempt_no)
     if retry_after is not None:
         delay = max(delay, min(retry_after, opts.max_backoff_s))
     return delay
@@ -206,23 +268,44 @@ def cached(dest: Path, clip_id: str, keep_audio: bool) -> dict | None:
     name = manifest.storage_name(clip_id)
     if keep_audio:
         flac = dest / f"{name}.flac"
-        return {"audio": str(flac), "audio_offset_s": 0.0, "audio_duration_s": None} if flac.is_file() else None
+        return (
+            {"audio": str(flac), "audio_offset_s": 0.0, "audio_duration_s": None}
+            if flac.is_file()
+            else None
+        )
     meta = dest / f"{name}.json"
     if meta.is_file():
         with contextlib.suppress(ValueError, OSError):
             info = json.loads(meta.read_text())
             if (dest / info["file"]).is_file():
-                return {"audio": str(dest / info["file"]), "audio_offset_s": info["offset_s"],
-                        "audio_duration_s": info["duration_s"]}
+                return {
+                    "audio": str(dest / info["file"]),
+                    "audio_offset_s": info["offset_s"],
+                    "audio_duration_s": info["duration_s"],
+                }
     return None
 
 
-def fetch_clip(seg: lists.Segment, dest: Path, opts: FetchOptions, keep_audio: bool,
-               rules: audio.ClipRules, sleep=time.sleep) -> dict:
+def fetch_clip(
+    seg: lists.Segment,
+    dest: Path,
+    opts: FetchOptions,
+    keep_audio: bool,
+    rules: audio.ClipRules,
+    sleep=time.sleep,
+) -> dict:
     """Obtain one segment; returns its manifest row."""
-    base = {"row": seg.row, "ytid": seg.ytid, "start_s": seg.start_s, "end_s": seg.end_s, "labels": seg.labels}
+    base = {
+        "row": seg.row,
+        "ytid": seg.ytid,
+        "start_s": seg.start_s,
+        "end_s": seg.end_s,
+        "labels": seg.labels,
+    }
     if seg.error:
-        return manifest.clip(seg.clip_id if seg.ytid else f"row{seg.row}", "rejected", seg.error, **base)
+        return manifest.clip(
+            seg.clip_id if seg.ytid else f"row{seg.row}", "rejected", seg.error, **base
+        )
     clip_id = seg.clip_id
     hit = cached(dest, clip_id, keep_audio)
     if hit:
@@ -237,27 +320,50 @@ def fetch_clip(seg: lists.Segment, dest: Path, opts: FetchOptions, keep_audio: b
                 row = _store(clip_id, result, dest, seg, keep_audio, rules, attempt_no + 1, base)
                 if row is not None:
                     return row
-                result = {"ok": False, "transient": True, "retry_after": None,
-                          "reason": result["incomplete"]}
+                result = {
+                    "ok": False,
+                    "transient": True,
+                    "retry_after": None,
+                    "reason": result["incomplete"],
+                }
         if not result["transient"] or attempt_no == opts.retries:
             break
         sleep(backoff_delay(opts, attempt_no, result.get("retry_after")))
     attempts = attempt_no + 1
     kind = "transient" if result["transient"] else "permanent"
-    return manifest.clip(clip_id, "failed", f"{result['reason']} ({kind}; {attempts} attempt(s))",
-                         attempts=attempts, **base)
+    return manifest.clip(
+        clip_id,
+        "failed",
+        f"{result['reason']} ({kind}; {attempts} attempt(s))",
+        attempts=attempts,
+        **base,
+    )
 
 
-def _store(clip_id: str, result: dict, dest: Path, seg: lists.Segment, keep_audio: bool,
-           rules: audio.ClipRules, attempts: int, base: dict) -> dict | None:
+def _store(
+    clip_id: str,
+    result: dict,
+    dest: Path,
+    seg: lists.Segment,
+    keep_audio: bool,
+    rules: audio.ClipRules,
+    attempts: int,
+    base: dict,
+) -> dict | None:
     """Check a finished download and move it into the audio store (as FLAC with keep_audio).
     Returns the manifest row, or None (with ``result["incomplete"]`` set) to retry."""
     name = manifest.storage_name(clip_id)
     # A segment download starts at the segment; a whole-file download is cut here.
     offset = 0.0 if result["sectioned"] else seg.start_s
     duration = seg.end_s - seg.start_s
-    note = "segment downloaded" if result["sectioned"] else "whole file downloaded, segment cut locally"
-    samples, reason, extra = audio.load_clip(result["path"], rules, start_s=offset or None, duration_s=duration)
+    note = (
+        "segment downloaded"
+        if result["sectioned"]
+        else "whole file downloaded, segment cut locally"
+    )
+    samples, reason, extra = audio.load_clip(
+        result["path"], rules, start_s=offset or None, duration_s=duration
+    )
     if samples is None:
         if reason.startswith(("silent", "too short", "too long")):
             return manifest.clip(clip_id, "rejected", reason, attempts=attempts, note=note, **base)
@@ -275,41 +381,70 @@ def _store(clip_id: str, result: dict, dest: Path, seg: lists.Segment, keep_audi
     if keep_audio:
         flac = dest / f"{name}.flac"
         audio.encode_flac(samples, flac)
-        return manifest.clip(clip_id, "ok", attempts=attempts, note="; ".join(filter(None, [note, extra])),
-                             audio=str(flac), audio_offset_s=0.0, audio_duration_s=None, **base)
+        return manifest.clip(
+            clip_id,
+            "ok",
+            attempts=attempts,
+            note="; ".join(filter(None, [note, extra])),
+            audio=str(flac),
+            audio_offset_s=0.0,
+            audio_duration_s=None,
+            **base,
+        )
     ext = Path(result["path"]).suffix or ".media"
     media_path = dest / f"{name}{ext}"
     with atomic.atomic_path(media_path) as tmp:
         shutil.move(result["path"], tmp)
-    atomic.write_json(dest / f"{name}.json", {"file": media_path.name, "offset_s": offset, "duration_s": duration})
-    return manifest.clip(clip_id, "ok", attempts=attempts, note=note, audio=str(media_path),
-                         audio_offset_s=offset, audio_duration_s=duration, **base)
+    atomic.write_json(
+        dest / f"{name}.json", {"file": media_path.name, "offset_s": offset, "duration_s": duration}
+    )
+    return manifest.clip(
+        clip_id,
+        "ok",
+        attempts=attempts,
+        note=note,
+        audio=str(media_path),
+        audio_offset_s=offset,
+        audio_duration_s=duration,
+        **base,
+    )
 
 
 # --------------------------------------------------------------------------- jobs
 
+
 def run_index(list_path: str, params: dict, out: str) -> None:
     src = params["source_cfg"]
-    index = lists.build_index(list_path, src["format"], int(src["chunk_size"]), float(src["segment_s"]))
+    index = lists.build_index(
+        list_path, src["format"], int(src["chunk_size"]), float(src["segment_s"])
+    )
     expected = params.get("expected_chunks")
     if expected is not None and len(index["offsets"]) != expected and index["rows"]:
-        raise SystemExit(f"{list_path}: the list has {index['rows']} rows = {len(index['offsets'])} chunks "
-                         f"but the DAG was built for {expected}; it changed meanwhile: run snakemake again")
+        raise SystemExit(
+            f"{list_path}: the list has {index['rows']} rows = {len(index['offsets'])} chunks "
+            f"but the DAG was built for {expected}; it changed meanwhile: run snakemake again"
+        )
     index["list"] = list_path
     index["provenance"] = provenance.stamp(params, params.get("seed"))
     atomic.write_json(out, index, indent=None)
-    log.info(f"{list_path}: {index['rows']} rows, {len(index['offsets'])} chunks, "
-          f"{len(index['duplicates'])} duplicate rows")
+    log.info(
+        f"{list_path}: {index['rows']} rows, {len(index['offsets'])} chunks, "
+        f"{len(index['duplicates'])} duplicate rows"
+    )
 
 
-def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: str, audio_dir: str) -> None:
+def run_chunk(
+    list_path: str, index_path: str, chunk: str, params: dict, out: str, audio_dir: str
+) -> None:
     src = params["source_cfg"]
     opts = FetchOptions.from_config(src)
     rules = audio.ClipRules.from_config(params["audio"])
     keep_audio = bool(params["audio"]["keep_audio"])
     with open(index_path) as fh:
         index = json.load(fh)
-    segments = lists.read_chunk(list_path, src["format"], index, int(chunk), float(src["segment_s"]))
+    segments = lists.read_chunk(
+        list_path, src["format"], index, int(chunk), float(src["segment_s"])
+    )
     dest = Path(audio_dir)
     dest.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale_temps(dest)
@@ -325,17 +460,29 @@ def run_chunk(list_path: str, index_path: str, chunk: str, params: dict, out: st
 
     # Downloads wait on the network: several run at once; rows keep the list's order.
     with concurrent.futures.ThreadPoolExecutor(max_workers=int(src["download_threads"])) as pool:
-        clips = list(tqdm(pool.map(fetch, segments), total=len(segments), unit="clip", file=sys.stdout,
-                          desc=f"{params['source']} chunk {chunk}", mininterval=5))
+        clips = list(
+            tqdm(
+                pool.map(fetch, segments),
+                total=len(segments),
+                unit="clip",
+                file=sys.stdout,
+                desc=f"{params['source']} chunk {chunk}",
+                mininterval=5,
+            )
+        )
     manifest.write_fetch(out, params, chunk, clips, audio.versions())
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.sources.youtube", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.sources.youtube", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     idx = sub.add_parser("index", help="scan a segment list once: chunk offsets and duplicates")
     idx.add_argument("--list", required=True)
-    idx.add_argument("--params", required=True, help="JSON: source, source_cfg, seed, expected_chunks")
+    idx.add_argument(
+        "--params", required=True, help="JSON: source, source_cfg, seed, expected_chunks"
+    )
     idx.add_argument("--out", required=True)
     chk = sub.add_parser("chunk", help="download one chunk of a segment list")
     chk.add_argument("--list", required=True)

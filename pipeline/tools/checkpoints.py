@@ -71,5 +71,7 @@ def describe_checkpoint(spec: str | os.PathLike) -> dict:
 def render(info: dict) -> str:
     """The description as aligned ``key: value`` lines (nested dicts as JSON)."""
     width = max(map(len, info))
-    return "\n".join(f"{k:<{width}}  {json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}"
-                     for k, v in info.items())
+    return "\n".join(
+        f"{k:<{width}}  {json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}"
+        for k, v in info.items()
+    )

@@ -26,9 +26,9 @@ from torch import nn
 from dasheng_model import pretrained
 from dasheng_model.checkpoint import CheckpointError, load_state_dict_strict
 from dasheng_model.encoder import DashengEncoder, EncoderConfig
+from dasheng_model.inputs import check_dtype
 from dasheng_pipeline.common import atomic
 from dasheng_pipeline.evaluation.probe import HParams, build_mlp
-from dasheng_model.inputs import check_dtype
 from dasheng_pipeline.tools.embed import Model
 
 WEIGHTS = "classifier.safetensors"
@@ -42,24 +42,39 @@ class Head(nn.Module):
     """Clip embedding (B, D) → logits (B, C): standardise with fixed statistics, then the layers
     (``hidden_layers`` 0: one Linear; 1: HEAR's MLP, Linear → BatchNorm → Dropout → ReLU → Linear)."""
 
-    def __init__(self, in_dim: int, classes: int, hidden_layers: int = 0, hidden_dim: int = HIDDEN_DIM,
-                 dropout: float = DROPOUT):
+    def __init__(
+        self,
+        in_dim: int,
+        classes: int,
+        hidden_layers: int = 0,
+        hidden_dim: int = HIDDEN_DIM,
+        dropout: float = DROPOUT,
+    ):
         super().__init__()
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
-        self.layers = build_mlp(in_dim, classes, HParams(hidden_layers, 0.0, "xavier_uniform"), hidden_dim, dropout)
+        self.layers = build_mlp(
+            in_dim, classes, HParams(hidden_layers, 0.0, "xavier_uniform"), hidden_dim, dropout
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers((x - self.mean) / self.std)  # (B, D) -> (B, C)
 
 
 def head_config(mode: str, in_dim: int, classes: int) -> dict:
-    return {"in_dim": in_dim, "classes": classes, "hidden_layers": 1 if mode == "mlp" else 0,
-            "hidden_dim": HIDDEN_DIM, "dropout": DROPOUT}
+    return {
+        "in_dim": in_dim,
+        "classes": classes,
+        "hidden_layers": 1 if mode == "mlp" else 0,
+        "hidden_dim": HIDDEN_DIM,
+        "dropout": DROPOUT,
+    }
 
 
 def build_head(cfg: dict) -> Head:
-    return Head(cfg["in_dim"], cfg["classes"], cfg["hidden_layers"], cfg["hidden_dim"], cfg["dropout"])
+    return Head(
+        cfg["in_dim"], cfg["classes"], cfg["hidden_layers"], cfg["hidden_dim"], cfg["dropout"]
+    )
 
 
 def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
@@ -70,58 +85,99 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
 def stored_spec(spec: str) -> str:
     """A spec as the classifier records it: a local path made absolute (predict may run elsewhere)."""
     path = Path(spec).expanduser()
-    return str(path.resolve()) if not spec.startswith(pretrained.RANDOM_PREFIX) and path.exists() else spec
+    return (
+        str(path.resolve())
+        if not spec.startswith(pretrained.RANDOM_PREFIX) and path.exists()
+        else spec
+    )
 
 
 def save(folder: Path, head: Head, encoder: DashengEncoder | None, meta: dict) -> None:
     """Write the weights, then the JSON (with the weights' sha256), each atomically."""
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     if encoder is not None:
-        tensors.update({f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()})
+        tensors.update(
+            {f"encoder.{k}": v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        )
     weights = folder / WEIGHTS
     with atomic.atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "dasheng-pipeline classifier"})
-    atomic.write_json(folder / CONFIG, {**meta, "format": FORMAT, "weights_sha256": atomic.sha256_file(weights)})
+    atomic.write_json(
+        folder / CONFIG, {**meta, "format": FORMAT, "weights_sha256": atomic.sha256_file(weights)}
+    )
 
 
 def encoder_meta(model: Model) -> dict:
-    return {"spec": stored_spec(model.spec), "sha256": model.sha256, "config": asdict(model.encoder.config)}
+    return {
+        "spec": stored_spec(model.spec),
+        "sha256": model.sha256,
+        "config": asdict(model.encoder.config),
+    }
 
 
-def load(folder: str | os.PathLike, device: str = "cpu", dtype: str = "fp32") -> tuple[Model, Head, dict]:
+def load(
+    folder: str | os.PathLike, device: str = "cpu", dtype: str = "fp32"
+) -> tuple[Model, Head, dict]:
     """A classifier folder → (the encoder to embed with, the head in eval mode, classifier.json)."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise CheckpointError(f"--classifier {folder}: expected a folder written by finetune "
-                              f"({CONFIG} and {WEIGHTS})")
+        raise CheckpointError(
+            f"--classifier {folder}: expected a folder written by finetune ({CONFIG} and {WEIGHTS})"
+        )
     try:
         meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        labels, mode, model_meta, head_cfg = meta["labels"], meta["mode"], meta["model"], meta["head"]
+        labels, mode, model_meta, head_cfg = (
+            meta["labels"],
+            meta["mode"],
+            meta["model"],
+            meta["head"],
+        )
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder / CONFIG}: not a classifier description ({exc!r}); rerun finetune") from exc
+        raise CheckpointError(
+            f"{folder / CONFIG}: not a classifier description ({exc!r}); rerun finetune"
+        ) from exc
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{folder / WEIGHTS}: corrupt safetensors file ({exc}); rerun finetune") from exc
+        raise CheckpointError(
+            f"{folder / WEIGHTS}: corrupt safetensors file ({exc}); rerun finetune"
+        ) from exc
     head = build_head(head_cfg)
-    load_state_dict_strict(head, {k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
-                           source=str(folder / WEIGHTS))
+    load_state_dict_strict(
+        head,
+        {k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
+        source=str(folder / WEIGHTS),
+    )
     if len(labels) != head_cfg["classes"]:
-        raise CheckpointError(f"{folder / CONFIG}: {len(labels)} labels for a head of {head_cfg['classes']} outputs")
+        raise CheckpointError(
+            f"{folder / CONFIG}: {len(labels)} labels for a head of {head_cfg['classes']} outputs"
+        )
     dev = torch.device(device)
     if mode == "full":
         encoder = DashengEncoder(EncoderConfig(**model_meta["config"]))
-        load_state_dict_strict(encoder, {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")},
-                               source=str(folder / WEIGHTS))
-        model = Model(f"{folder} (fine-tuned {model_meta['spec']})", encoder.to(dev).eval(),
-                      meta.get("weights_sha256", ""), dev, dtype)
+        load_state_dict_strict(
+            encoder,
+            {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")},
+            source=str(folder / WEIGHTS),
+        )
+        model = Model(
+            f"{folder} (fine-tuned {model_meta['spec']})",
+            encoder.to(dev).eval(),
+            meta.get("weights_sha256", ""),
+            dev,
+            dtype,
+        )
     else:
         try:
             model = Model.load(model_meta["spec"], device, dtype)
         except CheckpointError as exc:
-            raise CheckpointError(f"{folder}: its encoder {model_meta['spec']} cannot be loaded ({exc})") from exc
+            raise CheckpointError(
+                f"{folder}: its encoder {model_meta['spec']} cannot be loaded ({exc})"
+            ) from exc
         if model.sha256 != model_meta["sha256"]:
-            raise CheckpointError(f"{folder}: trained on encoder weights with sha256 {model_meta['sha256'][:12]}…, "
-                                  f"but {model_meta['spec']} now has {model.sha256[:12]}…; retrain, or restore them")
+            raise CheckpointError(
+                f"{folder}: trained on encoder weights with sha256 {model_meta['sha256'][:12]}…, "
+                f"but {model_meta['spec']} now has {model.sha256[:12]}…; retrain, or restore them"
+            )
     check_dtype(dtype)
     return model, head.to(dev).eval(), meta

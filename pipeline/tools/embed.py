@@ -76,7 +76,7 @@ class Model:
     logmel: LogMel = field(default_factory=LogMel)
 
     @classmethod
-    def load(cls, spec: str, device: str = "cpu", dtype: str = "fp32") -> "Model":
+    def load(cls, spec: str, device: str = "cpu", dtype: str = "fp32") -> Model:
         dev = torch.device(device)
         dtype = check_dtype(dtype)  # a bad name fails before the weights load
         encoder = pretrained.load(spec, dev).eval()
@@ -107,20 +107,30 @@ class Model:
         order = sorted(range(len(windows)), key=lambda j: -windows[j][2].shape[1])
         out: dict[tuple[int, int], torch.Tensor] = {}
         for b in range(0, len(order), batch_size):
-            batch = [windows[j] for j in order[b:b + batch_size]]
-            mel = torch.zeros(len(batch), batch[0][2].shape[0], batch[0][2].shape[1])  # (b, 64, longest)
+            batch = [windows[j] for j in order[b : b + batch_size]]
+            mel = torch.zeros(
+                len(batch), batch[0][2].shape[0], batch[0][2].shape[1]
+            )  # (b, 64, longest)
             valid = torch.empty(len(batch), dtype=torch.long)
             for k, (_, _, piece) in enumerate(batch):
                 mel[k, :, : piece.shape[1]] = piece
                 valid[k] = piece.shape[1]
-            result = embed_mel(self.encoder, mel.to(self.device), valid, dtype=self.dtype)  # bf16: autocast
+            result = embed_mel(
+                self.encoder, mel.to(self.device), valid, dtype=self.dtype
+            )  # bf16: autocast
             for k, (i, w, _) in enumerate(batch):
-                out[(i, w)] = result.frames[k, : int(result.num_frames[k])].float().cpu()  # (≤ 252, D)
-        return [torch.cat([out[(i, w)] for w in range(n)]) if n else torch.zeros(0, self.dim)
-                for i, n in enumerate(counts)]
+                out[(i, w)] = (
+                    result.frames[k, : int(result.num_frames[k])].float().cpu()
+                )  # (≤ 252, D)
+        return [
+            torch.cat([out[(i, w)] for w in range(n)]) if n else torch.zeros(0, self.dim)
+            for i, n in enumerate(counts)
+        ]
 
 
-def embed_waveforms(model: Model, waves: list[np.ndarray], batch_size: int = 8) -> list[torch.Tensor]:
+def embed_waveforms(
+    model: Model, waves: list[np.ndarray], batch_size: int = 8
+) -> list[torch.Tensor]:
     """16 kHz mono waveforms → frame embeddings (T_i, D) each (clip embedding: their mean)."""
     return model.frames([model.mel(w) for w in waves], batch_size)
 
@@ -138,9 +148,13 @@ def schema(dim: int, with_frames: bool) -> pa.Schema:
         pa.field("embedding", pa.list_(pa.float32(), dim)),
     ]
     if with_frames:
-        fields += [pa.field("frames", pa.list_(pa.list_(pa.float32(), dim))),
-                   pa.field("frame_times_ms", pa.list_(pa.float32()))]
-    return pa.schema(fields + [pa.field("model", pa.string()), pa.field("model_sha256", pa.string())])
+        fields += [
+            pa.field("frames", pa.list_(pa.list_(pa.float32(), dim))),
+            pa.field("frame_times_ms", pa.list_(pa.float32())),
+        ]
+    return pa.schema(
+        fields + [pa.field("model", pa.string()), pa.field("model_sha256", pa.string())]
+    )
 
 
 def rejects_path(out: Path) -> Path:
@@ -155,8 +169,10 @@ def read_rejects(path: Path) -> dict[str, inputs.Reject]:
     if not path.is_file():
         return {}
     with open(path, newline="", encoding="utf-8") as fh:
-        return {r["path"]: inputs.Reject(r["path"], r["reason"], int(r["size"]), int(r["mtime_ns"]))
-                for r in csv.DictReader(fh)}
+        return {
+            r["path"]: inputs.Reject(r["path"], r["reason"], int(r["size"]), int(r["mtime_ns"]))
+            for r in csv.DictReader(fh)
+        }
 
 
 def write_rejects(path: Path, rejects: dict[str, inputs.Reject]) -> None:
@@ -197,14 +213,25 @@ class Summary:
     audio_seconds: float = 0.0
 
     def line(self) -> str:
-        speed = f", {self.embedded / self.seconds:.1f} files/s" if self.embedded and self.seconds else ""
-        return (f"{self.out}: embedded {self.embedded} files ({self.audio_seconds:.0f} s of audio) in "
-                f"{self.seconds:.1f} s{speed}; skipped {self.skipped} done before; rejected {self.rejected}; "
-                f"{self.rows} rows in all")
+        speed = (
+            f", {self.embedded / self.seconds:.1f} files/s"
+            if self.embedded and self.seconds
+            else ""
+        )
+        return (
+            f"{self.out}: embedded {self.embedded} files ({self.audio_seconds:.0f} s of audio) in "
+            f"{self.seconds:.1f} s{speed}; skipped {self.skipped} done before; rejected {self.rejected}; "
+            f"{self.rows} rows in all"
+        )
 
 
-def _rows(items: list[inputs.Item], waves: list[np.ndarray], frames: list[torch.Tensor], model: Model,
-          with_frames: bool) -> pa.Table:
+def _rows(
+    items: list[inputs.Item],
+    waves: list[np.ndarray],
+    frames: list[torch.Tensor],
+    model: Model,
+    with_frames: bool,
+) -> pa.Table:
     cols: dict[str, list] = {k: [] for k in schema(model.dim, with_frames).names}
     for item, wave, f in zip(items, waves, frames):
         mel_frames = wave.size // HOP_LENGTH + 1
@@ -223,10 +250,19 @@ def _rows(items: list[inputs.Item], waves: list[np.ndarray], frames: list[torch.
 
 
 def _metadata(model: Model, with_frames: bool, batch_size: int) -> dict:
-    section = {"model": model.spec, "model_sha256": model.sha256, "dtype": model.dtype, "frames": with_frames,
-               "window_frames": WINDOW_FRAMES}
-    return {**section, "dim": model.dim, "batch_size": batch_size,
-            "provenance": provenance.stamp(section, None, audio.versions())}
+    section = {
+        "model": model.spec,
+        "model_sha256": model.sha256,
+        "dtype": model.dtype,
+        "frames": with_frames,
+        "window_frames": WINDOW_FRAMES,
+    }
+    return {
+        **section,
+        "dim": model.dim,
+        "batch_size": batch_size,
+        "provenance": provenance.stamp(section, None, audio.versions()),
+    }
 
 
 def _write(table: pa.Table, path: Path, meta: dict) -> None:
@@ -245,7 +281,7 @@ def read_embeddings(path: str | Path) -> tuple[pa.Table, dict]:
 # -- the run -----------------------------------------------------------------------------------
 
 
-def embed_files(
+def embed_files(  # noqa: C901 (to split: issue 24)
     inputs_: list[str | Path],
     model: str | Model,
     out: str | Path,
@@ -271,24 +307,41 @@ def embed_files(
     tables = _read_tables(out)
     stored = _stored_model(tables)
     if stored is not None and stored != model.sha256:
-        raise EmbedError(f"{out} holds embeddings of other weights (sha256 {stored[:12]}…, this model "
-                         f"{model.sha256[:12]}…); pass another --out, or delete it")
+        raise EmbedError(
+            f"{out} holds embeddings of other weights (sha256 {stored[:12]}…, this model "
+            f"{model.sha256[:12]}…); pass another --out, or delete it"
+        )
     if tables and any(t.schema.names != schema(model.dim, frames).names for t in tables):
-        raise EmbedError(f"{out} was written {'without' if frames else 'with'} --frames; rerun the same way, "
-                         "or pass another --out")
-    done = {key for t in tables for key in zip(t.column("path").to_pylist(), t.column("size").to_pylist(),
-                                               t.column("mtime_ns").to_pylist())}
+        raise EmbedError(
+            f"{out} was written {'without' if frames else 'with'} --frames; rerun the same way, "
+            "or pass another --out"
+        )
+    done = {
+        key
+        for t in tables
+        for key in zip(
+            t.column("path").to_pylist(),
+            t.column("size").to_pylist(),
+            t.column("mtime_ns").to_pylist(),
+        )
+    }
     old_rejects = read_rejects(rejects_path(out))
     items, rejects = inputs.collect(inputs_)
-    todo = [i for i in items if i.key not in done
-            and not ((r := old_rejects.get(i.path)) and (r.size, r.mtime_ns) == (i.size, i.mtime_ns))]
+    todo = [
+        i
+        for i in items
+        if i.key not in done
+        and not ((r := old_rejects.get(i.path)) and (r.size, r.mtime_ns) == (i.size, i.mtime_ns))
+    ]
     summary = Summary(str(out), skipped=len(items) - len(todo))
     new_rejects = {r.path: r for r in rejects}
     meta = _metadata(model, frames, batch_size)
     parts = parts_dir(out)
     next_part = len(list(parts.glob("part-*.parquet"))) if parts.is_dir() else 0
-    log.info(f"model {model.spec} ({model.dim}-d, sha256 {model.sha256[:12]}…, {model.dtype} on {model.device}); "
-             f"{len(items)} files, {summary.skipped} done before, {len(todo)} to embed")
+    log.info(
+        f"model {model.spec} ({model.dim}-d, sha256 {model.sha256[:12]}…, {model.dtype} on {model.device}); "
+        f"{len(items)} files, {summary.skipped} done before, {len(todo)} to embed"
+    )
 
     pending: list[tuple[inputs.Item, np.ndarray]] = []  # decoded, not yet embedded
     finished: list[pa.Table] = []  # embedded, not yet written
@@ -314,7 +367,9 @@ def embed_files(
             finished_rows = 0
 
     windows_pending = 0
-    for item, samples, reason in inputs.load_all(todo, threads=decode_threads, desc="embed", progress=progress):
+    for item, samples, reason in inputs.load_all(
+        todo, threads=decode_threads, desc="embed", progress=progress
+    ):
         if samples is None:
             new_rejects[item.path] = inputs.Reject(item.path, reason, item.size, item.mtime_ns)
         else:
@@ -335,7 +390,9 @@ def embed_files(
     summary.rows = sum(t.num_rows for t in tables)
     if tables and parts.is_dir():  # new rows: merge them with the old into OUT, sorted by path
         table = pa.concat_tables(tables)
-        last = {p: i for i, p in enumerate(table.column("path").to_pylist())}  # a changed file: its new row
+        last = {
+            p: i for i, p in enumerate(table.column("path").to_pylist())
+        }  # a changed file: its new row
         table = table.take(sorted(last.values())).sort_by("path")
         embedded = set(table.column("path").to_pylist())
         all_rejects = {p: r for p, r in all_rejects.items() if p not in embedded}
@@ -348,6 +405,8 @@ def embed_files(
     summary.seconds = time.perf_counter() - t0
     log.info(summary.line())
     if not items and not summary.rows:
-        raise EmbedError(f"no audio file found in {' '.join(map(str, inputs_))} "
-                         f"(extensions: {' '.join(sorted(AUDIO))}); see {rejects_path(out)}")
+        raise EmbedError(
+            f"no audio file found in {' '.join(map(str, inputs_))} "
+            f"(extensions: {' '.join(sorted(AUDIO))}); see {rejects_path(out)}"
+        )
     return summary

@@ -55,27 +55,42 @@ def settings_from_config(path: str | os.PathLike | None) -> dict:
     """``seed`` and the evaluation keys a workflow config sets (the rest: the schema's defaults)."""
     config = _read_config(path)
     evaluation = config.get("evaluation") or {}
-    return {"seed": int(config.get("seed", 0)), "probe": evaluation.get("probe") or {},
-            "knn": evaluation.get("knn") or {}, "xares": evaluation.get("xares") or {},
-            "batch_size": int(evaluation.get("batch_size", 16))}
+    return {
+        "seed": int(config.get("seed", 0)),
+        "probe": evaluation.get("probe") or {},
+        "knn": evaluation.get("knn") or {},
+        "xares": evaluation.get("xares") or {},
+        "batch_size": int(evaluation.get("batch_size", 16)),
+    }
 
 
 def xares_entry(task_dir: Path, config: str | os.PathLike | None) -> tuple[str, dict]:
     """The ``evaluation.tasks`` entry (name, settings) of ``config`` that describes ``task_dir``."""
     tasks = (_read_config(config).get("evaluation") or {}).get("tasks") or {}
     for name, entry in tasks.items():
-        if entry.get("format") == "xares" and (name == task_dir.name or (
-                entry.get("path") and os.path.realpath(entry["path"]) == os.path.realpath(task_dir))):
+        if entry.get("format") == "xares" and (
+            name == task_dir.name
+            or (entry.get("path") and os.path.realpath(entry["path"]) == os.path.realpath(task_dir))
+        ):
             return name, {**entry, "path": str(task_dir)}
     where = f"in {config}" if config else "(no --config given)"
-    raise ValueError(f"{task_dir}: an X-ARES task folder (.tar shards), but no evaluation.tasks entry {where} "
-                     f"names it; pass --config config/xares.yaml (or a config whose task has format: xares, "
-                     f"path: {task_dir})")
+    raise ValueError(
+        f"{task_dir}: an X-ARES task folder (.tar shards), but no evaluation.tasks entry {where} "
+        f"names it; pass --config config/xares.yaml (or a config whose task has format: xares, "
+        f"path: {task_dir})"
+    )
 
 
-def evaluate_task(task_dir: str | os.PathLike, model: str, out: str | os.PathLike, *,
-                  protocols: list[str] | None = None, config: str | os.PathLike | None = None,
-                  name: str = "model", threads: int = 1) -> dict:
+def evaluate_task(
+    task_dir: str | os.PathLike,
+    model: str,
+    out: str | os.PathLike,
+    *,
+    protocols: list[str] | None = None,
+    config: str | os.PathLike | None = None,
+    name: str = "model",
+    threads: int = 1,
+) -> dict:
     """Embeddings of ``model`` on the task at ``task_dir`` and its scores under ``protocols``
     (default: by the task's format); returns ``{protocol: result}``, each as the DAG's JSON."""
     from dasheng_pipeline.evaluation import xares_protocols, xares_tasks
@@ -85,7 +100,9 @@ def evaluate_task(task_dir: str | os.PathLike, model: str, out: str | os.PathLik
     seed = settings["seed"]
     is_hear = (task_dir / "task_metadata.json").is_file()
     if not is_hear and not any(task_dir.glob("*.tar")):
-        raise ValueError(f"{task_dir}: neither a HEAR task folder (task_metadata.json) nor an X-ARES one (.tar shards)")
+        raise ValueError(
+            f"{task_dir}: neither a HEAR task folder (task_metadata.json) nor an X-ARES one (.tar shards)"
+        )
     protocols = list(protocols or (("probe", "knn") if is_hear else ("xares_mlp", "xares_knn")))
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
@@ -96,21 +113,46 @@ def evaluate_task(task_dir: str | os.PathLike, model: str, out: str | os.PathLik
         if not (task_dir / "task_metadata.json").is_file():
             xares_tasks.convert(xares_tasks.XaresSpec.from_config(task_name, entry), task_dir, seed)
     emb_dir = out / "embeddings"
-    params = {"seed": seed, "batch_size": settings["batch_size"], "frames": "events", "decode_threads": 2}
+    params = {
+        "seed": seed,
+        "batch_size": settings["batch_size"],
+        "frames": "events",
+        "decode_threads": 2,
+    }
     embeddings.run(task_dir, name, model_spec(model), params, emb_dir, threads)
     results = {}
     for protocol in protocols:
         if protocol == "probe":
-            results[protocol] = probe.run(task_dir, emb_dir, probe.ProbeConfig.from_dict(settings["probe"]), seed,
-                                          threads, {"seed": seed, "probe": settings["probe"]})
+            results[protocol] = probe.run(
+                task_dir,
+                emb_dir,
+                probe.ProbeConfig.from_dict(settings["probe"]),
+                seed,
+                threads,
+                {"seed": seed, "probe": settings["probe"]},
+            )
         elif protocol == "knn":
             k = settings["knn"]
-            results[protocol] = knn.run(task_dir, emb_dir, int(k.get("k", 10)), bool(k.get("use_valid", True)), seed,
-                                        {"seed": seed, "knn": k})
+            results[protocol] = knn.run(
+                task_dir,
+                emb_dir,
+                int(k.get("k", 10)),
+                bool(k.get("use_valid", True)),
+                seed,
+                {"seed": seed, "knn": k},
+            )
         else:
             x = settings["xares"]
-            results[protocol] = xares_protocols.run(protocol, task_dir, emb_dir, seed, x.get("mlp"), x.get("knn"),
-                                                    threads, {"seed": seed, "xares": x})
+            results[protocol] = xares_protocols.run(
+                protocol,
+                task_dir,
+                emb_dir,
+                seed,
+                x.get("mlp"),
+                x.get("knn"),
+                threads,
+                {"seed": seed, "xares": x},
+            )
         atomic.write_json(out / f"{protocol}.json", results[protocol])
     return results
 
@@ -124,5 +166,7 @@ def headline(results: dict) -> str:
             continue
         metric = r["primary_metric"]
         m = r["metrics"][metric]
-        lines.append(f"{method}: {r['task']} {metric} {m['mean']:.4f} ± {m['std']:.4f} over {len(m['folds'])} splits")
+        lines.append(
+            f"{method}: {r['task']} {metric} {m['mean']:.4f} ± {m['std']:.4f} over {len(m['folds'])} splits"
+        )
     return "\n".join(lines)

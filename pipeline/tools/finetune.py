@@ -83,14 +83,24 @@ from dasheng_pipeline.tools import inputs
 from dasheng_pipeline.tools.classifier import Head, build_head, encoder_meta, head_config
 from dasheng_pipeline.tools.classifier import probabilities as scores
 from dasheng_pipeline.tools.classifier import save as save_classifier
-from dasheng_pipeline.tools.embed import Model, autocast, embed_files, read_embeddings, read_rejects, rejects_path
+from dasheng_pipeline.tools.embed import (
+    Model,
+    autocast,
+    embed_files,
+    read_embeddings,
+    read_rejects,
+    rejects_path,
+)
 
 log = logging.getLogger(__name__)
 
 MODES = ("linear", "mlp", "full")
 FROZEN = ("linear", "mlp")
 SPLITS = ("train", "valid", "test")
-DEFAULTS = {"epochs": {"linear": 100, "mlp": 100, "full": 10}, "lr": {"linear": 1e-3, "mlp": 1e-3, "full": 1e-4}}
+DEFAULTS = {
+    "epochs": {"linear": 100, "mlp": 100, "full": 10},
+    "lr": {"linear": 1e-3, "mlp": 1e-3, "full": 1e-4},
+}
 HEAD_BATCH = 256  # frozen modes: embeddings per step
 PATIENCE = 20  # frozen modes: epochs without a better validation score before stopping
 PROBE_EPOCHS, PROBE_LR = 100, 1e-3  # full mode: the linear probe that initialises the head
@@ -123,10 +133,16 @@ class Data:
 
 
 def _from_folder(folder: Path) -> Data:
-    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
-    left_out = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name.startswith(("_", ".")))
+    classes = sorted(
+        d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(("_", "."))
+    )
+    left_out = sorted(
+        d.name for d in folder.iterdir() if d.is_dir() and d.name.startswith(("_", "."))
+    )
     if left_out:
-        log.info(f"{folder}: left out {', '.join(left_out)} (folders starting with _ or . are not classes)")
+        log.info(
+            f"{folder}: left out {', '.join(left_out)} (folders starting with _ or . are not classes)"
+        )
     examples, rejects = [], []
     for d in classes:
         items, bad = inputs.collect([d])
@@ -146,16 +162,22 @@ def _from_csv(path: Path) -> Data:
         raise FinetuneError(f"{path}: cannot read this CSV ({exc})") from exc
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "path" not in header or "label" not in header:
-        raise FinetuneError(f"{path}: expected a header row with the columns path,label[,split], got {header}")
+        raise FinetuneError(
+            f"{path}: expected a header row with the columns path,label[,split], got {header}"
+        )
     ip, il = header.index("path"), header.index("label")
     isplit = header.index("split") if "split" in header else None
     examples, rejects, seen = [], [], {}
     for n, row in enumerate(rows[1:], start=2):
-        cell = {k: (row[i].strip() if i is not None and i < len(row) else "") for k, i in
-                (("path", ip), ("label", il), ("split", isplit))}
+        cell = {
+            k: (row[i].strip() if i is not None and i < len(row) else "")
+            for k, i in (("path", ip), ("label", il), ("split", isplit))
+        }
         labels = tuple(sorted({x.strip() for x in cell["label"].split(";") if x.strip()}))
         split = cell["split"].lower() if isplit is not None else None
-        file = Path(cell["path"]) if Path(cell["path"]).is_absolute() else path.parent / cell["path"]
+        file = (
+            Path(cell["path"]) if Path(cell["path"]).is_absolute() else path.parent / cell["path"]
+        )
         if not cell["path"]:
             reason = "no path"
         elif not labels:
@@ -188,11 +210,15 @@ def read_data(data: str | Path) -> Data:
     elif data.is_file() and data.suffix.lower() == ".csv":
         result = _from_csv(data)
     else:
-        raise FinetuneError(f"DATA {data}: expected a folder with one subfolder per class, or a .csv file with "
-                            "the columns path,label[,split]")
+        raise FinetuneError(
+            f"DATA {data}: expected a folder with one subfolder per class, or a .csv file with "
+            "the columns path,label[,split]"
+        )
     if len(result.labels) < 2:
-        raise FinetuneError(f"DATA {data}: found {len(result.labels)} class(es) with audio files "
-                            f"({len(result.examples)} files); a classifier needs at least 2")
+        raise FinetuneError(
+            f"DATA {data}: found {len(result.labels)} class(es) with audio files "
+            f"({len(result.examples)} files); a classifier needs at least 2"
+        )
     given = {e.split for e in result.examples}
     if given != {None} and "train" not in given:
         raise FinetuneError(f"DATA {data}: the split column names no 'train' rows")
@@ -202,7 +228,9 @@ def read_data(data: str | Path) -> Data:
 # -- splits ------------------------------------------------------------------------------------
 
 
-def _split_per_class(keys: list[str], valid_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def _split_per_class(
+    keys: list[str], valid_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
     rng = np.random.default_rng(seed)
     assign = np.full(len(keys), "train", dtype=object)
     for key in sorted(set(keys)):
@@ -213,12 +241,13 @@ def _split_per_class(keys: list[str], valid_fraction: float, test_fraction: floa
         keep = min(n - n_test, 2)  # two to train on before any validates, one at least
         n_valid = max(0, min(n_valid, n - n_test - keep))
         assign[members[:n_test]] = "test"
-        assign[members[n_test:n_test + n_valid]] = "valid"
+        assign[members[n_test : n_test + n_valid]] = "valid"
     return assign
 
 
-def split_once(keys: list[str], valid_fraction: float, test_fraction: float, seed: int,
-               stratify: bool = True) -> np.ndarray:
+def split_once(
+    keys: list[str], valid_fraction: float, test_fraction: float, seed: int, stratify: bool = True
+) -> np.ndarray:
     """One train/valid/test assignment (an array of split names) of examples with class ``keys``."""
     from sklearn.model_selection import train_test_split
 
@@ -227,24 +256,33 @@ def split_once(keys: list[str], valid_fraction: float, test_fraction: float, see
     try:
         rest = idx
         if test_fraction > 0:
-            rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed,
-                                          stratify=keys if stratify else None)
+            rest, test = train_test_split(
+                idx, test_size=test_fraction, random_state=seed, stratify=keys if stratify else None
+            )
             assign[test] = "test"
         if valid_fraction > 0:
-            _, valid = train_test_split(rest, test_size=valid_fraction / (1 - test_fraction), random_state=seed,
-                                        stratify=[keys[i] for i in rest] if stratify else None)
+            _, valid = train_test_split(
+                rest,
+                test_size=valid_fraction / (1 - test_fraction),
+                random_state=seed,
+                stratify=[keys[i] for i in rest] if stratify else None,
+            )
             assign[valid] = "valid"
         return assign
     except ValueError as exc:
         if not stratify:
-            raise FinetuneError(f"cannot split {len(keys)} examples into train/valid/test ({exc}); "
-                                "lower --valid-fraction/--test-fraction or give a split column") from exc
+            raise FinetuneError(
+                f"cannot split {len(keys)} examples into train/valid/test ({exc}); "
+                "lower --valid-fraction/--test-fraction or give a split column"
+            ) from exc
         counts = {k: keys.count(k) for k in set(keys)}
         small = sorted(k for k, c in counts.items() if c < 3)
-        log.warning(f"a stratified split is impossible ({str(exc).split('.')[0]}); each class is split on its "
-                    f"own instead: {len(small)} of {len(counts)} classes have fewer than 3 examples "
-                    f"({sum(counts[k] == 1 for k in small)} with one, which only train and are never scored), "
-                    "classes of fewer than 4 give no validation example")
+        log.warning(
+            f"a stratified split is impossible ({str(exc).split('.')[0]}); each class is split on its "
+            f"own instead: {len(small)} of {len(counts)} classes have fewer than 3 examples "
+            f"({sum(counts[k] == 1 for k in small)} with one, which only train and are never scored), "
+            "classes of fewer than 4 give no validation example"
+        )
         return _split_per_class(keys, valid_fraction, test_fraction, seed)
 
 
@@ -262,7 +300,12 @@ def split_folds(keys: list[str], k: int, seed: int, stratify: bool = True) -> li
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                parts = [test for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(idx, keys)]
+                parts = [
+                    test
+                    for _, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(
+                        idx, keys
+                    )
+                ]
             for w in caught:
                 log.warning(f"--folds {k}: {w.message}")
         except ValueError as exc:
@@ -319,8 +362,14 @@ def _fit(epochs: int, run_epoch, evaluate, module: nn.Module, patience: int | No
     for epoch in range(1, epochs + 1):
         train_loss = run_epoch(epoch)
         valid = evaluate()
-        curve.append({"epoch": epoch, "train_loss": train_loss,
-                      "valid_loss": valid[0] if valid else None, "valid_metric": valid[1] if valid else None})
+        curve.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "valid_loss": valid[0] if valid else None,
+                "valid_metric": valid[1] if valid else None,
+            }
+        )
         if valid is None:
             best_state, best_epoch = None, epoch
             continue
@@ -333,7 +382,9 @@ def _fit(epochs: int, run_epoch, evaluate, module: nn.Module, patience: int | No
                 break
     if best_state is not None:
         module.load_state_dict(best_state)
-    return Fit({k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, curve, best_epoch)
+    return Fit(
+        {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, curve, best_epoch
+    )
 
 
 @dataclass
@@ -351,7 +402,7 @@ class Setup:
 def _head_logits(head: Head, x: torch.Tensor) -> torch.Tensor:
     head.eval()
     with torch.no_grad():
-        return torch.cat([head(x[i:i + 4096]) for i in range(0, len(x), 4096)])
+        return torch.cat([head(x[i : i + 4096]) for i in range(0, len(x), 4096)])
 
 
 def train_frozen(x: np.ndarray, y: np.ndarray, assign: np.ndarray, s: Setup) -> tuple[Head, Fit]:
@@ -372,7 +423,7 @@ def train_frozen(x: np.ndarray, y: np.ndarray, assign: np.ndarray, s: Setup) -> 
         order = torch.randperm(len(xt), generator=gen)
         total, count = 0.0, 0
         for i in range(0, len(order), HEAD_BATCH):
-            idx = order[i:i + HEAD_BATCH]
+            idx = order[i : i + HEAD_BATCH]
             if len(idx) < min_batch:
                 continue
             opt.zero_grad(set_to_none=True)
@@ -386,7 +437,9 @@ def train_frozen(x: np.ndarray, y: np.ndarray, assign: np.ndarray, s: Setup) -> 
         if not len(xv):
             return None
         logits = _head_logits(head, xv)
-        return float(_loss(logits, yv, s.multilabel)), _metric(y[va], scores(logits, s.multilabel).numpy(), s.multilabel)
+        return float(_loss(logits, yv, s.multilabel)), _metric(
+            y[va], scores(logits, s.multilabel).numpy(), s.multilabel
+        )
 
     return head, _fit(s.epochs, run_epoch, evaluate, head, PATIENCE)
 
@@ -406,8 +459,13 @@ class FineTuner(nn.Module):
         return self.head(clip)
 
 
-def layer_decay_groups(encoder: DashengEncoder, head: nn.Module, lr: float, decay: float,
-                       weight_decay: float = WEIGHT_DECAY) -> list[dict]:
+def layer_decay_groups(
+    encoder: DashengEncoder,
+    head: nn.Module,
+    lr: float,
+    decay: float,
+    weight_decay: float = WEIGHT_DECAY,
+) -> list[dict]:
     """AdamW parameter groups: block i of L gets lr·decay^(L − i), the layers before the blocks
     (mel batch norm, patch embedding, positions) lr·decay^(L + 1), the final norm and the head lr;
     no weight decay on 1-d parameters (norms, biases) and positions."""
@@ -419,11 +477,19 @@ def layer_decay_groups(encoder: DashengEncoder, head: nn.Module, lr: float, deca
             return int(name.split(".")[1]) + 1
         return depth + 1 if name.startswith("norm.") else 0
 
-    named = [(n, p, layer(n)) for n, p in encoder.named_parameters()] + [(n, p, depth + 1) for n, p in head.named_parameters()]
+    named = [(n, p, layer(n)) for n, p in encoder.named_parameters()] + [
+        (n, p, depth + 1) for n, p in head.named_parameters()
+    ]
     for name, p, depth_id in named:
         no_decay = p.ndim == 1 or name.endswith("pos_embed")
-        group = groups.setdefault((depth_id, no_decay), {
-            "params": [], "lr": lr * decay ** (depth + 1 - depth_id), "weight_decay": 0.0 if no_decay else weight_decay})
+        group = groups.setdefault(
+            (depth_id, no_decay),
+            {
+                "params": [],
+                "lr": lr * decay ** (depth + 1 - depth_id),
+                "weight_decay": 0.0 if no_decay else weight_decay,
+            },
+        )
         group["params"].append(p)
     for g in groups.values():
         g["initial_lr"] = g["lr"]
@@ -437,17 +503,25 @@ def spec_augment(mel: torch.Tensor) -> torch.Tensor:
     mean = mel.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
     x = (mel - mean)[:, None]  # (B, 1, 64, T): masked values become 0, i.e. the mean
     x = FrequencyMasking(FREQ_MASK_BINS, iid_masks=True)(x)
-    x = TimeMasking(max(1, int(mel.shape[-1] * TIME_MASK_FRACTION)), iid_masks=True, p=TIME_MASK_FRACTION)(x)
+    x = TimeMasking(
+        max(1, int(mel.shape[-1] * TIME_MASK_FRACTION)), iid_masks=True, p=TIME_MASK_FRACTION
+    )(x)
     return x[:, 0] + mean
 
 
-def _crop_batch(mels: list[torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _crop_batch(
+    mels: list[torch.Tensor], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mels (64, T_i) → a padded batch (B, 64, T ≤ 1008) of random crops and their lengths (B,)."""
     crops = []
     for m in mels:
         t = m.shape[1]
-        start = int(torch.randint(0, t - CROP_FRAMES + 1, (1,), generator=gen)) if t > CROP_FRAMES else 0
-        crops.append(m[:, start:start + CROP_FRAMES])
+        start = (
+            int(torch.randint(0, t - CROP_FRAMES + 1, (1,), generator=gen))
+            if t > CROP_FRAMES
+            else 0
+        )
+        crops.append(m[:, start : start + CROP_FRAMES])
     valid = torch.tensor([c.shape[1] for c in crops])
     batch = torch.zeros(len(crops), crops[0].shape[0], int(valid.max()))
     for i, c in enumerate(crops):
@@ -460,8 +534,14 @@ def clip_embeddings(model: Model, mels: list[torch.Tensor], batch_size: int) -> 
     return torch.stack([f.mean(0) for f in model.frames(mels, batch_size)])
 
 
-def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np.ndarray, s: Setup,
-               progress: bool) -> tuple[FineTuner, Fit]:
+def train_full(
+    model: Model,
+    mels: list[torch.Tensor],
+    y: np.ndarray,
+    assign: np.ndarray,
+    s: Setup,
+    progress: bool,
+) -> tuple[FineTuner, Fit]:
     """The encoder and a linear head trained on the training clips' log-mels."""
     from tqdm import tqdm
 
@@ -471,14 +551,18 @@ def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np
     train_idx = np.flatnonzero(assign == "train")
     valid_idx = np.flatnonzero(assign == "valid")
     encoder = copy.deepcopy(model.encoder).to(model.device)
-    net = FineTuner(encoder, build_head(head_config("full", encoder.embed_dim, y.shape[1]))).to(model.device)
+    net = FineTuner(encoder, build_head(head_config("full", encoder.embed_dim, y.shape[1]))).to(
+        model.device
+    )
     tuned = Model(model.spec, encoder, model.sha256, model.device, model.dtype)
     # LP-FT: the head starts as a linear probe on the pre-trained encoder's clip embeddings (with
     # their standardisation, fixed afterwards), so the encoder's first steps follow a useful head.
     probe_idx = np.flatnonzero(assign != "test")
     x0 = np.zeros((len(mels), encoder.embed_dim), np.float32)
     x0[probe_idx] = clip_embeddings(tuned, [mels[i] for i in probe_idx], s.batch_size).cpu().numpy()
-    probe_setup = Setup("linear", s.multilabel, PROBE_EPOCHS, PROBE_LR, s.layer_decay, 0.0, s.seed, s.batch_size)
+    probe_setup = Setup(
+        "linear", s.multilabel, PROBE_EPOCHS, PROBE_LR, s.layer_decay, 0.0, s.seed, s.batch_size
+    )
     probe, _ = train_frozen(x0, y, assign, probe_setup)
     net.head.load_state_dict(probe.state_dict())
     opt = torch.optim.AdamW(layer_decay_groups(encoder, net.head, s.lr, s.layer_decay))
@@ -492,7 +576,14 @@ def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     yt = torch.from_numpy(y)
-    bar = tqdm(total=total, unit="step", desc="fine-tune", disable=not progress, file=sys.stderr, mininterval=2)
+    bar = tqdm(
+        total=total,
+        unit="step",
+        desc="fine-tune",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=2,
+    )
 
     def run_epoch(epoch: int) -> float:
         net.train()
@@ -500,7 +591,7 @@ def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np
         order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         loss_sum, count = 0.0, 0
         for b in range(0, len(order), s.batch_size):
-            idx = order[b:b + s.batch_size]
+            idx = order[b : b + s.batch_size]
             mel, valid = _crop_batch([mels[i] for i in idx], gen)
             mel = spec_augment(mel)
             target = yt[idx]
@@ -525,8 +616,10 @@ def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np
         if not len(valid_idx):
             return None
         logits = _full_logits(net, tuned, [mels[i] for i in valid_idx], s.batch_size)
-        return (float(_loss(logits, yt[valid_idx], s.multilabel)),
-                _metric(y[valid_idx], scores(logits, s.multilabel).numpy(), s.multilabel))
+        return (
+            float(_loss(logits, yt[valid_idx], s.multilabel)),
+            _metric(y[valid_idx], scores(logits, s.multilabel).numpy(), s.multilabel),
+        )
 
     fit = _fit(s.epochs, run_epoch, evaluate, net, None)
     bar.close()
@@ -534,7 +627,9 @@ def train_full(model: Model, mels: list[torch.Tensor], y: np.ndarray, assign: np
     return net, fit
 
 
-def _full_logits(net: FineTuner, tuned: Model, mels: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+def _full_logits(
+    net: FineTuner, tuned: Model, mels: list[torch.Tensor], batch_size: int
+) -> torch.Tensor:
     net.eval()
     with torch.no_grad():
         return net.head(clip_embeddings(tuned, mels, batch_size).to(tuned.device)).float().cpu()
@@ -558,20 +653,43 @@ class Result:
     seconds: float = 0.0
 
     def line(self) -> str:
-        score = "no test split" if self.test is None else (
-            f"test {self.metric} {self.test:.3f}" + (f" ± {self.test_std:.3f}" if self.test_std is not None else ""))
-        return (f"{self.out}: {self.mode} on {self.examples} clips, {self.classes} classes: {score} "
-                f"(chance {self.chance:.3f}); best epoch {self.best_epoch}; {self.rejected} rejected; "
-                f"{self.seconds:.1f} s")
+        score = (
+            "no test split"
+            if self.test is None
+            else (
+                f"test {self.metric} {self.test:.3f}"
+                + (f" ± {self.test_std:.3f}" if self.test_std is not None else "")
+            )
+        )
+        return (
+            f"{self.out}: {self.mode} on {self.examples} clips, {self.classes} classes: {score} "
+            f"(chance {self.chance:.3f}); best epoch {self.best_epoch}; {self.rejected} rejected; "
+            f"{self.seconds:.1f} s"
+        )
 
 
-def _check_args(mode: str, folds: int, valid_fraction: float, test_fraction: float, epochs: int, lr: float,
-                layer_decay: float, mixup: float, batch_size: int) -> None:
+def _check_args(
+    mode: str,
+    folds: int,
+    valid_fraction: float,
+    test_fraction: float,
+    epochs: int,
+    lr: float,
+    layer_decay: float,
+    mixup: float,
+    batch_size: int,
+) -> None:
     problems = [
         (mode not in MODES, f"--mode {mode!r}: expected one of {', '.join(MODES)}"),
         (folds == 1 or folds < 0, f"--folds {folds}: expected 0 (one split) or at least 2"),
-        (not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1),
-         f"--valid-fraction {valid_fraction} and --test-fraction {test_fraction}: each in [0, 1), their sum below 1"),
+        (
+            not (
+                0 <= valid_fraction < 1
+                and 0 <= test_fraction < 1
+                and valid_fraction + test_fraction < 1
+            ),
+            f"--valid-fraction {valid_fraction} and --test-fraction {test_fraction}: each in [0, 1), their sum below 1",
+        ),
         (epochs < 1, f"--epochs {epochs}: expected at least 1"),
         (not lr > 0, f"--lr {lr}: expected a positive number"),
         (not 0 < layer_decay <= 1, f"--layer-decay {layer_decay}: expected a number in (0, 1]"),
@@ -591,16 +709,32 @@ def _targets(examples: list[Example], labels: list[str]) -> np.ndarray:
     return y
 
 
-def _frozen_features(data: Data, model: Model, out: Path, batch_size: int, progress: bool) -> np.ndarray | None:
+def _frozen_features(
+    data: Data, model: Model, out: Path, batch_size: int, progress: bool
+) -> np.ndarray | None:
     """Clip embeddings of every example, from the cache ``OUT/embeddings.parquet`` (filled as needed);
     examples whose file fails to decode are moved to ``data.rejects``. Returns (n, D) float32."""
     cache = out / "embeddings.parquet"
-    embed_files([e.item.path for e in data.examples], model, cache, batch_size=batch_size,
-                device=str(model.device), dtype=model.dtype, progress=progress)
+    embed_files(
+        [e.item.path for e in data.examples],
+        model,
+        cache,
+        batch_size=batch_size,
+        device=str(model.device),
+        dtype=model.dtype,
+        progress=progress,
+    )
     table, _ = read_embeddings(cache)
-    rows = {(p, s, m): i for i, (p, s, m) in enumerate(zip(table.column("path").to_pylist(),
-                                                           table.column("size").to_pylist(),
-                                                           table.column("mtime_ns").to_pylist()))}
+    rows = {
+        (p, s, m): i
+        for i, (p, s, m) in enumerate(
+            zip(
+                table.column("path").to_pylist(),
+                table.column("size").to_pylist(),
+                table.column("mtime_ns").to_pylist(),
+            )
+        )
+    }
     failed = read_rejects(rejects_path(cache))
     keep, take = [], []
     for e in data.examples:
@@ -608,7 +742,12 @@ def _frozen_features(data: Data, model: Model, out: Path, batch_size: int, progr
             keep.append(e)
             take.append(rows[e.item.key])
         else:
-            data.rejects.append((e.item.path, failed[e.item.path].reason if e.item.path in failed else "not embedded"))
+            data.rejects.append(
+                (
+                    e.item.path,
+                    failed[e.item.path].reason if e.item.path in failed else "not embedded",
+                )
+            )
     data.examples = keep
     emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return emb.reshape(table.num_rows, -1)[take].astype(np.float32)
@@ -618,7 +757,9 @@ def _mels(data: Data, model: Model, progress: bool) -> list[torch.Tensor]:
     """The dB log-mel (64, T) of every example (in memory); failures move to ``data.rejects``."""
     keep, mels = [], []
     by_item = {e.item: e for e in data.examples}
-    for item, samples, reason in inputs.load_all([e.item for e in data.examples], progress=progress):
+    for item, samples, reason in inputs.load_all(
+        [e.item for e in data.examples], progress=progress
+    ):
         if samples is None:
             data.rejects.append((item.path, reason))
         else:
@@ -649,7 +790,6 @@ def _fmt(v) -> str | int:
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-
 # -- what the run writes -----------------------------------------------------------------------
 
 
@@ -657,55 +797,133 @@ def _num(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _write_classifier(out: Path, net: nn.Module, mode: str, labels: list[str], multilabel: bool, enc: Model,
-                      s: Setup, best_epoch: int, split: dict, stamp: dict) -> None:
+def _write_classifier(
+    out: Path,
+    net: nn.Module,
+    mode: str,
+    labels: list[str],
+    multilabel: bool,
+    enc: Model,
+    s: Setup,
+    best_epoch: int,
+    split: dict,
+    stamp: dict,
+) -> None:
     head = net if isinstance(net, Head) else net.head
     training = {**asdict(s), **split, "best_epoch": best_epoch}
     if mode == "full":
-        training.update({"weight_decay": WEIGHT_DECAY, "crop_frames": CROP_FRAMES, "freq_mask_bins": FREQ_MASK_BINS,
-                         "time_mask_fraction": TIME_MASK_FRACTION, "optimizer": "AdamW", "schedule": "warmup 1 epoch, cosine"})
+        training.update(
+            {
+                "weight_decay": WEIGHT_DECAY,
+                "crop_frames": CROP_FRAMES,
+                "freq_mask_bins": FREQ_MASK_BINS,
+                "time_mask_fraction": TIME_MASK_FRACTION,
+                "optimizer": "AdamW",
+                "schedule": "warmup 1 epoch, cosine",
+            }
+        )
     else:
         training.update({"batch": HEAD_BATCH, "patience": PATIENCE, "optimizer": "Adam"})
-    meta = {"labels": labels, "multilabel": multilabel, "mode": mode, "model": encoder_meta(enc),
-            "head": head_config(mode, head.mean.numel(), len(labels)), "training": training, "provenance": stamp}
+    meta = {
+        "labels": labels,
+        "multilabel": multilabel,
+        "mode": mode,
+        "model": encoder_meta(enc),
+        "head": head_config(mode, head.mean.numel(), len(labels)),
+        "training": training,
+        "provenance": stamp,
+    }
     save_classifier(out, head, net.encoder if mode == "full" else None, meta)
 
 
-def _per_class(y: np.ndarray, pooled: np.ndarray, labels: list[str], multilabel: bool) -> tuple[list[list], dict]:
+def _per_class(
+    y: np.ndarray, pooled: np.ndarray, labels: list[str], multilabel: bool
+) -> tuple[list[list], dict]:
     """Rows of per_class.csv from the scored examples' predictions, and what the plot needs."""
-    from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        average_precision_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
 
     scored = np.isfinite(pooled).all(axis=1)
     ys, ps = y[scored], pooled[scored]
     examples = y.sum(0).astype(int)
     if multilabel:
-        ap = [float(average_precision_score(ys[:, c], ps[:, c])) if 0 < ys[:, c].sum() < len(ys) else float("nan")
-              for c in range(len(labels))]
-        rows = [[lab, int(examples[c]), int(ys[:, c].sum()), _fmt(ap[c])] for c, lab in enumerate(labels)]
+        ap = [
+            float(average_precision_score(ys[:, c], ps[:, c]))
+            if 0 < ys[:, c].sum() < len(ys)
+            else float("nan")
+            for c in range(len(labels))
+        ]
+        rows = [
+            [lab, int(examples[c]), int(ys[:, c].sum()), _fmt(ap[c])]
+            for c, lab in enumerate(labels)
+        ]
         return rows, {"ap": ap}
     true, pred = ys.argmax(1), ps.argmax(1)
-    prec, rec, f1, support = precision_recall_fscore_support(true, pred, labels=range(len(labels)), zero_division=0)
-    rows = [[lab, int(examples[c]), int(support[c])] + ([_fmt(float(prec[c])), _fmt(float(rec[c])), _fmt(float(f1[c]))]
-            if support[c] else ["", "", ""]) for c, lab in enumerate(labels)]
+    prec, rec, f1, support = precision_recall_fscore_support(
+        true, pred, labels=range(len(labels)), zero_division=0
+    )
+    rows = [
+        [lab, int(examples[c]), int(support[c])]
+        + (
+            [_fmt(float(prec[c])), _fmt(float(rec[c])), _fmt(float(f1[c]))]
+            if support[c]
+            else ["", "", ""]
+        )
+        for c, lab in enumerate(labels)
+    ]
     return rows, {"confusion": confusion_matrix(true, pred, labels=range(len(labels)))}
 
 
-def _write_metrics(out: Path, res: Result, folds: list[dict], y: np.ndarray, pooled: np.ndarray, labels: list[str],
-                   multilabel: bool, stamp: dict) -> None:
+def _write_metrics(
+    out: Path,
+    res: Result,
+    folds: list[dict],
+    y: np.ndarray,
+    pooled: np.ndarray,
+    labels: list[str],
+    multilabel: bool,
+    stamp: dict,
+) -> None:
     from dasheng_pipeline.common.figures import plt, save_png
 
     rows, plot = _per_class(y, pooled, labels, multilabel)
-    header = ["label", "examples", "scored_positives", "ap"] if multilabel else \
-        ["label", "examples", "scored", "precision", "recall", "f1"]
+    header = (
+        ["label", "examples", "scored_positives", "ap"]
+        if multilabel
+        else ["label", "examples", "scored", "precision", "recall", "f1"]
+    )
     _write_csv(out / "per_class.csv", header, rows)
-    atomic.write_json(out / "metrics.json", {
-        "metric": res.metric, "multilabel": multilabel, "mode": res.mode, "classes": res.classes,
-        "examples": res.examples, "rejected": res.rejected, "chance": _num(res.chance),
-        "test": {"mean": _num(res.test), "std": _num(res.test_std),
-                 "folds": [None if f["test"] is None else _num(f["test"]["metric"]) for f in folds]},
-        "scored_examples": int(np.isfinite(pooled).all(axis=1).sum()),
-        "folds": [{**f, "test": None if f["test"] is None else {k: _num(v) for k, v in f["test"].items()}} for f in folds],
-        "provenance": stamp})
+    atomic.write_json(
+        out / "metrics.json",
+        {
+            "metric": res.metric,
+            "multilabel": multilabel,
+            "mode": res.mode,
+            "classes": res.classes,
+            "examples": res.examples,
+            "rejected": res.rejected,
+            "chance": _num(res.chance),
+            "test": {
+                "mean": _num(res.test),
+                "std": _num(res.test_std),
+                "folds": [None if f["test"] is None else _num(f["test"]["metric"]) for f in folds],
+            },
+            "scored_examples": int(np.isfinite(pooled).all(axis=1).sum()),
+            "folds": [
+                {
+                    **f,
+                    "test": None
+                    if f["test"] is None
+                    else {k: _num(v) for k, v in f["test"].items()},
+                }
+                for f in folds
+            ],
+            "provenance": stamp,
+        },
+    )
     n = len(labels)
     if multilabel:
         fig, ax = plt.subplots(figsize=(6, 1.5 + 0.25 * n))
@@ -714,7 +932,9 @@ def _write_metrics(out: Path, res: Result, folds: list[dict], y: np.ndarray, poo
         ax.invert_yaxis()
         ax.set_xlim(0, 1)
         ax.set_xlabel("average precision (test)")
-        ax.set_title(f"Per-class AP, mAP {res.test:.3f}" if res.test is not None else "Per-class AP")
+        ax.set_title(
+            f"Per-class AP, mAP {res.test:.3f}" if res.test is not None else "Per-class AP"
+        )
         save_png(fig, out / "per_class_ap.png", stamp)
         return
     cm = plot["confusion"]
@@ -727,8 +947,15 @@ def _write_metrics(out: Path, res: Result, folds: list[dict], y: np.ndarray, poo
     ax.set_ylabel("true")
     if n <= 20:
         for i, j in zip(*np.nonzero(cm)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     title = "Confusion matrix (test" + (", out-of-fold" if len(folds) > 1 else "") + ")"
     ax.set_title(title + (f", accuracy {res.test:.3f}" if res.test is not None else ""))
@@ -738,8 +965,14 @@ def _write_metrics(out: Path, res: Result, folds: list[dict], y: np.ndarray, poo
 def _write_curve(out: Path, curve: list[dict], metric: str, stamp: dict) -> None:
     from dasheng_pipeline.common.figures import plt, save_png
 
-    _write_csv(out / "curve.csv", ["epoch", "train_loss", "valid_loss", f"valid_{metric}"],
-               [[r["epoch"], _fmt(r["train_loss"]), _fmt(r["valid_loss"]), _fmt(r["valid_metric"])] for r in curve])
+    _write_csv(
+        out / "curve.csv",
+        ["epoch", "train_loss", "valid_loss", f"valid_{metric}"],
+        [
+            [r["epoch"], _fmt(r["train_loss"]), _fmt(r["valid_loss"]), _fmt(r["valid_metric"])]
+            for r in curve
+        ],
+    )
     epochs = [r["epoch"] for r in curve]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(epochs, [r["train_loss"] for r in curve], "-", label="train loss")
@@ -752,7 +985,11 @@ def _write_curve(out: Path, curve: list[dict], metric: str, stamp: dict) -> None
         ax.grid(alpha=0.3)
     a.legend()
     a.set_title("Loss")
-    b.set_title(f"Validation {metric}" if any(r["valid_metric"] is not None for r in curve) else "No validation split")
+    b.set_title(
+        f"Validation {metric}"
+        if any(r["valid_metric"] is not None for r in curve)
+        else "No validation split"
+    )
     fig.tight_layout()
     save_png(fig, out / "curve.png", stamp)
 
@@ -776,20 +1013,29 @@ def finetune(
     dtype: str = "fp32",
     progress: bool = True,
 ) -> Result:
-    """Train a classifier on DATA with ``model`` and write it with its metrics into ``out``; see the module docstring."""
+    """Train a classifier on DATA with ``model`` and write it with its metrics into ``out``; see
+    the module docstring."""
     t0 = time.perf_counter()
     epochs = DEFAULTS["epochs"].get(mode, 1) if epochs is None else epochs
     lr = DEFAULTS["lr"].get(mode, 1e-3) if lr is None else lr
-    _check_args(mode, folds, valid_fraction, test_fraction, epochs, lr, layer_decay, mixup, batch_size)
+    _check_args(
+        mode, folds, valid_fraction, test_fraction, epochs, lr, layer_decay, mixup, batch_size
+    )
     out = Path(out)
     ds = read_data(data)
     for what, reason in ds.rejects:
         log.warning(f"skipped {what}: {reason}")
     out.mkdir(parents=True, exist_ok=True)
     enc = model if isinstance(model, Model) else Model.load(model, device, dtype)
-    log.info(f"{data}: {len(ds.examples)} files, {len(ds.labels)} classes ({'multi' if ds.multilabel else 'single'}-label); "
-             f"model {enc.spec} ({enc.dim}-d, sha256 {enc.sha256[:12]}…); mode {mode}")
-    features = _frozen_features(ds, enc, out, batch_size, progress) if mode in FROZEN else _mels(ds, enc, progress)
+    log.info(
+        f"{data}: {len(ds.examples)} files, {len(ds.labels)} classes ({'multi' if ds.multilabel else 'single'}-label); "
+        f"model {enc.spec} ({enc.dim}-d, sha256 {enc.sha256[:12]}…); mode {mode}"
+    )
+    features = (
+        _frozen_features(ds, enc, out, batch_size, progress)
+        if mode in FROZEN
+        else _mels(ds, enc, progress)
+    )
     if not ds.examples:
         raise FinetuneError(f"DATA {data}: no file could be used; see {out / 'rejects.csv'}")
     _write_csv(out / "rejects.csv", ["item", "reason"], [list(r) for r in ds.rejects])
@@ -802,7 +1048,9 @@ def finetune(
     elif folds:
         assignments = split_folds(keys, folds, seed, stratify=not ds.multilabel)
     else:
-        assignments = [split_once(keys, valid_fraction, test_fraction, seed, stratify=not ds.multilabel)]
+        assignments = [
+            split_once(keys, valid_fraction, test_fraction, seed, stratify=not ds.multilabel)
+        ]
     setup = Setup(mode, ds.multilabel, epochs, lr, layer_decay, mixup, seed, batch_size)
 
     pooled = np.full(y.shape, np.nan, np.float32)  # out-of-fold test scores
@@ -817,44 +1065,97 @@ def finetune(
         else:
             net, fit = train_full(enc, features, y, assign, setup, progress)
             tuned = Model(enc.spec, net.encoder, enc.sha256, enc.device, enc.dtype)
-            test_logits = _full_logits(net, tuned, [features[i] for i in np.flatnonzero(assign == "test")], batch_size)
+            test_logits = _full_logits(
+                net, tuned, [features[i] for i in np.flatnonzero(assign == "test")], batch_size
+            )
         test = assign == "test"
-        result = {"fold": k, "counts": counts, "best_epoch": fit.best_epoch, "epochs_run": len(fit.curve),
-                  "test": None}
+        result = {
+            "fold": k,
+            "counts": counts,
+            "best_epoch": fit.best_epoch,
+            "epochs_run": len(fit.curve),
+            "test": None,
+        }
         if test.any():
             p = scores(test_logits, ds.multilabel).numpy()
             pooled[test] = p
-            result["test"] = {"loss": float(_loss(test_logits, torch.from_numpy(y[test]), ds.multilabel)),
-                              "metric": _metric(y[test], p, ds.multilabel)}
+            result["test"] = {
+                "loss": float(_loss(test_logits, torch.from_numpy(y[test]), ds.multilabel)),
+                "metric": _metric(y[test], p, ds.multilabel),
+            }
         fold_results.append(result)
         if k == 0:
             saved = (net, fit)
-        log.info(f"fold {k}: {counts}; best epoch {fit.best_epoch}; "
-                 f"test {'-' if result['test'] is None else round(result['test']['metric'], 4)}")
+        log.info(
+            f"fold {k}: {counts}; best epoch {fit.best_epoch}; "
+            f"test {'-' if result['test'] is None else round(result['test']['metric'], 4)}"
+        )
     if not np.isfinite(pooled).any():
-        log.warning("no test split: metrics.json has no test scores (give test rows, or --test-fraction > 0)")
+        log.warning(
+            "no test split: metrics.json has no test scores (give test rows, or --test-fraction > 0)"
+        )
 
     net, fit = saved
-    test_fold = {i: k for k, a in enumerate(assignments) for i in np.flatnonzero(a == "test")} if folds else None
-    _write_csv(out / "splits.csv", ["path", "label", "split"] + (["test_fold"] if test_fold is not None else []),
-               [[e.item.path, ";".join(e.labels), assignments[0][i]] + ([test_fold.get(i, "")] if test_fold is not None else [])
-                for i, e in enumerate(ds.examples)])
-    section = {"data": {"source": str(data), "examples": len(ds.examples), "sha256": _data_digest(ds)},
-               "model": enc.spec, "model_sha256": enc.sha256, "mode": mode, "folds": folds,
-               "valid_fraction": valid_fraction, "test_fraction": test_fraction, "training": asdict(setup)}
+    test_fold = (
+        {i: k for k, a in enumerate(assignments) for i in np.flatnonzero(a == "test")}
+        if folds
+        else None
+    )
+    _write_csv(
+        out / "splits.csv",
+        ["path", "label", "split"] + (["test_fold"] if test_fold is not None else []),
+        [
+            [e.item.path, ";".join(e.labels), assignments[0][i]]
+            + ([test_fold.get(i, "")] if test_fold is not None else [])
+            for i, e in enumerate(ds.examples)
+        ],
+    )
+    section = {
+        "data": {"source": str(data), "examples": len(ds.examples), "sha256": _data_digest(ds)},
+        "model": enc.spec,
+        "model_sha256": enc.sha256,
+        "mode": mode,
+        "folds": folds,
+        "valid_fraction": valid_fraction,
+        "test_fraction": test_fraction,
+        "training": asdict(setup),
+    }
     stamp = provenance.stamp(section, seed, audio.versions())
     metric_name = "mAP" if ds.multilabel else "accuracy"
     tests = [r["test"]["metric"] for r in fold_results if r["test"] is not None]
     test_mean = float(np.nanmean(tests)) if tests and not np.isnan(tests).all() else None
     test_std = float(np.nanstd(tests)) if len(tests) > 1 and test_mean is not None else None
     scored = np.isfinite(pooled).all(axis=1)
-    chance = (float(y[scored].mean(0)[y[scored].any(0)].mean()) if scored.any() else float("nan")) if ds.multilabel \
+    chance = (
+        (float(y[scored].mean(0)[y[scored].any(0)].mean()) if scored.any() else float("nan"))
+        if ds.multilabel
         else 1.0 / len(ds.labels)
-    res = Result(str(out), mode, metric_name, test_mean, test_std, chance, len(ds.labels), len(ds.examples),
-                 len(ds.rejects), fit.best_epoch)
+    )
+    res = Result(
+        str(out),
+        mode,
+        metric_name,
+        test_mean,
+        test_std,
+        chance,
+        len(ds.labels),
+        len(ds.examples),
+        len(ds.rejects),
+        fit.best_epoch,
+    )
 
-    _write_classifier(out, net, mode, ds.labels, ds.multilabel, enc, setup, fit.best_epoch,
-                      {"valid_fraction": valid_fraction, "test_fraction": test_fraction, "folds": folds}, stamp)
+    _write_classifier(
+        out,
+        net,
+        mode,
+        ds.labels,
+        ds.multilabel,
+        enc,
+        setup,
+        fit.best_epoch,
+        {"valid_fraction": valid_fraction, "test_fraction": test_fraction, "folds": folds},
+        stamp,
+    )
     _write_metrics(out, res, fold_results, y, pooled, ds.labels, ds.multilabel, stamp)
     _write_curve(out, fit.curve, metric_name, stamp)
     res.seconds = time.perf_counter() - t0

@@ -16,9 +16,9 @@ import csv
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -32,8 +32,13 @@ AUDIO_SUFFIXES = frozenset(
 )
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".csv"})
 # What an input must be to be embedded: one token (40 ms) at least; long recordings are fine.
-RULES = audio.ClipRules(min_duration_s=0.04, max_duration_s=24 * 3600.0, too_long="reject",
-                        silence_dbfs=-90.0, decode_errors="reject")
+RULES = audio.ClipRules(
+    min_duration_s=0.04,
+    max_duration_s=24 * 3600.0,
+    too_long="reject",
+    silence_dbfs=-90.0,
+    decode_errors="reject",
+)
 
 
 class InputError(ValueError):
@@ -80,7 +85,11 @@ def _read_list(path: Path) -> list[Path]:
         body = rows[1:] if "path" in header else rows
         names = [r[column].strip() for r in body if len(r) > column and r[column].strip()]
     else:
-        names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        names = [
+            line.strip()
+            for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     return [(path.parent / n) if not os.path.isabs(n) else Path(n) for n in names]
 
 
@@ -89,7 +98,12 @@ def _walk(folder: Path, items: list[Item], rejects: list[Reject]) -> None:
         dirs.sort()
         for name in dirs:
             if Path(name).suffix.lower() in AUDIO_SUFFIXES:
-                rejects.append(Reject(str(Path(root) / name), "a directory, not an audio file (its contents are searched)"))
+                rejects.append(
+                    Reject(
+                        str(Path(root) / name),
+                        "a directory, not an audio file (its contents are searched)",
+                    )
+                )
         for name in sorted(files):
             if Path(name).suffix.lower() in AUDIO_SUFFIXES:
                 _add_file(Path(root) / name, items, rejects)
@@ -113,7 +127,12 @@ def collect(inputs: list[str | os.PathLike]) -> tuple[list[Item], list[Reject]]:
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
             for entry in _read_list(path):
                 if entry.is_dir():
-                    rejects.append(Reject(str(entry), f"a directory (listed in {path}); list files, or pass the folder itself"))
+                    rejects.append(
+                        Reject(
+                            str(entry),
+                            f"a directory (listed in {path}); list files, or pass the folder itself",
+                        )
+                    )
                 elif entry.is_file():
                     _add_file(entry, items, rejects)
                 else:
@@ -138,16 +157,23 @@ def load(item: Item) -> tuple[np.ndarray | None, str]:
     return samples, reason
 
 
-def load_all(items: list[Item], *, threads: int = 2, desc: str = "decode",
-             progress: bool = True) -> Iterator[tuple[Item, np.ndarray | None, str]]:
+def load_all(
+    items: list[Item], *, threads: int = 2, desc: str = "decode", progress: bool = True
+) -> Iterator[tuple[Item, np.ndarray | None, str]]:
     """:func:`load` over ``items`` in order, decoding ahead in ``threads``, with a progress bar;
     yields ``(item, samples, "")`` or ``(item, None, reason)`` (the reason also logged as a warning)."""
     from tqdm import tqdm
 
     from dasheng_pipeline.evaluation.embeddings import prefetch
 
-    with tqdm(total=len(items), unit="file", desc=desc, disable=not progress or not items, file=sys.stderr,
-              mininterval=2) as bar:
+    with tqdm(
+        total=len(items),
+        unit="file",
+        desc=desc,
+        disable=not progress or not items,
+        file=sys.stderr,
+        mininterval=2,
+    ) as bar:
         for item, fut in prefetch(load, items, threads, 4 * max(threads, 1)):
             samples, reason = fut.result()
             if samples is None:

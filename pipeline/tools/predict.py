@@ -53,8 +53,10 @@ class Summary:
     audio_seconds: float = 0.0
 
     def line(self) -> str:
-        return (f"{self.out}: tagged {self.files} files ({self.audio_seconds:.0f} s of audio) in {self.seconds:.1f} s, "
-                f"{self.rows} rows; rejected {self.rejected}")
+        return (
+            f"{self.out}: tagged {self.files} files ({self.audio_seconds:.0f} s of audio) in {self.seconds:.1f} s, "
+            f"{self.rows} rows; rejected {self.rejected}"
+        )
 
 
 def _top(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[int, str, float]]:
@@ -88,10 +90,14 @@ def predict(
     items, rejects = inputs.collect(inputs_)
     found = {r.path: r for r in rejects}
     summary = Summary(str(out))
-    log.info(f"classifier {classifier} ({meta['mode']}, {len(labels)} labels, "
-             f"{'multi' if multilabel else 'single'}-label) on {model.device}; {len(items)} files")
+    log.info(
+        f"classifier {classifier} ({meta['mode']}, {len(labels)} labels, "
+        f"{'multi' if multilabel else 'single'}-label) on {model.device}; {len(items)} files"
+    )
 
-    header = ["path"] + (["chunk", "start_s", "end_s"] if chunks else []) + ["rank", "label", "score"]
+    header = (
+        ["path"] + (["chunk", "start_s", "end_s"] if chunks else []) + ["rank", "label", "score"]
+    )
     rows: list[list] = []
     pending: list[tuple[inputs.Item, np.ndarray]] = []
 
@@ -106,13 +112,21 @@ def predict(
             with torch.no_grad():
                 p = clf.probabilities(head(x).float(), multilabel).cpu().numpy()
             for c, s in enumerate(p):
-                where = [c, f"{c * CHUNK_S:.2f}", f"{min((c + 1) * CHUNK_S, duration):.2f}"] if chunks else []
-                rows.extend([item.path, *where, r, lab, f"{sc:.6f}"] for r, lab, sc in _top(s, labels, k))
+                where = (
+                    [c, f"{c * CHUNK_S:.2f}", f"{min((c + 1) * CHUNK_S, duration):.2f}"]
+                    if chunks
+                    else []
+                )
+                rows.extend(
+                    [item.path, *where, r, lab, f"{sc:.6f}"] for r, lab, sc in _top(s, labels, k)
+                )
             summary.files += 1
             summary.audio_seconds += duration
         pending.clear()
 
-    for item, samples, reason in inputs.load_all(items, threads=decode_threads, desc="predict", progress=progress):
+    for item, samples, reason in inputs.load_all(
+        items, threads=decode_threads, desc="predict", progress=progress
+    ):
         if samples is None:
             found[item.path] = inputs.Reject(item.path, reason, item.size, item.mtime_ns)
         else:
@@ -131,5 +145,7 @@ def predict(
     summary.seconds = time.perf_counter() - t0
     log.info(summary.line())
     if not items:
-        raise PredictError(f"no audio file found in {' '.join(map(str, inputs_))}; see {rejects_path(out)}")
+        raise PredictError(
+            f"no audio file found in {' '.join(map(str, inputs_))}; see {rejects_path(out)}"
+        )
     return summary

@@ -36,4 +36,4 @@ def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str,
 def encoder_state(mae_weights: str | Path) -> dict[str, torch.Tensor]:
     """The encoder's part of a saved MAE state dict (keys without the ``encoder.`` prefix)."""
     sd = load_file(str(mae_weights))
-    return {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
+    return {k[len(ENCODER_PREFIX) :]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}

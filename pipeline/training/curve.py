@@ -32,12 +32,18 @@ def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
         rows = list(reader)
     xcol = "step" if "step" in columns else "epoch" if "epoch" in columns else None
     if xcol is None or "train_loss" not in columns:
-        raise ValueError(f"{metrics_csv}: expected columns 'step' or 'epoch' and 'train_loss' (optionally "
-                         f"'val_loss'), got {columns}")
+        raise ValueError(
+            f"{metrics_csv}: expected columns 'step' or 'epoch' and 'train_loss' (optionally "
+            f"'val_loss'), got {columns}"
+        )
     fig, ax = plt.subplots(figsize=(6, 4))
     for col, style in (("train_loss", "-"), ("val_loss", "o-")):
         if col in columns:
-            points = [(x, y) for r in rows if (x := _number(r[xcol])) is not None and (y := _number(r[col])) is not None]
+            points = [
+                (x, y)
+                for r in rows
+                if (x := _number(r[xcol])) is not None and (y := _number(r[col])) is not None
+            ]
             if points:
                 ax.plot(*zip(*points), style, ms=3, label=col.replace("_", " "))
     ax.set_xlabel(xcol)
@@ -49,7 +55,9 @@ def loss_curve(metrics_csv: str | Path, path: str | Path, stamp: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dasheng_pipeline.training.curve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dasheng_pipeline.training.curve", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--metrics", required=True, help="CSV: step|epoch, train_loss, val_loss")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--params", default="{}", help="JSON: seed (for the provenance stamp)")

@@ -61,12 +61,22 @@ def load_quick_task(path: str | Path) -> QuickTask:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable quick set ({exc}); delete it and rerun its rule") from exc
+        raise ValueError(
+            f"{path}: not a readable quick set ({exc}); delete it and rerun its rule"
+        ) from exc
     missing = {"name", "mel", "valid_frames", "label", "train", "classes"} - set(arrays)
     if missing:
-        raise ValueError(f"{path}: a quick set needs the arrays {sorted(missing)}; delete it and rerun its rule")
-    return QuickTask(str(arrays["name"]), arrays["mel"], arrays["valid_frames"].astype(np.int64),
-                     arrays["label"].astype(np.int64), arrays["train"].astype(bool), [str(c) for c in arrays["classes"]])
+        raise ValueError(
+            f"{path}: a quick set needs the arrays {sorted(missing)}; delete it and rerun its rule"
+        )
+    return QuickTask(
+        str(arrays["name"]),
+        arrays["mel"],
+        arrays["valid_frames"].astype(np.int64),
+        arrays["label"].astype(np.int64),
+        arrays["train"].astype(bool),
+        [str(c) for c in arrays["classes"]],
+    )
 
 
 @torch.no_grad()
@@ -75,8 +85,8 @@ def clip_features(encoder, task: QuickTask, batch_size: int = 64) -> list[np.nda
     device = next(encoder.parameters()).device
     per_block: list[list[np.ndarray]] = []
     for i in range(0, len(task.mel), batch_size):
-        mel = torch.from_numpy(task.mel[i:i + batch_size]).to(device)
-        valid = torch.from_numpy(task.valid_frames[i:i + batch_size]).to(device)
+        mel = torch.from_numpy(task.mel[i : i + batch_size]).to(device)
+        valid = torch.from_numpy(task.valid_frames[i : i + batch_size]).to(device)
         layers = embed_layers(encoder, mel, valid)
         if not per_block:
             per_block = [[] for _ in layers]
@@ -96,13 +106,22 @@ def quick_scores(x: np.ndarray, y: np.ndarray, train: np.ndarray, k: int = 10) -
 
     xtr, ytr, xte, yte = x[train], y[train], x[~train], y[~train]
     if len(xtr) == 0 or len(xte) == 0 or len(np.unique(ytr)) < 2:
-        raise ValueError(f"a quick task needs train clips of 2 classes or more and test clips, got "
-                         f"{len(xtr)} train ({len(np.unique(ytr))} classes) and {len(xte)} test")
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(xtr)), metric="cosine", algorithm="brute").fit(xtr, ytr)
+        raise ValueError(
+            f"a quick task needs train clips of 2 classes or more and test clips, got "
+            f"{len(xtr)} train ({len(np.unique(ytr))} classes) and {len(xte)} test"
+        )
+    knn = KNeighborsClassifier(
+        n_neighbors=min(k, len(xtr)), metric="cosine", algorithm="brute"
+    ).fit(xtr, ytr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        linear = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500)).fit(xtr, ytr)
-    return {"knn": float((knn.predict(xte) == yte).mean()), "linear": float((linear.predict(xte) == yte).mean())}
+        linear = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=500)).fit(
+            xtr, ytr
+        )
+    return {
+        "knn": float((knn.predict(xte) == yte).mean()),
+        "linear": float((linear.predict(xte) == yte).mean()),
+    }
 
 
 def layer_scores(encoder, task: QuickTask, k: int = 10, layers: str = "all") -> list[dict]:
@@ -131,8 +150,14 @@ class DownstreamCheck:
         self.every, self.epochs = int(d.get("every_epochs", 0)), int(cfg["epochs"])
         self.k, self.layers = int(d.get("k", 10)), d.get("layers", "all")
         self.csv = Path(state_dir) / "downstream.csv"
-        self.tasks = [load_quick_task(p) for p in cfg.get("downstream_sets") or []] if self.every else []
-        kept = [r for r in read_rows(self.csv) if int(r["epoch"]) < start_epoch] if self.csv.exists() else []
+        self.tasks = (
+            [load_quick_task(p) for p in cfg.get("downstream_sets") or []] if self.every else []
+        )
+        kept = (
+            [r for r in read_rows(self.csv) if int(r["epoch"]) < start_epoch]
+            if self.csv.exists()
+            else []
+        )
         with atomic.atomic_open(self.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=FIELDS)
             writer.writeheader()
@@ -153,8 +178,16 @@ class DownstreamCheck:
             t0 = time.perf_counter()
             scored = layer_scores(encoder, task, self.k, self.layers)
             seconds = time.perf_counter() - t0
-            rows += [{"epoch": epoch, "step": step, **r, "score": f"{r['score']:.6f}", "seconds": f"{seconds:.3f}"}
-                     for r in scored]
+            rows += [
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    **r,
+                    "score": f"{r['score']:.6f}",
+                    "seconds": f"{seconds:.3f}",
+                }
+                for r in scored
+            ]
         with open(self.csv, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=FIELDS).writerows(rows)
         last = max(int(r["layer"]) for r in rows)
@@ -163,10 +196,16 @@ class DownstreamCheck:
             for r in top:
                 writer.add_scalar(f"downstream/{r['task']}/{r['method']}", float(r["score"]), step)
             for method in METHODS:
-                writer.add_scalar(f"downstream/mean/{method}",
-                                  float(np.mean([float(r["score"]) for r in top if r["method"] == method])), step)
-        log.info("downstream after epoch %d: %s", epoch,
-                 ", ".join(f"{r['task']} {r['method']} {float(r['score']):.3f}" for r in top))
+                writer.add_scalar(
+                    f"downstream/mean/{method}",
+                    float(np.mean([float(r["score"]) for r in top if r["method"] == method])),
+                    step,
+                )
+        log.info(
+            "downstream after epoch %d: %s",
+            epoch,
+            ", ".join(f"{r['task']} {r['method']} {float(r['score']):.3f}" for r in top),
+        )
         return rows
 
 
@@ -178,7 +217,13 @@ def downstream_curve(csv_path: str | Path, path: str | Path, stamp: dict) -> Non
     rows = read_rows(csv_path)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if not rows:
-        ax.text(0.5, 0.5, "no downstream checks (training.downstream.every_epochs: 0)", ha="center", va="center")
+        ax.text(
+            0.5,
+            0.5,
+            "no downstream checks (training.downstream.every_epochs: 0)",
+            ha="center",
+            va="center",
+        )
         ax.set_axis_off()
         save_png(fig, path, stamp)
         return
@@ -189,14 +234,32 @@ def downstream_curve(csv_path: str | Path, path: str | Path, stamp: dict) -> Non
     for method in METHODS:
         by_step: dict[int, list[float]] = {}
         for i, task in enumerate(tasks):
-            pts = sorted((int(r["step"]), float(r["score"]) * 100) for r in rows if r["task"] == task and r["method"] == method)
+            pts = sorted(
+                (int(r["step"]), float(r["score"]) * 100)
+                for r in rows
+                if r["task"] == task and r["method"] == method
+            )
             for s, v in pts:
                 by_step.setdefault(s, []).append(v)
-            ax.plot([s for s, _ in pts], [v for _, v in pts], styles[method], marker="o", ms=3, color=f"C{i}",
-                    alpha=0.7, label=f"{task} {method}")
+            ax.plot(
+                [s for s, _ in pts],
+                [v for _, v in pts],
+                styles[method],
+                marker="o",
+                ms=3,
+                color=f"C{i}",
+                alpha=0.7,
+                label=f"{task} {method}",
+            )
         steps = sorted(by_step)
-        ax.plot(steps, [np.mean(by_step[s]) for s in steps], styles[method], color="black", lw=2.5,
-                label=f"mean {method}")
+        ax.plot(
+            steps,
+            [np.mean(by_step[s]) for s in steps],
+            styles[method],
+            color="black",
+            lw=2.5,
+            label=f"mean {method}",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Downstream score vs step (k-NN dashed, linear probe solid; last layer)")

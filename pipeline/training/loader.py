@@ -25,8 +25,8 @@ did. The loader workers' roles rotate so that the DataLoader's round robin, whic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -57,8 +57,14 @@ def parts_of(paths: list[str]) -> list[Part]:
 
 def read_part(part: Part) -> tuple[np.ndarray, np.ndarray]:
     """(mel float16 (R, 64, T), valid_frames int64 (R,)) of one row group."""
-    [batch] = list(shards.iter_batches(part.path, batch_size=part.rows, columns=("mel", "valid_frames"),
-                                       row_groups=[part.row_group]))
+    [batch] = list(
+        shards.iter_batches(
+            part.path,
+            batch_size=part.rows,
+            columns=("mel", "valid_frames"),
+            row_groups=[part.row_group],
+        )
+    )
     return batch["mel"], batch["valid_frames"].astype(np.int64)
 
 
@@ -73,8 +79,18 @@ class TrainBatches(IterableDataset):
     ``skip``: the first ``skip`` batches of this rank's epoch are not produced (resume inside an
     epoch); the rest are exactly those the full epoch would give after them."""
 
-    def __init__(self, parts: list[Part], batch_size: int, batches: int, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1024, skip: int = 0):
+    def __init__(
+        self,
+        parts: list[Part],
+        batch_size: int,
+        batches: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1024,
+        skip: int = 0,
+    ):
         if not parts:
             raise ValueError("no training data: the shard list is empty")
         if not 0 <= skip <= batches:
@@ -103,7 +119,9 @@ class TrainBatches(IterableDataset):
         worker = (slot + self.skip) % workers
         stream, streams = self.rank * workers + worker, self.world_size * workers
         todo = split_count(self.batches, workers, worker)
-        skip = split_count(self.skip, workers, worker)  # this worker's batches before the resume point
+        skip = split_count(
+            self.skip, workers, worker
+        )  # this worker's batches before the resume point
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         # Buffer items are (mel row, valid frames) — or, while replaying skipped batches, (part no, row).
         buf: list[tuple] = []
@@ -132,7 +150,9 @@ class TrainBatches(IterableDataset):
                 out = []
                 if done == todo:
                     return
-                if replay and done == skip:  # the resume point: load what the buffer holds, go on with rows
+                if (
+                    replay and done == skip
+                ):  # the resume point: load what the buffer holds, go on with rows
                     buf = _load_pointers(buf, parts)
                     replay = False
                     mel, valid = read_part(parts[k])
@@ -148,14 +168,19 @@ def _load_pointers(buf: list[tuple], parts: list[Part]) -> list[tuple]:
 
 
 def collate(mels: list[np.ndarray], valid: list[int]) -> dict:
-    return {"mel": torch.from_numpy(np.stack(mels)), "valid_frames": torch.tensor(valid, dtype=torch.long)}
+    return {
+        "mel": torch.from_numpy(np.stack(mels)),
+        "valid_frames": torch.tensor(valid, dtype=torch.long),
+    }
 
 
 class ValidationBatches:
     """A fixed, unshuffled set of validation batches: one rank's share of the first
     ``max_rows`` rows of the validation parts (every rank sees the same set every epoch)."""
 
-    def __init__(self, parts: list[Part], batch_size: int, max_rows: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, parts: list[Part], batch_size: int, max_rows: int, rank: int = 0, world_size: int = 1
+    ):
         self.parts, self.batch_size, self.max_rows = parts, batch_size, max_rows
         self.rank, self.world_size = rank, world_size
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 
-def learning_rate(step: int, peak: float, warmup_steps: int, total_steps: int, final_fraction: float = 0.1) -> float:
+def learning_rate(
+    step: int, peak: float, warmup_steps: int, total_steps: int, final_fraction: float = 0.1
+) -> float:
     if step < warmup_steps:
         return peak * step / warmup_steps
     floor = peak * final_fraction

@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 
 KEEP = 2
 EXIT_RESUME = 75  # EX_TEMPFAIL: not finished, run me again (the next job resumes)
-STOP_SIGNALS = ("SIGURG", "SIGTERM", "SIGUSR1")  # SIGURG: SLURM's warning (--signal), see training.smk
+STOP_SIGNALS = (
+    "SIGURG",
+    "SIGTERM",
+    "SIGUSR1",
+)  # SIGURG: SLURM's warning (--signal), see training.smk
 CHECKPOINT_SIGNAL = "SIGUSR2"
 MANIFEST = "manifest.json"
 
@@ -60,9 +64,14 @@ class CheckpointDamaged(ValueError):
 
 # --------------------------------------------------------------------------- RNG states
 
+
 def rng_state() -> dict:
     """This process's RNG states (torch CPU and CUDA, numpy's global, Python's)."""
-    state = {"torch": torch.get_rng_state(), "numpy": json.dumps(_np_state()), "python": json.dumps(random.getstate())}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(_np_state()),
+        "python": json.dumps(random.getstate()),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -84,6 +93,7 @@ def _np_state() -> list:
 
 
 # --------------------------------------------------------------------------- the checkpoints
+
 
 @dataclass(frozen=True)
 class StepCheckpoint:
@@ -113,7 +123,9 @@ class StepCheckpoints:
     def __init__(self, state_dir: str | os.PathLike):
         self.folder = Path(state_dir) / "steps"
 
-    def save(self, step: int, model_state: dict, optimizer_state: dict, ranks: list[dict], info: dict) -> Path:
+    def save(
+        self, step: int, model_state: dict, optimizer_state: dict, ranks: list[dict], info: dict
+    ) -> Path:
         """Write one checkpoint atomically (a temporary folder renamed when complete), then prune."""
         from safetensors.torch import save_file
 
@@ -122,7 +134,10 @@ class StepCheckpoints:
         tmp = atomic.temp_path_for(final)
         tmp.mkdir()
         try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+                str(tmp / "model.safetensors"),
+            )
             torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(ranks, tmp / "ranks.pt")
             files = {}
@@ -145,8 +160,15 @@ class StepCheckpoints:
         """The committed checkpoint folders, newest first (never a ``.tmp-`` one still being written)."""
         if not self.folder.is_dir():
             return []
-        return sorted((p for p in self.folder.glob("step-*") if p.is_dir() and atomic.TEMP_MARK not in p.name),
-                      key=lambda p: p.name, reverse=True)
+        return sorted(
+            (
+                p
+                for p in self.folder.glob("step-*")
+                if p.is_dir() and atomic.TEMP_MARK not in p.name
+            ),
+            key=lambda p: p.name,
+            reverse=True,
+        )
 
     def prune(self) -> None:
         for old in self.folders()[KEEP:]:
@@ -162,13 +184,17 @@ class StepCheckpoints:
             manifest = json.loads((path / MANIFEST).read_text())
             files = manifest["files"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointDamaged(f"{path}: no readable {MANIFEST} (a half-written checkpoint?): {exc}") from None
+            raise CheckpointDamaged(
+                f"{path}: no readable {MANIFEST} (a half-written checkpoint?): {exc}"
+            ) from None
         for name, expected in files.items():
             if not (path / name).is_file():
                 raise CheckpointDamaged(f"{path}: {name} is missing")
             got = atomic.sha256_file(path / name)
             if got != expected:
-                raise CheckpointDamaged(f"{path}: {name} has sha256 {got[:16]}..., the manifest says {expected[:16]}...")
+                raise CheckpointDamaged(
+                    f"{path}: {name} has sha256 {got[:16]}..., the manifest says {expected[:16]}..."
+                )
         return StepCheckpoint(path, manifest)
 
     def latest(self) -> StepCheckpoint | None:
@@ -181,7 +207,9 @@ class StepCheckpoints:
                 aside.parent.mkdir(exist_ok=True)
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(path, aside)
-                log.warning(f"step checkpoint skipped: {exc}; moved to {aside}, using the one before it")
+                log.warning(
+                    f"step checkpoint skipped: {exc}; moved to {aside}, using the one before it"
+                )
         return None
 
 
@@ -218,17 +246,30 @@ def driver_lock(state_dir: str | os.PathLike, wait_s: float = LOCK_WAIT_S):
                 fh.seek(0)
                 holder = fh.read().strip() or "unknown"
                 if time.monotonic() >= deadline:
-                    raise RunBusy(f"{path}: another training driver still holds this run ({holder}) after "
-                                  f"{wait_s:.0f} s; let it finish or stop it, then run again") from None
+                    raise RunBusy(
+                        f"{path}: another training driver still holds this run ({holder}) after "
+                        f"{wait_s:.0f} s; let it finish or stop it, then run again"
+                    ) from None
                 if not warned:
-                    log.warning(f"another training driver still holds this run ({holder}): waiting up to "
-                                f"{wait_s:.0f} s for it to exit")
+                    log.warning(
+                        f"another training driver still holds this run ({holder}): waiting up to "
+                        f"{wait_s:.0f} s for it to exit"
+                    )
                     warned = True
                 time.sleep(0.5)
         fh.seek(0)
         fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": os.uname().nodename,
-                             "slurm_job": os.environ.get("SLURM_JOB_ID")}, sort_keys=True) + "\n")
+        fh.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": os.uname().nodename,
+                    "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                },
+                sort_keys=True,
+            )
+            + "\n"
+        )
         fh.flush()
         yield
     finally:
@@ -236,6 +277,7 @@ def driver_lock(state_dir: str | os.PathLike, wait_s: float = LOCK_WAIT_S):
 
 
 # --------------------------------------------------------------------------- stop requests
+
 
 class Control:
     """Requests from the driver to the workers, as files in ``<state>/control/``."""
@@ -287,9 +329,12 @@ class Control:
 def install_handlers(control: Control) -> dict:
     """In the driver: stop signals ask the workers to checkpoint and stop; SIGUSR2 asks for a
     checkpoint. Returns the previous handlers."""
+
     def stop(signum, _frame):
         name = signal.Signals(signum).name
-        log.warning(f"{name} received: the workers finish their step, write a step checkpoint and stop")
+        log.warning(
+            f"{name} received: the workers finish their step, write a step checkpoint and stop"
+        )
         control.request_stop(name)
 
     def checkpoint(_signum, _frame):
@@ -332,8 +377,11 @@ class Schedule:
         flags = torch.zeros(2, dtype=torch.float32, device=self.device)
         if self.rank == 0:
             stop = self.control.stop_requested()
-            due = stop or self.control.take_checkpoint_request() or (
-                self.every_s > 0 and time.monotonic() - self.last >= self.every_s)
+            due = (
+                stop
+                or self.control.take_checkpoint_request()
+                or (self.every_s > 0 and time.monotonic() - self.last >= self.every_s)
+            )
             flags[0], flags[1] = float(due), float(stop)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)

@@ -19,22 +19,42 @@ class Figures:
         self.rows: list[dict] = []
         self.attached: list[Path] = []
 
-    def record(self, group: str, case: str, *, tried: int, survived: int, lost: int = 0, **details) -> None:
-        self.rows.append({"group": group, "case": case, "tried": tried, "survived": survived,
-                          "clips_lost": lost, **details})
+    def record(
+        self, group: str, case: str, *, tried: int, survived: int, lost: int = 0, **details
+    ) -> None:
+        self.rows.append(
+            {
+                "group": group,
+                "case": case,
+                "tried": tried,
+                "survived": survived,
+                "clips_lost": lost,
+                **details,
+            }
+        )
 
     def attach(self, path: Path) -> None:
         """A file the test wrote that belongs with the figures (copied along with them)."""
         self.attached.append(Path(path))
 
     def table(self) -> str:
-        lines = ["| group | case | tried | survived | clips lost | details |", "|---|---|---|---|---|---|"]
+        lines = [
+            "| group | case | tried | survived | clips lost | details |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
-            extra = "; ".join(f"{k} {v}" for k, v in r.items()
-                              if k not in ("group", "case", "tried", "survived", "clips_lost"))
-            lines.append(f"| {r['group']} | {r['case']} | {r['tried']} | {r['survived']} | {r['clips_lost']} | {extra} |")
+            extra = "; ".join(
+                f"{k} {v}"
+                for k, v in r.items()
+                if k not in ("group", "case", "tried", "survived", "clips_lost")
+            )
+            lines.append(
+                f"| {r['group']} | {r['case']} | {r['tried']} | {r['survived']} | {r['clips_lost']} | {extra} |"
+            )
         total = {k: sum(r[k] for r in self.rows) for k in ("tried", "survived", "clips_lost")}
-        lines.append(f"| **total** | | **{total['tried']}** | **{total['survived']}** | **{total['clips_lost']}** | |")
+        lines.append(
+            f"| **total** | | **{total['tried']}** | **{total['survived']}** | **{total['clips_lost']}** | |"
+        )
         return "\n".join(lines)
 
 

@@ -11,10 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import helpers
 import psutil
 import pyarrow.parquet as pq
-
-import helpers
 
 OUT = "results/demo"
 
@@ -29,21 +28,33 @@ def ray_tmp(workdir: Path) -> str:
     return "/tmp/ray-f" + hashlib.md5(str(workdir).encode()).hexdigest()[:10]
 
 
-def run(workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600,
-        **popen) -> subprocess.CompletedProcess:
+def run(
+    workdir: Path, config: dict, *args: str, check: bool = True, timeout: int = 600, **popen
+) -> subprocess.CompletedProcess:
     """A real Snakemake run (foreground), with the suite's environment."""
-    return helpers.snakemake(workdir, config, *args, check=check, timeout=timeout, env=env_for(workdir), **popen)
+    return helpers.snakemake(
+        workdir, config, *args, check=check, timeout=timeout, env=env_for(workdir), **popen
+    )
 
 
-def start(workdir: Path, config: dict, *args: str, log_name: str = "snakemake.log") -> subprocess.Popen:
+def start(
+    workdir: Path, config: dict, *args: str, log_name: str = "snakemake.log"
+) -> subprocess.Popen:
     """A real Snakemake run in the background, in a session of its own (so it can be killed whole)."""
     cmd = helpers.snakemake_cmd(workdir, config, *args)
     log = open(workdir / log_name, "ab")
-    return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env_for(workdir),
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=workdir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env_for(workdir),
+        start_new_session=True,
+    )
 
 
 # ----------------------------------------------------------------------------- processes
+
 
 def cmdline(p: psutil.Process) -> str:
     try:
@@ -92,8 +103,16 @@ def sweep(marker: str) -> int:
     return len(victims)
 
 
-def kill_at_random_point(popen: subprocess.Popen, marker: str, rng, max_delay: float, *, mode: str = "all",
-                         ready=None, timeout: float = 300) -> dict:
+def kill_at_random_point(
+    popen: subprocess.Popen,
+    marker: str,
+    rng,
+    max_delay: float,
+    *,
+    mode: str = "all",
+    ready=None,
+    timeout: float = 300,
+) -> dict:
     """Wait until a job whose command line holds ``marker`` runs (and ``ready()`` holds), then kill -9
     at a moment drawn from U(0, max_delay) s later, checking a matching job is alive at that moment.
 
@@ -104,8 +123,14 @@ def kill_at_random_point(popen: subprocess.Popen, marker: str, rng, max_delay: f
     delay = None
     while time.monotonic() < deadline:
         if popen.poll() is not None:
-            raise AssertionError(f"the run ended (rc {popen.returncode}) before a {marker!r} job could be killed")
-        jobs = [p for p in session_processes(popen.pid) if marker in cmdline(p) and "bash" not in p.name()]
+            raise AssertionError(
+                f"the run ended (rc {popen.returncode}) before a {marker!r} job could be killed"
+            )
+        jobs = [
+            p
+            for p in session_processes(popen.pid)
+            if marker in cmdline(p) and "bash" not in p.name()
+        ]
         now = time.monotonic()
         if jobs and (ready is None or ready()):
             if target is None:
@@ -134,6 +159,7 @@ def kill_at_random_point(popen: subprocess.Popen, marker: str, rng, max_delay: f
 
 # ----------------------------------------------------------------------------- results
 
+
 def read_json(path: Path) -> dict:
     with open(path) as fh:
         return json.load(fh)
@@ -157,7 +183,9 @@ def clips_lost(reference: dict, got: dict) -> int:
     return missing + len(set(got) - set(reference))
 
 
-def digests(root: Path, patterns=("shards/**/*.parquet", "shards/*/*.json", "dataset/*.json")) -> dict[str, str]:
+def digests(
+    root: Path, patterns=("shards/**/*.parquet", "shards/*/*.json", "dataset/*.json")
+) -> dict[str, str]:
     out = {}
     for pattern in patterns:
         for path in sorted(root.glob(pattern)):
@@ -184,7 +212,7 @@ def untrusted_finals(root: Path) -> list[str]:
             bad.append(str(path.relative_to(root)))
     for path in root.rglob("*.parquet"):
         try:
-            pq.ParquetFile(path).metadata
+            _ = pq.ParquetFile(path).metadata
         except Exception:  # noqa: BLE001 - any unreadable file counts
             bad.append(str(path.relative_to(root)))
     return sorted(bad)
@@ -206,11 +234,30 @@ def verify_dataset(workdir: Path) -> int:
 # one 404, one invalid ID, one duplicate row), a demo corpus and a held-out demo source, then
 # tiny-MAE training on 2 CPU workers. Shards are cut small (3 windows) so that chunks have parts.
 TRAINING = {
-    "size": "tiny", "epochs": 3, "batches_per_epoch": 4, "global_batch": 8, "lr": 1e-3, "warmup_epochs": 1,
-    "validation_sources": ["demo_valid"], "validation_rows": 4, "workers": 2, "use_gpu": False,
-    "cpus_per_worker": 1, "loader_workers": 0, "shuffle_buffer": 16, "log_every": 1, "object_store_mb": 128,
-    "optimizer": "adamw8bit", "keep_best": 4, "average_best": 2, "max_failures": 1, "gpus_per_node": 0,
-    "mem_mb": 4000, "runtime_min": 30, "total_runtime_min": 30, "checkpoint_every_min": 0,
+    "size": "tiny",
+    "epochs": 3,
+    "batches_per_epoch": 4,
+    "global_batch": 8,
+    "lr": 1e-3,
+    "warmup_epochs": 1,
+    "validation_sources": ["demo_valid"],
+    "validation_rows": 4,
+    "workers": 2,
+    "use_gpu": False,
+    "cpus_per_worker": 1,
+    "loader_workers": 0,
+    "shuffle_buffer": 16,
+    "log_every": 1,
+    "object_store_mb": 128,
+    "optimizer": "adamw8bit",
+    "keep_best": 4,
+    "average_best": 2,
+    "max_failures": 1,
+    "gpus_per_node": 0,
+    "mem_mb": 4000,
+    "runtime_min": 30,
+    "total_runtime_min": 30,
+    "checkpoint_every_min": 0,
 }
 GOOD_IDS = [f"clip{i:07d}" for i in range(8)]
 # Clips of the DAG: 11 list rows (8 ok, a 404, an invalid ID, a duplicate), 12 + 4 demo clips.
@@ -220,11 +267,26 @@ DAG_CLIPS = {"ok": 8 + 12 + 4, "failed": 1, "rejected": 2}
 def dag_config(listing: Path, url_template: str) -> dict:
     return {
         "sources": {
-            "yt": {"type": "youtube", "list": str(listing), "format": "audioset", "chunk_size": 4,
-                   "url_template": url_template, "retries": 1, "backoff_s": 0.1, "socket_timeout_s": 5,
-                   "attempt_timeout_s": 60},
+            "yt": {
+                "type": "youtube",
+                "list": str(listing),
+                "format": "audioset",
+                "chunk_size": 4,
+                "url_template": url_template,
+                "retries": 1,
+                "backoff_s": 0.1,
+                "socket_timeout_s": 5,
+                "attempt_timeout_s": 60,
+            },
             "demo": {"type": "demo", "clips": 12, "chunk_size": 6, "min_s": 2.0, "max_s": 9.0},
-            "demo_valid": {"type": "demo", "stream": 1000, "clips": 4, "chunk_size": 4, "min_s": 3.0, "max_s": 8.0},
+            "demo_valid": {
+                "type": "demo",
+                "stream": 1000,
+                "clips": 4,
+                "chunk_size": 4,
+                "min_s": 3.0,
+                "max_s": 8.0,
+            },
         },
         "shards": {"max_rows": 3, "row_group_size": 2},
         "training": TRAINING,
@@ -233,10 +295,14 @@ def dag_config(listing: Path, url_template: str) -> dict:
 
 
 def segment_list(folder: Path) -> Path:
-    rows = [f'{vid}, {2.5 * i:.3f}, {2.5 * i + 10:.3f}, "/m/{i % 3}"' for i, vid in enumerate(GOOD_IDS)]
+    rows = [
+        f'{vid}, {2.5 * i:.3f}, {2.5 * i + 10:.3f}, "/m/{i % 3}"' for i, vid in enumerate(GOOD_IDS)
+    ]
     rows.insert(3, 'gone0000000, 0.000, 10.000, "/m/x"')  # 404: failed
-    rows.insert(6, 'not/an/id, 0, 10, "/m/x"')           # invalid ID: rejected
-    rows.append(rows[0])                                    # a duplicate row: rejected
+    rows.insert(6, 'not/an/id, 0, 10, "/m/x"')  # invalid ID: rejected
+    rows.append(rows[0])  # a duplicate row: rejected
     path = folder / "segments.csv"
-    path.write_text("# YTID, start_seconds, end_seconds, positive_labels\n" + "\n".join(rows) + "\n")
+    path.write_text(
+        "# YTID, start_seconds, end_seconds, positive_labels\n" + "\n".join(rows) + "\n"
+    )
     return path

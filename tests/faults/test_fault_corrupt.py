@@ -8,10 +8,9 @@ from __future__ import annotations
 import re
 import shutil
 
+import fault_util as fu
 import pytest
 import yaml
-
-import fault_util as fu
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -41,24 +40,43 @@ def test_damaged_shards_are_detected_named_and_rebuilt(tmp_path, reference, figu
     named = {
         "bit flip": f"{flipped.relative_to(work)}: sha256" in text,
         "truncation": f"{truncated.relative_to(work)}: sha256" in text,
-        "deleted part": f"{deleted.relative_to(work)}: shard listed in the dataset manifest is missing" in text,
+        "deleted part": f"{deleted.relative_to(work)}: shard listed in the dataset manifest is missing"
+        in text,
     }
-    moved = {name: (out / "shards" / src / ".damaged" / "00000" if src != "yt" else out / "shards/yt/.damaged/00001").is_dir()
-             for name, src in (("bit flip", "yt"), ("truncation", "demo"), ("deleted part", "demo_valid"))}
+    moved = {
+        name: (
+            out / "shards" / src / ".damaged" / "00000"
+            if src != "yt"
+            else out / "shards/yt/.damaged/00001"
+        ).is_dir()
+        for name, src in (
+            ("bit flip", "yt"),
+            ("truncation", "demo"),
+            ("deleted part", "demo_valid"),
+        )
+    }
     rebuild = fu.run(work, cfg, "data", check=False)
     after = fu.digests(out)
-    first = {name: named[name] and moved[name] and rebuild.returncode == 0 and after == original for name in named}
+    first = {
+        name: named[name] and moved[name] and rebuild.returncode == 0 and after == original
+        for name in named
+    }
 
     # A truncated shard manifest: the job names it and says what to do (delete it); then it is rebuilt.
     manifest = out / "shards/yt/00000.json"
     manifest.write_text(manifest.read_text()[:200])
     detect2 = fu.run(work, cfg, "data", "--forcerun", "dataset_manifest", check=False)
     text2 = detect2.stdout + detect2.stderr
-    named_json = f"{manifest.relative_to(work)}: not a valid manifest" in text2 and "delete it and rerun its rule" in text2
+    named_json = (
+        f"{manifest.relative_to(work)}: not a valid manifest" in text2
+        and "delete it and rerun its rule" in text2
+    )
     manifest.unlink()
     rebuild2 = fu.run(work, cfg, "data", check=False)
     after2 = fu.digests(out)
-    first["truncated shard manifest"] = named_json and rebuild2.returncode == 0 and after2 == original
+    first["truncated shard manifest"] = (
+        named_json and rebuild2.returncode == 0 and after2 == original
+    )
 
     lost = fu.clips_lost(fu.accounting(reference), fu.accounting(work))
     for name, ok in first.items():

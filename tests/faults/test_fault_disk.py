@@ -13,26 +13,34 @@ import signal
 import subprocess
 from pathlib import Path
 
+import fault_util as fu
 import pytest
 import yaml
 
-import fault_util as fu
-
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
-MESSAGES = ("disk full while writing the shards of", "file size limit exceeded while writing the shards of")
+MESSAGES = (
+    "disk full while writing the shards of",
+    "file size limit exceeded while writing the shards of",
+)
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "fault-tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "fault-tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     return proc.returncode == 0
 
 
 def _limit_file_size(limit: int):
     def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        signal.signal(
+            signal.SIGXFSZ, signal.SIG_IGN
+        )  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
     return apply
 
 
@@ -41,7 +49,9 @@ def _no_partial_chunk(out: Path) -> list[str]:
     from dasheng_pipeline.features import shards
 
     bad = []
-    for folder in sorted(p for p in (out / "shards").glob("*/*") if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(
+        p for p in (out / "shards").glob("*/*") if p.is_dir() and not p.name.startswith(".")
+    ):
         doc_path = folder.with_suffix(".json")
         if not doc_path.is_file():
             bad.append(f"{folder.relative_to(out)} (no manifest)")
@@ -66,14 +76,30 @@ def _fill_disk_then_rerun(tmp_path, reference, figures, case: str, limit, lift):
         full = fu.run(work, cfg, "data", check=False, preexec_fn=preexec)
         logs = "".join(p.read_text() for p in (out / "logs/features").rglob("*.log"))
         text = full.stdout + full.stderr + logs
-        leftovers, broken, partial = fu.temp_leftovers(out), fu.untrusted_finals(out), _no_partial_chunk(out)
+        leftovers, broken, partial = (
+            fu.temp_leftovers(out),
+            fu.untrusted_finals(out),
+            _no_partial_chunk(out),
+        )
         lift(out / "shards")
         again = fu.run(work, cfg, "data", check=False)
         same = fu.digests(out) == fu.digests(reference / fu.OUT)
         lost = fu.clips_lost(fu.accounting(reference), fu.accounting(work))
-    named = any(m in text for m in MESSAGES) and "free space and rerun" in text and "Traceback" not in logs
-    ok = full.returncode != 0 and named and not leftovers and not broken and not partial and \
-        again.returncode == 0 and same and lost == 0
+    named = (
+        any(m in text for m in MESSAGES)
+        and "free space and rerun" in text
+        and "Traceback" not in logs
+    )
+    ok = (
+        full.returncode != 0
+        and named
+        and not leftovers
+        and not broken
+        and not partial
+        and again.returncode == 0
+        and same
+        and lost == 0
+    )
     figures.record("disk full", case, tried=1, survived=int(ok), lost=lost)
 
     assert full.returncode != 0
@@ -87,8 +113,10 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, reference, figures):
     @contextlib.contextmanager
     def tmpfs(folder):
         if not _mount_tmpfs(folder, "1200k"):
-            pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN); "
-                        "test_disk_full_as_a_file_size_limit covers the same path")
+            pytest.skip(
+                "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN); "
+                "test_disk_full_as_a_file_size_limit covers the same path"
+            )
         try:
             yield None
         finally:
@@ -97,7 +125,9 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, reference, figures):
     def free_space(folder):
         subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
 
-    _fill_disk_then_rerun(tmp_path, reference, figures, "tmpfs of 1.2 MB on the shard folder", tmpfs, free_space)
+    _fill_disk_then_rerun(
+        tmp_path, reference, figures, "tmpfs of 1.2 MB on the shard folder", tmpfs, free_space
+    )
 
 
 def test_disk_full_as_a_file_size_limit(tmp_path, reference, figures):
@@ -105,6 +135,11 @@ def test_disk_full_as_a_file_size_limit(tmp_path, reference, figures):
     def fsize(folder):
         yield _limit_file_size(200_000)  # a shard part holds 3 windows (≈ 390 kB)
 
-    _fill_disk_then_rerun(tmp_path, reference, figures, "file size limit 200 kB (RLIMIT_FSIZE)", fsize,
-                          lambda folder: None)
-
+    _fill_disk_then_rerun(
+        tmp_path,
+        reference,
+        figures,
+        "file size limit 200 kB (RLIMIT_FSIZE)",
+        fsize,
+        lambda folder: None,
+    )

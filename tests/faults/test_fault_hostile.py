@@ -18,11 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_util as fu
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import fault_util as fu
 from helpers import REPO, tone
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -40,11 +39,11 @@ LOCAL_NAMES = {
     "speech/quote'\"both.wav": "ok",
     "speech/" + "L" * 250 + ".wav": "ok",
     f"$(touch {MARK})/label from a folder.wav": "ok",
-    "speech/escape.wav": "rejected",          # a link to ../../outside.wav
+    "speech/escape.wav": "rejected",  # a link to ../../outside.wav
     b"speech/caf\xe9-latin1.wav": "rejected",  # not UTF-8
 }
 YT_ROWS = {  # list row → expected status
-    '-dashstart1, 0, 10, "/m/x"': "ok",          # a valid ID that looks like an option
+    '-dashstart1, 0, 10, "/m/x"': "ok",  # a valid ID that looks like an option
     '../../../../tmp/evil, 0, 10, "/m/x"': "rejected",
     f'$(touch {MARK}), 0, 10, "/m/x"': "rejected",
     f'a;touch {MARK}, 0, 10, "/m/x"': "rejected",
@@ -76,16 +75,28 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
     root = work / "corpus $(touch PWNED) ;'"  # the corpus root itself is hostile too
     _corpus(root, media)
     listing = work / "ids.csv"
-    listing.write_text("# YTID, start_seconds, end_seconds, positive_labels\n" + "\n".join(YT_ROWS) + "\n")
+    listing.write_text(
+        "# YTID, start_seconds, end_seconds, positive_labels\n" + "\n".join(YT_ROWS) + "\n"
+    )
     from loopback import File, Server
 
     with Server() as srv:
         srv.routes["-dashstart1"] = File(tone(tmp_path / "media" / "yt.m4a", 12.0), "audio/mp4")
-        cfg = {"sources": {"mine": {"type": "local", "root": str(root), "chunk_size": 5, "labels": "folder"},
-                           "yt": {"type": "youtube", "list": str(listing), "url_template": srv.url_template,
-                                  "retries": 0, "socket_timeout_s": 5}},
-               "allow_outside_paths": False, "training": {"validation_sources": []},
-               "evaluation": {"enabled": False}}
+        cfg = {
+            "sources": {
+                "mine": {"type": "local", "root": str(root), "chunk_size": 5, "labels": "folder"},
+                "yt": {
+                    "type": "youtube",
+                    "list": str(listing),
+                    "url_template": srv.url_template,
+                    "retries": 0,
+                    "socket_timeout_s": 5,
+                },
+            },
+            "allow_outside_paths": False,
+            "training": {"validation_sources": []},
+            "evaluation": {"enabled": False},
+        }
         before = {p for p in tmp_path.rglob("*")}
         proc = fu.run(work, cfg, "data", check=False)
     out = work / fu.OUT
@@ -95,8 +106,11 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
     for c in clips:
         by_id.setdefault(c["clip_id"], []).append(c)
     written = {work / "test-config.yaml", work / "results", work / ".snakemake"}
-    stray = sorted(str(p) for p in set(tmp_path.rglob("*")) - before
-                   if p not in written and not any(parent in written for parent in p.parents))
+    stray = sorted(
+        str(p)
+        for p in set(tmp_path.rglob("*")) - before
+        if p not in written and not any(parent in written for parent in p.parents)
+    )
     pwned = _markers(tmp_path, Path.cwd(), REPO)
 
     local = [c for c in clips if c["source"] == "mine"]
@@ -104,19 +118,36 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
     want_local = {os.fsdecode(n) if isinstance(n, bytes) else n: s for n, s in LOCAL_NAMES.items()}
     got_local = {c["clip_id"]: c["status"] for c in local}
     non_utf8 = [c for c in local if "\\xe9" in c["clip_id"]]
-    local_ok = (len(local) == len(LOCAL_NAMES) and len(non_utf8) == 1 and non_utf8[0]["status"] == "rejected"
-                and all(got_local.get(n) == s for n, s in want_local.items() if "latin1" not in n))
+    local_ok = (
+        len(local) == len(LOCAL_NAMES)
+        and len(non_utf8) == 1
+        and non_utf8[0]["status"] == "rejected"
+        and all(got_local.get(n) == s for n, s in want_local.items() if "latin1" not in n)
+    )
     escaped = by_id.get("speech/escape.wav", [{}])[0]
-    labels = {c["clip_id"]: c["labels"] for p in sorted((out / "manifests/mine").glob("*.json"))
-              for c in fu.read_json(p)["clips"]}
+    labels = {
+        c["clip_id"]: c["labels"]
+        for p in sorted((out / "manifests/mine").glob("*.json"))
+        for c in fu.read_json(p)["clips"]
+    }
     yt_status = sorted(c["status"] for c in youtube)
     # the quoted newline splits into two rows: 8 list rows in all, one ok
     yt_ok = yt_status == ["ok"] + ["rejected"] * 7 and all(
-        c["reason"] for c in youtube if c["status"] == "rejected")
-    dataset = fu.read_json(out / "dataset/manifest.json") if (out / "dataset/manifest.json").is_file() else {}
+        c["reason"] for c in youtube if c["status"] == "rejected"
+    )
+    dataset = (
+        fu.read_json(out / "dataset/manifest.json")
+        if (out / "dataset/manifest.json").is_file()
+        else {}
+    )
     for case, ok in (("local file names (12)", local_ok), ("list IDs (8 rows)", yt_ok)):
-        figures.record("hostile input", case, tried=1, survived=int(ok and proc.returncode == 0 and not pwned),
-                       lost=0 if ok else 1)
+        figures.record(
+            "hostile input",
+            case,
+            tried=1,
+            survived=int(ok and proc.returncode == 0 and not pwned),
+            lost=0 if ok else 1,
+        )
 
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert pwned == [], "a payload ran"
@@ -129,7 +160,9 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
     assert dataset["totals"]["ok"] == 10 + 1
     # the audio store holds plain names only (hashes for anything unsafe), all inside its folder
     stored = [p.name for p in (out / "audio").rglob("*.flac")]
-    assert len(stored) == 11 and all(p.isascii() and "/" not in p and not p.startswith("-") for p in stored)
+    assert len(stored) == 11 and all(
+        p.isascii() and "/" not in p and not p.startswith("-") for p in stored
+    )
 
 
 def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
@@ -155,14 +188,38 @@ def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
     results = {}
     for kind, path in files.items():
         out = tmp_path / f"emb-{kind.replace(' ', '_')}"
-        proc = subprocess.run([sys.executable, "-m", "dasheng_pipeline.evaluation.embeddings", "--task", str(hear_task), "--model", "evil",
-                               "--spec", json.dumps({"type": "checkpoint", "path": str(path)}), "--out", str(out)],
-                              capture_output=True, text=True, cwd=REPO, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dasheng_pipeline.evaluation.embeddings",
+                "--task",
+                str(hear_task),
+                "--model",
+                "evil",
+                "--spec",
+                json.dumps({"type": "checkpoint", "path": str(path)}),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
         written = [p.name for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
-        results[kind] = {"rc": proc.returncode, "error": proc.stderr.strip().splitlines()[-1:],
-                         "ran": marker.exists(), "written": written}
-        figures.record("hostile input", f"crafted pickle .pt ({kind})", tried=1,
-                       survived=int(proc.returncode != 0 and not marker.exists() and not written))
+        results[kind] = {
+            "rc": proc.returncode,
+            "error": proc.stderr.strip().splitlines()[-1:],
+            "ran": marker.exists(),
+            "written": written,
+        }
+        figures.record(
+            "hostile input",
+            f"crafted pickle .pt ({kind})",
+            tried=1,
+            survived=int(proc.returncode != 0 and not marker.exists() and not written),
+        )
     for kind, r in results.items():
         assert r["rc"] != 0 and not r["ran"] and r["written"] == [], (kind, r)
         assert str(files[kind]) in r["error"][0] and "refused to load" in r["error"][0], r["error"]
@@ -183,7 +240,9 @@ def _wrong_schema_files(folder: Path, shard: Path) -> dict[str, Path]:
     out = {}
     for name, tab in variants.items():
         path = folder / (name.replace(" ", "_") + ".parquet")
-        pq.write_table(tab.replace_schema_metadata(meta) if name != "no pipeline metadata" else tab, path)
+        pq.write_table(
+            tab.replace_schema_metadata(meta) if name != "no pipeline metadata" else tab, path
+        )
         out[name] = path
     return out
 
@@ -199,19 +258,30 @@ def test_wrong_schema_parquet_is_refused_before_training(tmp_path, reference, fi
     victim = dataset["shards"][0]
     results = {}
     for name, path in _wrong_schema_files(tmp_path, reference / victim["path"]).items():
-        doc = {**dataset, "shards": [{**victim, "path": str(path), "sha256": atomic.sha256_file(path)},
-                                     *dataset["shards"][1:]]}
+        doc = {
+            **dataset,
+            "shards": [
+                {**victim, "path": str(path), "sha256": atomic.sha256_file(path)},
+                *dataset["shards"][1:],
+            ],
+        }
         try:
             select_shards(doc, ["demo_valid"], reference, verify=True)
             results[name] = "accepted"
         except shards.ShardError as exc:
             results[name] = str(exc)
     for name, message in results.items():
-        figures.record("hostile input", f"wrong-schema Parquet ({name})", tried=1,
-                       survived=int(message.startswith(str(tmp_path))))
+        figures.record(
+            "hostile input",
+            f"wrong-schema Parquet ({name})",
+            tried=1,
+            survived=int(message.startswith(str(tmp_path))),
+        )
     assert "wrong schema: mel is fixed_size_list<" in results["mel as float32"]
-    assert "float>[64064], expected extension<arrow.fixed_shape_tensor[value_type=halffloat, shape=[64,1001]]>" \
+    assert (
+        "float>[64064], expected extension<arrow.fixed_shape_tensor[value_type=halffloat, shape=[64,1001]]>"
         in results["mel as float32"]
+    )
     assert "missing column(s) ['mel']" in results["mel column missing"]
     assert "not a shard of this pipeline" in results["no pipeline metadata"]
     assert all(m.startswith(str(tmp_path)) for m in results.values()), results
@@ -220,14 +290,29 @@ def test_wrong_schema_parquet_is_refused_before_training(tmp_path, reference, fi
 OUTSIDE_CASES = {  # config change → the key the error must name
     "out_dir": lambda w, o: {"out_dir": str(o / "results")},
     "out_dir (../)": lambda w, o: {"out_dir": "../escaped"},
-    "sources.yt.list": lambda w, o: {"sources": {"yt": {"type": "youtube", "list": str(o / "ids.csv")}}},
-    "sources.yt.cookies": lambda w, o: {"sources": {"yt": {"type": "youtube", "list": "ids.csv",
-                                                          "cookies": str(o / "cookies.txt")}}},
+    "sources.yt.list": lambda w, o: {
+        "sources": {"yt": {"type": "youtube", "list": str(o / "ids.csv")}}
+    },
+    "sources.yt.cookies": lambda w, o: {
+        "sources": {"yt": {"type": "youtube", "list": "ids.csv", "cookies": str(o / "cookies.txt")}}
+    },
     "sources.mine.root": lambda w, o: {"sources": {"mine": {"type": "local", "root": str(o)}}},
-    "sources.mine.root (a link)": lambda w, o: {"sources": {"mine": {"type": "local", "root": "link"}}},
-    "sources.mine.labels_csv": lambda w, o: {"sources": {"mine": {"type": "local", "root": "corpus", "labels": "csv",
-                                                                 "labels_csv": str(o / "labels.csv")}}},
-    "models.evil.path": lambda w, o: {"models": {"evil": {"type": "checkpoint", "path": str(o / "w.safetensors")}}},
+    "sources.mine.root (a link)": lambda w, o: {
+        "sources": {"mine": {"type": "local", "root": "link"}}
+    },
+    "sources.mine.labels_csv": lambda w, o: {
+        "sources": {
+            "mine": {
+                "type": "local",
+                "root": "corpus",
+                "labels": "csv",
+                "labels_csv": str(o / "labels.csv"),
+            }
+        }
+    },
+    "models.evil.path": lambda w, o: {
+        "models": {"evil": {"type": "checkpoint", "path": str(o / "w.safetensors")}}
+    },
 }
 
 
@@ -243,15 +328,27 @@ def test_config_pointing_outside_is_refused(tmp_path, figures):
         (work / "ids.csv").write_text("# YTID, start_seconds, end_seconds, positive_labels\n")
         (work / "corpus").mkdir()
         (work / "link").symlink_to(outside)
-        base = {"sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}}, "allow_outside_paths": False}
+        base = {
+            "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
+            "allow_outside_paths": False,
+        }
         cfg = {**base, **change(work, outside)}
         proc = fu.run(work, cfg, "-n", "all", check=False)
         key = case.split(" ")[0]
         text = proc.stdout + proc.stderr
-        results[case] = proc.returncode != 0 and f"config key {key}:" in text and "allow_outside_paths is false" in text
-        figures.record("hostile input", f"outside path: {case}", tried=1, survived=int(results[case]))
+        results[case] = (
+            proc.returncode != 0
+            and f"config key {key}:" in text
+            and "allow_outside_paths is false" in text
+        )
+        figures.record(
+            "hostile input", f"outside path: {case}", tried=1, survived=int(results[case])
+        )
     # the same first config with allow_outside_paths: true is accepted
-    first = {"sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}}, "out_dir": str(outside / "results")}
+    first = {
+        "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
+        "out_dir": str(outside / "results"),
+    }
     allowed = fu.run(tmp_path / "w0", first, "-n", "all", check=False)
     assert results == {k: True for k in OUTSIDE_CASES}, results
     assert allowed.returncode == 0, allowed.stderr[-3000:]

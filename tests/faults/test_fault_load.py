@@ -14,10 +14,9 @@ import re
 import time
 from pathlib import Path
 
+import fault_util as fu
 import psutil
 import pytest
-
-import fault_util as fu
 
 pytestmark = pytest.mark.slow
 
@@ -48,24 +47,31 @@ def _progress(log: Path) -> int:
         text = log.read_text(errors="replace")
     except FileNotFoundError:
         return 0
-    done = re.findall(r"\| *(\d+)/%d \[" % CLIPS, text)
+    done = re.findall(rf"\| *(\d+)/{CLIPS} \[", text)
     return int(done[-1]) if done else 0
 
 
 def test_mel_job_on_10000_clips_has_flat_memory(tmp_path, figures):
     work = tmp_path / "w"
     _corpus(work / "corpus")
-    cfg = {"sources": {"load": {"type": "local", "root": "corpus", "chunk_size": CLIPS}},
-           "audio": {"keep_audio": False, "decode_threads": 3}, "shards": {"max_rows": 1000},
-           "training": {"validation_sources": []}, "evaluation": {"enabled": False}}
+    cfg = {
+        "sources": {"load": {"type": "local", "root": "corpus", "chunk_size": CLIPS}},
+        "audio": {"keep_audio": False, "decode_threads": 3},
+        "shards": {"max_rows": 1000},
+        "training": {"validation_sources": []},
+        "evaluation": {"enabled": False},
+    }
     log = work / fu.OUT / "logs/features/load/00000.log"
     proc = fu.start(work, cfg, "data")
     samples: list[tuple[int, int]] = []  # (clips done, RSS MiB) of the mel job
     t0 = time.monotonic()
     try:
         while proc.poll() is None:
-            jobs = [p for p in fu.session_processes(proc.pid) if "dasheng_pipeline.features.mel" in fu.cmdline(p)
-                    and "bash" not in p.name()]
+            jobs = [
+                p
+                for p in fu.session_processes(proc.pid)
+                if "dasheng_pipeline.features.mel" in fu.cmdline(p) and "bash" not in p.name()
+            ]
             for job in jobs:
                 try:
                     samples.append((_progress(log), job.memory_info().rss >> 20))
@@ -89,14 +95,33 @@ def test_mel_job_on_10000_clips_has_flat_memory(tmp_path, figures):
     growth = loop_peak - peak_at[CHECKPOINTS[0]]
     lost = CLIPS - statuses.count("ok")
     flat = growth < MAX_GROWTH_MIB
-    figures.record("load", f"mel job on {CLIPS} clips", tried=1, survived=int(lost == 0 and flat), lost=lost,
-                   peak_rss_mib=" / ".join([*(f"{rss} by {n}" for n, rss in peak_at.items()),
-                                            f"{loop_peak} by the last clip"]),
-                   job_peak_mib=job_peak, growth_mib=growth, seconds=round(seconds))
+    figures.record(
+        "load",
+        f"mel job on {CLIPS} clips",
+        tried=1,
+        survived=int(lost == 0 and flat),
+        lost=lost,
+        peak_rss_mib=" / ".join(
+            [*(f"{rss} by {n}" for n, rss in peak_at.items()), f"{loop_peak} by the last clip"]
+        ),
+        job_peak_mib=job_peak,
+        growth_mib=growth,
+        seconds=round(seconds),
+    )
     raw = tmp_path.parent / "fault-load-rss.json"
-    raw.write_text(json.dumps({"clips": CLIPS, "samples": samples, "peak_at": peak_at, "loop_peak": loop_peak,
-                               "job_peak": job_peak},
-                              indent=None) + "\n")
+    raw.write_text(
+        json.dumps(
+            {
+                "clips": CLIPS,
+                "samples": samples,
+                "peak_at": peak_at,
+                "loop_peak": loop_peak,
+                "job_peak": job_peak,
+            },
+            indent=None,
+        )
+        + "\n"
+    )
     figures.attach(raw)
     figures.attach(_plot(samples, tmp_path.parent / "fault-load-rss.png"))
 
@@ -115,11 +140,23 @@ def _plot(samples: list[tuple[int, int]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.plot([d for d, _ in samples], [r for _, r in samples], ".", ms=3, label="mel job (sampled every 0.25 s)")
+    ax.plot(
+        [d for d, _ in samples],
+        [r for _, r in samples],
+        ".",
+        ms=3,
+        label="mel job (sampled every 0.25 s)",
+    )
     settled = max((r for d, r in samples if 0 < d <= CHECKPOINTS[0]), default=0)
     kept = 64 * 1001 * 2 / 2**20  # MiB of one float16 window
-    ax.plot([0, CLIPS], [settled, settled + CLIPS * kept], "--", color="grey", lw=1,
-            label="if every window were kept")
+    ax.plot(
+        [0, CLIPS],
+        [settled, settled + CLIPS * kept],
+        "--",
+        color="grey",
+        lw=1,
+        label="if every window were kept",
+    )
     ax.set_xlabel("clips done by the mel job")
     ax.set_ylabel("resident memory (MiB)")
     ax.set_ylim(0, max(settled + CLIPS * kept, max(r for _, r in samples)) * 1.1)

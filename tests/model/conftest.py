@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_testutil import trained_like
 
 from dasheng_model.encoder import DashengEncoder
-
-from model_testutil import trained_like
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,9 @@ def trained_like(encoder: DashengEncoder, seed: int = 0) -> DashengEncoder:
     return encoder.eval()
 
 
-def explicit_attention(attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def explicit_attention(
+    attn: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The textbook q·kᵀ → softmax → ·v computation with the same weights (a reference for SDPA)."""
     B, N, D = x.shape
     H = attn.num_heads

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from dasheng.pretrained import pretrained  # the official package (dev extra): the test oracle
+from model_testutil import noise, trained_like
 from safetensors import safe_open
 
 from dasheng_model.checkpoint import (
@@ -22,16 +23,23 @@ from dasheng_model.checkpoint import (
 from dasheng_model.encoder import DashengEncoder, EncoderConfig
 from dasheng_model.mae import MaskedAutoencoder
 
-from model_testutil import noise, trained_like
-
 
 def official_file(encoder: DashengEncoder, path, config: dict | None = None):
     """Write ``encoder`` in the release's layout: torch.save({'model': state_dict, 'config': kwargs})."""
     c = encoder.config
-    config = config if config is not None else {
-        "embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads,
-        "patch_size": (64, 4), "patch_stride": (64, 4), "target_length": 1008, "pooling": "mean",
-    }
+    config = (
+        config
+        if config is not None
+        else {
+            "embed_dim": c.embed_dim,
+            "depth": c.depth,
+            "num_heads": c.num_heads,
+            "patch_size": (64, 4),
+            "patch_stride": (64, 4),
+            "target_length": 1008,
+            "pooling": "mean",
+        }
+    )
     torch.save({"model": encoder.state_dict(), "config": config}, path)
     return path
 
@@ -47,26 +55,47 @@ def test_encoder_round_trip_is_bit_exact(tmp_path, tiny):
     wav = noise(2, 2.0)
     with torch.no_grad():
         assert torch.equal(tiny(wav), loaded(wav))
-    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert [p.name for p in tmp_path.iterdir()] and not [
+        p for p in tmp_path.iterdir() if ".tmp-" in p.name
+    ]
 
 
 def test_metadata_and_sidecar_carry_config_and_provenance(tmp_path, tiny):
-    prov = {"config_hash": "0123456789abcdef", "seed": 3, "versions": {"torch": "2.11.0"}, "git_sha": "abc"}
+    prov = {
+        "config_hash": "0123456789abcdef",
+        "seed": 3,
+        "versions": {"torch": "2.11.0"},
+        "git_sha": "abc",
+    }
     path = save_checkpoint(tiny, tmp_path / "enc.safetensors", provenance=prov)
     meta = read_metadata(path)
     assert meta["provenance"] == prov
     assert meta["config"]["kind"] == "encoder" and meta["config"]["size"] == "tiny"
-    assert meta["config"]["encoder"] == {"embed_dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 4.0}
+    assert meta["config"]["encoder"] == {
+        "embed_dim": 192,
+        "depth": 6,
+        "num_heads": 3,
+        "mlp_ratio": 4.0,
+    }
     assert meta["config"]["mel"]["hop_length"] == 160
     side = json.loads((tmp_path / "enc.json").read_text())
-    assert side["provenance"] == prov and side["config"] == meta["config"] and side["weights"] == "enc.safetensors"
+    assert (
+        side["provenance"] == prov
+        and side["config"] == meta["config"]
+        and side["weights"] == "enc.safetensors"
+    )
     assert side["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == set(tiny.state_dict())
     # default provenance (the library alone): a hash of the model config, the seed, the versions
-    default = read_metadata(save_checkpoint(tiny, tmp_path / "b.safetensors", seed=11))["provenance"]
+    default = read_metadata(save_checkpoint(tiny, tmp_path / "b.safetensors", seed=11))[
+        "provenance"
+    ]
     assert default["seed"] == 11 and set(default) == {"config_hash", "seed", "versions", "git_sha"}
-    assert default["versions"]["torch"] == torch.__version__.split("+")[0] and default["git_sha"] is None
+    assert (
+        default["versions"]["torch"] == torch.__version__.split("+")[0]
+        and default["git_sha"] is None
+    )
 
 
 def test_mae_round_trip_and_encoder_export(tmp_path):
@@ -91,7 +120,12 @@ def test_official_format_loads_strictly(tmp_path, tiny):
     # a bare state dict, and a config without num_heads (heads then come from the size table)
     torch.save(tiny.state_dict(), tmp_path / "bare.pt")
     assert load_encoder(tmp_path / "bare.pt").config == tiny.config
-    assert load_official(official_file(tiny, tmp_path / "noheads.pt", {}), ).config == tiny.config
+    assert (
+        load_official(
+            official_file(tiny, tmp_path / "noheads.pt", {}),
+        ).config
+        == tiny.config
+    )
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny):
@@ -112,7 +146,10 @@ def test_wrong_size_names_the_size_that_fits(tmp_path, tiny):
     with pytest.raises(CheckpointError) as err:
         load_encoder(path, size="base")
     msg = str(err.value)
-    assert "size 'base'" in msg and "its shapes fit size 'tiny' (embed_dim 192, depth 6, 3 heads)" in msg
+    assert (
+        "size 'base'" in msg
+        and "its shapes fit size 'tiny' (embed_dim 192, depth 6, 3 heads)" in msg
+    )
     assert "patch_embed.proj.weight (192, 1, 64, 4) (model: (768, 1, 64, 4))" in msg
     assert "72 missing keys: blocks.6.attn.proj.bias, blocks.6.attn.proj.weight" in msg
     ours = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
@@ -147,7 +184,11 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, tiny):
         load_encoder(path)
     assert not target.exists()
     # the same payload in a legacy (non-zip) pickle file
-    torch.save({"model": _Exploit(target)}, tmp_path / "evil_legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save(
+        {"model": _Exploit(target)},
+        tmp_path / "evil_legacy.pt",
+        _use_new_zipfile_serialization=False,
+    )
     with pytest.raises(CheckpointError, match="refused to load"):
         load_encoder(tmp_path / "evil_legacy.pt")
     assert not target.exists()
@@ -156,7 +197,10 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, tiny):
     assert target.exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", b"hello"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"PK\x03\x04 truncated zip", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", b"hello"],
+)
 def test_corrupt_files_raise_checkpoint_errors(tmp_path, content):
     path = tmp_path / "broken.safetensors"
     path.write_bytes(content)
@@ -185,9 +229,14 @@ def test_official_implementation_equivalence(tmp_path):
         for p in official.parameters():  # biases and LayerNorms away from their init values
             p.add_(torch.randn_like(p) * 0.02)
     path = tmp_path / "official_tiny.pt"
-    torch.save({"model": official.state_dict(), "config": {"embed_dim": 192, "depth": 6, "num_heads": 3}}, path)
+    torch.save(
+        {"model": official.state_dict(), "config": {"embed_dim": 192, "depth": 6, "num_heads": 3}},
+        path,
+    )
     ours = load_encoder(path)
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in official.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == sum(
+        p.numel() for p in official.parameters()
+    )
     official.eval()
 
     wav = noise(3, 23.5, seed=2)  # long: three chunks of ≤ 252 tokens
@@ -209,7 +258,11 @@ def test_official_base_parameter_count_and_keys():
     official = pretrained.Dasheng(embed_dim=768, depth=12, num_heads=12)
     with torch.device("meta"):
         ours = DashengEncoder("base")
-    assert sum(p.numel() for p in official.parameters()) == sum(p.numel() for p in ours.parameters()) == 85_447_808
+    assert (
+        sum(p.numel() for p in official.parameters())
+        == sum(p.numel() for p in ours.parameters())
+        == 85_447_808
+    )
     assert {k: tuple(v.shape) for k, v in official.state_dict().items()} == {
         k: tuple(v.shape) for k, v in ours.state_dict().items()
     }

@@ -6,12 +6,17 @@ import copy
 
 import pytest
 import torch
+from model_testutil import explicit_attention, noise
 
 from dasheng_model import encoder as encoder_module
-from dasheng_model.encoder import MAX_TOKENS, SIZES, DashengEncoder, count_parameters, key_padding_mask
+from dasheng_model.encoder import (
+    MAX_TOKENS,
+    SIZES,
+    DashengEncoder,
+    count_parameters,
+    key_padding_mask,
+)
 from dasheng_model.frontend import LogMel
-
-from model_testutil import explicit_attention, noise
 
 
 def run(encoder, *args, **kwargs):
@@ -38,18 +43,35 @@ def test_parameter_counts_match_the_release():
     assert count_parameters("0.6B") == 630_333_568
     assert count_parameters("1.2B") == 1_134_047_360
     assert count_parameters("tiny") == 2_767_616
-    assert SIZES["0.6B"].embed_dim == 1280 and SIZES["1.2B"].num_heads == 24 and SIZES["base"].depth == 12
+    assert (
+        SIZES["0.6B"].embed_dim == 1280
+        and SIZES["1.2B"].num_heads == 24
+        and SIZES["base"].depth == 12
+    )
 
 
 def test_release_key_names(tiny):
     keys = set(tiny.state_dict())
     for key in [
-        "front_end.0.spectrogram.window", "front_end.0.mel_scale.fb", "init_bn.1.running_var",
-        "init_bn.1.num_batches_tracked", "patch_embed.proj.weight", "time_pos_embed", "freq_pos_embed",
-        "blocks.5.attn.qkv.bias", "blocks.5.attn.proj.weight", "blocks.0.mlp.fc2.weight", "norm.bias",
+        "front_end.0.spectrogram.window",
+        "front_end.0.mel_scale.fb",
+        "init_bn.1.running_var",
+        "init_bn.1.num_batches_tracked",
+        "patch_embed.proj.weight",
+        "time_pos_embed",
+        "freq_pos_embed",
+        "blocks.5.attn.qkv.bias",
+        "blocks.5.attn.proj.weight",
+        "blocks.0.mlp.fc2.weight",
+        "norm.bias",
     ]:
         assert key in keys
-    assert tiny.time_pos_embed.shape == (1, 192, 1, 252) and tiny.freq_pos_embed.shape == (1, 192, 1, 1)
+    assert tiny.time_pos_embed.shape == (1, 192, 1, 252) and tiny.freq_pos_embed.shape == (
+        1,
+        192,
+        1,
+        1,
+    )
     assert len(keys) == 2 + 5 + 2 + 2 + 12 * 6 + 2
 
 
@@ -60,7 +82,9 @@ def test_sdpa_attention_equals_explicit_softmax(tiny):
     with torch.no_grad():
         torch.testing.assert_close(attn(x), explicit_attention(attn, x), atol=1e-5, rtol=1e-5)
         mask = key_padding_mask(valid)
-        torch.testing.assert_close(attn(x, mask), explicit_attention(attn, x, mask), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            attn(x, mask), explicit_attention(attn, x, mask), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_long_input_equals_each_chunk_alone(tiny):
@@ -70,22 +94,28 @@ def test_long_input_equals_each_chunk_alone(tiny):
     assert whole.shape == (2, 625, 192)
     for start in (0, MAX_TOKENS, 2 * MAX_TOKENS):
         stop = min(start + MAX_TOKENS, 625)
-        alone = run_mel(tiny, mel[..., 4 * start: 4 * stop])  # positions restart at 0
+        alone = run_mel(tiny, mel[..., 4 * start : 4 * stop])  # positions restart at 0
         torch.testing.assert_close(whole[:, start:stop], alone, atol=1e-5, rtol=1e-5)
     # the chunks really are independent: a chunk alone differs from the same span inside a longer chunk
-    assert not torch.allclose(whole[:, 252:300], run_mel(tiny, mel[..., : 4 * 300])[:, 252:300], atol=1e-3)
+    assert not torch.allclose(
+        whole[:, 252:300], run_mel(tiny, mel[..., : 4 * 300])[:, 252:300], atol=1e-3
+    )
 
 
 def test_an_item_does_not_depend_on_its_batch_mates(tiny):
     a = noise(1, 23.0, seed=4)
-    mates = torch.cat([noise(1, 23.0, seed=5, scale=3.0), torch.zeros(1, 368000), noise(1, 23.0, seed=6)])
+    mates = torch.cat(
+        [noise(1, 23.0, seed=5, scale=3.0), torch.zeros(1, 368000), noise(1, 23.0, seed=6)]
+    )
     alone = run(tiny, a)
     for position in range(4):
         batch = torch.cat([mates[:position], a, mates[position:]])
         torch.testing.assert_close(run(tiny, batch)[position], alone[0], atol=1e-5, rtol=1e-5)
         lengths = torch.tensor([368000, 200000, 368000, 1000])
         lengths[position] = 368000
-        torch.testing.assert_close(run(tiny, batch, lengths)[position], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            run(tiny, batch, lengths)[position], alone[0], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_padded_item_equals_the_unpadded_one(tiny):
@@ -102,7 +132,9 @@ def test_padded_item_equals_the_unpadded_one(tiny):
 def test_padded_item_across_chunks(tiny):
     mel = LogMel()(noise(1, 12.0, seed=9))  # 300 tokens: a full chunk and 48 more
     alone = run_mel(tiny, mel)
-    padded = torch.cat([mel, torch.randn(1, 64, 1600) * 50], dim=-1)  # 700 tokens, two chunks only padding
+    padded = torch.cat(
+        [mel, torch.randn(1, 64, 1600) * 50], dim=-1
+    )  # 700 tokens, two chunks only padding
     out = run_mel(tiny, padded, torch.tensor([1201]))
     assert torch.isfinite(out).all()  # chunks made only of padding stay finite
     torch.testing.assert_close(out[0, :300], alone[0], atol=1e-5, rtol=1e-5)
@@ -112,7 +144,7 @@ def test_waveform_padding_content_does_not_leak(tiny):
     wav = noise(1, 4.0, seed=10)
     L = 2 * 16000  # 50 real tokens; their frames read samples up to 50·640 + 96
     a, b = wav.clone(), wav.clone()
-    b[:, L + 256:] = noise(1, 4.0, seed=11)[:, L + 256:]
+    b[:, L + 256 :] = noise(1, 4.0, seed=11)[:, L + 256 :]
     out_a, out_b = run(tiny, a, torch.tensor([L])), run(tiny, b, torch.tensor([L]))
     torch.testing.assert_close(out_a[:, :50], out_b[:, :50], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(run(tiny, a)[:, :50], run(tiny, b)[:, :50], atol=1e-3)
@@ -196,9 +228,13 @@ def test_shard_window_with_valid_frames_equals_the_clip_alone(tiny):
     out = run_mel(tiny, window, torch.tensor([481]))
     alone = run(tiny, clip)
     assert alone.shape[1] == 120
-    torch.testing.assert_close(out[:, :120], alone, atol=0.05, rtol=0)  # float16 storage of dB values
+    torch.testing.assert_close(
+        out[:, :120], alone, atol=0.05, rtol=0
+    )  # float16 storage of dB values
     exact = run_mel(tiny, window.float(), torch.tensor([481]))
-    torch.testing.assert_close(exact[:, :120], run_mel(tiny, mel.half().float()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        exact[:, :120], run_mel(tiny, mel.half().float()), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.skipif(not encoder_module._ONEDNN, reason="this torch build has no oneDNN linear ops")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torchaudio
+from model_testutil import noise
 
 from dasheng_model.frontend import MEL_PARAMS, LogMel, MelBatchNorm
-
-from model_testutil import noise
 
 
 def reference_db(wav: torch.Tensor) -> torch.Tensor:
@@ -31,9 +30,17 @@ def test_state_dict_keys_are_the_release_names():
     keys = set(LogMel().state_dict())
     assert keys == {"0.spectrogram.window", "0.mel_scale.fb"}
     assert set(MelBatchNorm().state_dict()) == {
-        "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+        "1.num_batches_tracked",
     }
-    assert MEL_PARAMS["n_mels"] == 64 and MEL_PARAMS["hop_length"] == 160 and MEL_PARAMS["top_db"] == 120
+    assert (
+        MEL_PARAMS["n_mels"] == 64
+        and MEL_PARAMS["hop_length"] == 160
+        and MEL_PARAMS["top_db"] == 120
+    )
 
 
 def test_top_db_is_per_clip_not_per_batch():
@@ -49,10 +56,14 @@ def test_top_db_is_per_clip_not_per_batch():
     # each clip is clamped at its own peak − 120 dB
     alone_gappy = front(gappy)[0]
     assert torch.isclose(alone_gappy.min(), alone_gappy.max() - 120)
-    assert torch.all(together[2] == -100.0)  # silence alone: 10·log10(1e-10), not raised by the loud clip
+    assert torch.all(
+        together[2] == -100.0
+    )  # silence alone: 10·log10(1e-10), not raised by the loud clip
     # the quirk this guards against: torchaudio's clamp over a 3-D batch uses the batch's peak
     batch_db = torchaudio.transforms.AmplitudeToDB(top_db=120)(front[0](batch))
-    assert not torch.allclose(batch_db[1], together[1]) and not torch.allclose(batch_db[2], together[2])
+    assert not torch.allclose(batch_db[1], together[1]) and not torch.allclose(
+        batch_db[2], together[2]
+    )
 
 
 def test_front_end_ignores_autocast():
@@ -88,4 +99,3 @@ def test_init_bn_full_batch_is_plain_batchnorm():
     ref = torch.nn.BatchNorm2d(64, momentum=0.01).train()
     out = bn(mel, torch.tensor([50, 50, 50]))
     torch.testing.assert_close(out, ref(mel[:, None].transpose(1, 2)).transpose(1, 2)[:, 0])
-

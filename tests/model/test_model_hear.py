@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from model_testutil import noise
 
 from dasheng_model import hear
 from dasheng_model.checkpoint import save_checkpoint
 from dasheng_model.embed import embed, embed_layers, embed_mel, frame_times_ms
 from dasheng_model.frontend import LogMel
-
-from model_testutil import noise
 
 
 def test_embed_frames_and_clip_mean(tiny):
@@ -32,7 +31,9 @@ def test_clip_embedding_excludes_padding(tiny):
     assert torch.all(out.frames[1, 50:] == 0)
     torch.testing.assert_close(out.clip[1], out.frames[1, :50].mean(dim=0))
     # equal to the item cut to its length, up to the last frames' view of the padding
-    alone = embed(tiny, wav[1:, :32000 + 256])  # the frames of 50 tokens see 96 samples past the cut
+    alone = embed(
+        tiny, wav[1:, : 32000 + 256]
+    )  # the frames of 50 tokens see 96 samples past the cut
     torch.testing.assert_close(out.frames[1, :50], alone.frames[0, :50], atol=1e-5, rtol=1e-5)
     mel = embed_mel(tiny, LogMel()(wav), valid_frames=torch.tensor([401, 201]))
     assert mel.num_frames.tolist() == [100, 50]
@@ -45,14 +46,17 @@ def test_bf16_embeddings_agree_with_fp32(tiny):
     bf16 = embed(tiny, wav, lengths=lengths, dtype="bf16")
     assert bf16.frames.dtype == bf16.clip.dtype == torch.float32
     assert not torch.equal(bf16.frames, fp32.frames)  # autocast really ran
-    assert bf16.num_frames.tolist() == fp32.num_frames.tolist() and torch.all(bf16.frames[2, 100:] == 0)
+    assert bf16.num_frames.tolist() == fp32.num_frames.tolist() and torch.all(
+        bf16.frames[2, 100:] == 0
+    )
     frames = torch.nn.functional.cosine_similarity(bf16.frames[0], fp32.frames[0], dim=-1)
     assert frames.min() > 0.995
     assert torch.nn.functional.cosine_similarity(bf16.clip, fp32.clip, dim=-1).min() > 0.9999
     # the other spellings, and the log-mel entry point
     assert torch.equal(embed(tiny, wav, lengths=lengths, dtype=torch.bfloat16).frames, bf16.frames)
-    torch.testing.assert_close(embed(tiny, wav, lengths=lengths, dtype=torch.float32).frames, fp32.frames,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        embed(tiny, wav, lengths=lengths, dtype=torch.float32).frames, fp32.frames, atol=0, rtol=0
+    )
     mel = embed_mel(tiny, LogMel()(wav), valid_frames=lengths // 160 // 4 * 4, dtype="bf16")
     torch.testing.assert_close(mel.clip, bf16.clip, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="unsupported dtype 'fp16': expected 'fp32' or 'bf16'"):
@@ -72,7 +76,9 @@ def test_bf16_weight_cache_equals_plain_autocast_and_follows_the_weights(tiny):
         encoder.blocks[1].mlp.fc1.weight.mul_(1.5)  # an in-place update: the cached cast is stale
     assert torch.equal(embed(encoder, wav, dtype="bf16").frames, plain())
     encoder.load_state_dict(tiny.state_dict())
-    assert torch.equal(embed(encoder, wav, dtype="bf16").frames, embed(tiny, wav, dtype="bf16").frames)
+    assert torch.equal(
+        embed(encoder, wav, dtype="bf16").frames, embed(tiny, wav, dtype="bf16").frames
+    )
 
 
 def test_embed_restores_training_mode(tiny):
@@ -107,10 +113,14 @@ def test_model_attributes(hear_model):
 
 @pytest.mark.parametrize("seconds", [1.07, 1.98, 4.0])
 def test_validator_timestamp_checks(hear_model, seconds):
-    audio = torch.rand(3, int(seconds * 16000)) * 2 - 1  # white noise in [-1, 1], as the validator's
+    audio = (
+        torch.rand(3, int(seconds * 16000)) * 2 - 1
+    )  # white noise in [-1, 1], as the validator's
     emb, ts = hear.get_timestamp_embeddings(audio, hear_model)
     assert emb.dtype == torch.float32 and ts.dtype == torch.float32
-    assert emb.ndim == 3 and emb.shape[0] == 3 and emb.shape[2] == hear_model.timestamp_embedding_size
+    assert (
+        emb.ndim == 3 and emb.shape[0] == 3 and emb.shape[2] == hear_model.timestamp_embedding_size
+    )
     assert ts.shape == emb.shape[:2]
     hops = torch.diff(ts, dim=1)
     assert torch.all((hops - hops.mean()).abs() <= 1.0)  # regular within 1 ms
@@ -132,7 +142,9 @@ def test_validator_scene_checks(hear_model):
 def test_batches_larger_than_the_model_batch(hear_model):
     audio = noise(5, 1.0)
     small = hear.HearModel(hear_model.encoder, batch_size=2)
-    torch.testing.assert_close(hear.get_scene_embeddings(audio, small), hear.get_scene_embeddings(audio, hear_model))
+    torch.testing.assert_close(
+        hear.get_scene_embeddings(audio, small), hear.get_scene_embeddings(audio, hear_model)
+    )
 
 
 def test_load_model_paths(tmp_path, tiny):
@@ -144,7 +156,10 @@ def test_load_model_paths(tmp_path, tiny):
     audio = noise(2, 1.5)
     torch.testing.assert_close(hear.get_scene_embeddings(audio, model), embed(tiny, audio).clip)
     # random weights: the same every time for a size
-    a, b = hear.load_model("random:tiny", device="cpu"), hear.load_model("random:tiny", device="cpu")
+    a, b = (
+        hear.load_model("random:tiny", device="cpu"),
+        hear.load_model("random:tiny", device="cpu"),
+    )
     assert torch.equal(a.encoder.patch_embed.proj.weight, b.encoder.patch_embed.proj.weight)
     with pytest.raises(ValueError, match="unknown size"):
         hear.load_model("random:huge")
@@ -155,7 +170,9 @@ def test_load_model_bf16(tiny):
     audio = noise(2, 1.5)
     scene = hear.get_scene_embeddings(audio, model)
     assert model.dtype == "bf16" and scene.dtype == torch.float32
-    torch.testing.assert_close(scene, embed(model.encoder, audio, dtype="bf16").clip, atol=0, rtol=0)
+    torch.testing.assert_close(
+        scene, embed(model.encoder, audio, dtype="bf16").clip, atol=0, rtol=0
+    )
     assert not torch.equal(scene, embed(model.encoder, audio).clip)
     with pytest.raises(ValueError, match="unsupported dtype"):
         hear.load_model("random:tiny", device="cpu", dtype="int8")
@@ -197,12 +214,22 @@ def test_layers_are_the_outputs_of_a_truncated_encoder(tiny, tmp_path):
     torch.testing.assert_close(layers[-1].frames, embed_mel(tiny, mel, valid).frames)
     torch.testing.assert_close(embed(tiny, wav, layer=6).frames, embed(tiny, wav).frames)
     mean = embed(tiny, wav, lengths=lengths, layer="mean")
-    torch.testing.assert_close(mean.frames, torch.stack([embed(tiny, wav, lengths=lengths, layer=k).frames
-                                                         for k in range(1, 7)]).mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        mean.frames,
+        torch.stack([embed(tiny, wav, lengths=lengths, layer=k).frames for k in range(1, 7)]).mean(
+            0
+        ),
+        atol=1e-6,
+        rtol=1e-5,
+    )
     path = save_checkpoint(tiny, tmp_path / "tiny.safetensors")
     model = hear.load_model(str(path), device="cpu", layer="2")
-    torch.testing.assert_close(hear.get_scene_embeddings(wav[:, :32000], model),
-                               embed(tiny, wav[:, :32000], layer=2).clip, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        hear.get_scene_embeddings(wav[:, :32000], model),
+        embed(tiny, wav[:, :32000], layer=2).clip,
+        atol=1e-5,
+        rtol=1e-5,
+    )
     for bad in (0, 7, "first", True):
         with pytest.raises(ValueError, match=r"expected 'last', 'mean' or a block number 1\.\.6"):
             embed(tiny, wav, layer=bad)

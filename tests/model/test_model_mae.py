@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_testutil import noise
 
 from dasheng_model.frontend import LogMel
 from dasheng_model.mae import DECODERS, MaskedAutoencoder, group_masking, masked_mse, patchify
-
-from model_testutil import noise
 
 
 def masking(valid, n, seed=0, ratio=0.75):
@@ -33,10 +32,16 @@ def test_exactly_75_percent_masked_in_pairs():
 
 
 def test_masking_is_reproducible_with_a_seed():
-    a, b, c = masking([250] * 4, 250, seed=1), masking([250] * 4, 250, seed=1), masking([250] * 4, 250, seed=2)
+    a, b, c = (
+        masking([250] * 4, 250, seed=1),
+        masking([250] * 4, 250, seed=1),
+        masking([250] * 4, 250, seed=2),
+    )
     assert torch.equal(a.masked, b.masked) and torch.equal(a.keep, b.keep)
     assert not torch.equal(a.masked, c.masked)
-    assert (a.masked.sum(dim=1) == 250 - 62).all()  # 125 pairs, 31 kept: 62 visible as in the release
+    assert (
+        a.masked.sum(dim=1) == 250 - 62
+    ).all()  # 125 pairs, 31 kept: 62 visible as in the release
 
 
 def test_restore_puts_kept_tokens_first():
@@ -68,13 +73,18 @@ def test_loss_ignores_visible_tokens():
     assert masked_mse(pred, changed, masked) != loss
     # per-token normalised target: (x - mean) / sqrt(var + 1e-6)
     t = target[:, ::3]
-    ref = ((pred[:, ::3] - (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()) ** 2).mean()
+    ref = (
+        (pred[:, ::3] - (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt())
+        ** 2
+    ).mean()
     torch.testing.assert_close(loss, ref)
 
 
 def test_patchify_orders_values_as_unfold():
     mel = torch.randn(2, 64, 1001)
-    ref = torch.nn.functional.unfold(mel[:, None], kernel_size=(64, 4), stride=(64, 4)).transpose(1, 2)
+    ref = torch.nn.functional.unfold(mel[:, None], kernel_size=(64, 4), stride=(64, 4)).transpose(
+        1, 2
+    )
     assert torch.equal(patchify(mel), ref)
     assert patchify(mel).shape == (2, 250, 256)
 
@@ -93,7 +103,10 @@ def test_mae_forward_shapes_and_targets(tiny_mae):
     assert out.masked.sum().item() == 2 * (250 - 62)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
-    assert tiny_mae.encoder.time_pos_embed.grad is not None and tiny_mae.decoder.mask_token.grad is not None
+    assert (
+        tiny_mae.encoder.time_pos_embed.grad is not None
+        and tiny_mae.decoder.mask_token.grad is not None
+    )
     tiny_mae.zero_grad()
 
 

@@ -13,7 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dasheng_model.checkpoint import CheckpointError, save_checkpoint
-from dasheng_model.pretrained import dasheng_base, load, load_hf, parse_random, random_encoder, save_hf, weights_sha256
+from dasheng_model.pretrained import (
+    dasheng_base,
+    load,
+    load_hf,
+    parse_random,
+    random_encoder,
+    save_hf,
+    weights_sha256,
+)
 
 
 def _same(a, b):
@@ -28,11 +36,21 @@ def test_every_format_of_the_same_weights_loads_the_same_encoder(tmp_path):
     ours = save_checkpoint(encoder, tmp_path / "tiny.safetensors")
     hf = save_hf(encoder, tmp_path / "hf")
     keys = load_file(str(hf / "model.safetensors")).keys()
-    assert all(k.startswith("encoder.") for k in keys) and not any(k.startswith("encoder.front_end") for k in keys)
-    assert json.loads((hf / "config.json").read_text())["encoder_kwargs"] == {"embed_dim": 192, "depth": 6, "num_heads": 3}
+    assert all(k.startswith("encoder.") for k in keys) and not any(
+        k.startswith("encoder.front_end") for k in keys
+    )
+    assert json.loads((hf / "config.json").read_text())["encoder_kwargs"] == {
+        "embed_dim": 192,
+        "depth": 6,
+        "num_heads": 3,
+    }
     for spec in (official, ours, hf, hf / "model.safetensors", "random:tiny:2"):
         assert _same(load(spec), encoder), spec
-    assert weights_sha256("random:tiny:2") == weights_sha256("random:tiny:2", encoder) != weights_sha256("random:tiny")
+    assert (
+        weights_sha256("random:tiny:2")
+        == weights_sha256("random:tiny:2", encoder)
+        != weights_sha256("random:tiny")
+    )
     assert weights_sha256(hf) == hashlib.sha256((hf / "model.safetensors").read_bytes()).hexdigest()
 
 
@@ -46,7 +64,9 @@ def test_hugging_face_folders_with_a_head_or_without_config(tmp_path, caplog):
         assert _same(load_hf(hf), encoder)
     assert "left out 1 keys outside the encoder (outputlayer.weight" in caplog.text
     (hf / "config.json").write_text('{"encoder_kwargs": {"embed_dim": 192}}')
-    with pytest.raises(CheckpointError, match="config.json: expected a JSON object with encoder_kwargs"):
+    with pytest.raises(
+        CheckpointError, match="config.json: expected a JSON object with encoder_kwargs"
+    ):
         load_hf(hf)
 
 
@@ -85,15 +105,23 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
     def _route(self, head: bool):
         parts = self.path.split("?")[0].strip("/").split("/")
         if parts[:2] == ["api", "models"] and parts[4:5] == ["revision"] and self.files:
-            info = {"id": "/".join(parts[2:4]), "sha": self.sha, "siblings": [{"rfilename": f} for f in self.files]}
+            info = {
+                "id": "/".join(parts[2:4]),
+                "sha": self.sha,
+                "siblings": [{"rfilename": f} for f in self.files],
+            }
             return self._send(json.dumps(info).encode(), "application/json", head)
         if parts[:2] == ["api", "models"] and parts[4:5] == ["tree"]:
-            tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                    for f, b in self.files.items()]
+            tree = [
+                {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for f, b in self.files.items()
+            ]
             return self._send(json.dumps(tree).encode(), "application/json", head)
         if len(parts) == 5 and parts[2] == "resolve" and parts[4] in self.files:
             body = self.files[parts[4]]
-            return self._send(body, "application/octet-stream", head, hashlib.sha256(body).hexdigest())
+            return self._send(
+                body, "application/octet-stream", head, hashlib.sha256(body).hexdigest()
+            )
         self.send_response(404)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -106,11 +134,20 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
 
 
 def _load_from_hub(repo_id: str, endpoint: str, home) -> subprocess.CompletedProcess:
-    code = ("import sys; from dasheng_model.pretrained import load, weights_sha256; e = load(sys.argv[1]); "
-            "print(e.config.embed_dim, weights_sha256(sys.argv[1], e))")
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    code = (
+        "import sys; from dasheng_model.pretrained import load, weights_sha256; e = load(sys.argv[1]); "
+        "print(e.config.embed_dim, weights_sha256(sys.argv[1], e))"
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
     env.pop("HF_HUB_OFFLINE", None)
-    return subprocess.run([sys.executable, "-c", code, repo_id], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, repo_id], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.network
@@ -118,7 +155,9 @@ def test_a_repo_id_is_fetched_from_the_hub_and_a_failure_is_one_line(tmp_path):
     """huggingface_hub against a loopback server standing in for the hub (no internet)."""
     encoder = random_encoder("tiny", 4)
     hf = save_hf(encoder, tmp_path / "hf")
-    _FakeHub.files = {name: (hf / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    _FakeHub.files = {
+        name: (hf / name).read_bytes() for name in ("model.safetensors", "config.json")
+    }
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -132,4 +171,7 @@ def test_a_repo_id_is_fetched_from_the_hub_and_a_failure_is_one_line(tmp_path):
         server.shutdown()
     assert missing.returncode == 1
     last = missing.stderr.strip().splitlines()[-1]
-    assert "model 'mispeech/absent': not a local path, and fetching it from the Hugging Face hub failed" in last
+    assert (
+        "model 'mispeech/absent': not a local path, and fetching it from the Hugging Face hub failed"
+        in last
+    )

@@ -44,7 +44,8 @@ KINDS = ("high", "low", "noise")
 
 @pytest.fixture(scope="module")
 def words(tmp_path_factory) -> Path:
-    """DATA as a folder of class folders: 3 classes × 6 clips, a broken file, and a ``_noise_`` folder that is no class."""
+    """DATA as a folder of class folders: 3 classes × 6 clips, a broken file, and a ``_noise_``
+    folder that is no class."""
     root = tmp_path_factory.mktemp("data") / "words"
     for kind in KINDS:
         for i in range(6):
@@ -69,8 +70,18 @@ def test_mlp_beats_chance_writes_the_classifier_and_a_rerun_reuses_the_cache(mlp
     out, result = mlp
     assert result.classes == 3 and result.examples == 18 and result.rejected == 1
     assert result.test >= 0.9 > result.chance == pytest.approx(1 / 3)
-    for name in ("classifier.safetensors", "classifier.json", "metrics.json", "per_class.csv", "confusion.png",
-                 "curve.csv", "curve.png", "splits.csv", "rejects.csv", "embeddings.parquet"):
+    for name in (
+        "classifier.safetensors",
+        "classifier.json",
+        "metrics.json",
+        "per_class.csv",
+        "confusion.png",
+        "curve.csv",
+        "curve.png",
+        "splits.csv",
+        "rejects.csv",
+        "embeddings.parquet",
+    ):
         assert (out / name).is_file(), name
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["labels"] == list(KINDS) and meta["mode"] == "mlp" and not meta["multilabel"]
@@ -78,43 +89,68 @@ def test_mlp_beats_chance_writes_the_classifier_and_a_rerun_reuses_the_cache(mlp
     assert meta["head"]["hidden_layers"] == 1 and meta["provenance"]["seed"] == 0
     assert [r["item"] for r in rows(out / "rejects.csv")] == [str(words / "low" / "broken.wav")]
     per_class = rows(out / "per_class.csv")
-    assert [r["label"] for r in per_class] == list(KINDS) and all(r["examples"] == "6" for r in per_class)
+    assert [r["label"] for r in per_class] == list(KINDS) and all(
+        r["examples"] == "6" for r in per_class
+    )
     curve = rows(out / "curve.csv")
     assert curve and set(curve[0]) == {"epoch", "train_loss", "valid_loss", "valid_accuracy"}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["folds"][0]["counts"] == {"train": 12, "valid": 3, "test": 3}  # stratified 0.15/0.15
+    assert metrics["folds"][0]["counts"] == {
+        "train": 12,
+        "valid": 3,
+        "test": 3,
+    }  # stratified 0.15/0.15
 
     before = (out / "metrics.json").read_bytes(), (out / "classifier.safetensors").read_bytes()
     caplog.set_level("INFO")
     finetune(words, MODEL, out, mode="mlp", epochs=40, seed=0, progress=False)
     assert "embedded 0 files" in caplog.text  # the cached embeddings were reused
-    assert ((out / "metrics.json").read_bytes(), (out / "classifier.safetensors").read_bytes()) == before
+    assert (
+        (out / "metrics.json").read_bytes(),
+        (out / "classifier.safetensors").read_bytes(),
+    ) == before
 
 
 def test_predict_writes_top_k_rows_and_rejects_bad_files(mlp, words, tmp_path):
     out, _ = mlp
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"")
-    summary = predict([words / "high", bad, tmp_path / "missing.flac"], out, tmp_path / "tags.csv", top_k=2,
-                      progress=False)
+    summary = predict(
+        [words / "high", bad, tmp_path / "missing.flac"],
+        out,
+        tmp_path / "tags.csv",
+        top_k=2,
+        progress=False,
+    )
     assert (summary.files, summary.rows, summary.rejected) == (6, 12, 2)
     tags = rows(tmp_path / "tags.csv")
     assert list(tags[0]) == ["path", "rank", "label", "score"]
     firsts = [r for r in tags if r["rank"] == "1"]
     assert len(firsts) == 6 and sum(r["label"] == "high" for r in firsts) >= 5
     for a, b in zip(tags[::2], tags[1::2]):
-        assert a["path"] == b["path"] and (a["rank"], b["rank"]) == ("1", "2") and float(a["score"]) >= float(b["score"])
-    assert {r["path"] for r in rows(tmp_path / "tags.rejects.csv")} == {str(bad), str(tmp_path / "missing.flac")}
+        assert (
+            a["path"] == b["path"]
+            and (a["rank"], b["rank"]) == ("1", "2")
+            and float(a["score"]) >= float(b["score"])
+        )
+    assert {r["path"] for r in rows(tmp_path / "tags.rejects.csv")} == {
+        str(bad),
+        str(tmp_path / "missing.flac"),
+    }
 
     test = {r["path"]: r["label"] for r in rows(out / "splits.csv") if r["split"] == "test"}
     predict(list(test), out, tmp_path / "test.csv", top_k=1, progress=False)
     hits = [test[r["path"]] == r["label"] for r in rows(tmp_path / "test.csv")]
-    assert len(hits) == 3 and np.mean(hits) == pytest.approx(mlp[1].test)  # predict agrees with finetune's score
+    assert len(hits) == 3 and np.mean(hits) == pytest.approx(
+        mlp[1].test
+    )  # predict agrees with finetune's score
 
 
 def test_folds_pool_out_of_fold_predictions(mlp, words, tmp_path):
     out, _ = mlp
-    shutil.copy(out / "embeddings.parquet", tmp_path / "embeddings.parquet")  # the cache: nothing to embed
+    shutil.copy(
+        out / "embeddings.parquet", tmp_path / "embeddings.parquet"
+    )  # the cache: nothing to embed
     result = finetune(words, MODEL, tmp_path, mode="linear", folds=3, epochs=30, progress=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["test"]["folds"]) == 3 and result.test_std is not None and result.test >= 0.8
@@ -125,10 +161,18 @@ def test_folds_pool_out_of_fold_predictions(mlp, words, tmp_path):
 
 def test_full_mode_trains_the_encoder_and_predict_uses_it_per_chunk(words, tmp_path):
     out = tmp_path / "full"
-    result = finetune(words, MODEL, out, mode="full", epochs=2, batch_size=4, mixup=0.2, progress=False)
+    result = finetune(
+        words, MODEL, out, mode="full", epochs=2, batch_size=4, mixup=0.2, progress=False
+    )
     assert result.mode == "full" and result.test is not None and len(rows(out / "curve.csv")) == 2
-    for name in ("classifier.safetensors", "classifier.json", "metrics.json", "per_class.csv", "confusion.png",
-                 "curve.png"):
+    for name in (
+        "classifier.safetensors",
+        "classifier.json",
+        "metrics.json",
+        "per_class.csv",
+        "confusion.png",
+        "curve.png",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "embeddings.parquet").exists()
     from safetensors import safe_open
@@ -136,7 +180,9 @@ def test_full_mode_trains_the_encoder_and_predict_uses_it_per_chunk(words, tmp_p
     with safe_open(str(out / "classifier.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert "encoder.blocks.0.attn.qkv.weight" in keys and "head.mean" in keys
-    long = write_wav(tmp_path / "long.wav", np.concatenate([clip("low", 1, 10.5), clip("noise", 2, 2.0)]))
+    long = write_wav(
+        tmp_path / "long.wav", np.concatenate([clip("low", 1, 10.5), clip("noise", 2, 2.0)])
+    )
     summary = predict([long], out, tmp_path / "chunks.csv", top_k=1, chunks=True, progress=False)
     tags = rows(tmp_path / "chunks.csv")
     assert summary.rows == 2 and [r["chunk"] for r in tags] == ["0", "1"]
@@ -150,13 +196,27 @@ def test_multilabel_csv_gives_map(tmp_path):
         kinds = [("low",), ("high",), ("low", "noise"), ("high", "noise")][i % 4]
         x = sum(clip(k, i) for k in kinds)
         write_wav(tmp_path / "audio" / f"{i}.wav", x)
-        lines.append(f"audio/{i}.wav,{';'.join(kinds)},{'train' if i < 8 else 'valid' if i < 10 else 'test'}")
+        lines.append(
+            f"audio/{i}.wav,{';'.join(kinds)},{'train' if i < 8 else 'valid' if i < 10 else 'test'}"
+        )
     lines += ["audio/missing.wav,low,train", "audio/0.wav,low,train", "audio/1.wav,low,holdout"]
     data.write_text("\n".join(lines) + "\n")
     result = finetune(data, MODEL, tmp_path / "out", mode="linear", epochs=30, progress=False)
-    assert result.metric == "mAP" and result.examples == 12 and result.rejected == 3 and result.test > 0.5
-    assert (tmp_path / "out" / "per_class_ap.png").is_file() and not (tmp_path / "out" / "confusion.png").exists()
-    assert list(rows(tmp_path / "out" / "per_class.csv")[0]) == ["label", "examples", "scored_positives", "ap"]
+    assert (
+        result.metric == "mAP"
+        and result.examples == 12
+        and result.rejected == 3
+        and result.test > 0.5
+    )
+    assert (tmp_path / "out" / "per_class_ap.png").is_file() and not (
+        tmp_path / "out" / "confusion.png"
+    ).exists()
+    assert list(rows(tmp_path / "out" / "per_class.csv")[0]) == [
+        "label",
+        "examples",
+        "scored_positives",
+        "ap",
+    ]
     reasons = " | ".join(r["reason"] for r in rows(tmp_path / "out" / "rejects.csv"))
     assert "no such file" in reasons and "listed twice" in reasons and "split 'holdout'" in reasons
     assert json.loads((tmp_path / "out" / "classifier.json").read_text())["multilabel"] is True
@@ -166,22 +226,70 @@ def test_tiny_classes_fall_back_to_a_per_class_split():
     keys = ["a"] + ["b"] * 2 + ["c"] * 3 + ["d"] * 4 + ["e"] * 10
     assign = split_once(keys, 0.15, 0.15, seed=0)
     by = {k: sorted(assign[i] for i in range(len(keys)) if keys[i] == k) for k in "abcde"}
-    assert by["a"] == ["train"] and by["b"] == ["test", "train"] and by["c"] == ["test", "train", "train"]
+    assert (
+        by["a"] == ["train"]
+        and by["b"] == ["test", "train"]
+        and by["c"] == ["test", "train", "train"]
+    )
     assert by["d"] == ["test", "train", "train", "valid"]
-    assert by["e"].count("train") == 6 and by["e"].count("test") == 2 and by["e"].count("valid") == 2
+    assert (
+        by["e"].count("train") == 6 and by["e"].count("test") == 2 and by["e"].count("valid") == 2
+    )
     assert list(split_once(keys, 0.15, 0.15, seed=0)) == list(assign)  # the seed decides
     folds = split_folds(["x"] * 4 + ["y"] * 5, 3, seed=1)
-    assert all((f == "test").sum() >= 2 for f in folds) and sum((f == "test") for f in folds).tolist() == [1] * 9
+    assert (
+        all((f == "test").sum() >= 2 for f in folds)
+        and sum((f == "test") for f in folds).tolist() == [1] * 9
+    )
 
 
 def test_cli_bad_data_exits_1_with_one_line(tmp_path, capsys):
-    assert cli.main(["-q", "finetune", str(tmp_path / "nope"), "--model", MODEL, "--out", str(tmp_path / "o")]) == 1
+    assert (
+        cli.main(
+            [
+                "-q",
+                "finetune",
+                str(tmp_path / "nope"),
+                "--model",
+                MODEL,
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: DATA") and "one subfolder per class" in err and "\n" not in err
     write_wav(tmp_path / "one" / "only" / "a.wav", clip("low", 0))
-    assert cli.main(["-q", "finetune", str(tmp_path / "one"), "--model", MODEL, "--out", str(tmp_path / "o")]) == 1
+    assert (
+        cli.main(
+            [
+                "-q",
+                "finetune",
+                str(tmp_path / "one"),
+                "--model",
+                MODEL,
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
     assert "at least 2" in capsys.readouterr().err
-    assert cli.main(["-q", "predict", str(tmp_path), "--classifier", str(tmp_path), "--out", str(tmp_path / "t.csv")]) == 1
+    assert (
+        cli.main(
+            [
+                "-q",
+                "predict",
+                str(tmp_path),
+                "--classifier",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "t.csv"),
+            ]
+        )
+        == 1
+    )
     assert "written by finetune" in capsys.readouterr().err
     with pytest.raises(FinetuneError, match="--folds 1"):
         finetune(tmp_path / "one", MODEL, tmp_path / "o", folds=1)
@@ -196,5 +304,7 @@ def test_speech_commands_words(speech_commands, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     # too few clips to stratify: 13 one-clip words only train, 2-clip words train + test, 3-clip words 2 + test
     assert metrics["folds"][0]["counts"] == {"train": 55, "valid": 0, "test": 22}
-    assert metrics["folds"][0]["best_epoch"] == metrics["folds"][0]["epochs_run"] == 100  # no validation: the last
+    assert (
+        metrics["folds"][0]["best_epoch"] == metrics["folds"][0]["epochs_run"] == 100
+    )  # no validation: the last
     assert metrics["chance"] == pytest.approx(1 / 35)

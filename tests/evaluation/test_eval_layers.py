@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from eval_testutil import separable_task, write_task
 
 from dasheng_model.checkpoint import save_checkpoint
 from dasheng_model.encoder import DashengEncoder
 from dasheng_pipeline.evaluation import hear_tasks, layers, quickset
 from dasheng_pipeline.training import downstream
-
-from eval_testutil import separable_task, write_task
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,9 @@ def test_quick_scores_and_the_layer_table(quick, tmp_path):
     torch.manual_seed(0)
     ckpt = save_checkpoint(DashengEncoder("tiny"), tmp_path / "tiny.safetensors", seed=0)
     enc = layers.score(path, "trained", {"type": "checkpoint", "path": str(ckpt), "layer": "mean"})
-    assert [(r["layer"], r["method"]) for r in enc["rows"]] == [(k, m) for k in range(1, 7) for m in ("knn", "linear")]
+    assert [(r["layer"], r["method"]) for r in enc["rows"]] == [
+        (k, m) for k in range(1, 7) for m in ("knn", "linear")
+    ]
     assert all(0.0 <= r["score"] <= 1.0 for r in enc["rows"])
     files = []
     for name, result in (("logmel", logmel), ("trained", enc)):
@@ -70,9 +71,15 @@ def test_quick_scores_by_hand():
 
 
 def test_an_event_task_is_refused_by_name(tmp_path):
-    task = write_task(tmp_path / "ev", {"train": {"a.wav": []}, "valid": {"b.wav": []}, "test": {"c.wav": []}},
-                      ["beep"], embedding_type="event", prediction_type="multilabel", name="evtask",
-                      evaluation=("event_onset_200ms_fms",))
+    task = write_task(
+        tmp_path / "ev",
+        {"train": {"a.wav": []}, "valid": {"b.wav": []}, "test": {"c.wav": []}},
+        ["beep"],
+        embedding_type="event",
+        prediction_type="multilabel",
+        name="evtask",
+        evaluation=("event_onset_200ms_fms",),
+    )
     with pytest.raises(hear_tasks.TaskError, match="'evtask'.*needs a multiclass scene task"):
         quickset.build(task)
 
@@ -82,7 +89,11 @@ def test_downstream_check_rows_and_curve(quick, tmp_path):
     torch.manual_seed(0)
     mae_like = torch.nn.Module()
     mae_like.encoder = DashengEncoder("tiny").eval()
-    cfg = {"epochs": 3, "downstream": {"every_epochs": 2, "k": 10, "layers": "last"}, "downstream_sets": [str(path)]}
+    cfg = {
+        "epochs": 3,
+        "downstream": {"every_epochs": 2, "k": 10, "layers": "last"},
+        "downstream_sets": [str(path)],
+    }
     check = downstream.DownstreamCheck(cfg, tmp_path, start_epoch=0)
     assert [check.due(e) for e in range(3)] == [False, True, True]  # every 2 epochs and the last
     assert check.after_epoch(mae_like, 0, 4) == []
@@ -90,7 +101,11 @@ def test_downstream_check_rows_and_curve(quick, tmp_path):
         check.after_epoch(mae_like, epoch, 4 * (epoch + 1))
     rows = downstream.read_rows(tmp_path / "downstream.csv")
     assert [(r["epoch"], r["step"], r["layer"], r["method"]) for r in rows] == [
-        ("1", "8", "6", "knn"), ("1", "8", "6", "linear"), ("2", "12", "6", "knn"), ("2", "12", "6", "linear")]
+        ("1", "8", "6", "knn"),
+        ("1", "8", "6", "linear"),
+        ("2", "12", "6", "knn"),
+        ("2", "12", "6", "linear"),
+    ]
     # a resumed run from epoch 2 drops the rows of the epochs it redoes
     downstream.DownstreamCheck(cfg, tmp_path, start_epoch=2)
     assert [r["epoch"] for r in downstream.read_rows(tmp_path / "downstream.csv")] == ["1", "1"]
@@ -105,8 +120,10 @@ def test_model_specs_take_a_layer():
     emb = build_embedder({"type": "random", "size": "tiny", "seed": 0, "layer": "2"})
     assert emb.layer == 2 and emb.description.endswith(", layer 2")
     x = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
-    (frames, _, clip), = emb([x])
-    np.testing.assert_allclose(clip, embed(emb.encoder, torch.from_numpy(x)[None], layer=2).clip[0].numpy(), atol=1e-6)
+    ((frames, _, clip),) = emb([x])
+    np.testing.assert_allclose(
+        clip, embed(emb.encoder, torch.from_numpy(x)[None], layer=2).clip[0].numpy(), atol=1e-6
+    )
     with pytest.raises(ValueError, match="block number 1..6"):
         build_embedder({"type": "random", "size": "tiny", "layer": 9})
     with pytest.raises(ValueError, match="log-mel baseline has no layers"):

@@ -5,27 +5,32 @@ import dataclasses
 
 import pytest
 import yaml
+from helpers import REPO
 from snakemake.utils import validate
 
 from dasheng_pipeline.common.audio import ClipRules
 from dasheng_pipeline.evaluation.probe import ProbeConfig
 
-from helpers import REPO
-
 SCHEMA = str(REPO / "config" / "schema.yaml")
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "schema.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.name != "schema.yaml"], ids=lambda p: p.name
+)
 def test_shipped_configs_are_valid(path):
     config = yaml.safe_load(path.read_text())
     validate(config, SCHEMA, set_default=True)
-    assert config["mel"]["window_s"] == 10.0 and config["mel"]["min_tail_s"] == 1.0  # defaults filled in
+    assert (
+        config["mel"]["window_s"] == 10.0 and config["mel"]["min_tail_s"] == 1.0
+    )  # defaults filled in
     for src in config["sources"].values():
         assert "chunk_size" in src
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "config" / "presets").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "config" / "presets").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_training_presets_are_valid(path):
     config = {"sources": {"d": {"type": "demo"}}, **yaml.safe_load(path.read_text())}
     validate(config, SCHEMA, set_default=True)
@@ -33,9 +38,16 @@ def test_training_presets_are_valid(path):
 
 
 def test_presets_follow_the_paper():
-    load = lambda name: yaml.safe_load((REPO / "config" / "presets" / f"{name}.yaml").read_text())["training"]
+    load = lambda name: yaml.safe_load((REPO / "config" / "presets" / f"{name}.yaml").read_text())[
+        "training"
+    ]
     base, big = load("base"), load("1.2B")
-    assert (base["lr"], base["weight_decay"], base["global_batch"], base["batches_per_epoch"]) == (3e-4, 0.01, 256, 15000)
+    assert (base["lr"], base["weight_decay"], base["global_batch"], base["batches_per_epoch"]) == (
+        3e-4,
+        0.01,
+        256,
+        15000,
+    )
     assert (big["lr"], big["weight_decay"], big["decoder"]) == (2e-4, 0.0, "dec-56m")
 
 
@@ -50,7 +62,10 @@ def test_corpus_configs_cover_the_paper_datasets():
         ({"sources": {"d": {"type": "demo"}}, "mell": {}}, "'mell' was unexpected"),
         ({"sources": {"d": {"type": "demo", "clip": 3}}}, "'clip' was unexpected"),
         ({"sources": {"d": {"type": "youtube"}}}, "'list' is a required property"),
-        ({"sources": {"d": {"type": "youtube", "list": "x", "format": "csv"}}}, "'csv' is not one of"),
+        (
+            {"sources": {"d": {"type": "youtube", "list": "x", "format": "csv"}}},
+            "'csv' is not one of",
+        ),
         ({"sources": {"../x": {"type": "demo"}}}, "does not match"),
         ({"sources": {"d": {"type": "demo"}}, "audio": {"too_long": "cut"}}, "'cut' is not one of"),
     ],
@@ -86,6 +101,7 @@ def _dataclass_defaults(cls) -> dict:
 def test_dataclass_defaults_equal_the_schema(cls):
     schema = _schema_defaults(*SCHEMA_SECTIONS[cls])
     ours = _dataclass_defaults(cls)
-    assert ours and set(ours) <= set(schema), f"{cls.__name__} has defaults the schema lacks: {set(ours) - set(schema)}"
+    assert ours and set(ours) <= set(schema), (
+        f"{cls.__name__} has defaults the schema lacks: {set(ours) - set(schema)}"
+    )
     assert {k: schema[k] for k in ours} == ours
-

@@ -30,7 +30,11 @@ def test_round_trip_schema_and_row_groups(tmp_path):
     assert isinstance(pf.schema_arrow.field("mel").type, pa.FixedShapeTensorType)
     assert pf.schema_arrow.field("mel").type.shape == [4, 11]
     assert shards.read_meta(path)["mel"] == {"n_mels": 4}
-    batches = list(shards.iter_batches(path, batch_size=5, columns=("clip_id", "mel", "valid_frames", "labels")))
+    batches = list(
+        shards.iter_batches(
+            path, batch_size=5, columns=("clip_id", "mel", "valid_frames", "labels")
+        )
+    )
     got = np.concatenate([b["mel"] for b in batches])
     assert got.dtype == np.float16 and np.array_equal(got, np.stack(mels))
     assert batches[0]["clip_id"][:2] == ["clip0", "clip1"]
@@ -52,11 +56,20 @@ def test_part_writer_splits_a_chunk_into_shards_of_max_rows(tmp_path):
         w.add(f"clip{i // 2}", "s", i % 2, 0.0, 11, [], np.full((4, 11), i, np.float32))
     parts = w.close()
     assert [p["rows"] for p in parts] == [3, 3, 1]
-    assert [Path(p["path"]).name for p in parts] == ["part-000.parquet", "part-001.parquet", "part-002.parquet"]
+    assert [Path(p["path"]).name for p in parts] == [
+        "part-000.parquet",
+        "part-001.parquet",
+        "part-002.parquet",
+    ]
     assert [p["clips"] for p in parts] == [2, 2, 1]
     for p in parts:
         shards.verify(p["path"], p["sha256"])
-    values = [int(b["mel"][i, 0, 0]) for p in parts for b in shards.iter_batches(p["path"], 8) for i in range(len(b["mel"]))]
+    values = [
+        int(b["mel"][i, 0, 0])
+        for p in parts
+        for b in shards.iter_batches(p["path"], 8)
+        for i in range(len(b["mel"]))
+    ]
     assert values == list(range(7))
     empty = shards.PartWriter(tmp_path / "empty", 4, 11, {}, 2, "none", max_rows=3).close()
     assert len(empty) == 1 and empty[0]["rows"] == 0
@@ -104,7 +117,10 @@ def test_foreign_parquet_is_not_a_shard(tmp_path):
 def test_combined_stats_equal_direct_statistics():
     rng = np.random.default_rng(4)
     parts_data = [rng.standard_normal((3, n)) * 10 - 40 for n in (5, 9)]
-    parts = [{"frames": d.shape[1], "sum": d.sum(1).tolist(), "sumsq": (d ** 2).sum(1).tolist()} for d in parts_data]
+    parts = [
+        {"frames": d.shape[1], "sum": d.sum(1).tolist(), "sumsq": (d**2).sum(1).tolist()}
+        for d in parts_data
+    ]
     stats = shards.combine_stats(parts, 3)
     allframes = np.concatenate(parts_data, axis=1)
     np.testing.assert_allclose(stats["mean"], allframes.mean(1), atol=1e-5)

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-
 from helpers import snakemake
 
 pytestmark = pytest.mark.slow
@@ -14,14 +13,39 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "sources": {
         "demo": {"type": "demo", "clips": 12, "chunk_size": 6, "min_s": 3.0, "max_s": 8.0},
-        "demo_valid": {"type": "demo", "stream": 1000, "clips": 4, "chunk_size": 4, "min_s": 3.0, "max_s": 8.0},
+        "demo_valid": {
+            "type": "demo",
+            "stream": 1000,
+            "clips": 4,
+            "chunk_size": 4,
+            "min_s": 3.0,
+            "max_s": 8.0,
+        },
     },
-    "training": {"size": "tiny", "epochs": 1, "batches_per_epoch": 2, "global_batch": 4, "warmup_epochs": 0,
-                 "validation_sources": ["demo_valid"], "validation_rows": 4, "workers": 1, "use_gpu": False,
-                 "cpus_per_worker": 1, "loader_workers": 0, "shuffle_buffer": 8, "log_every": 1,
-                 "average_best": 1, "object_store_mb": 128, "gpus_per_node": 0, "mem_mb": 4000, "runtime_min": 30},
-    "evaluation": {"demo_tasks": {"tasks": ["demo_noise"], "scale": 0.2, "speech": False},
-                   "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 6, "patience": 2}},
+    "training": {
+        "size": "tiny",
+        "epochs": 1,
+        "batches_per_epoch": 2,
+        "global_batch": 4,
+        "warmup_epochs": 0,
+        "validation_sources": ["demo_valid"],
+        "validation_rows": 4,
+        "workers": 1,
+        "use_gpu": False,
+        "cpus_per_worker": 1,
+        "loader_workers": 0,
+        "shuffle_buffer": 8,
+        "log_every": 1,
+        "average_best": 1,
+        "object_store_mb": 128,
+        "gpus_per_node": 0,
+        "mem_mb": 4000,
+        "runtime_min": 30,
+    },
+    "evaluation": {
+        "demo_tasks": {"tasks": ["demo_noise"], "scale": 0.2, "speech": False},
+        "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 6, "patience": 2},
+    },
     "models": {"trained": {"type": "checkpoint"}, "logmel": {"type": "logmel"}},
 }
 STAGES = {  # --until target: the rules that may run (that stage and everything upstream)
@@ -30,7 +54,15 @@ STAGES = {  # --until target: the rules that may run (that stage and everything 
     "dataset_manifest": {"demo_chunk", "mel_chunk", "dataset_manifest"},
     "train": {"demo_chunk", "mel_chunk", "dataset_manifest", "train"},
     "embed": {"demo_chunk", "mel_chunk", "dataset_manifest", "train", "demo_task", "embed"},
-    "probe": {"demo_chunk", "mel_chunk", "dataset_manifest", "train", "demo_task", "embed", "probe"},
+    "probe": {
+        "demo_chunk",
+        "mel_chunk",
+        "dataset_manifest",
+        "train",
+        "demo_task",
+        "embed",
+        "probe",
+    },
 }
 
 
@@ -45,8 +77,18 @@ def planned(proc) -> dict[str, int]:
 
 def test_until_stops_after_each_stage(tmp_path):
     everything = planned(snakemake(tmp_path, SMALL, "-n", "all"))
-    assert {"demo_chunk", "mel_chunk", "dataset_manifest", "train", "demo_task", "embed", "probe", "knn",
-            "eval_results", "eval_plots"} <= set(everything)
+    assert {
+        "demo_chunk",
+        "mel_chunk",
+        "dataset_manifest",
+        "train",
+        "demo_task",
+        "embed",
+        "probe",
+        "knn",
+        "eval_results",
+        "eval_plots",
+    } <= set(everything)
     for rule, allowed in STAGES.items():
         # No explicit target with --until: Snakemake 9 mis-schedules `--until RULE all` (its issue 823).
         jobs = planned(snakemake(tmp_path, SMALL, "-n", "--until", rule))
@@ -78,14 +120,21 @@ def test_two_clean_runs_give_the_same_bytes_and_metrics(finished, tmp_path):
     import hashlib
 
     import pyarrow.parquet as pq
-
     from helpers import read_json
 
     snakemake(tmp_path, SMALL, "all")
     a, b = finished / "results/demo", tmp_path / "results/demo"
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
-    pattern = ("shards/**/*.parquet", "shards/*/*.json", "manifests/*/*.json", "dataset/*.json",
-               "training/metrics.csv", "training/encoder.safetensors", "eval/results/scores.csv", "provenance.csv")
+    pattern = (
+        "shards/**/*.parquet",
+        "shards/*/*.json",
+        "manifests/*/*.json",
+        "dataset/*.json",
+        "training/metrics.csv",
+        "training/encoder.safetensors",
+        "eval/results/scores.csv",
+        "provenance.csv",
+    )
     compared = 0
     for glob in pattern:
         for path in sorted(a.glob(glob)):
@@ -94,12 +143,20 @@ def test_two_clean_runs_give_the_same_bytes_and_metrics(finished, tmp_path):
     assert compared == 15  # 3 shards, 3 shard manifests, 3 audio manifests, 2 dataset files, 4 more
     # every artifact names its config hash, seed, versions and git SHA
     keys = {"config_hash", "seed", "versions", "git_sha"}
-    for doc in ("dataset/manifest.json", "shards/demo/00000.json", "manifests/demo/00000.json",
-                "training/summary.json", "training/encoder.json", "eval/results/summary.json"):
+    for doc in (
+        "dataset/manifest.json",
+        "shards/demo/00000.json",
+        "manifests/demo/00000.json",
+        "training/summary.json",
+        "training/encoder.json",
+        "eval/results/summary.json",
+    ):
         assert set(read_json(a / doc)["provenance"]) == keys, doc
     meta = json.loads(pq.read_schema(a / "shards/demo/00000/part-000.parquet").metadata[b"dasheng"])
     assert set(meta["provenance"]) == keys
-    assert "config_hash,seed,git_sha,versions" in (a / "provenance.csv").read_text().splitlines()[0].replace("artifact,", "")
+    assert "config_hash,seed,git_sha,versions" in (a / "provenance.csv").read_text().splitlines()[
+        0
+    ].replace("artifact,", "")
 
 
 def test_changed_windowing_invalidates_shards_and_downstream_only(finished):
@@ -120,7 +177,23 @@ def test_changed_windowing_invalidates_shards_and_downstream_only(finished):
 def test_a_large_list_builds_its_dag_with_one_job_per_chunk(tmp_path):
     listing = tmp_path / "ids.txt"
     listing.write_bytes(b"".join(f"{i:011d}\n".encode() for i in range(200_000)))
-    config = {"sources": {"big": {"type": "youtube", "list": str(listing), "format": "acav100m", "chunk_size": 40_000}},
-              "training": {"validation_sources": ["big"]}, "evaluation": {"enabled": False}}
+    config = {
+        "sources": {
+            "big": {
+                "type": "youtube",
+                "list": str(listing),
+                "format": "acav100m",
+                "chunk_size": 40_000,
+            }
+        },
+        "training": {"validation_sources": ["big"]},
+        "evaluation": {"enabled": False},
+    }
     jobs = planned(snakemake(tmp_path, config, "-n", "data"))
-    assert jobs == {"youtube_index": 1, "youtube_chunk": 5, "mel_chunk": 5, "dataset_manifest": 1, "data": 1}
+    assert jobs == {
+        "youtube_index": 1,
+        "youtube_chunk": 5,
+        "mel_chunk": 5,
+        "dataset_manifest": 1,
+        "data": 1,
+    }

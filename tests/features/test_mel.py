@@ -14,8 +14,16 @@ W = mel.Windowing(window_s=10.0, min_tail_s=1.0)
 
 def reference(wave: np.ndarray) -> np.ndarray:
     """Dasheng's front end, spelled out with torchaudio's own transforms, one clip at a time."""
-    spec = torchaudio.transforms.MelSpectrogram(16000, n_fft=512, win_length=512, hop_length=160, n_mels=64,
-                                                f_min=0, f_max=8000, center=True)
+    spec = torchaudio.transforms.MelSpectrogram(
+        16000,
+        n_fft=512,
+        win_length=512,
+        hop_length=160,
+        n_mels=64,
+        f_min=0,
+        f_max=8000,
+        center=True,
+    )
     to_db = torchaudio.transforms.AmplitudeToDB(top_db=120)
     return to_db(spec(torch.from_numpy(wave)[None]))[0].numpy()
 
@@ -29,8 +37,13 @@ def test_ten_seconds_is_1001_frames_and_shards_record_the_model_front_end():
 
 @pytest.mark.parametrize(
     "seconds, expected",
-    [(5.0, [(0, 80000)]), (10.0, [(0, 160000)]), (25.0, [(0, 160000), (160000, 160000), (320000, 80000)]),
-     (20.5, [(0, 160000), (160000, 160000)]), (0.5, [(0, 8000)])],
+    [
+        (5.0, [(0, 80000)]),
+        (10.0, [(0, 160000)]),
+        (25.0, [(0, 160000), (160000, 160000), (320000, 80000)]),
+        (20.5, [(0, 160000), (160000, 160000)]),
+        (0.5, [(0, 8000)]),
+    ],
 )
 def test_windows_and_short_tails(seconds, expected):
     samples = np.ones(int(seconds * 16000), np.float32)

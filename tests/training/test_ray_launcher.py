@@ -9,7 +9,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import REPO
 
 LAUNCHER = REPO / "workflow" / "scripts" / "ray_slurm.sh"
@@ -31,10 +30,19 @@ def ray_tmp():
 
 
 def launch(ray_tmp, nodes: str, *command: str, port: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_NODES": nodes,
-           "RAY_HEAD_IP": "127.0.0.1", "RAY_PORT": str(port), "RAY_WORKER_LAUNCH": "env",
-           "RAY_CPUS_PER_NODE": "1", "RAY_TMP": str(ray_tmp)}
-    return subprocess.run(["bash", str(LAUNCHER), *command], capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "RAY_NODES": nodes,
+        "RAY_HEAD_IP": "127.0.0.1",
+        "RAY_PORT": str(port),
+        "RAY_WORKER_LAUNCH": "env",
+        "RAY_CPUS_PER_NODE": "1",
+        "RAY_TMP": str(ray_tmp),
+    }
+    return subprocess.run(
+        ["bash", str(LAUNCHER), *command], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def ray_processes(tmp: Path) -> list[psutil.Process]:
@@ -61,7 +69,9 @@ def test_head_and_worker_on_localhost(tmp_path, ray_tmp):
 
 @pytest.mark.slow
 def test_a_failing_driver_tears_the_cluster_down_and_keeps_its_status(ray_tmp):
-    proc = launch(ray_tmp, "node-a node-b", sys.executable, "-c", "import sys; sys.exit(3)", port=6392)
+    proc = launch(
+        ray_tmp, "node-a node-b", sys.executable, "-c", "import sys; sys.exit(3)", port=6392
+    )
     assert proc.returncode == 3
     assert "stopping the Ray cluster (exit status 3)" in proc.stderr
     time.sleep(2)
@@ -69,6 +79,10 @@ def test_a_failing_driver_tears_the_cluster_down_and_keeps_its_status(ray_tmp):
 
 
 def test_one_node_runs_the_command_as_it_is(ray_tmp):
-    proc = launch(ray_tmp, "node-a", sys.executable, "-c", "import sys; print(sys.argv[1:])", "x", port=6393)
-    assert proc.returncode == 0 and proc.stdout.strip() == "['x']"  # no --address: a local Ray instance
+    proc = launch(
+        ray_tmp, "node-a", sys.executable, "-c", "import sys; print(sys.argv[1:])", "x", port=6393
+    )
+    assert (
+        proc.returncode == 0 and proc.stdout.strip() == "['x']"
+    )  # no --address: a local Ray instance
     assert "ray_slurm" not in proc.stderr

@@ -5,14 +5,13 @@ import csv
 import numpy as np
 import pytest
 import torch
+from helpers import read_json, snakemake
 
 from dasheng_model.checkpoint import save_checkpoint
 from dasheng_model.encoder import DashengEncoder
 from dasheng_model.pretrained import random_encoder, save_hf
 from dasheng_pipeline import cli
 from dasheng_pipeline.evaluation.embeddings import load_split
-
-from helpers import read_json, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +21,9 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
     ckpt = save_checkpoint(DashengEncoder("tiny"), tmp_path / "tiny.safetensors", seed=0)
     work = tmp_path / "work"
     work.mkdir()
-    (work / "metrics.csv").write_text("epoch,step,train_loss,val_loss\n0,1,1.2,\n0,2,1.0,\n1,3,0.9,0.95\n")
+    (work / "metrics.csv").write_text(
+        "epoch,step,train_loss,val_loss\n0,1,1.2,\n0,2,1.0,\n1,3,0.9,0.95\n"
+    )
     config = {
         "sources": {"demo": {"type": "demo", "clips": 2, "chunk_size": 2}},
         "evaluation": {
@@ -31,7 +32,10 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
             "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 30, "patience": 3},
             "training_metrics": "metrics.csv",
         },
-        "models": {"trained": {"type": "checkpoint", "path": str(ckpt)}, "logmel": {"type": "logmel"}},
+        "models": {
+            "trained": {"type": "checkpoint", "path": str(ckpt)},
+            "logmel": {"type": "logmel"},
+        },
     }
     snakemake(work, config, "evaluate")
     out = work / "results/demo/eval"
@@ -54,13 +58,16 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
     assert ("logmel", "demo_events", "segment_1s_er") in probe_rows
     assert "# Evaluation scores" in (out / "results/scores.md").read_text()
     assert "No evaluated task shares a name" in (out / "results/comparison.md").read_text()
-    assert "Probe protocol: HEAR except hidden_layers [1] (HEAR [1, 2]), grid_points 1 (HEAR 8)" in \
-        (out / "results/scores.md").read_text()
+    assert (
+        "Probe protocol: HEAR except hidden_layers [1] (HEAR [1, 2]), grid_points 1 (HEAR 8)"
+        in (out / "results/scores.md").read_text()
+    )
     # the layer-wise table: the encoder's 6 blocks and the log-mel baseline (layer 0) on demo_noise
     with open(out / "results/layers.csv", newline="") as fh:
         layer_rows = {(r["model"], r["layer"], r["method"]) for r in csv.DictReader(fh)}
-    assert layer_rows == {("trained", str(k), m) for k in range(1, 7) for m in ("knn", "linear")} | \
-        {("logmel", "0", "knn"), ("logmel", "0", "linear")}
+    assert layer_rows == {
+        ("trained", str(k), m) for k in range(1, 7) for m in ("knn", "linear")
+    } | {("logmel", "0", "knn"), ("logmel", "0", "linear")}
     assert "## demo_noise" in (out / "results/layers.md").read_text()
     for png in ("domains", "tasks", "loss_curve", "layers"):
         assert (out / f"plots/{png}.png").stat().st_size > 5000
@@ -70,7 +77,12 @@ def test_evaluation_of_small_tasks_through_snakemake(tmp_path):
     # the report holds the tables and plots
     snakemake(work, config, "evaluate", "--report", "report.html")
     html = (work / "report.html").read_text(errors="replace")
-    assert "scores.csv" in html and "domains.png" in html and "loss_curve.png" in html and "layers.png" in html
+    assert (
+        "scores.csv" in html
+        and "domains.png" in html
+        and "loss_curve.png" in html
+        and "layers.png" in html
+    )
 
 
 def test_a_hear_task_folder_through_snakemake(tmp_path, hear_task):
@@ -79,7 +91,10 @@ def test_a_hear_task_folder_through_snakemake(tmp_path, hear_task):
     embeddings in the DAG, and `dasheng-pipeline evaluate` on the task gives the DAG's scores."""
     encoder = random_encoder("tiny", 7)
     official = tmp_path / "tiny.pt"
-    torch.save({"model": encoder.state_dict(), "config": {"embed_dim": 192, "depth": 6, "num_heads": 3}}, official)
+    torch.save(
+        {"model": encoder.state_dict(), "config": {"embed_dim": 192, "depth": 6, "num_heads": 3}},
+        official,
+    )
     hf = save_hf(encoder, tmp_path / "tiny-hf")
     config = {
         "seed": 3,
@@ -89,24 +104,55 @@ def test_a_hear_task_folder_through_snakemake(tmp_path, hear_task):
             "tasks": {"spoken_digit": {"path": str(hear_task)}},
             "probe": {"hidden_layers": [1], "grid_points": 1, "max_epochs": 6, "patience": 2},
         },
-        "models": {"logmel": {"type": "logmel"}, "official": {"type": "checkpoint", "path": str(official)},
-                   "hf": {"type": "checkpoint", "path": str(hf)}},
+        "models": {
+            "logmel": {"type": "logmel"},
+            "official": {"type": "checkpoint", "path": str(official)},
+            "hf": {"type": "checkpoint", "path": str(hf)},
+        },
     }
     snakemake(tmp_path, config, "evaluate")
     out = tmp_path / "results/demo/eval"
     digits = read_json(out / "probe/logmel/spoken_digit.json")
-    assert len(digits["folds"]) == 5 and digits["folds"][2]["test"] and digits["split_mode"] == "new_split_kfold"
-    assert [f["valid"] for f in digits["folds"]] == [["fold01"], ["fold02"], ["fold03"], ["fold04"], ["fold00"]]
+    assert (
+        len(digits["folds"]) == 5
+        and digits["folds"][2]["test"]
+        and digits["split_mode"] == "new_split_kfold"
+    )
+    assert [f["valid"] for f in digits["folds"]] == [
+        ["fold01"],
+        ["fold02"],
+        ["fold03"],
+        ["fold04"],
+        ["fold00"],
+    ]
     with open(out / "results/scores.csv", newline="") as fh:
-        knn = [r for r in csv.DictReader(fh) if r["method"] == "knn" and r["task"] == "spoken_digit"]
-    assert {r["model"] for r in knn} == {"logmel", "official", "hf"} and all(r["n_splits"] == "5" for r in knn)
+        knn = [
+            r for r in csv.DictReader(fh) if r["method"] == "knn" and r["task"] == "spoken_digit"
+        ]
+    assert {r["model"] for r in knn} == {"logmel", "official", "hf"} and all(
+        r["n_splits"] == "5" for r in knn
+    )
     for split in ("fold00", "fold03"):
         a, b = (load_split(out / f"embeddings/{m}/spoken_digit", split) for m in ("official", "hf"))
         assert np.array_equal(a["clip"], b["clip"]) and np.array_equal(a["files"], b["files"])
     # the command line on the same task, with the workflow's config: the DAG's numbers
     cli_out = tmp_path / "cli"
-    assert cli.main(["evaluate", str(hear_task), "--model", str(official), "--out", str(cli_out),
-                     "--config", str(tmp_path / "test-config.yaml"), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(hear_task),
+                "--model",
+                str(official),
+                "--out",
+                str(cli_out),
+                "--config",
+                str(tmp_path / "test-config.yaml"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     for method in ("probe", "knn"):
         dag = read_json(out / f"{method}/official/spoken_digit.json")
         mine = read_json(cli_out / f"{method}.json")

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from eval_testutil import SR, separable_task, write_task
 
 from dasheng_model.checkpoint import save_checkpoint
 from dasheng_model.embed import embed
@@ -13,8 +14,6 @@ from dasheng_model.frontend import LogMel
 from dasheng_pipeline.evaluation import embeddings as extract
 from dasheng_pipeline.evaluation import hear_tasks, knn, probe
 from dasheng_pipeline.evaluation.probe import HParams, ProbeConfig
-
-from eval_testutil import SR, separable_task, write_task
 
 FAST = {"grid_points": 2, "max_epochs": 120, "patience": 10}
 
@@ -63,17 +62,26 @@ def test_knn_on_the_separable_task(separable):
     task_dir, emb = separable
     result = knn.run(task_dir, emb, k=10)
     assert result["metrics"]["top1_acc"]["mean"] >= 0.9
-    assert result["folds"][0]["n_references"] == 24 and result["folds"][0]["n_test"] == 12  # train + valid
+    assert (
+        result["folds"][0]["n_references"] == 24 and result["folds"][0]["n_test"] == 12
+    )  # train + valid
 
 
 def test_hear_grid_sampling_and_mlp_layout():
     cfg = ProbeConfig()
     points = probe.grid(cfg, seed=0)
     assert len(points) == 8 and len(set(points)) == 8
-    full = {(h, lr, i) for h in (1, 2) for lr in (3.2e-3, 1e-3, 3.2e-4, 1e-4) for i in ("xavier_uniform", "xavier_normal")}
+    full = {
+        (h, lr, i)
+        for h in (1, 2)
+        for lr in (3.2e-3, 1e-3, 3.2e-4, 1e-4)
+        for i in ("xavier_uniform", "xavier_normal")
+    }
     assert {(p.hidden_layers, p.lr, p.init) for p in points} <= full
     assert probe.grid(cfg, seed=0) == points and probe.grid(cfg, seed=1) != points
-    assert len(probe.grid(ProbeConfig(hidden_layers=[1], init=["xavier_normal"]), 0)) == 4  # smaller than 8: all
+    assert (
+        len(probe.grid(ProbeConfig(hidden_layers=[1], init=["xavier_normal"]), 0)) == 4
+    )  # smaller than 8: all
     mlp = probe.build_mlp(64, 5, HParams(2, 1e-3, "xavier_normal"))
     kinds = [type(m).__name__ for m in mlp]
     assert kinds == ["Linear", "BatchNorm1d", "Dropout", "ReLU"] * 2 + ["Linear"]
@@ -99,12 +107,25 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     rng = np.random.default_rng(0)
     audio = {f"c{i}.wav": rng.standard_normal(SR // 2) * 0.1 for i in range(6)}
     names = list(audio)
-    task = write_task(tmp_path / "t", {"train": {n: ["a" if i % 2 else "b"] for i, n in enumerate(names[:2])},
-                                       "valid": {names[2]: ["a"], names[3]: ["b"]},
-                                       "test": {names[4]: ["a"], names[5]: ["b"]}}, ["a", "b"], audio=audio)
+    task = write_task(
+        tmp_path / "t",
+        {
+            "train": {n: ["a" if i % 2 else "b"] for i, n in enumerate(names[:2])},
+            "valid": {names[2]: ["a"], names[3]: ["b"]},
+            "test": {names[4]: ["a"], names[5]: ["b"]},
+        },
+        ["a", "b"],
+        audio=audio,
+    )
     torch.manual_seed(1)
     ckpt = save_checkpoint(DashengEncoder("tiny"), tmp_path / "tiny.safetensors", seed=1)
-    extract.run(task, "trained", {"type": "checkpoint", "path": str(ckpt)}, {"seed": 0, "batch_size": 4}, tmp_path / "ck")
+    extract.run(
+        task,
+        "trained",
+        {"type": "checkpoint", "path": str(ckpt)},
+        {"seed": 0, "batch_size": 4},
+        tmp_path / "ck",
+    )
     arr = extract.load_split(tmp_path / "ck", "train")
     assert arr["clip"].shape == (2, 192) and arr["frames"].shape == (2 * 12, 192)
     np.testing.assert_allclose(arr["clip"][0], arr["frames"][:12].mean(0), rtol=1e-5, atol=1e-6)
@@ -114,14 +135,41 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     direct = embed(load_encoder(ckpt), torch.from_numpy(hear_tasks.load_audio(clip))[None])
     np.testing.assert_allclose(arr["clip"][0], direct.clip[0].numpy(), rtol=1e-4, atol=1e-5)
     # --dtype bf16 (the DAG passes evaluation.dtype): autocast, recorded in meta.json, close to fp32
-    extract.main(["--task", str(task), "--model", "trained", "--spec", json.dumps({"type": "checkpoint", "path": str(ckpt)}),
-                  "--params", '{"batch_size": 4}', "--dtype", "bf16", "--out", str(tmp_path / "ck16")])
-    assert extract.load_meta(tmp_path / "ck16")["dtype"] == "bf16" and extract.load_meta(tmp_path / "ck")["dtype"] == "fp32"
+    extract.main(
+        [
+            "--task",
+            str(task),
+            "--model",
+            "trained",
+            "--spec",
+            json.dumps({"type": "checkpoint", "path": str(ckpt)}),
+            "--params",
+            '{"batch_size": 4}',
+            "--dtype",
+            "bf16",
+            "--out",
+            str(tmp_path / "ck16"),
+        ]
+    )
+    assert (
+        extract.load_meta(tmp_path / "ck16")["dtype"] == "bf16"
+        and extract.load_meta(tmp_path / "ck")["dtype"] == "fp32"
+    )
     bf16 = extract.load_split(tmp_path / "ck16", "train")["clip"]
-    cos = (bf16 * arr["clip"]).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(arr["clip"], axis=1)
+    cos = (
+        (bf16 * arr["clip"]).sum(1)
+        / np.linalg.norm(bf16, axis=1)
+        / np.linalg.norm(arr["clip"], axis=1)
+    )
     assert bf16.dtype == np.float32 and cos.min() > 0.999 and not np.array_equal(bf16, arr["clip"])
     # the project's own HEAR module, loaded by name, equals the random-init encoder of the same size and seed
-    extract.run(task, "hear", {"type": "hear_module", "module": "dasheng_model.hear", "path": "random:tiny"}, {}, tmp_path / "h")
+    extract.run(
+        task,
+        "hear",
+        {"type": "hear_module", "module": "dasheng_model.hear", "path": "random:tiny"},
+        {},
+        tmp_path / "h",
+    )
     extract.run(task, "random", {"type": "random", "size": "tiny", "seed": 0}, {}, tmp_path / "r")
     for split in ("train", "test"):
         h, r = extract.load_split(tmp_path / "h", split), extract.load_split(tmp_path / "r", split)
@@ -140,13 +188,18 @@ def test_missing_wav_is_reported_and_skipped(tmp_path, caplog):
     assert f"skipped '{gone.name}': missing wav file" in warning.message
     assert "task 'separable', split 'train'" in warning.message
     rejects = json.loads((tmp_path / "emb" / "rejects.json").read_text())["rejects"]
-    assert rejects == [{"split": "train", "file": gone.name, "reason": f"missing wav file {str(gone)!r}"}]
+    assert rejects == [
+        {"split": "train", "file": gone.name, "reason": f"missing wav file {str(gone)!r}"}
+    ]
     assert meta["rejected"] == 1 and meta["splits"]["train"]["clips"] == 17
     assert gone.name not in extract.load_split(tmp_path / "emb", "train")["files"]
     # a split with no usable clip at all is an error naming the task and the split
     for f in (task / "16000" / "valid").iterdir():
         f.unlink()
-    with pytest.raises(hear_tasks.TaskError, match=r"task 'separable', file '.*valid.json': no usable clip in split 'valid'"):
+    with pytest.raises(
+        hear_tasks.TaskError,
+        match=r"task 'separable', file '.*valid.json': no usable clip in split 'valid'",
+    ):
         extract.run(task, "logmel", {"type": "logmel"}, {}, tmp_path / "emb2")
 
 
@@ -160,15 +213,27 @@ def test_event_probe_finds_tone_bursts(tmp_path):
         events = []
         start = int(rng.uniform(0.1, 1.2) * SR)
         length = int(rng.uniform(0.3, 0.6) * SR)
-        x[start:start + length] += 0.5 * np.sin(2 * np.pi * 1000 * np.arange(length) / SR)
-        events.append({"label": "beep", "start": 1000 * start / SR, "end": 1000 * (start + length) / SR})
+        x[start : start + length] += 0.5 * np.sin(2 * np.pi * 1000 * np.arange(length) / SR)
+        events.append(
+            {"label": "beep", "start": 1000 * start / SR, "end": 1000 * (start + length) / SR}
+        )
         split = ["train"] * 6 + ["valid"] * 2 + ["test"] * 2
         clips[split[i % 10]][f"e{i}.wav"] = events
         audio[f"e{i}.wav"] = x
-    task = write_task(tmp_path / "ev", clips, ["beep"], embedding_type="event", prediction_type="multilabel",
-                      evaluation=("event_onset_200ms_fms", "segment_1s_er"), audio=audio, seconds=2.0)
+    task = write_task(
+        tmp_path / "ev",
+        clips,
+        ["beep"],
+        embedding_type="event",
+        prediction_type="multilabel",
+        evaluation=("event_onset_200ms_fms", "segment_1s_er"),
+        audio=audio,
+        seconds=2.0,
+    )
     extract.run(task, "logmel", {"type": "logmel"}, {"frames": "events"}, tmp_path / "emb")
-    result = probe.run(task, tmp_path / "emb", ProbeConfig.from_dict({**FAST, "hidden_layers": [1]}), seed=0)
+    result = probe.run(
+        task, tmp_path / "emb", ProbeConfig.from_dict({**FAST, "hidden_layers": [1]}), seed=0
+    )
     assert result["metrics"]["event_onset_200ms_fms"]["mean"] >= 0.75
     assert result["folds"][0]["min_duration_ms"] in (125, 250)
     skipped = knn.run(task, tmp_path / "emb")
@@ -192,7 +257,9 @@ def test_the_demo_probe_protocol_fits_as_the_full_hear_grid(tmp_path):
     extract.run(task, "logmel", {"type": "logmel"}, {"seed": 0}, emb)
     from pathlib import Path
 
-    demo_cfg = yaml.safe_load((Path(__file__).parents[2] / "config/config.yaml").read_text())["evaluation"]["probe"]
+    demo_cfg = yaml.safe_load((Path(__file__).parents[2] / "config/config.yaml").read_text())[
+        "evaluation"
+    ]["probe"]
 
     def score(cfg: dict) -> float:
         out = probe.run(task, emb, ProbeConfig.from_dict(cfg), seed=0)
@@ -203,4 +270,6 @@ def test_the_demo_probe_protocol_fits_as_the_full_hear_grid(tmp_path):
     assert abs(demo - hear) <= clip + 1e-9, (demo, hear)
     old = score({"hidden_layers": [1], "grid_points": 2, "max_epochs": 150, "patience": 8})
     assert old <= hear - 3 * clip + 1e-9, (old, hear)
-    assert probe.protocol(ProbeConfig.from_dict(demo_cfg)).startswith("HEAR except grid_points 4 (HEAR 8)")
+    assert probe.protocol(ProbeConfig.from_dict(demo_cfg)).startswith(
+        "HEAR except grid_points 4 (HEAR 8)"
+    )

@@ -22,8 +22,19 @@ def write(tmp_path, text, name="list.csv"):
 
 def test_count_rows_agrees_with_iteration_on_random_files(tmp_path, monkeypatch):
     rng = random.Random(7)
-    pieces = [b"abc\n", b"\n", b"\r\n", b"#c\n", b"x\r\n", b"#\r\n", b"\r", b"y", b"  \n", b"z,1,2\n"]
-    for trial in range(400):
+    pieces = [
+        b"abc\n",
+        b"\n",
+        b"\r\n",
+        b"#c\n",
+        b"x\r\n",
+        b"#\r\n",
+        b"\r",
+        b"y",
+        b"  \n",
+        b"z,1,2\n",
+    ]
+    for _ in range(400):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
         path = write(tmp_path, data)
         monkeypatch.setattr(lists, "_BLOCK", rng.choice([1, 2, 3, 7, 1 << 20]))
@@ -47,7 +58,9 @@ def test_audioset_rows_labels_and_duplicates(tmp_path):
 
 
 def test_vggsound_is_ten_seconds_from_start(tmp_path):
-    path = write(tmp_path, "---g-f_I2yQ,1,people marching,test\n--0PQM4-hqg,30,\"waterfall, burbling\",train\n")
+    path = write(
+        tmp_path, '---g-f_I2yQ,1,people marching,test\n--0PQM4-hqg,30,"waterfall, burbling",train\n'
+    )
     index = lists.build_index(path, "vggsound", 10, segment_s=10)
     segs = lists.read_chunk(path, "vggsound", index, 0, 10)
     assert [(s.start_s, s.end_s) for s in segs] == [(1.0, 11.0), (30.0, 40.0)]
@@ -62,20 +75,26 @@ def test_acav100m_header_csv_and_id_only_lines(tmp_path):
     path = write(tmp_path, "abcdefghijk\nABCDEFGHIJK\n", "ids.txt")
     index = lists.build_index(path, "acav100m", 10, 10)
     segs = lists.read_chunk(path, "acav100m", index, 0, 10)
-    assert [(s.ytid, s.start_s, s.end_s) for s in segs] == [("abcdefghijk", 0.0, 10.0), ("ABCDEFGHIJK", 0.0, 10.0)]
+    assert [(s.ytid, s.start_s, s.end_s) for s in segs] == [
+        ("abcdefghijk", 0.0, 10.0),
+        ("ABCDEFGHIJK", 0.0, 10.0),
+    ]
 
 
 @pytest.mark.parametrize(
     "row, reason",
     [
-        ("--PJHxphWEs, 30.000", "expected 'YTID, start_seconds, end_seconds, positive_labels', got 2 field(s)"),
-        ("--PJHxphWEs, 40.000, 30.000, \"/m/x\"", "end_seconds 30 is not after start_seconds 40"),
-        ("--PJHxphWEs, -5, 5, \"/m/x\"", "start_seconds -5 is negative"),
-        ("--PJHxphWEs, abc, 5, \"/m/x\"", "start_seconds 'abc' is not a number"),
-        ("--PJHxphWEs, nan, 5, \"/m/x\"", "start_seconds 'nan' is not finite"),
-        ("../../etc/p, 0, 10, \"/m/x\"", "'../../etc/p' is not a YouTube ID"),
-        ("$(reboot)xx, 0, 10, \"/m/x\"", "'$(reboot)xx' is not a YouTube ID"),
-        ("short, 0, 10, \"/m/x\"", "'short' is not a YouTube ID"),
+        (
+            "--PJHxphWEs, 30.000",
+            "expected 'YTID, start_seconds, end_seconds, positive_labels', got 2 field(s)",
+        ),
+        ('--PJHxphWEs, 40.000, 30.000, "/m/x"', "end_seconds 30 is not after start_seconds 40"),
+        ('--PJHxphWEs, -5, 5, "/m/x"', "start_seconds -5 is negative"),
+        ('--PJHxphWEs, abc, 5, "/m/x"', "start_seconds 'abc' is not a number"),
+        ('--PJHxphWEs, nan, 5, "/m/x"', "start_seconds 'nan' is not finite"),
+        ('../../etc/p, 0, 10, "/m/x"', "'../../etc/p' is not a YouTube ID"),
+        ('$(reboot)xx, 0, 10, "/m/x"', "'$(reboot)xx' is not a YouTube ID"),
+        ('short, 0, 10, "/m/x"', "'short' is not a YouTube ID"),
     ],
 )
 def test_bad_rows_become_errors_with_reasons(tmp_path, row, reason):

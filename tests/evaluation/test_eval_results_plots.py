@@ -16,9 +16,16 @@ from dasheng_pipeline.training import curve
 
 def _result(path, method, model, task, metric, mean, *, domain=None, mode="full", folds=1):
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"method": method, "model": model, "task": task.split("-")[0], "task_mode": mode, "domain": domain,
-            "primary_metric": metric, "metrics": {metric: {"mean": mean, "std": 0.01, "folds": [mean] * folds}},
-            "provenance": stamp({"x": 1}, 0)}
+    body = {
+        "method": method,
+        "model": model,
+        "task": task.split("-")[0],
+        "task_mode": mode,
+        "domain": domain,
+        "primary_metric": metric,
+        "metrics": {metric: {"mean": mean, "std": 0.01, "folds": [mean] * folds}},
+        "provenance": stamp({"x": 1}, 0),
+    }
     path.write_text(json.dumps(body))
     return path
 
@@ -26,14 +33,57 @@ def _result(path, method, model, task, metric, mean, *, domain=None, mode="full"
 @pytest.fixture
 def fake_results(tmp_path):
     files = []
-    for model, esc, pitch, noise in (("trained", 0.80, 0.70, 0.90), ("random", 0.50, 0.40, 0.60), ("logmel", 0.60, 0.30, 0.95)):
-        files.append(_result(tmp_path / f"probe/{model}/esc50.json", "probe", model, "esc50", "top1_acc", esc, folds=5))
+    for model, esc, pitch, noise in (
+        ("trained", 0.80, 0.70, 0.90),
+        ("random", 0.50, 0.40, 0.60),
+        ("logmel", 0.60, 0.30, 0.95),
+    ):
+        files.append(
+            _result(
+                tmp_path / f"probe/{model}/esc50.json",
+                "probe",
+                model,
+                "esc50",
+                "top1_acc",
+                esc,
+                folds=5,
+            )
+        )
         # a task whose folder name differs: matched through task_name + mode
-        files.append(_result(tmp_path / f"probe/{model}/nsynth5h.json", "probe", model, "nsynth_pitch", "pitch_acc", pitch,
-                             mode="5h"))
-        files.append(_result(tmp_path / f"probe/{model}/demo_noise.json", "probe", model, "demo_noise", "top1_acc", noise,
-                             domain="env", folds=4))
-        files.append(_result(tmp_path / f"knn/{model}/esc50.json", "knn", model, "esc50", "top1_acc", esc - 0.1, folds=5))
+        files.append(
+            _result(
+                tmp_path / f"probe/{model}/nsynth5h.json",
+                "probe",
+                model,
+                "nsynth_pitch",
+                "pitch_acc",
+                pitch,
+                mode="5h",
+            )
+        )
+        files.append(
+            _result(
+                tmp_path / f"probe/{model}/demo_noise.json",
+                "probe",
+                model,
+                "demo_noise",
+                "top1_acc",
+                noise,
+                domain="env",
+                folds=4,
+            )
+        )
+        files.append(
+            _result(
+                tmp_path / f"knn/{model}/esc50.json",
+                "knn",
+                model,
+                "esc50",
+                "top1_acc",
+                esc - 0.1,
+                folds=5,
+            )
+        )
     return tmp_path, files
 
 
@@ -44,27 +94,48 @@ def test_tables_and_comparison_with_the_paper(fake_results):
     with open(root / "out/scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 12
-    esc = next(r for r in rows if r["model"] == "trained" and r["task"] == "esc50" and r["method"] == "probe")
-    assert (esc["metric"], float(esc["score"]), esc["n_splits"], esc["domain"], esc["paper_task"]) == \
-        ("top1_acc", 0.8, "5", "env", "esc50")
+    esc = next(
+        r
+        for r in rows
+        if r["model"] == "trained" and r["task"] == "esc50" and r["method"] == "probe"
+    )
+    assert (
+        esc["metric"],
+        float(esc["score"]),
+        esc["n_splits"],
+        esc["domain"],
+        esc["paper_task"],
+    ) == ("top1_acc", 0.8, "5", "env", "esc50")
     assert esc["config_hash"] and esc["git_sha"]
     pitch = next(r for r in rows if r["task"] == "nsynth5h" and r["model"] == "logmel")
     assert pitch["paper_task"] == "nsynth_pitch_5h" and pitch["domain"] == "music"
     with open(root / "out/comparison.csv", newline="") as fh:
         comp = list(csv.DictReader(fh))
-    t2 = {(r["model"], r["paper_model"]): r for r in comp if r["table"] == "table2_hear" and r["task"] == "esc50"}
+    t2 = {
+        (r["model"], r["paper_model"]): r
+        for r in comp
+        if r["table"] == "table2_hear" and r["task"] == "esc50"
+    }
     assert float(t2[("trained", "Dasheng-Base")]["score"]) == 80.0
     assert float(t2[("trained", "Dasheng-Base")]["paper_score"]) == 82.9  # the paper's Table 2, E50
     assert float(t2[("trained", "Dasheng-1.2B")]["paper_score"]) == 85.3
     t5 = {(r["model"], r["paper_model"]): r for r in comp if r["table"] == "table5_knn"}
-    assert float(t5[("trained", "Dasheng-Base")]["score"]) == 70.0 and float(t5[("trained", "Dasheng-Base")]["paper_score"]) == 61.9
-    t4 = {(r["task"], r["model"], r["paper_model"]): r for r in comp if r["table"] == "table4_domains"}
+    assert (
+        float(t5[("trained", "Dasheng-Base")]["score"]) == 70.0
+        and float(t5[("trained", "Dasheng-Base")]["paper_score"]) == 61.9
+    )
+    t4 = {
+        (r["task"], r["model"], r["paper_model"]): r for r in comp if r["table"] == "table4_domains"
+    }
     assert float(t4[("music", "trained", "Dasheng-Base")]["paper_score"]) == 84.01
     md = (root / "out/comparison.md").read_text()
     assert "Table 2: HEAR" in md and "| esc50 | E50 | 80.0 | 50.0 | 60.0 | 82.9 |" in md
     assert "1 of 4" in md and "Provenance: config hash" in md
     scores_md = (root / "out/scores.md").read_text()
-    assert "Did pre-training help?" in scores_md and "| esc50 | top1_acc | 80.0 | 50.0 | 60.0 | +30.0 | +20.0 |" in scores_md
+    assert (
+        "Did pre-training help?" in scores_md
+        and "| esc50 | top1_acc | 80.0 | 50.0 | 60.0 | +30.0 | +20.0 |" in scores_md
+    )
     # per-domain averages: env = mean(esc50, demo_noise), music = nsynth; average over the two domains
     avg = summary["domain_averages"]["trained"]
     assert avg["env"]["mean"] == pytest.approx(0.85) and avg["env"]["tasks"] == 2
@@ -73,10 +144,20 @@ def test_tables_and_comparison_with_the_paper(fake_results):
 
 
 def test_comparison_is_empty_without_same_named_tasks(tmp_path):
-    f = _result(tmp_path / "probe/logmel/demo_pitch.json", "probe", "logmel", "demo_pitch", "pitch_acc", 0.5, domain="music")
+    f = _result(
+        tmp_path / "probe/logmel/demo_pitch.json",
+        "probe",
+        "logmel",
+        "demo_pitch",
+        "pitch_acc",
+        0.5,
+        domain="music",
+    )
     results.run([f], tmp_path / "out", {"seed": 0})
     assert "No evaluated task shares a name" in (tmp_path / "out/comparison.md").read_text()
-    assert (tmp_path / "out/comparison.csv").read_text().strip() == ",".join(results.COMPARISON_COLUMNS)
+    assert (tmp_path / "out/comparison.csv").read_text().strip() == ",".join(
+        results.COMPARISON_COLUMNS
+    )
 
 
 def test_plots_are_pngs_with_provenance(fake_results, tmp_path):
@@ -87,8 +168,13 @@ def test_plots_are_pngs_with_provenance(fake_results, tmp_path):
     plots.domain_bars(rows, ["trained", "random", "logmel"], tmp_path / "d.png", st)
     plots.task_radar(rows, ["trained", "random", "logmel"], tmp_path / "t.png", st)
     metrics_csv = tmp_path / "metrics.csv"
-    metrics_csv.write_text("epoch,step,train_loss,val_loss\n" + "".join(
-        f"{s // 10},{s},{1.0 / (1 + s):.4f},{'' if s % 10 else f'{1.1 / (1 + s):.4f}'}\n" for s in range(50)))
+    metrics_csv.write_text(
+        "epoch,step,train_loss,val_loss\n"
+        + "".join(
+            f"{s // 10},{s},{1.0 / (1 + s):.4f},{'' if s % 10 else f'{1.1 / (1 + s):.4f}'}\n"
+            for s in range(50)
+        )
+    )
     curve.loss_curve(metrics_csv, tmp_path / "l.png", st)
     for name in ("d.png", "t.png", "l.png"):
         img = Image.open(tmp_path / name)
@@ -116,11 +202,18 @@ def test_demo_tasks_are_deterministic_held_out_hear_folders(tmp_path):
         demo_tasks.generate(name, tmp_path / f"b/{name}", seed=0, scale=0.3)
         assert _tree_hash(tmp_path / f"a/{name}") == _tree_hash(tmp_path / f"b/{name}")
     pitch = hear_tasks.load_task(tmp_path / "a/demo_pitch")
-    assert pitch.vocabulary == [str(n) for n in range(48, 72)] and pitch.evaluation == ["pitch_acc", "chroma_acc"]
+    assert pitch.vocabulary == [str(n) for n in range(48, 72)] and pitch.evaluation == [
+        "pitch_acc",
+        "chroma_acc",
+    ]
     raw = json.loads((tmp_path / "a/demo_pitch/train.json").read_text())
     assert all(isinstance(v[0], int) for v in raw.values())  # numeric labels, as NSynth's
     counts = {s: len(pitch.clips(s)[0]) for s in pitch.splits}
-    assert counts == {"train": 72, "valid": 24, "test": 24}  # 24 notes × 5 clips (scale 0.3 → the minimum, 5): 3/1/1
+    assert counts == {
+        "train": 72,
+        "valid": 24,
+        "test": 24,
+    }  # 24 notes × 5 clips (scale 0.3 → the minimum, 5): 3/1/1
     ev = hear_tasks.load_task(tmp_path / "a/demo_events")
     assert ev.is_event and ev.metadata["domain"] == "env"
     for split in ev.splits:
@@ -135,7 +228,10 @@ def test_demo_tasks_are_deterministic_held_out_hear_folders(tmp_path):
     assert demo_tasks.available("false") == list(demo_tasks.SYNTHETIC)
 
 
-@pytest.mark.skipif(demo_tasks.espeak_exe() is None, reason="espeak-ng is not installed (the speech demo tasks are optional)")
+@pytest.mark.skipif(
+    demo_tasks.espeak_exe() is None,
+    reason="espeak-ng is not installed (the speech demo tasks are optional)",
+)
 def test_speech_demo_tasks_with_espeak(tmp_path):
     for name in demo_tasks.SPEECH:
         demo_tasks.generate(name, tmp_path / name, seed=0, scale=0.2)
@@ -143,5 +239,7 @@ def test_speech_demo_tasks_with_espeak(tmp_path):
         assert task.metadata["domain"] == "speech"
         clip = task.clips(task.splits[0])[0][0]
         x = hear_tasks.load_audio(clip)
-        assert x.shape == (int(task.metadata["sample_duration"] * 16000),) and np.abs(x).max() > 0.01
+        assert (
+            x.shape == (int(task.metadata["sample_duration"] * 16000),) and np.abs(x).max() > 0.01
+        )
     assert demo_tasks.available("auto") == list(demo_tasks.SYNTHETIC + demo_tasks.SPEECH)

@@ -12,28 +12,52 @@ from dasheng_pipeline.evaluation.demo_tasks import wav_bytes
 SR = 16000
 
 
-def write_task(root: Path, clips: dict[str, dict[str, list]], vocabulary: list[str], *, embedding_type: str = "scene",
-               prediction_type: str = "multiclass", split_mode: str = "trainvaltest", evaluation=("top1_acc",),
-               rate: int = SR, audio: dict[str, np.ndarray] | None = None, name: str = "toy",
-               seconds: float = 0.5) -> Path:
+def write_task(
+    root: Path,
+    clips: dict[str, dict[str, list]],
+    vocabulary: list[str],
+    *,
+    embedding_type: str = "scene",
+    prediction_type: str = "multiclass",
+    split_mode: str = "trainvaltest",
+    evaluation=("top1_acc",),
+    rate: int = SR,
+    audio: dict[str, np.ndarray] | None = None,
+    name: str = "toy",
+    seconds: float = 0.5,
+) -> Path:
     """A HEAR task folder: ``clips[split][file] = labels or events``; audio from ``audio[file]``
     (default: a quiet 440 Hz tone of ``seconds``) written as 16-bit wav at ``rate``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     splits = list(clips)
-    meta = {"task_name": name, "version": "t", "mode": "full", "embedding_type": embedding_type,
-            "prediction_type": prediction_type, "split_mode": split_mode, "sample_duration": seconds,
-            "evaluation": list(evaluation), "splits": splits}
+    meta = {
+        "task_name": name,
+        "version": "t",
+        "mode": "full",
+        "embedding_type": embedding_type,
+        "prediction_type": prediction_type,
+        "split_mode": split_mode,
+        "sample_duration": seconds,
+        "evaluation": list(evaluation),
+        "splits": splits,
+    }
     if split_mode != "trainvaltest":
         meta["nfolds"] = len(splits)
     (root / "task_metadata.json").write_text(json.dumps(meta))
-    (root / "labelvocabulary.csv").write_text("idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(vocabulary)))
+    (root / "labelvocabulary.csv").write_text(
+        "idx,label\n" + "".join(f"{i},{v}\n" for i, v in enumerate(vocabulary))
+    )
     for split, files in clips.items():
         (root / f"{split}.json").write_text(json.dumps(files))
         folder = root / str(rate) / split
         folder.mkdir(parents=True, exist_ok=True)
         for fname in files:
-            x = audio[fname] if audio and fname in audio else 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * SR)) / SR)
+            x = (
+                audio[fname]
+                if audio and fname in audio
+                else 0.3 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * SR)) / SR)
+            )
             (folder / fname).write_bytes(wav_bytes(x) if rate == SR else _wav_at(x, rate))
     return root
 

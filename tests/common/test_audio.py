@@ -2,10 +2,9 @@ import os
 
 import numpy as np
 import pytest
+from helpers import bad_corpus, tone
 
 from dasheng_pipeline.common import audio
-
-from helpers import bad_corpus, tone
 
 
 def test_ffmpeg_is_resolved_without_the_user(monkeypatch):
@@ -26,14 +25,18 @@ def test_ffmpeg_override_must_be_executable(monkeypatch, tmp_path):
         audio.ffmpeg_exe.cache_clear()
 
 
-@pytest.mark.parametrize("name, extra", [("a.wav", ()), ("a.flac", ()), ("a.mp3", ()), ("a.m4a", ()), ("a.ogg", ())])
+@pytest.mark.parametrize(
+    "name, extra", [("a.wav", ()), ("a.flac", ()), ("a.mp3", ()), ("a.m4a", ()), ("a.ogg", ())]
+)
 def test_decode_resamples_to_16k_mono(tmp_path, name, extra):
     src = tone(tmp_path / name, 2.0, sample_rate=44100, channels=2, freq=1000)
     samples = audio.decode(src)
     assert samples.dtype == np.float32 and samples.ndim == 1
     assert samples.size == 32000
     spectrum = np.abs(np.fft.rfft(samples[4000:20000]))
-    assert abs(np.argmax(spectrum) * 16000 / 16000 - 1000) <= 2  # bin width 1 Hz: the tone stays at 1 kHz
+    assert (
+        abs(np.argmax(spectrum) * 16000 / 16000 - 1000) <= 2
+    )  # bin width 1 Hz: the tone stays at 1 kHz
 
 
 def test_segment_decode_is_sample_exact(tmp_path):
@@ -57,7 +60,9 @@ def test_every_bad_input_gets_a_reason(tmp_path):
 
 def test_damaged_file_can_be_kept_when_configured(tmp_path):
     bad_corpus(tmp_path)
-    samples, reason, _ = audio.load_clip(tmp_path / "bad/truncated.flac", audio.ClipRules(decode_errors="keep"))
+    samples, reason, _ = audio.load_clip(
+        tmp_path / "bad/truncated.flac", audio.ClipRules(decode_errors="keep")
+    )
     assert reason == "" and 0 < samples.size < 3 * 16000
 
 
@@ -89,7 +94,9 @@ def test_flac_round_trip_is_16_bit_exact(tmp_path):
     assert path.read_bytes() == first  # bit-exact: no encoder tags or timestamps
 
 
-@pytest.mark.parametrize("name", ["concat:evil|x.wav", "-i.wav", "a b;$(touch pwned).wav", "new\nline.wav"])
+@pytest.mark.parametrize(
+    "name", ["concat:evil|x.wav", "-i.wav", "a b;$(touch pwned).wav", "new\nline.wav"]
+)
 def test_hostile_file_names_are_just_files(tmp_path, name):
     src = tone(tmp_path / "plain.wav", 1.0)
     target = tmp_path / name
