@@ -16,6 +16,7 @@ Snakemake's result on every shipped config.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import yaml
@@ -31,10 +32,15 @@ def load(path: str | Path = SCHEMA_PATH) -> dict:
         return yaml.safe_load(fh)
 
 
+@functools.cache
+def _shipped() -> dict:
+    return load()  # read once; with_defaults copies what it takes from it
+
+
 def with_defaults(config: dict | None, schema: dict | None = None) -> dict:
-    """A copy of ``config`` with the schema's defaults filled in, as Snakemake's
-    ``validate(..., set_default=True)`` fills them."""
-    schema = load() if schema is None else schema
+    """A copy of ``config`` with the schema's defaults (default: the shipped schema) filled in,
+    as Snakemake's ``validate(..., set_default=True)`` fills them."""
+    schema = _shipped() if schema is None else schema
     out = copy.deepcopy(config or {})
     _fill(out, schema, schema)
     return out

@@ -28,7 +28,6 @@ OVER_TODAY = {
     "pipeline/sources/youtube.py::_store",
     "pipeline/tools/classifier.py::load",
     "pipeline/tools/embed.py::embed_files",
-    "pipeline/tools/evaluate.py::evaluate_task",
     "pipeline/tools/finetune.py::train_full",
     "pipeline/tools/finetune.py::_write_metrics",
     "pipeline/tools/finetune.py::finetune",
