@@ -417,3 +417,35 @@ def test_read_config_gives_the_schema_defaults(in_tmp):
     assert demo["evaluation"]["probe"]["max_epochs"] == 100  # the file's
     assert demo["evaluation"]["probe"]["hidden_dim"] == 1024  # the schema's
     assert plan.resolve(demo).sources["demo"].chunks == ("00000", "00001", "00002", "00003")
+
+
+def test_the_evaluate_command_resolves_as_the_workflow(in_tmp):
+    from pathlib import Path
+
+    from dasheng_pipeline.tools import evaluate
+
+    settings = evaluate.settings_from_config(None)
+    schema_eval = plan.read_config(None)["evaluation"]
+    assert [settings[k] for k in ("probe", "knn", "xares")] == [
+        schema_eval[k] for k in ("probe", "knn", "xares")
+    ]
+    assert settings["embed"] == {
+        "seed": 0,
+        "batch_size": 16,
+        "frames": "events",
+        "decode_threads": 2,
+    }
+    mine = {"path": "shards", "format": "xares", "folds": [1, 2, 3]}
+    (in_tmp / "cfg.yaml").write_text(
+        yaml.safe_dump({"seed": 4, "evaluation": {"knn": {"k": 3}, "tasks": {"x": mine}}})
+    )
+    settings = evaluate.settings_from_config("cfg.yaml")
+    assert (settings["seed"], settings["knn"]["k"], settings["knn"]["use_valid"]) == (4, 3, True)
+    # an X-ARES folder gets the reader config the DAG's xares_task rule gets (found by name)
+    name, entry = evaluate.xares_entry(Path("copy/x"), settings["config"], "in cfg.yaml")
+    assert (name, entry) == (
+        "x",
+        plan.resolve_tasks(settings["config"])["x"].xares | {"path": "copy/x"},
+    )
+    with pytest.raises(ValueError, match="no evaluation.tasks entry in cfg.yaml names it"):
+        evaluate.xares_entry(Path("y"), settings["config"], "in cfg.yaml")
