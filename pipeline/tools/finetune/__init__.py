@@ -1,9 +1,9 @@
-"""Train a classifier on a Dasheng encoder: :func:`finetune`, the ``dasheng-pipeline finetune`` command.
+"""Train a classifier on a Dasheng encoder: :func:`finetune` (``dasheng-pipeline finetune``).
 
 What it does, its options and outputs: ``docs/cli/finetune.md``. The steps, in the order
 :func:`finetune` runs them: :mod:`.data` reads DATA and splits it; :mod:`.features` gives the
-frozen modes clip embeddings through the shared embedding cache, ``full`` mode log-mels; :mod:`.train`
-trains once per fold; :mod:`.report` writes OUT (the classifier through
+frozen modes clip embeddings through the shared embedding cache, ``full`` mode log-mels;
+:mod:`.train` trains once per fold; :mod:`.report` writes OUT (the classifier through
 :mod:`dasheng_pipeline.tools.classifier`).
 """
 
@@ -178,14 +178,16 @@ def _log_fold(k: int, result: dict, fit: Fit) -> None:
     log.info(f"fold {k}: {result['counts']}; best epoch {fit.best_epoch}; test {test}")
     if fit.best_is_last:
         log.warning(
-            f"fold {k}: the best epoch is the last one ({fit.best_epoch} of {fit.best_epoch}): "
+            f"fold {k}: the best epoch is the last one ({fit.best_epoch} of {len(fit.curve)}): "
             "the validation score was still improving; try more epochs (--epochs)"
         )
     elif not fit.validated:
         log.info(f"fold {k}: no validation examples, the last epoch ({fit.best_epoch}) is kept")
 
 
-def _train_folds(run: _Run, x, y: np.ndarray, assignments: list[np.ndarray]):
+def _train_folds(
+    run: _Run, x, y: np.ndarray, assignments: list[np.ndarray]
+) -> tuple[list[dict], np.ndarray, tuple[torch.nn.Module, Fit]]:
     """Every fold trained and tested → (per-fold results, pooled test scores, fold 0's net and fit)."""
     multilabel = run.data.multilabel
     pooled = np.full(y.shape, np.nan, np.float32)  # out-of-fold test scores
@@ -234,7 +236,9 @@ def _stamp(run: _Run) -> dict:
     return provenance.stamp(section, run.setup.seed, audio.versions())
 
 
-def _result(run: _Run, fold_results: list[dict], y: np.ndarray, pooled: np.ndarray, fit: Fit):
+def _result(
+    run: _Run, fold_results: list[dict], y: np.ndarray, pooled: np.ndarray, fit: Fit
+) -> Result:
     ds = run.data
     tests = [r["test"]["metric"] for r in fold_results if r["test"] is not None]
     test_mean = float(np.nanmean(tests)) if tests and not np.isnan(tests).all() else None
@@ -263,23 +267,13 @@ def _write(run: _Run, res: Result, net, fit: Fit, fold_results, y, pooled, assig
     ds, out = run.data, run.out
     report.write_splits(out, ds, assignments, run.folds)
     stamp = _stamp(run)
-    split = {
+    training = {
         "valid_fraction": run.valid_fraction,
         "test_fraction": run.test_fraction,
         "folds": run.folds,
+        "best_epoch": fit.best_epoch,
     }
-    report.write_classifier(
-        out,
-        net,
-        run.setup.mode,
-        ds.labels,
-        ds.multilabel,
-        run.enc,
-        run.setup,
-        fit.best_epoch,
-        split,
-        stamp,
-    )
+    report.write_classifier(out, net, ds, run.enc, run.setup, training, stamp)
     report.write_metrics(out, res, fold_results, y, pooled, ds.labels, ds.multilabel, stamp)
     report.write_curve(out, fit.curve, res.metric, stamp)
 

@@ -99,7 +99,7 @@ def _open_folder(data: Data, model: Model, batch_size: int, cache_dir) -> Path:
     except OSError as exc:
         raise FinetuneError(
             f"embedding cache {folder}: cannot create it ({exc.strerror or exc}); "
-            f"point --cache-dir or ${ENV} at a writable folder"
+            f"set {ENV} to a writable folder"
         ) from exc
     if not (folder / "key.json").is_file():
         atomic.write_json(folder / "key.json", {**about, "model": model.spec})

@@ -84,19 +84,13 @@ def _num(v: float | None) -> float | None:
 
 
 def write_classifier(
-    out: Path,
-    net: nn.Module,
-    mode: str,
-    labels: list[str],
-    multilabel: bool,
-    enc: Model,
-    s: Setup,
-    best_epoch: int,
-    split: dict,
-    stamp: dict,
+    out: Path, net: nn.Module, data: Data, enc: Model, s: Setup, training: dict, stamp: dict
 ) -> None:
+    """classifier.safetensors and classifier.json; ``training``: what the run adds to ``s``
+    (split settings, best epoch)."""
+    mode, labels = s.mode, data.labels
     head = net if isinstance(net, Head) else net.head
-    training = {**asdict(s), **split, "best_epoch": best_epoch}
+    training = {**asdict(s), **training}
     if mode == "full":
         training.update(
             {
@@ -112,7 +106,7 @@ def write_classifier(
         training.update({"batch": HEAD_BATCH, "patience": PATIENCE, "optimizer": "Adam"})
     meta = {
         "labels": labels,
-        "multilabel": multilabel,
+        "multilabel": data.multilabel,
         "mode": mode,
         "model": encoder_meta(enc),
         "head": head_config(mode, head.mean.numel(), len(labels)),
