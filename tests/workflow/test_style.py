@@ -26,13 +26,8 @@ OVER_TODAY = {
     "pipeline/features/shards.py::build_dataset_manifest",
     "pipeline/sources/youtube.py::_download",
     "pipeline/sources/youtube.py::_store",
-    "pipeline/tools/classifier.py::load",
     "pipeline/tools/embed.py::embed_files",
     "pipeline/tools/evaluate.py::evaluate_task",
-    "pipeline/tools/finetune.py::train_full",
-    "pipeline/tools/finetune.py::_write_metrics",
-    "pipeline/tools/finetune.py::finetune",
-    "pipeline/tools/predict.py::predict",
     "pipeline/training/train.py::train_worker",
     "pipeline/training/train.py::_train",
 }
