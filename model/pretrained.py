@@ -226,9 +226,10 @@ def _snapshot(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=[HF_WEIGHTS, HF_CONFIG]))
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no message'}"
+    line = text.splitlines()[0] if text else "no message"
+    return f"{type(exc).__name__}: {line if len(line) <= limit else line[: limit - 1] + '…'}"
 
 
 def download(repo_id: str) -> Path:
@@ -318,15 +319,25 @@ def released(size: str, map_location: str | torch.device = "cpu") -> DashengEnco
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, no network, 404, auth, timeout
-        name = _CONSTRUCTORS[size]
-        raise CheckpointError(
-            f"{name}(): the released weights are not on this machine ({local} or the Hugging Face "
-            f"cache) and the hub could not be reached ({_reason(exc)}); on a machine with network run "
-            f"`hf download {repo}` and copy the cache (HF_HOME) here, or download {RELEASE_FILES[size]} "
-            f"from {ZENODO_RECORD} and call {name}('{RELEASE_FILES[size]}'); "
-            f"{name}(pretrained=False) gives random weights"
-        ) from exc
+        raise CheckpointError(_missing_release(size, local, exc)) from exc
     return load_hf(folder, map_location)
+
+
+def _missing_release(size: str, local: Path, exc: Exception) -> str:
+    from huggingface_hub import constants
+
+    name, repo, file = _CONSTRUCTORS[size], _HF_REPOS[size], RELEASE_FILES[size]
+    why = (
+        "HF_HUB_OFFLINE is set"
+        if constants.HF_HUB_OFFLINE
+        else f"fetching {repo} from the hub failed ({_reason(exc)})"
+    )
+    return (
+        f"{name}(): the released weights are neither in {local} nor in the Hugging Face cache "
+        f"{constants.HF_HUB_CACHE}, and {why}; run `hf download {repo}` on a machine with network "
+        f"(and copy its cache here), or download {file} from {ZENODO_RECORD} and call "
+        f"{name}('{file}'); {name}(pretrained=False) gives random weights"
+    )
 
 
 def _named(size: str, path, pretrained: bool, map_location, weights) -> DashengEncoder:
