@@ -292,7 +292,7 @@ def _run_export(args: argparse.Namespace) -> None:
     section = {"export": {"model": args.model, "to": args.to, "front_end": args.front_end}}
     if args.to == "onnx":
         section["export"]["opset"] = args.opset
-    out = export_model(
+    export_model(  # logs what it wrote
         args.model,
         args.to,
         args.out,
@@ -300,7 +300,6 @@ def _run_export(args: argparse.Namespace) -> None:
         provenance=stamp(section),
         opset=args.opset,
     )
-    print(f"wrote {out}")
 
 
 COMMANDS = {
