@@ -49,7 +49,7 @@ from dasheng_model.checkpoint import (
     write_atomically,
 )
 from dasheng_model.encoder import MAX_TOKENS, DashengEncoder
-from dasheng_model.frontend import N_MELS, SAMPLE_RATE
+from dasheng_model.frontend import N_MELS, SAMPLE_RATE, LogMel
 from dasheng_model.inputs import FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,34 @@ def _require_onnx():
     return onnxruntime
 
 
+def log_mel_fp64(front_end: LogMel, wav: torch.Tensor) -> torch.Tensor:
+    """``front_end(wav)`` (torchaudio's mel spectrogram, then per-clip dB) computed in float64 and
+    returned in float32, with the module's own window, filterbank and settings.
+
+    For the graph: onnxruntime's float32 STFT rounds differently from PyTorch's FFT, by up to
+    0.03 dB in bins 100 dB below a clip's peak (PyTorch's float32 itself is 0.012 dB off float64
+    there); in float64 the graph's log-mel is the exact one, and the embeddings stay within 1e-4
+    of PyTorch's (BENCHMARKS.md).
+    """
+    mel_spec, to_db = front_end[0], front_end[1]
+    spec = mel_spec.spectrogram
+    stft = torch.stft(
+        wav.double(),
+        n_fft=spec.n_fft,
+        hop_length=spec.hop_length,
+        win_length=spec.win_length,
+        window=spec.window.double(),
+        center=spec.center,
+        pad_mode=spec.pad_mode,
+        normalized=False,
+        onesided=spec.onesided,
+        return_complex=True,
+    )  # (B, n_fft // 2 + 1, T)
+    power = stft.abs().pow(spec.power)
+    mel = torch.matmul(power.transpose(-1, -2), mel_spec.mel_scale.fb.double()).transpose(-1, -2)
+    return to_db(mel).float()  # (B, 64, T)
+
+
 class OnnxEncoder(nn.Module):
     """One window through the encoder, written without data-dependent branches (for tracing):
     waveform (B, S) or dB log-mel (B, 64, T) → (B, N ≤ 252, D)."""
@@ -153,7 +181,7 @@ class OnnxEncoder(nn.Module):
         self.front_end = front_end
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mel = self.encoder.front_end(x) if self.front_end else x
+        mel = log_mel_fp64(self.encoder.front_end, x) if self.front_end else x
         tokens = self.encoder.tokenize(mel)  # (B, D, 1, N)
         return self.encoder.transformer(self.encoder.add_positions(tokens))
 
