@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
         IsADirectoryError,
+        FileExistsError,
         NotADirectoryError,
         PermissionError,
     ) as exc:
