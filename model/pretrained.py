@@ -312,7 +312,7 @@ def released(size: str, map_location: str | torch.device = "cpu") -> DashengEnco
     """
     local = official_download(size)
     if local.is_file():
-        return load(local, map_location)
+        return _of_size(load(local, map_location), size, local)
     repo = _HF_REPOS[size]
     try:
         folder = _snapshot(repo)
@@ -320,7 +320,7 @@ def released(size: str, map_location: str | torch.device = "cpu") -> DashengEnco
         raise
     except Exception as exc:  # noqa: BLE001 - offline, no network, 404, auth, timeout
         raise CheckpointError(_missing_release(size, local, exc)) from exc
-    return load_hf(folder, map_location)
+    return _of_size(load_hf(folder, map_location), size, folder)
 
 
 def _missing_release(size: str, local: Path, exc: Exception) -> str:
@@ -354,10 +354,13 @@ def _named(size: str, path, pretrained: bool, map_location, weights) -> DashengE
         return random_encoder(size).to(map_location)
     if path is None:
         return released(size, map_location)
-    encoder = load(_HF_REPOS[size] if path == "hub" else path, map_location)
+    return _of_size(load(_HF_REPOS[size] if path == "hub" else path, map_location), size, path)
+
+
+def _of_size(encoder: DashengEncoder, size: str, source) -> DashengEncoder:
     if encoder.config != SIZES[size]:
         raise CheckpointError(
-            f"{os.fspath(path)}: holds size {size_name(encoder.config) or encoder.config}, not {size!r}"
+            f"{os.fspath(source)}: holds size {size_name(encoder.config) or encoder.config}, not {size!r}"
         )
     return encoder
 
