@@ -186,6 +186,12 @@ def _add_finetune(sub) -> None:
         "--mixup", type=float, default=0.0, help="full: mixup alpha, 0 = off (default: 0)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="linear/mlp: root of the shared embedding cache "
+        "(default: $DASHENG_CACHE_DIR, else ~/.cache/dasheng-pipeline)",
+    )
     _model_args(p)
 
 
@@ -209,6 +215,7 @@ def _run_finetune(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         progress=not args.quiet,
+        cache_dir=args.cache_dir,
     )
 
 

@@ -318,6 +318,14 @@ def test_tiny_classes_fall_back_to_a_per_class_split():
     )
 
 
+def test_cli_cache_dir_puts_the_embeddings_there(words, tmp_path):
+    args = ["-q", "finetune", str(words), "--model", MODEL, "--out", str(tmp_path / "o")]
+    args += ["--mode", "linear", "--epochs", "1", "--cache-dir", str(tmp_path / "c")]
+    assert cli.main(args) == 0
+    (key,) = (tmp_path / "c" / "embeddings").iterdir()
+    assert (key / "key.json").is_file() and list(key.glob("*.parquet"))
+
+
 def test_cli_bad_data_exits_1_with_one_line(tmp_path, capsys):
     assert (
         cli.main(
