@@ -25,7 +25,6 @@ OVER_TODAY = {
     "pipeline/sources/youtube.py::_download",
     "pipeline/sources/youtube.py::_store",
     "pipeline/tools/embed.py::embed_files",
-    "pipeline/tools/evaluate.py::evaluate_task",
     "pipeline/training/train.py::train_worker",
     "pipeline/training/train.py::_train",
 }
