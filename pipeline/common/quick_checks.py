@@ -335,16 +335,8 @@ def _plot_method(ax, rows: list[dict], tasks: Iterable[str], method: str, style:
         )
         for s, v in pts:
             by_step.setdefault(s, []).append(v)
-        ax.plot(
-            [s for s, _ in pts],
-            [v for _, v in pts],
-            style,
-            marker="o",
-            ms=3,
-            color=f"C{i}",
-            alpha=0.7,
-            label=f"{task} {method}",
-        )
+        xs, ys = [s for s, _ in pts], [v for _, v in pts]
+        ax.plot(xs, ys, style, marker="o", ms=3, color=f"C{i}", alpha=0.7, label=f"{task} {method}")
     steps = sorted(by_step)
     ax.plot(
         steps,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dasheng_pipeline.common import logs
 from dasheng_pipeline.evaluation.embeddings import load_split
 from dasheng_pipeline.evaluation.tasks.hear import Event, Task
 
@@ -141,7 +142,7 @@ def scoring_parser(
     """The command line shared by the jobs that score a task's embeddings (HEAR's probe, k-NN,
     the X-ARES protocols): ``--task``, ``--embeddings``, ``--params`` (JSON), ``--out`` (result
     JSON), ``--threads``."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser = logs.entry_parser(module, doc)
     parser.add_argument(
         "--task", required=True, help="task folder (HEAR format; X-ARES tasks after tasks.xares)"
     )

@@ -106,16 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    knn = params["knn"]
+    k, use_valid = int(params["knn"]["k"]), bool(params["knn"]["use_valid"])
     with logs.one_line_errors():
-        result = run(
-            args.task,
-            args.embeddings,
-            int(knn["k"]),
-            bool(knn["use_valid"]),
-            int(params["seed"]),
-            params,
-        )
+        result = run(args.task, args.embeddings, k, use_valid, int(params["seed"]), params)
     atomic.write_json(args.out, result)
 
 

@@ -389,18 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    x = params["xares"]
+    seed, x, task, emb = int(params["seed"]), params["xares"], args.task, args.embeddings
     with logs.one_line_errors():
-        result = run(
-            args.protocol,
-            args.task,
-            args.embeddings,
-            int(params["seed"]),
-            x["mlp"],
-            x["knn"],
-            args.threads,
-            params,
-        )
+        result = run(args.protocol, task, emb, seed, x["mlp"], x["knn"], args.threads, params)
     atomic.write_json(args.out, result)
 
 

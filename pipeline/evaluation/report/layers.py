@@ -16,7 +16,6 @@ with training. The paper's tables use the last layer and the HEAR probe (``proto
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -158,10 +157,7 @@ def _plot(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.report.layers",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.report.layers", __doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="one model on one quick set → JSON")
     s.add_argument(
@@ -177,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("table", help="score JSONs → layers.csv, layers.md, layers.png")
     t.add_argument("--inputs", nargs="+", required=True)
     t.add_argument("--out-dir", required=True)
-    t.add_argument("--plot", required=True)
     t.add_argument("--params", required=True, help="JSON: seed")
+    t.add_argument("--plot", required=True, help="layers.png to write")
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)

@@ -16,7 +16,6 @@ Rendering uses matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -125,10 +124,7 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.report.plots",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.report.plots", __doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scores", help="domain bars and task radar from scores.csv")
     s.add_argument("--scores", required=True)

@@ -22,7 +22,6 @@ A task matches a paper task when its config name, ``<task_name>_<mode>`` or ``ta
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -671,10 +670,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.report.results",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.report.results", __doc__)
     parser.add_argument("--inputs", nargs="+", required=True, help="probe and k-NN result JSONs")
     parser.add_argument(
         "--params",

@@ -21,7 +21,6 @@ carries ``domain`` (env/speech/music) and the provenance stamp.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -577,10 +576,7 @@ def _event_splits(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.tasks.demo",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.tasks.demo", __doc__)
     parser.add_argument("--task", required=True, choices=sorted(SPECS))
     parser.add_argument("--params", required=True, help="JSON: seed, demo_tasks (scale, speech)")
     parser.add_argument("--out", required=True, help="task folder to write")

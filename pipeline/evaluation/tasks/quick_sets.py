@@ -13,7 +13,6 @@ do not decode are skipped and listed in the job's log.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -58,10 +57,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.tasks.quick_sets",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.tasks.quick_sets", __doc__)
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--params", required=True, help="JSON: seed, max_clips, max_seconds")
     parser.add_argument("--out", required=True, help=".npz to write")

@@ -28,7 +28,6 @@ error (a :class:`TaskError` naming the task, the folder and the pattern).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -436,10 +435,7 @@ def write_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.tasks.xares",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.tasks.xares", __doc__)
     parser.add_argument("--name", required=True, help="task name (the config key)")
     parser.add_argument(
         "--spec",
