@@ -27,10 +27,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dasheng_pipeline.evaluation import embeddings as extract  # noqa: E402
 from dasheng_pipeline.evaluation.protocols import hear_mlp as probe  # noqa: E402
 from dasheng_pipeline.evaluation.tasks import demo as demo_tasks  # noqa: E402
 from dasheng_pipeline.evaluation.tasks import hear as hear_tasks  # noqa: E402
-from dasheng_pipeline.evaluation import embeddings as extract  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
