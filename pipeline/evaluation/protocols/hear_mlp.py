@@ -82,8 +82,8 @@ class ProbeConfig:
 
 def protocol(cfg: ProbeConfig) -> str:
     """Which protocol ``cfg`` is: ``HEAR``, or ``HEAR except`` the keys it changes (HEAR's value)."""
-    hear = asdict(ProbeConfig())
-    changed = [f"{k} {v} (HEAR {hear[k]})" for k, v in asdict(cfg).items() if v != hear[k]]
+    hear_cfg = asdict(ProbeConfig())
+    changed = [f"{k} {v} (HEAR {hear_cfg[k]})" for k, v in asdict(cfg).items() if v != hear_cfg[k]]
     return "HEAR" if not changed else "HEAR except " + ", ".join(changed)
 
 
