@@ -62,16 +62,14 @@ def members(path: Path, shard: str) -> Iterator[tuple[str, str, bytes] | mirror.
 
 
 def samples(stream) -> Iterator[tuple[str, dict[str, bytes]] | mirror.Problem]:
-    """Group consecutive members of the same key (WebDataset's samples)."""
+    """Group consecutive members of the same key (WebDataset's samples). Members are whole when
+    they arrive (a member cut by damage ends the stream instead), so the sample pending at a
+    damage is judged on the members it has."""
     key, parts = None, {}
     for obj in stream:
         if isinstance(obj, mirror.Problem):
-            if key is not None:  # the sample the damage cut is not trusted
-                yield mirror.Problem(
-                    f"{obj.name}:{key}",
-                    "rejected",
-                    f"truncated tar: sample {key!r} of {obj.name} was cut by the damage",
-                )
+            if key is not None:
+                yield key, parts
             yield obj
             return
         k, ext, data = obj

@@ -495,6 +495,10 @@ class Blocked(Exception):
     """YouTube kept refusing the session after every pause: the job stops (nothing is lost)."""
 
 
+def span(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+
+
 class SessionGuard:
     """Watches a chunk job's downloads for a session-level block and pauses all of them.
 
@@ -549,6 +553,8 @@ class SessionGuard:
                     self.pauses = 0
                 released, self.held = self.held, []
                 return [*released, index], []
+            if epoch != self.epoch:  # hit by the block already known: try it again after the pause
+                return [], [index]
             if kind == "suspect" and len(self.held) + 1 < self.burst:
                 self.held.append(index)
                 return [], []
@@ -578,7 +584,7 @@ class SessionGuard:
         self.paused_s += pause
         self.until = self.clock() + pause
         log.warning(
-            f"session-level block ({reason}): every download of this job pauses {pause / 60:.1f} min "
+            f"session-level block ({reason}): every download of this job pauses {span(pause)} "
             f"(pause {self.pauses} of {self.max_pauses})"
         )
 
@@ -727,7 +733,7 @@ def run_chunk(
         left = len(todo) - len(final)
         raise Blocked(
             f"{label}: YouTube blocks this session ({guard.reason}) after {guard.pauses} pause(s) "
-            f"of {guard.paused_s / 60:.0f} min in all; {left} clip(s) left for a rerun, none marked "
+            f"of {span(guard.paused_s)} in all; {left} clip(s) left for a rerun, none marked "
             f"failed. Rerun later to continue; to avoid blocks: a cookies file (cookies:), a longer "
             f"sleep_between_s, fewer download jobs at once (--resources downloads=1), or a PO-token "
             f"provider plugin for yt-dlp"
