@@ -37,6 +37,7 @@ from dasheng_pipeline.common import atomic, logs, manifest, provenance
 log = logging.getLogger(__name__)
 
 FIELDS = ("scope", "name", "route", "measure", "reason", "count")
+SOURCE_MEASURES = ("seen", "ok", "failed", "rejected", "skipped", "file_failed", "file_rejected")
 _PREFIX = re.compile(r"^([A-Za-z][A-Za-z /_-]{0,40}?):")
 
 
@@ -79,12 +80,14 @@ def source_counts(name: str, manifest_paths: list[str]) -> tuple[list[dict], dic
                 by_id[clip["clip_id"]] = clip
             elif by_id[clip["clip_id"]]["status"] != "ok":
                 by_id[clip["clip_id"]] = clip
+    counts[("seen", "")] += 0
+    order = {m: i for i, m in enumerate(SOURCE_MEASURES)}
     rows = [
         _row("source", name, "", measure, reason, n)
-        for (measure, reason), n in sorted(counts.items())
+        for (measure, reason), n in sorted(
+            counts.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
+        )
     ]
-    if not counts[("seen", "")]:
-        rows.insert(0, _row("source", name, "", "seen", "", 0))
     return rows, by_id
 
 

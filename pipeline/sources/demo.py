@@ -10,7 +10,7 @@ The demo audio is itself the source (like a local corpus): it is always written 
 FLAC, whatever ``audio.keep_audio`` says.
 
 As a route of a corpus, a demo source generates only the clips the earlier routes did not
-obtain. With ``mirror_path``, ``python -m dasheng_pipeline.sources.demo mirror`` writes a tiny
+obtain. With ``mirror_share``, ``python -m dasheng_pipeline.sources.demo mirror`` writes a tiny
 Hugging Face-style mirror of the first ``mirror_share`` of its clips (a Parquet file whose
 ``audio`` column embeds each clip's FLAC bytes, as the ``datasets`` library stores them) and the
 corpus's ID list (all clips), so that the demo shows a route filling what a mirror lacks.

@@ -6,7 +6,7 @@ import os
 import re
 
 from dasheng_pipeline.common import provenance
-from dasheng_pipeline.sources import lists, local
+from dasheng_pipeline.sources import chunking, lists, local
 
 # Jobs run `python -m dasheng_pipeline...` from this checkout, in whatever environment runs them
 # (the project's .venv, or the conda envs of --sdm conda). workflow/lib holds the import names of
@@ -52,14 +52,32 @@ def produced_by_a_rule(path):
 
 
 SOURCES = config["sources"]
+CORPORA = config["corpora"]
 LOCAL_FILES = {}  # local source name -> files in its tree (a param of its index job)
+MIRROR_UNITS = {}  # mirror source name -> its chunks' units (files, shards, archives)
+MIRRORS = chunking.MIRROR_TYPES
 
 
 def names_of(kind):
     return [name for name, src in SOURCES.items() if src["type"] == kind]
 
 
+def _mirror_chunks(name, src):
+    for key in ("path", "checksums"):
+        if src.get(key):
+            check_inside(f"sources.{name}.{key}", src[key])
+    MIRROR_UNITS[name] = chunking.chunks_of(
+        src, chunking.units(name, src, f"{OUT}/lists")
+    )
+    for unit in [u for units in MIRROR_UNITS[name] for u in units]:
+        if src["type"] == "webdataset" and "://" not in unit:
+            check_inside(f"sources.{name}.urls", unit)
+    return len(MIRROR_UNITS[name])
+
+
 def _count_chunks(name, src):
+    if src["type"] in MIRRORS:
+        return _mirror_chunks(name, src)
     if src["type"] == "demo":
         return lists.n_chunks(src["clips"], src["chunk_size"])
     if src["type"] == "youtube":
@@ -89,6 +107,91 @@ CHUNKS = {
 }
 
 
+for _corpus, _spec in CORPORA.items():
+    check_inside(f"corpora.{_corpus}.list", _spec["list"])
+ROUTES = chunking.routes(CORPORA, SOURCES)
+
+
+def names_in(kinds):
+    return [name for name, src in SOURCES.items() if src["type"] in kinds]
+
+
+def corpus_ids(corpus):
+    return f"{OUT}/corpora/{corpus}/ids.parquet"
+
+
+def source_keys(name):
+    return f"{OUT}/keys/{name}.parquet"
+
+
+def route_params(name):
+    """A route's params: its corpus, the corpus's ID table, the key tables of earlier routes."""
+    route = ROUTES.get(name)
+    if route is None:
+        return None
+    return {
+        "corpus": route.corpus,
+        "ids": corpus_ids(route.corpus),
+        "earlier": [source_keys(n) for n in route.earlier],
+    }
+
+
+def route_inputs(wildcards):
+    """A chunk's route inputs: the corpus's ID table (mirrors reject unlisted items) and the
+    key tables of the earlier routes (what is already obtained)."""
+    route = route_params(wildcards.source)
+    if route is None:
+        return []
+    ids = [route["ids"]] if SOURCES[wildcards.source]["type"] in MIRRORS else []
+    return ids + route["earlier"]
+
+
+def mirror_inputs(wildcards):
+    src = SOURCES[wildcards.source]
+    units = MIRROR_UNITS[wildcards.source][int(wildcards.chunk)]
+    return chunking.local_inputs(src, units) + route_inputs(wildcards)
+
+
+def mirror_params(wildcards):
+    units = MIRROR_UNITS[wildcards.source][int(wildcards.chunk)]
+    return source_params(wildcards.source, files=units)
+
+
+def keyed_sources():
+    """Sources with a key table: every mirror (duplicates across chunks), every earlier route."""
+    earlier = {n for r in ROUTES.values() for n in r.earlier}
+    return [n for n in SOURCES if SOURCES[n]["type"] in MIRRORS or n in earlier]
+
+
+def keys_inputs(wildcards):
+    """A source's chunk manifests as its key table reads them (a mirror's raw ones)."""
+    folder = "fetched" if SOURCES[wildcards.source]["type"] in MIRRORS else "manifests"
+    return [f"{OUT}/{folder}/{wildcards.source}/{c}.json" for c in CHUNKS[wildcards.source]]
+
+
+def coverage_layout():
+    """What the coverage report reads: every source's final manifests, every corpus's IDs."""
+    return {
+        "sources": {
+            n: [f"{OUT}/manifests/{n}/{c}.json" for c in CHUNKS[n]] for n in SOURCES
+        },
+        "corpora": {
+            c: {"ids": corpus_ids(c), "routes": list(spec["routes"])}
+            for c, spec in CORPORA.items()
+        },
+        "seed": config["seed"],
+    }
+
+
+def coverage_targets():
+    return [f"{OUT}/data/coverage.csv", f"{OUT}/data/coverage.png"]
+
+
+def demo_mirrors():
+    """Demo sources that write a mirror of themselves (mirror_share above 0)."""
+    return [n for n, s in SOURCES.items() if s["type"] == "demo" and s["mirror_share"] > 0]
+
+
 def source_params(name, **extra):
     """Params of a source's jobs: its own config, the audio rules, the seed."""
     return as_json(
@@ -98,6 +201,7 @@ def source_params(name, **extra):
             "audio": config["audio"],
             "seed": config["seed"],
             "allow_outside_paths": config["allow_outside_paths"],
+            **({"route": route_params(name)} if name in ROUTES else {}),
             **extra,
         }
     )

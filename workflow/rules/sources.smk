@@ -1,10 +1,15 @@
-# Stage 1, audio (package pipeline/sources/). Three families of jobs write one chunk manifest
-# per chunk of clips: demo (synthetic), youtube (segment lists through yt-dlp) and local (folder
-# trees). Audio lands in {OUT}/audio/{source}/{chunk}/, outside the declared outputs, so a rerun
-# reuses what an earlier run fetched.
+# Stage 1, audio (package pipeline/sources/). Families of jobs write one chunk manifest per chunk
+# of clips: demo (synthetic), youtube (segment lists through yt-dlp), local (folder trees) and the
+# mirrors (hf_parquet, webdataset, http_archive: a raw manifest per chunk, then a key table over
+# the source's chunks and a resolve job per chunk rejecting keys obtained twice). Audio lands in
+# {OUT}/audio/{source}/{chunk}/, outside the declared outputs, so a rerun reuses what an earlier
+# run fetched. Corpora (config key corpora) add an ID table per corpus; a route's chunk jobs read
+# the key tables of the routes before it. One job writes the coverage report.
 
 
 rule demo_chunk:
+    input:
+        route_inputs,
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
@@ -44,6 +49,7 @@ rule youtube_chunk:
     input:
         list=lambda wc: SOURCES[wc.source]["list"],
         index=f"{OUT}/lists/{{source}}.index.json",
+        route=route_inputs,
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
@@ -97,3 +103,173 @@ rule local_chunk:
     shell:
         "python -m dasheng_pipeline.sources.local chunk --index {input:q} --chunk {wildcards.chunk} "
         "--params {params.cfg:q} --out {output:q} --audio-dir {params.audio_dir:q} > {log:q} 2>&1"
+
+
+rule demo_mirror:
+    output:
+        parquet=f"{OUT}/mirror/{{source}}/data/{{source}}-00000.parquet",
+        ids=f"{OUT}/mirror/{{source}}/ids.txt",
+    log:
+        f"{LOGS}/sources/{{source}}.mirror.log",
+    wildcard_constraints:
+        source=constraint(demo_mirrors()),
+    conda:
+        "../../envs/data.yaml"
+    params:
+        cfg=lambda wc: source_params(wc.source),
+    shell:
+        "python -m dasheng_pipeline.sources.demo mirror --params {params.cfg:q} "
+        "--parquet {output.parquet:q} --ids {output.ids:q} > {log:q} 2>&1"
+
+
+rule hf_parquet_chunk:
+    input:
+        mirror_inputs,
+    output:
+        f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+    log:
+        f"{LOGS}/sources/{{source}}/{{chunk}}.log",
+    wildcard_constraints:
+        source=constraint(names_of("hf_parquet")),
+        chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        downloads=1,
+    params:
+        cfg=mirror_params,
+        audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
+        download_dir=lambda wc: f"{OUT}/downloads/{wc.source}",
+    shell:
+        "python -m dasheng_pipeline.sources.hf_parquet chunk --chunk {wildcards.chunk} "
+        "--params {params.cfg:q} --out {output:q} --audio-dir {params.audio_dir:q} "
+        "--download-dir {params.download_dir:q} > {log:q} 2>&1"
+
+
+rule webdataset_chunk:
+    input:
+        mirror_inputs,
+    output:
+        f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+    log:
+        f"{LOGS}/sources/{{source}}/{{chunk}}.log",
+    wildcard_constraints:
+        source=constraint(names_of("webdataset")),
+        chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        downloads=1,
+    params:
+        cfg=mirror_params,
+        audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
+        download_dir=lambda wc: f"{OUT}/downloads/{wc.source}",
+    shell:
+        "python -m dasheng_pipeline.sources.tars chunk --chunk {wildcards.chunk} "
+        "--params {params.cfg:q} --out {output:q} --audio-dir {params.audio_dir:q} "
+        "--download-dir {params.download_dir:q} > {log:q} 2>&1"
+
+
+rule http_archive_chunk:
+    input:
+        mirror_inputs,
+    output:
+        f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+    log:
+        f"{LOGS}/sources/{{source}}/{{chunk}}.log",
+    wildcard_constraints:
+        source=constraint(names_of("http_archive")),
+        chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        downloads=1,
+    params:
+        cfg=mirror_params,
+        audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
+        download_dir=lambda wc: f"{OUT}/downloads/{wc.source}",
+    shell:
+        "python -m dasheng_pipeline.sources.http_archive chunk --chunk {wildcards.chunk} "
+        "--params {params.cfg:q} --out {output:q} --audio-dir {params.audio_dir:q} "
+        "--download-dir {params.download_dir:q} > {log:q} 2>&1"
+
+
+rule source_keys:
+    input:
+        keys_inputs,
+    output:
+        f"{OUT}/keys/{{source}}.parquet",
+    log:
+        f"{LOGS}/sources/{{source}}.keys.log",
+    wildcard_constraints:
+        source=constraint(keyed_sources()),
+    conda:
+        "../../envs/data.yaml"
+    params:
+        cfg=lambda wc: as_json({"source": wc.source, "seed": config["seed"]}),
+    shell:
+        "python -m dasheng_pipeline.sources.routes keys --params {params.cfg:q} --out {output:q} "
+        "{input:q} > {log:q} 2>&1"
+
+
+rule mirror_resolve:
+    input:
+        raw=f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+        table=f"{OUT}/keys/{{source}}.parquet",
+    output:
+        f"{OUT}/manifests/{{source}}/{{chunk}}.json",
+    log:
+        f"{LOGS}/sources/{{source}}/{{chunk}}.resolve.log",
+    wildcard_constraints:
+        source=constraint(names_in(MIRRORS)),
+        chunk=r"\d+",
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m dasheng_pipeline.sources.routes resolve --raw {input.raw:q} --keys {input.table:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule corpus_ids:
+    input:
+        lambda wc: CORPORA[wc.corpus]["list"],
+    output:
+        f"{OUT}/corpora/{{corpus}}/ids.parquet",
+    log:
+        f"{LOGS}/sources/{{corpus}}.ids.log",
+    wildcard_constraints:
+        corpus=constraint(list(CORPORA)),
+    conda:
+        "../../envs/data.yaml"
+    params:
+        cfg=lambda wc: as_json(
+            {"corpus": wc.corpus, "corpus_cfg": CORPORA[wc.corpus], "seed": config["seed"]}
+        ),
+    shell:
+        "python -m dasheng_pipeline.sources.routes ids --list {input:q} --params {params.cfg:q} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule coverage:
+    input:
+        manifests=all_fetch_manifests(),
+        ids=[corpus_ids(c) for c in CORPORA],
+    output:
+        csv=report(
+            f"{OUT}/data/coverage.csv",
+            caption="../report/coverage.rst",
+            category="Data",
+        ),
+        png=report(
+            f"{OUT}/data/coverage.png",
+            caption="../report/coverage.rst",
+            category="Data",
+        ),
+    log:
+        f"{LOGS}/sources/coverage.log",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        layout=coverage_layout(),
+    script:
+        "../scripts/coverage.py"
