@@ -158,6 +158,23 @@ def _feed(pipe, data: bytes) -> None:
             pipe.close()
 
 
+def _start(args: list[str], data: bytes | None):
+    """Start ffmpeg: (process, the thread draining its stderr, the thread feeding ``data``)."""
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL if data is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    tail = _StderrTail(proc.stderr)
+    tail.start()
+    feeder = None
+    if data is not None:
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True)
+        feeder.start()
+    return proc, tail, feeder
+
+
 def stream(
     source: str | os.PathLike,
     block_samples: int,
@@ -177,18 +194,7 @@ def stream(
     reported decoding errors (a truncated or damaged file) even though it went on."""
     args = _decode_args(source, sample_rate, start_s, duration_s, from_stdin=data is not None)
     cap = None if duration_s is None else int(round(duration_s * sample_rate))
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL if data is None else subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    tail = _StderrTail(proc.stderr)
-    tail.start()
-    feeder = None
-    if data is not None:
-        feeder = threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True)
-        feeder.start()
+    proc, tail, feeder = _start(args, data)
     emitted = 0
     reached_end = capped = False
     try:

@@ -166,7 +166,9 @@ def keyed_sources():
 def keys_inputs(wildcards):
     """A source's chunk manifests as its key table reads them (a mirror's raw ones)."""
     folder = "fetched" if SOURCES[wildcards.source]["type"] in MIRRORS else "manifests"
-    return [f"{OUT}/{folder}/{wildcards.source}/{c}.json" for c in CHUNKS[wildcards.source]]
+    return [
+        f"{OUT}/{folder}/{wildcards.source}/{c}.json" for c in CHUNKS[wildcards.source]
+    ]
 
 
 def coverage_layout():
@@ -189,7 +191,9 @@ def coverage_targets():
 
 def demo_mirrors():
     """Demo sources that write a mirror of themselves (mirror_share above 0)."""
-    return [n for n, s in SOURCES.items() if s["type"] == "demo" and s["mirror_share"] > 0]
+    return [
+        n for n, s in SOURCES.items() if s["type"] == "demo" and s["mirror_share"] > 0
+    ]
 
 
 def source_params(name, **extra):

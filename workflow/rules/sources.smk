@@ -243,7 +243,11 @@ rule corpus_ids:
         "../../envs/data.yaml"
     params:
         cfg=lambda wc: as_json(
-            {"corpus": wc.corpus, "corpus_cfg": CORPORA[wc.corpus], "seed": config["seed"]}
+            {
+                "corpus": wc.corpus,
+                "corpus_cfg": CORPORA[wc.corpus],
+                "seed": config["seed"],
+            }
         ),
     shell:
         "python -m dasheng_pipeline.sources.routes ids --list {input:q} --params {params.cfg:q} "
