@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 
 from dasheng_pipeline.common import atomic, logs, manifest, provenance
+from dasheng_pipeline.sources import routes
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,20 @@ def reason_class(row: dict) -> str:
     return reason.split("(")[0].strip()[:40] or "other"
 
 
-def source_counts(name: str, manifest_paths: list[str]) -> tuple[list[dict], dict[str, dict]]:
-    """The source's rows of the table, and its clips by ID (the last row of each ID)."""
+def source_counts(
+    name: str, manifest_paths: list[str], keys: str | None = None
+) -> tuple[list[dict], dict[str, dict]]:
+    """The source's rows of the table, and its clips by ID (an ok row wins). ``keys``: a
+    mirror's key table (its later copies of a key count as rejected duplicates, as the mel jobs
+    reject them)."""
     counts: collections.Counter = collections.Counter()
     by_id: dict[str, dict] = {}
     for path in manifest_paths:
         doc = manifest.read(path)
         for reason, n in (doc.get("skipped") or {}).items():
             counts[("skipped", reason)] += n
-        for clip in doc["clips"]:
+        clips = routes.resolve_clips(doc, keys) if keys else doc["clips"]
+        for clip in clips:
             if clip.get("unit") == "file":
                 counts[(f"file_{clip['status']}", reason_class(clip))] += 1
                 continue
@@ -103,14 +109,12 @@ def _row(scope, name, route, measure, reason, count) -> dict:
 
 
 def corpus_counts(
-    name: str, ids_path: str, routes: list[str], clips: dict[str, dict]
+    name: str, ids_path: str, route_names: list[str], clips: dict[str, dict]
 ) -> list[dict]:
     """The corpus's rows: listed, obtained per route, missing by reason class."""
     import pyarrow.parquet as pq
 
-    from dasheng_pipeline.sources import routes as routes_mod
-
-    info = routes_mod.read_ids_info(ids_path)
+    info = routes.read_ids_info(ids_path)
     listed = pq.read_table(ids_path, columns=["id"]).column("id").to_pylist()
     rows = [
         _row("corpus", name, "", "listed", "", len(listed)),
@@ -120,7 +124,7 @@ def corpus_counts(
     missing = collections.Counter()
     for ident in listed:
         last = None
-        for route in routes:
+        for route in route_names:
             clip = clips[route].get(ident)
             if clip is None:
                 continue
@@ -130,18 +134,18 @@ def corpus_counts(
             last = clip
         else:
             missing["not offered" if last is None else reason_class(last)] += 1
-    rows += [_row("corpus", name, r, "obtained", "", obtained[r]) for r in routes]
+    rows += [_row("corpus", name, r, "obtained", "", obtained[r]) for r in route_names]
     rows.append(_row("corpus", name, "", "missing", "", sum(missing.values())))
     rows += [_row("corpus", name, "", "missing", k, v) for k, v in sorted(missing.items())]
     return rows
 
 
 def build(params: dict, csv_out: str, png_out: str | None) -> list[dict]:
-    """``params``: ``sources`` {name: [final manifests]}, ``corpora`` {name: {ids, routes}}."""
+    """``params``: ``sources`` {name: {manifests, keys}}, ``corpora`` {name: {ids, routes}}."""
     rows: list[dict] = []
     clips: dict[str, dict[str, dict]] = {}
-    for name, paths in params["sources"].items():
-        source_rows, clips[name] = source_counts(name, paths)
+    for name, src in params["sources"].items():
+        source_rows, clips[name] = source_counts(name, src["manifests"], src.get("keys"))
         rows += source_rows
     for name, corpus in params["corpora"].items():
         rows += corpus_counts(name, corpus["ids"], corpus["routes"], clips)

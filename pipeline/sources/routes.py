@@ -11,8 +11,8 @@ Jobs (``python -m dasheng_pipeline.sources.routes ...``):
 ``ids``      the ID list → ``corpora/<corpus>/ids.parquet`` (id, 64-bit hash, labels, row).
 ``keys``     a source's chunk manifests → ``keys/<source>.parquet``: the first usable copy of each
              key (the winner) and every later copy (a duplicate, with where the first one was).
-``resolve``  a mirror source's raw chunk manifest + its key table → the final chunk manifest, with
-             duplicates across chunks rejected.
+             A mirror's mel jobs reject the later copies (:func:`resolve_clips`); a corpus's later
+             routes skip the IDs its winners hold.
 
 IDs are matched through 64-bit hashes (blake2b): a set of 2 M IDs is 16 MB, loaded in
 milliseconds by every chunk job.
@@ -247,11 +247,12 @@ def build_keys(manifest_paths: list[str], out: str, params: dict) -> dict:
     return {"keys": len(first), "duplicates": dups}
 
 
-def resolve(raw_path: str, keys_path: str, out: str) -> dict:
-    """The ``resolve`` job: the final chunk manifest, a later copy of a key rejected."""
+def resolve_clips(doc: dict, keys_path: str | Path) -> list[dict]:
+    """A mirror chunk's clips with every later copy of a key rejected ("duplicate", naming the
+    chunk of the first copy): the mel job applies this to a mirror's chunk manifest, the coverage
+    report too."""
     import pyarrow.parquet as pq
 
-    doc = manifest.read(raw_path)
     table = pq.read_table(
         keys_path,
         filters=[("chunk", "=", doc["chunk"]), ("winner", "=", False)],
@@ -274,22 +275,12 @@ def resolve(raw_path: str, keys_path: str, out: str) -> dict:
                 **keep,
             )
         clips.append(clip)
-    extra = {
-        k: v
-        for k, v in doc.items()
-        if k not in ("stage", "source", "chunk", "summary", "clips", "provenance")
-    }
-    final = manifest.write(
-        out,
-        stage="fetch",
-        source=doc["source"],
-        chunk=doc["chunk"],
-        clips=clips,
-        provenance=doc["provenance"],
-        **extra,
-    )
-    manifest.print_summary(f"{doc['source']} chunk {doc['chunk']}", clips)
-    return final
+    return clips
+
+
+def read_listing(path: str | Path) -> list[str]:
+    """The manifests a key table reads (the ``source_manifests`` job's list, one per line)."""
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 
 
 # --------------------------------------------------------------------------- jobs
@@ -306,22 +297,16 @@ def main(argv: list[str] | None = None) -> None:
     ids.add_argument("--out", required=True)
     keys = sub.add_parser("keys", help="a source's key table (winners and duplicates)")
     keys.add_argument("--params", required=True, help="JSON: source, seed")
+    keys.add_argument("--listing", required=True, help="the chunk manifests, one per line")
     keys.add_argument("--out", required=True)
-    keys.add_argument("manifests", nargs="*")
-    res = sub.add_parser("resolve", help="a mirror chunk's final manifest")
-    res.add_argument("--raw", required=True)
-    res.add_argument("--keys", required=True)
-    res.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logs.setup()
     if args.command == "ids":
         params = json.loads(args.params)
         cfg = params["corpus_cfg"]
         write_ids(args.list, cfg["format"], float(cfg["segment_s"]), args.out, params)
-    elif args.command == "keys":
-        build_keys(args.manifests, args.out, json.loads(args.params))
     else:
-        resolve(args.raw, args.keys, args.out)
+        build_keys(read_listing(args.listing), args.out, json.loads(args.params))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from loopback import File, Hub, Reset, Sequence
 from mirrors import clip_freq, encoded, parquet_mirror, tone_rows, wds_shard
 
 from dasheng_pipeline.common import audio, manifest
+from dasheng_pipeline.features import mel
 from dasheng_pipeline.sources import (
     coverage,
     hf_parquet,
@@ -96,8 +97,6 @@ def test_parquet_rows_decode_to_16k_mono_with_ids_labels_and_reasons(tmp_path, s
 
 
 def test_snapshot_and_hub_give_byte_identical_shards(tmp_path, snapshot, monkeypatch):
-    from dasheng_pipeline.features import mel
-
     root, files = snapshot
     features = {
         "mel": defaults(SCHEMA["properties"]["mel"]),
@@ -211,17 +210,17 @@ def test_webdataset_shards_json_labels_missing_json_truncation_and_duplicates(tm
     trunc = docs[2]["clips"]
     assert [c["clip_id"] for c in trunc if c["status"] == "ok"] == ["c0", "c1"]
     assert trunc[-1]["unit"] == "file" and trunc[-1]["reason"].startswith("truncated tar: ")
-    # the same key in two chunks: the key table keeps the first, the resolve step rejects the second
+    # the same key in two chunks: the key table keeps the first, the mel job rejects the second
     paths = [str(tmp_path / f"manifests/src/{i:05d}.json") for i in range(3)]
     keys = tmp_path / "keys.parquet"
     assert routes.build_keys(paths, str(keys), {"source": "src", "seed": 0}) == {
         "keys": 5,
         "duplicates": 1,
     }
-    final = routes.resolve(paths[1], str(keys), str(tmp_path / "final.json"))
-    dup = {c["clip_id"]: c for c in final["clips"]}["a0"]
+    final = mel.read_fetch(paths[1], str(keys))["clips"]
+    dup = {c["clip_id"]: c for c in final}["a0"]
     assert dup["status"] == "rejected" and dup["reason_class"] == "duplicate"
-    assert "chunk 00000" in dup["reason"] and final["summary"] == {
+    assert "chunk 00000" in dup["reason"] and manifest.summary(final) == {
         "ok": 1,
         "failed": 0,
         "rejected": 1,
@@ -325,11 +324,6 @@ def test_a_corpus_takes_each_id_from_the_first_route_that_has_it(tmp_path, loopb
         str(keys),
         {"source": "as_hf", "seed": 0},
     )
-    routes.resolve(
-        str(tmp_path / "raw/manifests/as_hf/00000.json"),
-        str(keys),
-        str(tmp_path / "final/as_hf.json"),
-    )
     media = tone(tmp_path / "media.wav", 3.0)
     for vid in IDS:
         loopback.routes[vid] = File(media)
@@ -364,8 +358,11 @@ def test_a_corpus_takes_each_id_from_the_first_route_that_has_it(tmp_path, loopb
     assert sum(loopback.hits[v] for v in IDS[:8]) == 0 and all(loopback.hits[v] for v in IDS[8:])
     layout = {
         "sources": {
-            "as_hf": [str(tmp_path / "final/as_hf.json")],
-            "as_yt": [str(tmp_path / "final/as_yt.json")],
+            "as_hf": {
+                "manifests": [str(tmp_path / "raw/manifests/as_hf/00000.json")],
+                "keys": str(keys),
+            },
+            "as_yt": {"manifests": [str(tmp_path / "final/as_yt.json")]},
         },
         "corpora": {"as": {"ids": str(ids), "routes": ["as_hf", "as_yt"]}},
         "seed": 0,

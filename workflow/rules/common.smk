@@ -164,18 +164,31 @@ def keyed_sources():
 
 
 def keys_inputs(wildcards):
-    """A source's chunk manifests as its key table reads them (a mirror's raw ones)."""
-    folder = "fetched" if SOURCES[wildcards.source]["type"] in MIRRORS else "manifests"
+    """A source's chunk manifests (its key table reads them)."""
     return [
-        f"{OUT}/{folder}/{wildcards.source}/{c}.json" for c in CHUNKS[wildcards.source]
+        f"{OUT}/manifests/{wildcards.source}/{c}.json" for c in CHUNKS[wildcards.source]
     ]
+
+
+def mel_inputs(wildcards):
+    """A mel job's chunk manifest, and for a mirror its source's key table (later copies of a
+    key are rejected)."""
+    mirror = SOURCES[wildcards.source]["type"] in MIRRORS
+    return {
+        "manifest": fetch_manifest(wildcards),
+        "table": [source_keys(wildcards.source)] if mirror else [],
+    }
 
 
 def coverage_layout():
     """What the coverage report reads: every source's final manifests, every corpus's IDs."""
     return {
         "sources": {
-            n: [f"{OUT}/manifests/{n}/{c}.json" for c in CHUNKS[n]] for n in SOURCES
+            n: {
+                "manifests": [f"{OUT}/manifests/{n}/{c}.json" for c in CHUNKS[n]],
+                "keys": source_keys(n) if SOURCES[n]["type"] in MIRRORS else None,
+            }
+            for n in SOURCES
         },
         "corpora": {
             c: {"ids": corpus_ids(c), "routes": list(spec["routes"])}

@@ -1,10 +1,14 @@
 # Stage 1, audio (package pipeline/sources/). Families of jobs write one chunk manifest per chunk
 # of clips: demo (synthetic), youtube (segment lists through yt-dlp), local (folder trees) and the
-# mirrors (hf_parquet, webdataset, http_archive: a raw manifest per chunk, then a key table over
-# the source's chunks and a resolve job per chunk rejecting keys obtained twice). Audio lands in
-# {OUT}/audio/{source}/{chunk}/, outside the declared outputs, so a rerun reuses what an earlier
-# run fetched. Corpora (config key corpora) add an ID table per corpus; a route's chunk jobs read
-# the key tables of the routes before it. One job writes the coverage report.
+# mirrors (hf_parquet, webdataset, http_archive). A mirror also gets a key table over its chunks
+# (the first copy of each key; the mel jobs reject later copies), and so does every route a later
+# route of its corpus builds on. Audio lands in {OUT}/audio/{source}/{chunk}/, outside the
+# declared outputs, so a rerun reuses what an earlier run fetched. Corpora (config key corpora)
+# add an ID table per corpus; a route's chunk jobs read the key tables of the routes before it.
+# One job writes the coverage report.
+# (A key table's job reads a list of the manifests that a job of its own wrote: every chunk of
+# the next stage depends on the key table, and Snakemake checks each such edge against all the
+# inputs of its producer, which would cost chunks x chunks for a table with the manifests as inputs.)
 
 
 rule demo_chunk:
@@ -126,7 +130,7 @@ rule hf_parquet_chunk:
     input:
         mirror_inputs,
     output:
-        f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+        f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
@@ -150,7 +154,7 @@ rule webdataset_chunk:
     input:
         mirror_inputs,
     output:
-        f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+        f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
@@ -174,7 +178,7 @@ rule http_archive_chunk:
     input:
         mirror_inputs,
     output:
-        f"{OUT}/fetched/{{source}}/{{chunk}}.json",
+        f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
@@ -194,9 +198,24 @@ rule http_archive_chunk:
         "--download-dir {params.download_dir:q} > {log:q} 2>&1"
 
 
-rule source_keys:
+rule source_manifests:
     input:
         keys_inputs,
+    output:
+        f"{OUT}/keys/{{source}}.manifests.txt",
+    log:
+        f"{LOGS}/sources/{{source}}.manifests.log",
+    wildcard_constraints:
+        source=constraint(keyed_sources()),
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "printf '%s\\n' {input:q} > {output:q} 2> {log:q}"
+
+
+rule source_keys:
+    input:
+        f"{OUT}/keys/{{source}}.manifests.txt",
     output:
         f"{OUT}/keys/{{source}}.parquet",
     log:
@@ -208,26 +227,8 @@ rule source_keys:
     params:
         cfg=lambda wc: as_json({"source": wc.source, "seed": config["seed"]}),
     shell:
-        "python -m dasheng_pipeline.sources.routes keys --params {params.cfg:q} --out {output:q} "
-        "{input:q} > {log:q} 2>&1"
-
-
-rule mirror_resolve:
-    input:
-        raw=f"{OUT}/fetched/{{source}}/{{chunk}}.json",
-        table=f"{OUT}/keys/{{source}}.parquet",
-    output:
-        f"{OUT}/manifests/{{source}}/{{chunk}}.json",
-    log:
-        f"{LOGS}/sources/{{source}}/{{chunk}}.resolve.log",
-    wildcard_constraints:
-        source=constraint(names_in(MIRRORS)),
-        chunk=r"\d+",
-    conda:
-        "../../envs/data.yaml"
-    shell:
-        "python -m dasheng_pipeline.sources.routes resolve --raw {input.raw:q} --keys {input.table:q} "
-        "--out {output:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.sources.routes keys --params {params.cfg:q} "
+        "--listing {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule corpus_ids:
@@ -258,6 +259,7 @@ rule coverage:
     input:
         manifests=all_fetch_manifests(),
         ids=[corpus_ids(c) for c in CORPORA],
+        tables=[source_keys(n) for n in names_in(MIRRORS)],
     output:
         csv=report(
             f"{OUT}/data/coverage.csv",
