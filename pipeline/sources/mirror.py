@@ -9,7 +9,9 @@ not be fetched or read to its end). For every item, in order:
 * rejected when the chunk already had it ("duplicate"; across chunks: the ``resolve`` job);
 * reused when an earlier run of the chunk stored it (a killed job resumes where it stopped);
 * otherwise decoded through ffmpeg from memory (stdin; MP4-family containers, which need seeking,
-  from a temporary file), checked against the ``audio`` rules and stored as 16 kHz mono FLAC.
+  from a temporary file), checked against the ``audio`` rules and stored as 16 kHz mono FLAC;
+  without ``audio.keep_audio``, stored as the bytes came (as the YouTube source keeps downloads),
+  and the mel step decodes and checks them.
 
 Decodes run ``audio.decode_threads`` at a time; manifest rows keep the reader's order and do not
 depend on whether a clip was decoded now or by an earlier, killed run.
@@ -27,6 +29,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,11 +72,14 @@ class Context:
     dest: Path
     rules: audio.ClipRules
     threads: int = 1
+    keep_audio: bool = True
     id_regex: re.Pattern | None = None
     corpus: str | None = None
     listed: routes.IdSet | None = None  # the corpus's ID list
     earlier: routes.IdSet | None = None  # IDs obtained by the corpus's earlier routes
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    unsynced: list[Path] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def from_params(cls, params: dict, dest: Path) -> Context:
@@ -84,6 +90,7 @@ class Context:
             dest=dest,
             rules=audio.ClipRules.from_config(params["audio"]),
             threads=int(params["audio"]["decode_threads"]),
+            keep_audio=bool(params["audio"]["keep_audio"]),
             id_regex=re.compile(src["id_regex"]) if src.get("id_regex") else None,
             corpus=route.get("corpus"),
             listed=routes.IdSet.from_tables([route["ids"]], False) if route.get("ids") else None,
@@ -145,9 +152,39 @@ def problem_row(p: Problem) -> dict:
     )
 
 
+def stored_path(item: Item, cid: str, ctx: Context) -> Path:
+    """Where the item's audio is kept: 16 kHz FLAC (``audio.keep_audio``), else its own bytes."""
+    name = manifest.storage_name(cid)
+    return ctx.dest / (f"{name}.flac" if ctx.keep_audio else f"{name}.{item.ext or 'audio'}")
+
+
+def store_bytes(path: Path, data: bytes, ctx: Context) -> None:
+    """Keep an item's bytes under ``path``: written under a temporary name and renamed (a killed
+    job leaves no partial file under a final name); fsynced in one pass before the chunk's
+    manifest is written (:func:`sync_stored`), which costs one journal commit, not one per file.
+    A file cut by a power loss before that pass has the wrong size and is written again."""
+    tmp = atomic.temp_path_for(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    with ctx.lock:
+        ctx.unsynced.append(path)
+
+
+def sync_stored(ctx: Context) -> None:
+    for path in ctx.unsynced:
+        atomic.fsync_path(path)
+    if ctx.unsynced:
+        atomic.fsync_path(ctx.dest)
+    ctx.unsynced.clear()
+
+
 def decode_item(item: Item, cid: str, ctx: Context) -> dict:
-    """Decode one item's bytes, check it, store it as FLAC; its manifest row."""
-    flac = ctx.dest / f"{manifest.storage_name(cid)}.flac"
+    """Decode one item's bytes, check it, store it as FLAC; its manifest row. Without
+    ``audio.keep_audio`` the bytes are stored as they came (the mel step decodes them)."""
+    flac = stored_path(item, cid, ctx)
+    if not ctx.keep_audio:
+        store_bytes(flac, item.data, ctx)
+        return _ok(cid, flac, item)
     if item.ext in NEEDS_SEEK:
         with tempfile.NamedTemporaryFile(
             dir=ctx.dest,
@@ -190,9 +227,9 @@ def screen(item: Item, ctx: Context, seen: dict[str, str]) -> tuple[str | None, 
     if cid in seen:
         return cid, _reject(cid, f"duplicate: key {cid!r} was already in {seen[cid]}", item)
     seen[cid] = item.origin
-    flac = ctx.dest / f"{manifest.storage_name(cid)}.flac"
-    if flac.is_file():
-        return cid, _ok(cid, flac, item)
+    stored = stored_path(item, cid, ctx)
+    if stored.is_file() and (ctx.keep_audio or stored.stat().st_size == len(item.data or b"")):
+        return cid, _ok(cid, stored, item)
     return cid, None
 
 
@@ -225,7 +262,8 @@ def run(stream: Iterable[Item | Problem], ctx: Context, label: str = "") -> list
 
 
 def write_chunk(out: str, params: dict, chunk: str, clips: list[dict], ctx: Context) -> dict:
-    """The chunk's (raw) manifest: the clips and what was skipped."""
+    """The chunk's manifest: the clips and what was skipped (once their audio is on disk)."""
+    sync_stored(ctx)
     stamp = provenance_stamp(params)
     doc = manifest.write(
         out,

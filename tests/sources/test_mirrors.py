@@ -379,3 +379,34 @@ def test_a_corpus_takes_each_id_from_the_first_route_that_has_it(tmp_path, loopb
     assert src[("as_hf", "seen", "")] == 9 and src[("as_hf", "rejected", "not listed")] == 1
     assert src[("as_yt", "skipped", "obtained by an earlier route")] == 8
     assert (tmp_path / "coverage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_keep_audio_rows_are_kept_as_they_came_and_mel_decodes_them(tmp_path, snapshot):
+    root, files = snapshot
+    p = params("hf_parquet", files, path=str(root), id_column="video_id")
+    p["audio"] = {**AUDIO, "keep_audio": False}
+    doc = run(hf_parquet, tmp_path, "00000", p)
+    by_id = {c["clip_id"]: c for c in doc["clips"]}
+    first = Path(by_id[IDS[0]]["audio"])
+    assert first.name == f"{IDS[0]}.flac" and by_id["garbage0001"]["status"] == "ok"
+    import pyarrow.parquet as pq
+
+    cell = pq.read_table(root / files[0], columns=["audio"]).column("audio")[0].as_py()
+    assert first.read_bytes() == cell["bytes"]  # the row's own bytes, not re-encoded
+    first.write_bytes(cell["bytes"][:100])  # cut as by a power loss before the sync
+    again = run(hf_parquet, tmp_path, "00000", p)
+    assert again["clips"] == doc["clips"] and first.read_bytes() == cell["bytes"]
+    features = {
+        "mel": defaults(SCHEMA["properties"]["mel"]),
+        "audio": p["audio"],
+        "shards": defaults(SCHEMA["properties"]["shards"]),
+        "seed": 0,
+    }
+    shard = mel.run_chunk(
+        str(tmp_path / "manifests/src/00000.json"),
+        str(tmp_path / "sh"),
+        str(tmp_path / "s.json"),
+        features,
+    )
+    status = {c["clip_id"]: (c["status"], c.get("stage")) for c in shard["clips"]}
+    assert status["garbage0001"] == ("rejected", "mel") and status[IDS[0]] == ("ok", "mel")
