@@ -218,7 +218,11 @@ def plot(rows: list[dict], out: str, stamp: dict) -> None:
         ncol=2,
         fontsize=8,
     )
-    ax.set_title("Coverage: where each ID came from, and why the rest is missing")
+    ax.set_title(
+        "Coverage: where each ID came from, and why the rest is missing"
+        if any(r["scope"] == "corpus" for r in rows)
+        else "Coverage: what each source obtained, and why the rest was rejected"
+    )
     figures.save_png(fig, out, stamp)
 
 
