@@ -242,6 +242,11 @@ def _permanent(exc: BaseException) -> bool:
     )
 
 
+def _endpoint() -> str | None:
+    """$HF_ENDPOINT as it is now (huggingface_hub reads it once, when first imported)."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 def hub_download(hub: HubFile, local_dir: str | os.PathLike) -> Path:
     """Fetch one file of a dataset repo into ``local_dir`` (huggingface_hub resumes and checks it)."""
     from huggingface_hub import hf_hub_download
@@ -253,6 +258,7 @@ def hub_download(hub: HubFile, local_dir: str | os.PathLike) -> Path:
             repo_type="dataset",
             revision=hub.revision,
             local_dir=str(local_dir),
+            endpoint=_endpoint(),
         )
     except Exception as exc:  # huggingface_hub raises its own errors and httpx's
         message = hub_message(exc, hub.repo, hub.revision, hub.path)
@@ -271,7 +277,9 @@ def hub_list(repo: str, revision: str, patterns: list[str]) -> list[str]:
     from huggingface_hub import HfApi
 
     try:
-        files = HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
+        files = HfApi(endpoint=_endpoint()).list_repo_files(
+            repo, repo_type="dataset", revision=revision
+        )
     except Exception as exc:  # see hub_download
         raise ValueError(hub_message(exc, repo, revision)) from None
     return sorted(f for f in files if any(fnmatch.fnmatchcase(f, p) for p in patterns))

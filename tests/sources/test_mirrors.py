@@ -410,3 +410,47 @@ def test_without_keep_audio_rows_are_kept_as_they_came_and_mel_decodes_them(tmp_
     )
     status = {c["clip_id"]: (c["status"], c.get("stage")) for c in shard["clips"]}
     assert status["garbage0001"] == ("rejected", "mel") and status[IDS[0]] == ("ok", "mel")
+
+
+def test_webdataset_shards_and_video_archives_through_the_hub(tmp_path, shards, monkeypatch):
+    clips = [
+        {
+            "key": f"video/clip{i}_00000{i}",
+            "audio": encoded("mp4", 2.0, clip_freq(i), video=True),
+            "ext": "mp4",
+        }
+        for i in range(2)
+    ]
+    targz = wds_shard(tmp_path / "vgg_00.tar.gz", clips, mode="w:gz")
+    files = {
+        f"wds/shard-00000{i}.tar": (shards / f"shard-00000{i}.tar").read_bytes() for i in range(2)
+    }
+    files["video/vgg_00.tar.gz"] = targz.read_bytes()
+    with Hub() as hub:
+        hub.add("datasets", "me/mirror", files)
+        for key, value in hub.env(tmp_path / "hf-home").items():
+            monkeypatch.setenv(key, value)
+        tar_urls = remote.expand(
+            [f"hf://datasets/me/mirror@{Hub.SHA}/wds/shard-{{000000..000001}}.tar"]
+        )
+        video_urls = remote.expand(["hf://datasets/me/mirror/video/*.tar.gz"], tmp_path / "cache")
+        assert video_urls == ["hf://datasets/me/mirror@main/video/vgg_00.tar.gz"]
+        tars_doc = run(
+            tars, tmp_path / "t", "00000", params("webdataset", tar_urls, label_field="labels")
+        )
+        video_doc = run(
+            tars,
+            tmp_path / "v",
+            "00000",
+            params("webdataset", video_urls, json="ignore", id_regex="([^/]+)$"),
+        )
+        listed = hub.hits["api/datasets/me/mirror/tree/main"]
+        remote.expand(["hf://datasets/me/mirror/video/*.tar.gz"], tmp_path / "cache")
+        assert hub.hits["api/datasets/me/mirror/tree/main"] == listed  # the listing is cached
+    assert [c["clip_id"] for c in tars_doc["clips"] if c["status"] == "ok"] == ["a0", "a2", "b0"]
+    assert tars_doc["clips"][-1]["reason"].startswith("duplicate: key 'a0' was already in ")
+    assert [c["clip_id"] for c in video_doc["clips"]] == ["clip0_000000", "clip1_000001"]
+    assert video_doc["summary"]["ok"] == 2
+    assert not list((tmp_path / "t/dl").rglob("*.tar")) and not list(
+        (tmp_path / "v/dl").rglob("*.tar.gz")
+    )
