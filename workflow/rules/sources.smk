@@ -139,7 +139,7 @@ rule hf_parquet_chunk:
     conda:
         "../../envs/data.yaml"
     resources:
-        downloads=1,
+        mirror_downloads=1,  # --resources mirror_downloads=N caps them (YouTube's: downloads)
     params:
         cfg=mirror_params,
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
@@ -163,7 +163,7 @@ rule webdataset_chunk:
     conda:
         "../../envs/data.yaml"
     resources:
-        downloads=1,
+        mirror_downloads=1,  # --resources mirror_downloads=N caps them (YouTube's: downloads)
     params:
         cfg=mirror_params,
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
@@ -187,7 +187,7 @@ rule http_archive_chunk:
     conda:
         "../../envs/data.yaml"
     resources:
-        downloads=1,
+        mirror_downloads=1,  # --resources mirror_downloads=N caps them (YouTube's: downloads)
     params:
         cfg=mirror_params,
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
