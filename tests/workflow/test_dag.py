@@ -195,5 +195,6 @@ def test_a_large_list_builds_its_dag_with_one_job_per_chunk(tmp_path):
         "youtube_chunk": 5,
         "mel_chunk": 5,
         "dataset_manifest": 1,
+        "coverage": 1,
         "data": 1,
     }
