@@ -193,7 +193,7 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, fsync, then rename it to ``path``: a
     process killed mid-write never leaves a file under the final name."""
     tmp = str(path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"))
@@ -244,11 +244,11 @@ def save_checkpoint(
     # One metadata entry: safetensors writes its metadata map in no fixed order, so two entries
     # would make the same weights give different bytes from run to run.
     metadata = {META_KEY: json.dumps({"config": config, "provenance": provenance}, sort_keys=True)}
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     sidecar = {"config": config, "provenance": provenance, "weights": path.name, "sha256": sha}
     text = json.dumps(sidecar, sort_keys=True, indent=1, ensure_ascii=True, allow_nan=False) + "\n"
-    _write_atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomically(sidecar_path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 

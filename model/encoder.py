@@ -117,7 +117,9 @@ class Linear(nn.Linear):
         return torch.float32 if x.dtype == self.weight.dtype == torch.float32 else None
 
     def _packed_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (self.weight.data_ptr(), self.weight._version)
+        # (an inference tensor, made under torch.inference_mode, has no version counter)
+        version = None if self.weight.is_inference() else self.weight._version
+        key = (self.weight.data_ptr(), version)
         if self._packed is None:
             self._packed = {}
         entry = self._packed.get(dtype)

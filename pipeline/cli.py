@@ -5,6 +5,7 @@
     dasheng-pipeline finetune words/ --model random:tiny --mode mlp --out clf/
     dasheng-pipeline predict new/*.wav --classifier clf/ --out tags.csv
     dasheng-pipeline inspect results/demo/training/encoder.safetensors
+    dasheng-pipeline export dasheng_base.pt --to onnx --out dasheng_base.onnx
 
 ``--model`` everywhere: a checkpoint file (official .pt, ours .safetensors), a Hugging Face folder or
 repo id, or ``random:<size>[:<seed>]``. Each function logs what it did (stdout); progress bars go
@@ -54,25 +55,7 @@ def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     )
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="dasheng-pipeline",
-        description="Dasheng audio encoders on your own audio: "
-        "embed, evaluate, fine-tune, predict, inspect.",
-        epilog=EPILOG,
-    )
-    top.add_argument("--version", action="store_true", help="print the versions and exit")
-    top.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    quiet = argparse.ArgumentParser(add_help=False)  # -q after the subcommand too
-    quiet.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="no progress bars, warnings only",
-    )
-    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(quiet))
-
+def _add_embed(sub) -> None:
     p = sub.add_parser(
         "embed",
         help="audio files → clip (and frame) embeddings, one Parquet row per file",
@@ -94,6 +77,24 @@ def parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
 
+
+def _run_embed(args: argparse.Namespace) -> None:
+    from dasheng_pipeline.tools.embed import embed_files
+
+    embed_files(
+        args.inputs,
+        args.model,
+        args.out,
+        frames=args.frames,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        decode_threads=args.decode_threads,
+        progress=not args.quiet,
+    )
+
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="a HEAR or X-ARES task folder → the DAG's scores for it",
@@ -112,27 +113,19 @@ def parser() -> argparse.ArgumentParser:
         help="the encoder (see below), or logmel for the baseline",
     )
     p.add_argument("--out", help="output folder (default: eval-<task name>)")
-    p.add_argument(
-        "--probe", action="append_const", const="probe", dest="protocols", help="the HEAR MLP probe"
-    )
-    p.add_argument(
-        "--knn", action="append_const", const="knn", dest="protocols", help="the paper's k-NN"
-    )
-    p.add_argument(
-        "--xares-mlp",
-        action="append_const",
-        const="xares_mlp",
-        dest="protocols",
-        help="X-ARES's MLP",
-    )
-    p.add_argument(
-        "--xares-knn",
-        action="append_const",
-        const="xares_knn",
-        dest="protocols",
-        help="X-ARES's k-NN "
-        "(default: --probe --knn for HEAR folders, --xares-mlp --xares-knn for X-ARES ones)",
-    )
+    protocols = [
+        ("--probe", "probe", "the HEAR MLP probe"),
+        ("--knn", "knn", "the paper's k-NN"),
+        ("--xares-mlp", "xares_mlp", "X-ARES's MLP"),
+        (
+            "--xares-knn",
+            "xares_knn",
+            "X-ARES's k-NN "
+            "(default: --probe --knn for HEAR folders, --xares-mlp --xares-knn for X-ARES ones)",
+        ),
+    ]
+    for flag, const, text in protocols:
+        p.add_argument(flag, action="append_const", const=const, dest="protocols", help=text)
     p.add_argument(
         "--config",
         help="a workflow config (e.g. config/config.yaml, config/xares.yaml): its seed, "
@@ -140,6 +133,26 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
 
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dasheng_pipeline.tools.evaluate import evaluate_task, headline
+
+    out = args.out or f"eval-{Path(args.task).resolve().name}"
+    results = evaluate_task(
+        args.task,
+        args.model,
+        out,
+        protocols=args.protocols,
+        config=args.config,
+        threads=args.threads,
+    )
+    print(headline(results))
+    print(f"results in {out}/")
+
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune",
         help="labelled audio → a classifier (linear, mlp or full fine-tuning)",
@@ -160,18 +173,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--folds", type=int, default=0, help="K-fold cross-validation instead of one split"
     )
-    p.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.15,
-        help="stratified split, when the CSV gives none",
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=float,
-        default=0.15,
-        help="stratified split, when the CSV gives none",
-    )
+    for flag in ("--valid-fraction", "--test-fraction"):
+        p.add_argument(
+            flag, type=float, default=0.15, help="stratified split, when the CSV gives none"
+        )
     p.add_argument("--epochs", type=int, default=None, help="default: 100 (linear/mlp), 10 (full)")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (linear/mlp), 1e-4 (full)")
     p.add_argument(
@@ -181,8 +186,40 @@ def parser() -> argparse.ArgumentParser:
         "--mixup", type=float, default=0.0, help="full: mixup alpha, 0 = off (default: 0)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="linear/mlp: root of the shared embedding cache "
+        "(default: $DASHENG_CACHE_DIR, else ~/.cache/dasheng-pipeline)",
+    )
     _model_args(p)
 
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    from dasheng_pipeline.tools.finetune import finetune
+
+    finetune(
+        args.data,
+        args.model,
+        args.out,
+        mode=args.mode,
+        folds=args.folds,
+        valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction,
+        epochs=args.epochs,
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        mixup=args.mixup,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+        cache_dir=args.cache_dir,
+    )
+
+
+def _add_predict(sub) -> None:
     p = sub.add_parser(
         "predict",
         help="a classifier → top-k labels per file (or per 10 s chunk)",
@@ -197,85 +234,116 @@ def parser() -> argparse.ArgumentParser:
     )
     _model_args(p, model=False)
 
+
+def _run_predict(args: argparse.Namespace) -> None:
+    from dasheng_pipeline.tools.predict import predict
+
+    predict(
+        args.inputs,
+        args.classifier,
+        args.out,
+        top_k=args.top_k,
+        chunks=args.chunks,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet,
+    )
+
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser(
         "inspect", help="a checkpoint → format, size, parameters, sha256, provenance", epilog=EPILOG
     )
     p.add_argument("checkpoint", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from dasheng_pipeline.tools.checkpoints import describe_checkpoint, render
+
+    info = describe_checkpoint(args.checkpoint)
+    print(json.dumps(info, indent=1, sort_keys=True) if args.json else render(info))
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a model → ONNX, the Hugging Face layout, the official .pt or our format",
+        description="Write MODEL in another format: onnx (the encoder on one window of up to "
+        "10.08 s, log-mel inside the graph unless --no-front-end; needs the export extra), hf "
+        "(model.safetensors + config.json), official (.pt that the dasheng package loads) or ours "
+        "(.safetensors + .json). Provenance goes with it wherever the format has room.",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--to", required=True, choices=["onnx", "hf", "official", "ours"])
+    p.add_argument(
+        "--out",
+        required=True,
+        help="a .onnx file, a folder (hf), a .pt file (official) or a .safetensors file (ours)",
+    )
+    p.add_argument(
+        "--no-front-end",
+        dest="front_end",
+        action="store_false",
+        help="onnx: dB log-mel (batch, 64, frames) in, instead of the 16 kHz waveform",
+    )
+    p.add_argument("--opset", type=int, default=None, help="onnx: the opset (default: torch's)")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from dasheng_model.export import export_model
+    from dasheng_pipeline.common.provenance import stamp
+
+    section = {"export": {"model": args.model, "to": args.to, "front_end": args.front_end}}
+    if args.to == "onnx":
+        section["export"]["opset"] = args.opset
+    export_model(  # logs what it wrote
+        args.model,
+        args.to,
+        args.out,
+        front_end=args.front_end,
+        provenance=stamp(section),
+        opset=args.opset,
+    )
+
+
+COMMANDS = {
+    "embed": (_add_embed, _run_embed),
+    "evaluate": (_add_evaluate, _run_evaluate),
+    "finetune": (_add_finetune, _run_finetune),
+    "predict": (_add_predict, _run_predict),
+    "inspect": (_add_inspect, _run_inspect),
+    "export": (_add_export, _run_export),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="dasheng-pipeline",
+        description="Dasheng audio encoders on your own audio: "
+        "embed, evaluate, fine-tune, predict, inspect, export.",
+        epilog=EPILOG,
+    )
+    top.add_argument("--version", action="store_true", help="print the versions and exit")
+    top.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    quiet = argparse.ArgumentParser(add_help=False)  # -q after the subcommand too
+    quiet.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars, warnings only",
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(quiet))
+    for add, _ in COMMANDS.values():
+        add(sub)
     return top
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "embed":
-        from dasheng_pipeline.tools.embed import embed_files
-
-        embed_files(
-            args.inputs,
-            args.model,
-            args.out,
-            frames=args.frames,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            decode_threads=args.decode_threads,
-            progress=not args.quiet,
-        )
-    elif args.command == "evaluate":
-        from pathlib import Path
-
-        from dasheng_pipeline.tools.evaluate import evaluate_task, headline
-
-        out = args.out or f"eval-{Path(args.task).resolve().name}"
-        results = evaluate_task(
-            args.task,
-            args.model,
-            out,
-            protocols=args.protocols,
-            config=args.config,
-            threads=args.threads,
-        )
-        print(headline(results))
-        print(f"results in {out}/")
-    elif args.command == "finetune":
-        from dasheng_pipeline.tools.finetune import finetune
-
-        finetune(
-            args.data,
-            args.model,
-            args.out,
-            mode=args.mode,
-            folds=args.folds,
-            valid_fraction=args.valid_fraction,
-            test_fraction=args.test_fraction,
-            epochs=args.epochs,
-            lr=args.lr,
-            layer_decay=args.layer_decay,
-            mixup=args.mixup,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.quiet,
-        )
-    elif args.command == "predict":
-        from dasheng_pipeline.tools.predict import predict
-
-        predict(
-            args.inputs,
-            args.classifier,
-            args.out,
-            top_k=args.top_k,
-            chunks=args.chunks,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            progress=not args.quiet,
-        )
-    elif args.command == "inspect":
-        from dasheng_pipeline.tools.checkpoints import describe_checkpoint, render
-
-        info = describe_checkpoint(args.checkpoint)
-        print(json.dumps(info, indent=1, sort_keys=True) if args.json else render(info))
+    COMMANDS[args.command][1](args)
     return 0
 
 
@@ -309,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
         IsADirectoryError,
+        FileExistsError,
         NotADirectoryError,
         PermissionError,
     ) as exc:

@@ -24,16 +24,15 @@ def _hf_parquet_units(name: str, src: dict, cache_dir: str | None) -> list:
         raise ValueError(
             f"config key sources.{name}: give either path (a local snapshot) or repo (a hub dataset)"
         )
-    cache = os.path.join(cache_dir, f"{name}.hub-files.json") if cache_dir else None
     try:
-        return hf_parquet.list_files(src, cache)
+        return hf_parquet.list_files(src, cache_dir or remote.listing_cache())
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(f"config key sources.{name}: {exc}") from None
 
 
 def _webdataset_units(name: str, src: dict, cache_dir: str | None) -> list:
     try:
-        return remote.expand(src["urls"], cache_dir)
+        return remote.expand(src["urls"], cache_dir or remote.listing_cache())
     except ValueError as exc:
         raise ValueError(f"config key sources.{name}.urls: {exc}") from None
 

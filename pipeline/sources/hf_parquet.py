@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 16  # rows read at once (a 10 s 48 kHz stereo FLAC is about 1.5 MB)
 
 
-def list_files(src: dict, hub_cache: str | None = None) -> list[str]:
+def list_files(src: dict, hub_cache: str | os.PathLike | None = None) -> list[str]:
     """The source's Parquet files (relative to its snapshot folder or repo), sorted, as Snakemake
     builds the DAG: the ``files`` key, or the snapshot's files / the repo's listing matching
     ``include``."""
@@ -47,7 +47,7 @@ def list_files(src: dict, hub_cache: str | None = None) -> list[str]:
                 if any(fnmatch.fnmatchcase(path, p) for p in patterns):
                     found.append(path)
         return sorted(found)
-    if hub_cache:
+    if hub_cache:  # a folder of remembered listings (remote.listing_cache)
         return remote.hub_list_cached(hub_cache, src["repo"], src["revision"], patterns)
     return remote.hub_list(src["repo"], src["revision"], patterns)
 

@@ -285,12 +285,22 @@ def hub_list(repo: str, revision: str, patterns: list[str]) -> list[str]:
     return sorted(f for f in files if any(fnmatch.fnmatchcase(f, p) for p in patterns))
 
 
-def hub_list_cached(cache: str | os.PathLike, repo: str, revision: str, patterns: list[str]):
-    """:func:`hub_list`, remembered in ``cache`` (a JSON file) for the same repo, revision and
-    patterns: the DAG is built again in every cluster job, and the hub must not be asked each
+def listing_cache() -> Path:
+    """Where hub listings are remembered: ``dasheng-listings/`` in huggingface_hub's cache folder
+    ($HF_HUB_CACHE, by default ~/.cache/huggingface/hub)."""
+    base = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub"
+    )
+    return Path(base) / "dasheng-listings"
+
+
+def hub_list_cached(cache_dir: str | os.PathLike, repo: str, revision: str, patterns: list[str]):
+    """:func:`hub_list`, remembered in a JSON file of ``cache_dir`` for the same repo, revision
+    and patterns: the DAG is built again in every cluster job, and the hub must not be asked each
     time. Delete the file to list again (a branch such as ``main`` may have changed)."""
     key = {"repo": repo, "revision": revision, "patterns": list(patterns)}
-    cache = Path(cache)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"{digest}.json"
     with contextlib.suppress(OSError, ValueError, KeyError):
         doc = json.loads(cache.read_text())
         if doc["key"] == key:

@@ -4,7 +4,9 @@
 - :func:`evaluate_task` — a HEAR task folder → the DAG's probe and k-NN scores (``evaluate``);
 - :func:`finetune` — labelled audio → a classifier on the encoder (``finetune``);
 - :func:`predict` — a classifier → top-k labels per file or per 10 s chunk (``predict``);
-- :func:`describe_checkpoint` — format, size, parameters, sha256, provenance (``inspect``).
+- :func:`describe_checkpoint` — format, size, parameters, sha256, provenance (``inspect``);
+- :func:`export_model` — a model → ONNX, the Hugging Face layout, the official ``.pt`` or ours
+  (``export``; the model library's own :func:`dasheng_model.export.export_model`).
 
 Models are named by the specs of :mod:`dasheng_model.pretrained` everywhere.
 """
@@ -17,6 +19,7 @@ _WHERE = {
     "finetune": "dasheng_pipeline.tools.finetune",
     "predict": "dasheng_pipeline.tools.predict",
     "describe_checkpoint": "dasheng_pipeline.tools.checkpoints",
+    "export_model": "dasheng_model.export",
 }
 __all__ = list(_WHERE)
 

@@ -115,69 +115,86 @@ def encoder_meta(model: Model) -> dict:
     }
 
 
-def load(
-    folder: str | os.PathLike, device: str = "cpu", dtype: str = "fp32"
-) -> tuple[Model, Head, dict]:
-    """A classifier folder → (the encoder to embed with, the head in eval mode, classifier.json)."""
-    folder = Path(folder)
+def _read_meta(folder: Path) -> dict:
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise CheckpointError(
             f"--classifier {folder}: expected a folder written by finetune ({CONFIG} and {WEIGHTS})"
         )
     try:
         meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-        labels, mode, model_meta, head_cfg = (
-            meta["labels"],
-            meta["mode"],
-            meta["model"],
-            meta["head"],
-        )
+        missing = [k for k in ("labels", "mode", "model", "head") if k not in meta]
+        if missing:
+            raise KeyError(missing[0])
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{folder / CONFIG}: not a classifier description ({exc!r}); rerun finetune"
         ) from exc
+    return meta
+
+
+def _read_head(folder: Path, meta: dict) -> tuple[Head, dict[str, torch.Tensor]]:
+    """The head with its weights, and every tensor of the weights file."""
     try:
         tensors = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(
             f"{folder / WEIGHTS}: corrupt safetensors file ({exc}); rerun finetune"
         ) from exc
+    head_cfg = meta["head"]
     head = build_head(head_cfg)
     load_state_dict_strict(
         head,
         {k[5:]: v for k, v in tensors.items() if k.startswith("head.")},
         source=str(folder / WEIGHTS),
     )
-    if len(labels) != head_cfg["classes"]:
+    if len(meta["labels"]) != head_cfg["classes"]:
         raise CheckpointError(
-            f"{folder / CONFIG}: {len(labels)} labels for a head of {head_cfg['classes']} outputs"
+            f"{folder / CONFIG}: {len(meta['labels'])} labels for a head of "
+            f"{head_cfg['classes']} outputs"
         )
+    return head, tensors
+
+
+def _fine_tuned_encoder(
+    folder: Path, meta: dict, tensors: dict[str, torch.Tensor], dev: torch.device, dtype: str
+) -> Model:
+    """Full mode: the encoder the classifier brings (``encoder.*``)."""
+    encoder = DashengEncoder(EncoderConfig(**meta["model"]["config"]))
+    load_state_dict_strict(
+        encoder,
+        {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")},
+        source=str(folder / WEIGHTS),
+    )
+    spec = f"{folder} (fine-tuned {meta['model']['spec']})"
+    return Model(spec, encoder.to(dev).eval(), meta.get("weights_sha256", ""), dev, dtype)
+
+
+def _frozen_encoder(folder: Path, meta: dict, device: str, dtype: str) -> Model:
+    """Frozen modes: the encoder where the spec names it, with the sha256 it was trained with."""
+    spec, sha256 = meta["model"]["spec"], meta["model"]["sha256"]
+    try:
+        model = Model.load(spec, device, dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder}: its encoder {spec} cannot be loaded ({exc})") from exc
+    if model.sha256 != sha256:
+        raise CheckpointError(
+            f"{folder}: trained on encoder weights with sha256 {sha256[:12]}…, "
+            f"but {spec} now has {model.sha256[:12]}…; retrain, or restore them"
+        )
+    return model
+
+
+def load(
+    folder: str | os.PathLike, device: str = "cpu", dtype: str = "fp32"
+) -> tuple[Model, Head, dict]:
+    """A classifier folder → (the encoder to embed with, the head in eval mode, classifier.json)."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    head, tensors = _read_head(folder, meta)
     dev = torch.device(device)
-    if mode == "full":
-        encoder = DashengEncoder(EncoderConfig(**model_meta["config"]))
-        load_state_dict_strict(
-            encoder,
-            {k[8:]: v for k, v in tensors.items() if k.startswith("encoder.")},
-            source=str(folder / WEIGHTS),
-        )
-        model = Model(
-            f"{folder} (fine-tuned {model_meta['spec']})",
-            encoder.to(dev).eval(),
-            meta.get("weights_sha256", ""),
-            dev,
-            dtype,
-        )
+    if meta["mode"] == "full":
+        model = _fine_tuned_encoder(folder, meta, tensors, dev, dtype)
     else:
-        try:
-            model = Model.load(model_meta["spec"], device, dtype)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"{folder}: its encoder {model_meta['spec']} cannot be loaded ({exc})"
-            ) from exc
-        if model.sha256 != model_meta["sha256"]:
-            raise CheckpointError(
-                f"{folder}: trained on encoder weights with sha256 {model_meta['sha256'][:12]}…, "
-                f"but {model_meta['spec']} now has {model.sha256[:12]}…; retrain, or restore them"
-            )
+        model = _frozen_encoder(folder, meta, device, dtype)
     check_dtype(dtype)
     return model, head.to(dev).eval(), meta

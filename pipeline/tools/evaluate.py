@@ -11,9 +11,10 @@ and ``xares_protocol`` rules, so a task gives the same numbers here as in ``snak
   ``xares_knn`` by default. The shards are converted once into ``out/task``.
 
 Writes in ``out``: ``embeddings/`` (per split, as the DAG's) and ``<protocol>.json`` per protocol.
-The settings are the schema's defaults (HEAR's protocol, the paper's k-NN, X-ARES's MLP and k-NN);
-``config`` (a workflow config file such as ``config/config.yaml``) takes ``seed`` and
-``evaluation.{probe,knn,xares,batch_size}`` from it instead.
+The settings are the workflow's, resolved by the same code (:mod:`dasheng_pipeline.plan`): ``seed``
+and ``evaluation.{probe,knn,xares,batch_size,decode_threads}`` of ``config`` (a workflow config
+file such as ``config/config.yaml``), the schema's defaults (``config/schema.yaml``: HEAR's
+protocol, the paper's k-NN, X-ARES's MLP and k-NN) for what it leaves out or without one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import logging
 import os
 from pathlib import Path
 
-import yaml
-
 from dasheng_model import pretrained
+from dasheng_pipeline import plan
 from dasheng_pipeline.common import atomic
 from dasheng_pipeline.evaluation import embeddings, knn, probe
 
@@ -44,40 +44,79 @@ def model_spec(model: str) -> dict:
 PROTOCOLS = ("probe", "knn", "xares_mlp", "xares_knn")
 
 
-def _read_config(path: str | os.PathLike | None) -> dict:
-    if path is None:
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return yaml.safe_load(fh) or {}
-
-
 def settings_from_config(path: str | os.PathLike | None) -> dict:
-    """``seed`` and the evaluation keys a workflow config sets (the rest: the schema's defaults)."""
-    config = _read_config(path)
-    evaluation = config.get("evaluation") or {}
+    """``seed`` and the evaluation settings of a workflow config (None: the schema's defaults),
+    resolved as the workflow resolves them (:func:`dasheng_pipeline.plan.read_config`)."""
+    config = plan.read_config(path)
+    evaluation = config["evaluation"]
     return {
-        "seed": int(config.get("seed", 0)),
-        "probe": evaluation.get("probe") or {},
-        "knn": evaluation.get("knn") or {},
-        "xares": evaluation.get("xares") or {},
-        "batch_size": int(evaluation.get("batch_size", 16)),
+        "config": config,
+        "seed": config["seed"],
+        "probe": evaluation["probe"],
+        "knn": evaluation["knn"],
+        "xares": evaluation["xares"],
+        # the DAG's embed params; frame embeddings only for event tasks (scene protocols use
+        # clip embeddings, so the scores are the DAG's whatever evaluation.frames says)
+        "embed": {
+            "seed": config["seed"],
+            "batch_size": evaluation["batch_size"],
+            "frames": "events",
+            "decode_threads": evaluation["decode_threads"],
+        },
     }
 
 
-def xares_entry(task_dir: Path, config: str | os.PathLike | None) -> tuple[str, dict]:
-    """The ``evaluation.tasks`` entry (name, settings) of ``config`` that describes ``task_dir``."""
-    tasks = (_read_config(config).get("evaluation") or {}).get("tasks") or {}
-    for name, entry in tasks.items():
-        if entry.get("format") == "xares" and (
-            name == task_dir.name
-            or (entry.get("path") and os.path.realpath(entry["path"]) == os.path.realpath(task_dir))
+def xares_entry(task_dir: Path, config: dict, where: str) -> tuple[str, dict]:
+    """The X-ARES reader config (name, settings) of the ``evaluation.tasks`` entry of ``config``
+    that describes ``task_dir``, as the DAG's xares_task rule gets it."""
+    for name, entry in config["evaluation"]["tasks"].items():
+        if entry["format"] == "xares" and (
+            name == task_dir.name or os.path.realpath(entry["path"]) == os.path.realpath(task_dir)
         ):
-            return name, {**entry, "path": str(task_dir)}
-    where = f"in {config}" if config else "(no --config given)"
+            return name, {**plan.xares_spec(name, entry), "path": str(task_dir)}
     raise ValueError(
         f"{task_dir}: an X-ARES task folder (.tar shards), but no evaluation.tasks entry {where} "
         f"names it; pass --config config/xares.yaml (or a config whose task has format: xares, "
         f"path: {task_dir})"
+    )
+
+
+def _hear_folder(task_dir: Path, out: Path, settings: dict, config_path) -> Path:
+    """The task's HEAR folder: ``task_dir`` itself, or an X-ARES task's shards converted once
+    into ``out/task`` (as the DAG's xares_task rule does)."""
+    from dasheng_pipeline.evaluation import xares_tasks
+
+    if (task_dir / "task_metadata.json").is_file():
+        return task_dir
+    if not any(task_dir.glob("*.tar")):
+        raise ValueError(
+            f"{task_dir}: neither a HEAR task folder (task_metadata.json) nor an X-ARES one (.tar shards)"
+        )
+    where = f"in {config_path}" if config_path else "(no --config given)"
+    name, entry = xares_entry(task_dir, settings["config"], where)
+    hear_dir = out / "task"
+    if not (hear_dir / "task_metadata.json").is_file():
+        spec = xares_tasks.XaresSpec.from_config(name, entry)
+        xares_tasks.convert(spec, hear_dir, settings["seed"])
+    return hear_dir
+
+
+def _score(protocol: str, task_dir: Path, emb_dir: Path, settings: dict, threads: int) -> dict:
+    """One protocol's result, with the DAG's function and params."""
+    from dasheng_pipeline.evaluation import xares_protocols
+
+    seed = settings["seed"]
+    if protocol == "probe":
+        cfg = probe.ProbeConfig.from_dict(settings["probe"])
+        params = {"seed": seed, "probe": settings["probe"]}
+        return probe.run(task_dir, emb_dir, cfg, seed, threads, params)
+    if protocol == "knn":
+        k = settings["knn"]
+        return knn.run(task_dir, emb_dir, k["k"], k["use_valid"], seed, {"seed": seed, "knn": k})
+    x = settings["xares"]
+    params = {"seed": seed, "xares": x}
+    return xares_protocols.run(
+        protocol, task_dir, emb_dir, seed, x["mlp"], x["knn"], threads, params
     )
 
 
@@ -93,66 +132,19 @@ def evaluate_task(
 ) -> dict:
     """Embeddings of ``model`` on the task at ``task_dir`` and its scores under ``protocols``
     (default: by the task's format); returns ``{protocol: result}``, each as the DAG's JSON."""
-    from dasheng_pipeline.evaluation import xares_protocols, xares_tasks
-
     task_dir, out = Path(task_dir), Path(out)
     settings = settings_from_config(config)
-    seed = settings["seed"]
     is_hear = (task_dir / "task_metadata.json").is_file()
-    if not is_hear and not any(task_dir.glob("*.tar")):
-        raise ValueError(
-            f"{task_dir}: neither a HEAR task folder (task_metadata.json) nor an X-ARES one (.tar shards)"
-        )
     protocols = list(protocols or (("probe", "knn") if is_hear else ("xares_mlp", "xares_knn")))
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"unknown protocols {unknown}; expected some of {list(PROTOCOLS)}")
-    if not is_hear:  # the shards → a HEAR folder once, as the DAG's xares_task rule does
-        task_name, entry = xares_entry(task_dir, config)
-        task_dir = out / "task"
-        if not (task_dir / "task_metadata.json").is_file():
-            xares_tasks.convert(xares_tasks.XaresSpec.from_config(task_name, entry), task_dir, seed)
+    task_dir = _hear_folder(task_dir, out, settings, config)
     emb_dir = out / "embeddings"
-    params = {
-        "seed": seed,
-        "batch_size": settings["batch_size"],
-        "frames": "events",
-        "decode_threads": 2,
-    }
-    embeddings.run(task_dir, name, model_spec(model), params, emb_dir, threads)
+    embeddings.run(task_dir, name, model_spec(model), settings["embed"], emb_dir, threads)
     results = {}
     for protocol in protocols:
-        if protocol == "probe":
-            results[protocol] = probe.run(
-                task_dir,
-                emb_dir,
-                probe.ProbeConfig.from_dict(settings["probe"]),
-                seed,
-                threads,
-                {"seed": seed, "probe": settings["probe"]},
-            )
-        elif protocol == "knn":
-            k = settings["knn"]
-            results[protocol] = knn.run(
-                task_dir,
-                emb_dir,
-                int(k.get("k", 10)),
-                bool(k.get("use_valid", True)),
-                seed,
-                {"seed": seed, "knn": k},
-            )
-        else:
-            x = settings["xares"]
-            results[protocol] = xares_protocols.run(
-                protocol,
-                task_dir,
-                emb_dir,
-                seed,
-                x.get("mlp"),
-                x.get("knn"),
-                threads,
-                {"seed": seed, "xares": x},
-            )
+        results[protocol] = _score(protocol, task_dir, emb_dir, settings, threads)
         atomic.write_json(out / f"{protocol}.json", results[protocol])
     return results
 

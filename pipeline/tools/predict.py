@@ -1,18 +1,8 @@
-"""Tag audio files with a classifier written by ``finetune``: ``dasheng-pipeline predict`` and :func:`predict`.
+"""Tag audio files with a classifier written by ``finetune``: :func:`predict`, the
+``dasheng-pipeline predict`` command (what it reads and writes: ``docs/cli/predict.md``).
 
-    from dasheng_pipeline.tools.predict import predict
-    summary = predict(["new/"], "clf/", "tags.csv", top_k=3)
-
-INPUT is handled as ``embed`` handles it (files, folders searched recursively, ``.txt``/``.csv``
-lists; 16 kHz mono through ffmpeg). Each file is embedded the way the classifier was trained on
-(the mean of its 25 Hz frames; a full-mode classifier brings its fine-tuned encoder), then scored:
-softmax over the labels for a single-label classifier, a sigmoid per label for a multi-label one.
-
-``OUT`` (CSV, written atomically at the end) has one row per file and rank, best first:
-``path, rank, label, score`` (``rank`` 1..k, ``k`` = ``top_k`` or the number of labels if fewer).
-With ``chunks``, one group of rows per 10.08 s window of the file (the windows the encoder runs
-on, 252 frames each; the last one shorter): ``path, chunk, start_s, end_s, rank, label, score``.
-Files that cannot be used go to ``OUT`` with ``.rejects.csv`` (path, reason, size, mtime_ns).
+Each file is embedded as the classifier was trained (the mean of its 25 Hz frames, per file or per
+10.08 s window; a full-mode classifier brings its own encoder) and scored by the head.
 """
 
 from __future__ import annotations
@@ -21,7 +11,7 @@ import csv
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +22,7 @@ from dasheng_model.encoder import MAX_TOKENS
 from dasheng_pipeline.common import atomic, audio
 from dasheng_pipeline.tools import classifier as clf
 from dasheng_pipeline.tools import inputs
-from dasheng_pipeline.tools.embed import embed_waveforms, rejects_path, write_rejects
+from dasheng_pipeline.tools.embed import Model, embed_waveforms, rejects_path, write_rejects
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +54,71 @@ def _top(scores: np.ndarray, labels: list[str], k: int) -> list[tuple[int, str, 
     return [(r + 1, labels[i], float(scores[i])) for r, i in enumerate(order)]
 
 
+def _check_args(out: Path, top_k: int) -> None:
+    if out.suffix.lower() != ".csv":
+        raise PredictError(f"--out {out}: expected a .csv file name")
+    if top_k < 1:
+        raise PredictError(f"--top-k {top_k}: expected at least 1")
+
+
+@dataclass
+class _Tagger:
+    """Decoded files in, CSV rows out: embeds a batch of waveforms at a time and keeps the top k."""
+
+    model: Model
+    head: clf.Head
+    labels: list[str]
+    multilabel: bool
+    k: int
+    chunks: bool
+    batch_size: int
+    summary: Summary
+    rows: list[list] = field(default_factory=list)
+    pending: list[tuple[inputs.Item, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def header(self) -> list[str]:
+        where = ["chunk", "start_s", "end_s"] if self.chunks else []
+        return ["path", *where, "rank", "label", "score"]
+
+    def add(self, item: inputs.Item, samples: np.ndarray) -> None:
+        self.pending.append((item, samples))
+        if len(self.pending) >= 4 * self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        waves = [w for _, w in self.pending]
+        frames = embed_waveforms(self.model, waves, self.batch_size)  # (T_i, D) each
+        for (item, wave), f in zip(self.pending, frames):
+            self._tag(item, wave.size / audio.SAMPLE_RATE, f)
+        self.pending.clear()
+
+    def _tag(self, item: inputs.Item, duration: float, frames: torch.Tensor) -> None:
+        pieces = frames.split(MAX_TOKENS) if self.chunks else [frames]
+        x = torch.stack([p.mean(0) for p in pieces]).to(self.model.device)  # (chunks or 1, D)
+        with torch.no_grad():
+            p = clf.probabilities(self.head(x).float(), self.multilabel).cpu().numpy()
+        for c, s in enumerate(p):
+            end = min((c + 1) * CHUNK_S, duration)
+            where = [c, f"{c * CHUNK_S:.2f}", f"{end:.2f}"] if self.chunks else []
+            self.rows.extend(
+                [item.path, *where, r, lab, f"{sc:.6f}"]
+                for r, lab, sc in _top(s, self.labels, self.k)
+            )
+        self.summary.files += 1
+        self.summary.audio_seconds += duration
+
+
+def _write_csv(out: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic.write_bytes(out, buf.getvalue().encode("utf-8"))
+
+
 def predict(
     inputs_: list[str | Path],
     classifier: str | Path,
@@ -80,13 +135,9 @@ def predict(
     """Top-k labels per file (or per 10.08 s chunk) of every audio file named by ``inputs_`` into ``out`` (CSV)."""
     t0 = time.perf_counter()
     out = Path(out)
-    if out.suffix.lower() != ".csv":
-        raise PredictError(f"--out {out}: expected a .csv file name")
-    if top_k < 1:
-        raise PredictError(f"--top-k {top_k}: expected at least 1")
+    _check_args(out, top_k)
     model, head, meta = clf.load(classifier, device, dtype)
     labels, multilabel = meta["labels"], bool(meta["multilabel"])
-    k = min(top_k, len(labels))
     items, rejects = inputs.collect(inputs_)
     found = {r.path: r for r in rejects}
     summary = Summary(str(out))
@@ -94,54 +145,19 @@ def predict(
         f"classifier {classifier} ({meta['mode']}, {len(labels)} labels, "
         f"{'multi' if multilabel else 'single'}-label) on {model.device}; {len(items)} files"
     )
-
-    header = (
-        ["path"] + (["chunk", "start_s", "end_s"] if chunks else []) + ["rank", "label", "score"]
-    )
-    rows: list[list] = []
-    pending: list[tuple[inputs.Item, np.ndarray]] = []
-
-    def run_pending() -> None:
-        if not pending:
-            return
-        frames = embed_waveforms(model, [w for _, w in pending], batch_size)  # (T_i, D) each
-        for (item, wave), f in zip(pending, frames):
-            duration = wave.size / audio.SAMPLE_RATE
-            pieces = f.split(MAX_TOKENS) if chunks else [f]
-            x = torch.stack([p.mean(0) for p in pieces]).to(model.device)  # (chunks or 1, D)
-            with torch.no_grad():
-                p = clf.probabilities(head(x).float(), multilabel).cpu().numpy()
-            for c, s in enumerate(p):
-                where = (
-                    [c, f"{c * CHUNK_S:.2f}", f"{min((c + 1) * CHUNK_S, duration):.2f}"]
-                    if chunks
-                    else []
-                )
-                rows.extend(
-                    [item.path, *where, r, lab, f"{sc:.6f}"] for r, lab, sc in _top(s, labels, k)
-                )
-            summary.files += 1
-            summary.audio_seconds += duration
-        pending.clear()
-
+    k = min(top_k, len(labels))
+    tagger = _Tagger(model, head, labels, multilabel, k, chunks, batch_size, summary)
     for item, samples, reason in inputs.load_all(
         items, threads=decode_threads, desc="predict", progress=progress
     ):
         if samples is None:
             found[item.path] = inputs.Reject(item.path, reason, item.size, item.mtime_ns)
         else:
-            pending.append((item, samples))
-            if len(pending) >= 4 * batch_size:
-                run_pending()
-    run_pending()
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic.write_bytes(out, buf.getvalue().encode("utf-8"))
+            tagger.add(item, samples)
+    tagger.flush()
+    _write_csv(out, tagger.header, tagger.rows)
     write_rejects(rejects_path(out), found)
-    summary.rows, summary.rejected = len(rows), len(found)
+    summary.rows, summary.rejected = len(tagger.rows), len(found)
     summary.seconds = time.perf_counter() - t0
     log.info(summary.line())
     if not items:

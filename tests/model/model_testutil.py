@@ -40,3 +40,16 @@ def explicit_attention(
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     out = F.softmax(scores, dim=-1) @ v
     return attn.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+def read_wav(path, start: int = 0, samples: int | None = None) -> torch.Tensor:
+    """A 16 kHz mono 16-bit PCM file (the shared fixtures) as float32 in [-1, 1), shape (S,)."""
+    import wave
+
+    import numpy as np
+
+    with wave.open(str(path), "rb") as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (SR, 1, 2), path
+        w.setpos(start)
+        data = w.readframes(w.getnframes() - start if samples is None else samples)
+    return torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0)

@@ -17,6 +17,7 @@ from dasheng_model.encoder import (
     key_padding_mask,
 )
 from dasheng_model.frontend import LogMel
+from dasheng_model.pretrained import random_encoder
 
 
 def run(encoder, *args, **kwargs):
@@ -277,3 +278,14 @@ def test_weights_changed_in_place_during_training_are_seen_by_the_next_eval():
         after = encoder.forward_mel(mel)
         fresh = copy.deepcopy(encoder).forward_mel(mel)
     assert torch.equal(after, fresh)
+
+
+def test_an_encoder_built_under_inference_mode_runs():
+    # inference tensors carry no version counter: the packed-weight cache must not ask for one
+    wav = noise(1, 1.0, seed=3)
+    with torch.inference_mode():
+        enc = random_encoder("tiny").eval()
+        frames = enc(wav)
+    with torch.no_grad():
+        reference = random_encoder("tiny").eval()(wav)
+    torch.testing.assert_close(frames, reference, atol=0, rtol=0)

@@ -121,3 +121,57 @@ def test_chunks_group_units_and_a_snapshot_needs_path_or_repo(tmp_path):
     snap = {"type": "hf_parquet", "path": str(tmp_path), "include": ["data/*.parquet"], "files": []}
     assert chunking.units("m", snap) == ["data/b.parquet", "data/sub/a.parquet"]  # '*' crosses '/'
     assert chunking.local_inputs(snap, ["data/b.parquet"]) == [str(tmp_path / "data/b.parquet")]
+
+
+def test_the_plan_chunks_mirrors_from_listings_and_places_routes(tmp_path, monkeypatch):
+    from dasheng_pipeline import plan
+    from dasheng_pipeline.common import schema
+
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "snap/data/a.parquet",
+        "snap/data/b.parquet",
+        "snap/data/c.parquet",
+        "wds/s-0.tar",
+        "wds/s-1.tar",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sha.txt").write_text(
+        f"{'a' * 64}  raw_30s_audio-00.tar\n{'b' * 64} *raw_30s_audio-01.tar\n"
+    )
+    (tmp_path / "list.csv").write_text('abcdefghijk, 0, 10, ""\n')
+    cfg = schema.with_defaults(
+        {
+            "sources": {
+                "hf": {
+                    "type": "hf_parquet",
+                    "path": "snap",
+                    "include": ["data/*.parquet"],
+                    "id_column": "id",
+                    "files_per_chunk": 2,
+                },
+                "wds": {"type": "webdataset", "urls": ["wds/s-*.tar"]},
+                "jam": {
+                    "type": "http_archive",
+                    "checksums": "sha.txt",
+                    "base_url": "https://x.org/a",
+                },
+                "yt": {"type": "youtube", "list": "list.csv"},
+            },
+            "corpora": {"c": {"list": "list.csv", "routes": ["hf", "yt"]}},
+        }
+    )
+    sources = plan.resolve_sources(cfg)
+    assert sources["hf"].units == (("data/a.parquet", "data/b.parquet"), ("data/c.parquet",))
+    assert sources["hf"].chunks == ("00000", "00001")
+    assert sources["wds"].units == (("wds/s-0.tar",), ("wds/s-1.tar",))
+    assert [u[0]["url"] for u in sources["jam"].units] == [
+        "https://x.org/a/raw_30s_audio-00.tar",
+        "https://x.org/a/raw_30s_audio-01.tar",
+    ]
+    assert sources["yt"].route == chunking.Route("c", 1, ("hf",)) and sources["jam"].route is None
+    cfg["allow_outside_paths"] = False
+    cfg["sources"]["hf"]["path"] = "/tmp"
+    with pytest.raises(ValueError, match="config key sources.hf.path: '/tmp' lies outside"):
+        plan.resolve_sources(cfg)

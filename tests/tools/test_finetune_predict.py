@@ -1,11 +1,15 @@
 """``finetune`` and ``predict`` on small generated data with ``random:tiny`` (real ffmpeg decoding,
-real Parquet cache, real training): tones and noise are easy to tell apart even with random weights."""
+real Parquet cache, real training): tones and noise are easy to tell apart even with random weights.
+
+The frozen modes' embedding cache lives in one temporary folder for the module (``DASHENG_CACHE_DIR``),
+so the runs here share it as two runs on one machine would, and nothing lands in ``~/.cache``."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import shutil
+import threading
 import wave
 from pathlib import Path
 
@@ -13,7 +17,15 @@ import numpy as np
 import pytest
 
 from dasheng_pipeline import cli
-from dasheng_pipeline.tools.finetune import FinetuneError, finetune, split_folds, split_once
+from dasheng_pipeline.tools.embed import Model
+from dasheng_pipeline.tools.finetune import (
+    FinetuneError,
+    finetune,
+    read_data,
+    split_folds,
+    split_once,
+)
+from dasheng_pipeline.tools.finetune.features import ENV, cache_key, frozen_features
 from dasheng_pipeline.tools.predict import predict
 
 SR = 16000
@@ -40,6 +52,15 @@ def clip(kind: str, i: int, seconds: float = 0.5) -> np.ndarray:
 
 
 KINDS = ("high", "low", "noise")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory) -> Path:
+    """The embedding cache every run of this module shares."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ENV, str(root))
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +101,9 @@ def test_mlp_beats_chance_writes_the_classifier_and_a_rerun_reuses_the_cache(mlp
         "curve.png",
         "splits.csv",
         "rejects.csv",
-        "embeddings.parquet",
     ):
         assert (out / name).is_file(), name
+    assert not (out / "embeddings.parquet").exists()  # the embeddings are in the shared cache
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["labels"] == list(KINDS) and meta["mode"] == "mlp" and not meta["multilabel"]
     assert meta["model"]["spec"] == MODEL and len(meta["model"]["sha256"]) == 64
@@ -146,17 +167,71 @@ def test_predict_writes_top_k_rows_and_rejects_bad_files(mlp, words, tmp_path):
     )  # predict agrees with finetune's score
 
 
-def test_folds_pool_out_of_fold_predictions(mlp, words, tmp_path):
-    out, _ = mlp
-    shutil.copy(
-        out / "embeddings.parquet", tmp_path / "embeddings.parquet"
-    )  # the cache: nothing to embed
+def test_folds_pool_out_of_fold_predictions_from_the_shared_cache(mlp, words, tmp_path, caplog):
+    """``linear`` after ``mlp``, into another OUT: the embeddings come from the shared cache."""
+    out, first = mlp
+    assert (first.embedded, first.cached) == (18, 0)  # mlp filled the cache (and rejected 1)
+    caplog.set_level("INFO")
     result = finetune(words, MODEL, tmp_path, mode="linear", folds=3, epochs=30, progress=False)
+    assert (result.embedded, result.cached) == (0, 19)  # 18 rows and the broken file's reject
+    assert result.rejected == 1 and "embedded 0 files" in caplog.text
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for fold in metrics["folds"]:  # the note on a best last epoch, exactly for the folds it fits
+        note = f"fold {fold['fold']}: the best epoch is the last one"
+        assert (note in caplog.text) == (fold["best_epoch"] == fold["epochs_run"])
     assert len(metrics["test"]["folds"]) == 3 and result.test_std is not None and result.test >= 0.8
     assert metrics["scored_examples"] == 18  # every example tested once
     assert sorted(r["test_fold"] for r in rows(tmp_path / "splits.csv")) == sorted("012" * 6)
     assert sum(int(r["scored"]) for r in rows(tmp_path / "per_class.csv")) == 18
+
+
+def test_a_best_last_epoch_is_logged_with_a_hint(mlp, words, tmp_path, caplog):
+    caplog.set_level("INFO")
+    result = finetune(words, MODEL, tmp_path, mode="linear", epochs=1, progress=False)
+    assert result.best_epoch == 1 and result.embedded == 0  # the shared cache again
+    assert "fold 0: the best epoch is the last one (1 of 1)" in caplog.text
+    assert "try more epochs (--epochs)" in caplog.text
+
+
+def test_two_runs_sharing_a_cache_take_turns(words, tmp_path):
+    """Two runs on the same files at once: one embeds, the other waits and reads its rows."""
+    model = Model.load(MODEL)
+    start = threading.Barrier(2)
+    got = []
+
+    def run() -> None:
+        data = read_data(words)
+        start.wait()
+        x, use = frozen_features(data, model, 8, False, tmp_path)
+        got.append((x, use, [e.item.path for e in data.examples], data.rejects))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (x0, use0, paths0, rejects0), (x1, use1, paths1, rejects1) = got
+    assert sorted([use0.embedded, use1.embedded]) == [0, 18] and use0.folder == use1.folder
+    assert np.array_equal(x0, x1) and x0.shape[0] == 18 and paths0 == paths1
+    assert rejects0 == rejects1 and [r[0] for r in rejects0] == [str(words / "low" / "broken.wav")]
+    left = sorted(p.name for p in use0.folder.iterdir())
+    assert left == [".lock", "embeddings.parquet", "embeddings.rejects.csv", "key.json"]
+
+
+def test_the_cache_key_follows_files_weights_and_settings(words, tmp_path):
+    items = [e.item for e in read_data(words).examples]
+    tiny, other = Model.load(MODEL), Model.load(MODEL + ":1")
+    key = cache_key(items, tiny, 8)[0]
+    assert cache_key(list(items), Model.load(MODEL), 8)[0] == key  # the same again
+    touched = [dataclasses.replace(items[0], mtime_ns=items[0].mtime_ns + 1), *items[1:]]
+    changed = [
+        cache_key(touched, tiny, 8),  # a file modified
+        cache_key(items[::-1], tiny, 8),  # another order: other batches, other rounding
+        cache_key(items, other, 8),  # other weights
+        cache_key(items, tiny, 4),  # other batches
+        cache_key(items, Model.load(MODEL, dtype="bf16"), 8),
+    ]
+    assert len({key} | {k for k, _ in changed}) == 6
 
 
 def test_full_mode_trains_the_encoder_and_predict_uses_it_per_chunk(words, tmp_path):
@@ -241,6 +316,14 @@ def test_tiny_classes_fall_back_to_a_per_class_split():
         all((f == "test").sum() >= 2 for f in folds)
         and sum((f == "test") for f in folds).tolist() == [1] * 9
     )
+
+
+def test_cli_cache_dir_puts_the_embeddings_there(words, tmp_path):
+    args = ["-q", "finetune", str(words), "--model", MODEL, "--out", str(tmp_path / "o")]
+    args += ["--mode", "linear", "--epochs", "1", "--cache-dir", str(tmp_path / "c")]
+    assert cli.main(args) == 0
+    (key,) = (tmp_path / "c" / "embeddings").iterdir()
+    assert (key / "key.json").is_file() and list(key.glob("*.parquet"))
 
 
 def test_cli_bad_data_exits_1_with_one_line(tmp_path, capsys):

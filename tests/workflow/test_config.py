@@ -1,6 +1,7 @@
 """The config schema: shipped configs validate, bad keys are named, and the schema is the one
 source of defaults (every dataclass default left in the stage code equals the schema's)."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -107,3 +108,50 @@ def test_dataclass_defaults_equal_the_schema(cls):
         f"{cls.__name__} has defaults the schema lacks: {set(ours) - set(schema)}"
     )
     assert {k: schema[k] for k in ours} == ours
+
+
+EVERY_KIND = {  # every source type, model type and task format: every branch of the schema
+    "sources": {
+        "d": {"type": "demo"},
+        "y": {"type": "youtube", "list": "ids.csv"},
+        "l": {"type": "local", "root": "tree"},
+    },
+    "evaluation": {"tasks": {"h": {"path": "h"}, "x": {"path": "x", "format": "xares"}}},
+    "models": {
+        "c": {"type": "checkpoint", "path": "c.pt"},
+        "r": {"type": "random"},
+        "m": {"type": "hear_module", "module": "mod"},
+        "g": {"type": "logmel"},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        *(
+            yaml.safe_load(p.read_text())
+            for p in [*CONFIGS, *sorted((REPO / "config" / "presets").glob("*.yaml"))]
+            if p.name != "schema.yaml"
+        ),
+        EVERY_KIND,
+        {},
+    ],
+    ids=lambda c: str(sorted(c))[:30],
+)
+def test_the_hand_written_defaults_are_snakemakes(config):
+    """dasheng_pipeline.common.schema.with_defaults (the base install's, without jsonschema) fills
+    in what Snakemake's validate(set_default=True) does, in the same key order."""
+    from dasheng_pipeline.common import schema
+
+    ours = schema.with_defaults(config)
+    theirs = copy.deepcopy(config)
+    validate(theirs, SCHEMA, set_default=True)
+    assert ours == theirs
+    assert list(ours) == list(theirs) and list(ours["sources"]) == list(theirs["sources"])
+
+
+def test_the_package_ships_the_workflow_schema():
+    from dasheng_pipeline.common import schema
+
+    assert schema.load() == yaml.safe_load(open(SCHEMA))

@@ -6,7 +6,11 @@ import json
 import re
 
 import pytest
-from helpers import snakemake
+import yaml
+from helpers import REPO, snakemake
+
+from dasheng_pipeline import plan
+from dasheng_pipeline.common.atomic import canonical_json
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +202,48 @@ def test_a_large_list_builds_its_dag_with_one_job_per_chunk(tmp_path):
         "coverage": 1,
         "data": 1,
     }
+
+
+def dry_run_jobs(proc) -> list[dict]:
+    """The jobs of a `snakemake -n -p` run: rule, outputs, shell command."""
+    jobs = []
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append({"rule": m.group(1), "output": [], "shell": ""})
+        elif jobs and (m := re.match(r"^\s+output: (.*)$", line)):
+            jobs[-1]["output"] = m.group(1).split(", ")
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
+    return jobs
+
+
+def test_the_dag_runs_the_plan_of_the_demo_config(tmp_path, monkeypatch):
+    """The plan of config/config.yaml (dasheng_pipeline.plan, as tests/common/test_plan.py
+    checks it) is what Snakemake schedules: chunks, tasks x models x protocols, the training
+    job's params, the model specs, the quick sets, the layer files and the targets."""
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    jobs = dry_run_jobs(snakemake(tmp_path, demo, "-n", "-p", "all"))
+    made = lambda *rules: {o for j in jobs if j["rule"] in rules for o in j["output"]}  # noqa: E731
+    outputs = made(*{j["rule"] for j in jobs})
+    monkeypatch.chdir(tmp_path)
+    p = plan.resolve(plan.read_config(tmp_path / "test-config.yaml"))
+    ev = plan.resolve_evaluation(p, outputs.__contains__)
+    out = p.out
+    assert made("demo_chunk") == {
+        f"{out}/manifests/{n}/{c}.json" for n, s in p.sources.items() for c in s.chunks
+    }
+    assert set(ev.models) == {"trained", "random", "logmel"}
+    assert {"demo_pitch", "demo_timbre", "demo_noise", "demo_events", "demo_noise_xares"} <= set(
+        p.tasks
+    )  # + the speech tasks where espeak-ng is installed
+    assert made("embed") == {f"{out}/eval/embeddings/{m}/{t}" for m in ev.models for t in p.tasks}
+    assert made("probe", "knn", "xares_protocol") == set(ev.result_files)
+    assert made("layer_scores") == set(ev.layer_files) and ev.layer_files
+    layers = {f"{out}/eval/quick/{t}.npz" for t in demo["evaluation"]["layers"]["tasks"]}
+    assert made("quick_set") == set(p.training.quick_sets) | layers
+    plots = {o for o in outputs if "/eval/plots/" in o}
+    assert plots == {t for t in ev.targets if "/plots/" in t} and len(plots) == 5
+    (train,) = [j for j in jobs if j["rule"] == "train"]
+    assert f"--params '{canonical_json(p.training.params)}'" in train["shell"]
+    (embed,) = [j for j in jobs if j["output"] == [f"{out}/eval/embeddings/random/demo_noise"]]
+    assert f"--spec '{canonical_json(ev.specs['random'])}'" in embed["shell"]

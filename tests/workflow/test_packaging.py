@@ -99,3 +99,10 @@ def test_a_users_model_py_and_pipeline_folder_shadow_nothing(wheel, tmp_path):
         text=True,
     )
     assert cli.returncode == 0 and "embed" in cli.stdout, cli.stderr
+
+
+def test_the_wheel_ships_the_config_schema(wheel):
+    """The base install's `evaluate --config` fills in the schema's defaults: the schema is in the
+    wheel (a copy of config/schema.yaml, which pipeline/common/schema.yaml links to)."""
+    shipped = zipfile.ZipFile(wheel).read("dasheng_pipeline/common/schema.yaml")
+    assert shipped == (REPO / "config" / "schema.yaml").read_bytes()

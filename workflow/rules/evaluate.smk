@@ -15,16 +15,11 @@ rule demo_task:
     log:
         f"{EVAL_LOGS}/tasks/{{task}}.log",
     wildcard_constraints:
-        task=constraint([n for n, t in EVAL_TASKS.items() if t["demo"]]),
+        task=constraint(task_names(demo=True)),
     conda:
         "../../envs/eval.yaml"
     params:
-        cfg=as_json(
-            {
-                "seed": config["seed"],
-                "demo_tasks": {"scale": EVAL["demo_tasks"]["scale"]},
-            }
-        ),
+        cfg=seed_json(demo_tasks={"scale": EVAL["demo_tasks"]["scale"]}),
     shell:
         "python -m dasheng_pipeline.evaluation.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -36,17 +31,12 @@ rule demo_xares_source:
     log:
         f"{EVAL_LOGS}/xares_sources/{{task}}.log",
     wildcard_constraints:
-        task=constraint(_eval_xares_tasks(demo=True)),
+        task=constraint(task_names(packed_demo=True)),
     conda:
         "../../envs/eval.yaml"
     params:
         demo=lambda wc: wc.task.removesuffix("_xares"),
-        cfg=as_json(
-            {
-                "seed": config["seed"],
-                "demo_tasks": {"scale": EVAL["demo_tasks"]["scale"]},
-            }
-        ),
+        cfg=seed_json(demo_tasks={"scale": EVAL["demo_tasks"]["scale"]}),
     shell:
         "python -m dasheng_pipeline.evaluation.demo_tasks --task {params.demo} --xares --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -60,12 +50,12 @@ rule xares_task:
     log:
         f"{EVAL_LOGS}/tasks/{{task}}.log",
     wildcard_constraints:
-        task=constraint(_eval_xares_tasks()),
+        task=constraint(task_names(format="xares")),
     conda:
         "../../envs/eval.yaml"
     params:
         spec=eval_xares_task_spec,
-        cfg=as_json({"seed": config["seed"]}),
+        cfg=seed_json(),
     shell:
         "python -m dasheng_pipeline.evaluation.xares_tasks --name {wildcards.task} --spec {params.spec:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
@@ -81,15 +71,19 @@ rule embed:
         f"{EVAL_LOGS}/embeddings/{{model}}/{{task}}.log",
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
-        task=constraint(list(EVAL_TASKS)),
+        task=constraint(list(TASKS)),
     conda:
         "../../envs/eval.yaml"
     threads: EVAL["threads"]
     resources:
         mem_mb=4000,
     params:
-        cfg=eval_embed_params,
-        spec=lambda wc: as_json(_model_spec(wc.model)),
+        cfg=seed_json(
+            batch_size=EVAL["batch_size"],
+            frames=EVAL["frames"],
+            decode_threads=EVAL["decode_threads"],
+        ),
+        spec=eval_model_spec,
         dtype=EVAL["dtype"],
     shell:
         "python -m dasheng_pipeline.evaluation.embeddings --task {input.task:q} --model {wildcards.model} --spec {params.spec:q} "
@@ -106,14 +100,14 @@ rule probe:
         f"{EVAL_LOGS}/probe/{{model}}/{{task}}.log",
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
-        task=constraint(list(EVAL_TASKS)),
+        task=constraint(list(TASKS)),
     conda:
         "../../envs/eval.yaml"
     threads: EVAL["threads"]
     resources:
         mem_mb=4000,
     params:
-        cfg=eval_probe_params(),
+        cfg=seed_json(probe=EVAL["probe"]),
     shell:
         "python -m dasheng_pipeline.evaluation.probe --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
@@ -129,11 +123,11 @@ rule knn:
         f"{EVAL_LOGS}/knn/{{model}}/{{task}}.log",
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
-        task=constraint(list(EVAL_TASKS)),
+        task=constraint(list(TASKS)),
     conda:
         "../../envs/eval.yaml"
     params:
-        cfg=eval_knn_params(),
+        cfg=seed_json(knn=EVAL["knn"]),
     shell:
         "python -m dasheng_pipeline.evaluation.knn --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
@@ -150,12 +144,12 @@ rule xares_protocol:
     wildcard_constraints:
         protocol="xares_mlp|xares_knn",
         model=EVAL_MODEL_NAMES,
-        task=constraint(list(EVAL_TASKS)),
+        task=constraint(list(TASKS)),
     conda:
         "../../envs/eval.yaml"
     threads: EVAL["threads"]
     params:
-        cfg=eval_xares_params(),
+        cfg=seed_json(xares=EVAL["xares"]),
     shell:
         "python -m dasheng_pipeline.evaluation.xares_protocols --protocol {wildcards.protocol} --task {input.task:q} "
         "--embeddings {input.embeddings:q} --params {params.cfg:q} --out {output:q} --threads {threads} "
@@ -164,7 +158,7 @@ rule xares_protocol:
 
 rule eval_results:
     input:
-        results=eval_result_files,
+        results=planned("result_files"),
         paper=os.path.join(workflow.basedir, "config", "paper_results.csv"),
         xares=os.path.join(workflow.basedir, "config", "xares_results.csv"),
     output:
@@ -223,7 +217,7 @@ rule eval_plots:
 
 rule eval_loss_curve:
     input:
-        eval_training_metrics(),
+        PLAN.training_metrics,
     output:
         report(
             f"{EVAL_OUT}/plots/loss_curve.png",
@@ -235,7 +229,7 @@ rule eval_loss_curve:
     conda:
         "../../envs/eval.yaml"
     params:
-        cfg=as_json({"seed": config["seed"]}),
+        cfg=seed_json(),
     shell:
         "python -m dasheng_pipeline.evaluation.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
@@ -248,11 +242,11 @@ rule quick_set:
     log:
         f"{EVAL_LOGS}/quick/{{task}}.log",
     wildcard_constraints:
-        task=constraint(list(EVAL_TASKS)),
+        task=constraint(list(TASKS)),
     conda:
         "../../envs/eval.yaml"
     params:
-        cfg=eval_quick_params(),
+        cfg=seed_json(**EVAL["quick_sets"]),
     shell:
         "python -m dasheng_pipeline.evaluation.quickset --task {input.task:q} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -268,13 +262,13 @@ rule layer_scores:
         f"{EVAL_LOGS}/layers/{{model}}/{{task}}.log",
     wildcard_constraints:
         model=EVAL_MODEL_NAMES,
-        task=constraint(list(EVAL_TASKS)),
+        task=constraint(list(TASKS)),
     conda:
         "../../envs/eval.yaml"
     threads: EVAL["threads"]
     params:
-        cfg=as_json({"seed": config["seed"], "k": EVAL["layers"]["k"]}),
-        spec=lambda wc: as_json(_model_spec(wc.model)),
+        cfg=seed_json(k=EVAL["layers"]["k"]),
+        spec=eval_model_spec,
     shell:
         "python -m dasheng_pipeline.evaluation.layers score --quick {input.quick:q} --model {wildcards.model} "
         "--spec {params.spec:q} --params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
@@ -282,7 +276,7 @@ rule layer_scores:
 
 rule eval_layers:
     input:
-        eval_layer_files,
+        planned("layer_files"),
     output:
         csv=f"{EVAL_OUT}/results/layers.csv",
         md=f"{EVAL_OUT}/results/layers.md",
@@ -296,7 +290,7 @@ rule eval_layers:
     conda:
         "../../envs/eval.yaml"
     params:
-        cfg=as_json({"seed": config["seed"]}),
+        cfg=seed_json(),
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
     shell:
         "python -m dasheng_pipeline.evaluation.layers table --inputs {input:q} --out-dir {params.out_dir:q} "
@@ -317,11 +311,11 @@ rule eval_downstream_curve:
     conda:
         "../../envs/eval.yaml"
     params:
-        cfg=as_json({"seed": config["seed"]}),
+        cfg=seed_json(),
     shell:
         "python -m dasheng_pipeline.evaluation.plots downstream --csv {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
-        evaluation_targets,
+        planned("targets"),

@@ -4,7 +4,7 @@
 
 rule provenance_table:
     input:
-        provenance_artifacts(),
+        planned("provenance_artifacts"),
     output:
         report(
             f"{OUT}/provenance.csv",

@@ -33,7 +33,7 @@ rule demo_chunk:
 
 rule youtube_index:
     input:
-        lambda wc: SOURCES[wc.source]["list"],
+        lambda wc: SOURCES[wc.source].cfg["list"],
     output:
         f"{OUT}/lists/{{source}}.index.json",
     log:
@@ -43,7 +43,9 @@ rule youtube_index:
     conda:
         "../../envs/data.yaml"
     params:
-        cfg=lambda wc: source_params(wc.source, expected_chunks=len(CHUNKS[wc.source])),
+        cfg=lambda wc: source_params(
+            wc.source, expected_chunks=len(SOURCES[wc.source].chunks)
+        ),
     shell:
         "python -m dasheng_pipeline.sources.youtube index --list {input:q} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
@@ -51,7 +53,7 @@ rule youtube_index:
 
 rule youtube_chunk:
     input:
-        list=lambda wc: SOURCES[wc.source]["list"],
+        list=lambda wc: SOURCES[wc.source].cfg["list"],
         index=f"{OUT}/lists/{{source}}.index.json",
         route=route_inputs,
     output:
@@ -84,7 +86,7 @@ rule local_index:
     conda:
         "../../envs/data.yaml"
     params:
-        cfg=lambda wc: source_params(wc.source, files=LOCAL_FILES[wc.source]),
+        cfg=lambda wc: source_params(wc.source, files=SOURCES[wc.source].files),
     shell:
         "python -m dasheng_pipeline.sources.local index --params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 

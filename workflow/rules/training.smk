@@ -14,7 +14,7 @@ rule train:
     input:
         dataset=f"{OUT}/dataset/manifest.json",
         shards=all_shards("dir"),
-        downstream=training_downstream_sets(),
+        downstream=list(TRAINING.quick_sets),
     output:
         encoder=f"{OUT}/training/encoder.safetensors",
         sidecar=f"{OUT}/training/encoder.json",
@@ -25,22 +25,22 @@ rule train:
         curve=f"{OUT}/training/loss_curve.png",
     log:
         f"{LOGS}/training/train.log",
-    retries: training_retries()
+    retries: TRAINING.retries
     conda:
         "../../envs/train.yaml"
-    threads: training_threads()
+    threads: TRAINING.threads
     resources:
         # Names of snakemake-executor-plugin-slurm: one task per job; the launcher starts
         # one Ray node per allocated node (srun), each using all the node's GPUs and CPUs.
         nodes=config["training"]["nodes"],
         tasks=1,
-        cpus_per_task=training_threads(),
-        gres=training_gres(),
+        cpus_per_task=TRAINING.threads,
+        gres=TRAINING.gres,
         mem_mb=config["training"]["mem_mb"],
         runtime=config["training"]["runtime_min"],
-        slurm_extra=training_slurm_extra(),
+        slurm_extra=TRAINING.slurm_extra,
     params:
-        cfg=training_params(),
+        cfg=as_json(TRAINING.params),
         state=f"{OUT}/training_state",
         out=lambda wildcards, output: os.path.dirname(output.encoder),
         # (not workflow.source_path(): that is a fresh cache path on every run, a params change)
