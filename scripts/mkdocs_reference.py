@@ -10,6 +10,7 @@ the docstrings are the one copy of the reference. ``mkdocs.yml`` names this file
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The repository's folders and the names they import as (pyproject.toml's package-dir).
 ROOTS = {"model": "dasheng_model", "pipeline": "dasheng_pipeline"}
 NAV_TITLE = "API reference"
+# The docstrings cross-reference in Sphinx's roles (:func:`name`); Markdown shows the role's text.
+ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):(?=<code>)")
 
 
 def packages() -> dict[str, list[str]]:
@@ -42,7 +45,13 @@ def summary(package: str) -> str:
 
 
 def page(package: str, modules: list[str]) -> str:
-    lines = [f"# `{package}`", "", f"::: {package}", "    options:", "      show_root_heading: false"]
+    lines = [
+        f"# `{package}`",
+        "",
+        f"::: {package}",
+        "    options:",
+        "      show_root_heading: false",
+    ]
     for module in modules:
         lines += ["", f"::: {module}"]
     return "\n".join(lines) + "\n"
@@ -80,5 +89,12 @@ def on_files(files, config):
     found = packages()
     files.append(File.generated(config, "reference/index.md", content=index(found)))
     for package, modules in found.items():
-        files.append(File.generated(config, f"reference/{package}.md", content=page(package, modules)))
+        files.append(
+            File.generated(config, f"reference/{package}.md", content=page(package, modules))
+        )
     return files
+
+
+def on_page_content(html, page, config, files):
+    """Drop the Sphinx role prefixes from the rendered docstrings (the name stays, as code)."""
+    return ROLE.sub("", html) if page.file.src_uri.startswith("reference/") else html

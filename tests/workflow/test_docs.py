@@ -41,7 +41,10 @@ def layout_rows(text: str) -> dict[str, str]:
 
 
 def test_layout_rows_are_read_as_meant():
-    page = "# x\n\n## Layout\n\n| `dasheng_model.mae` | the MAE |\n| path | what |\n\n## Tests\n| `dasheng_model.hear` | y |\n"
+    page = (
+        "# x\n\n## Layout\n\n| `dasheng_model.mae` | the MAE |\n| path | what |\n"
+        "\n## Tests\n| `dasheng_model.hear` | y |\n"
+    )
     assert layout_rows(page) == {"dasheng_model.mae": "the MAE"}
     assert import_name(REPO / "pipeline" / "tools" / "finetune" / "__init__.py") == (
         "dasheng_pipeline.tools.finetune"
@@ -53,7 +56,9 @@ def test_the_layout_page_names_every_module_and_no_other():
     modules = source_modules()
     missing, stale = sorted(modules - set(named)), sorted(set(named) - modules)
     page = LAYOUT_PAGE.relative_to(REPO)
-    assert not missing, f"{page}: add a row '| `module` | what it is for |' under Layout for {missing}"
+    assert not missing, (
+        f"{page}: add a row '| `module` | what it is for |' under Layout for {missing}"
+    )
     assert not stale, f"{page}: these modules do not exist (moved or removed?): {stale}"
     empty = sorted(name for name, line in named.items() if not line)
     assert not empty, f"{page}: say in one line what each is for: {empty}"
