@@ -62,7 +62,7 @@ def index(found: dict[str, list[str]]) -> str:
         "# API reference",
         "",
         "Generated from the docstrings at build time: one page per package, each module of the",
-        "package on it. Where each module sits in the pipeline: [Development](../development.md).",
+        "package on it. Where each module sits in the pipeline: [Development](../development.md#layout).",
         "",
         "| package | what it is for |",
         "|---|---|",
