@@ -15,7 +15,7 @@ help:
 	@echo "make demo     set up .venv and run the embedded demo DAG (snakemake --cores $(CORES) all)"
 	@echo "make test     set up .venv and run the test suite (pytest)"
 	@echo "make test-fast  the fast tier only (pytest -m 'not slow': no Snakemake, SLURM or fault runs)"
-	@echo "make lint     ruff format --check, ruff check, lint-imports (layers), snakemake --lint, snakefmt --check"
+	@echo "make lint     ruff format --check, ruff check, lint-imports (layers), snakemake --lint, snakefmt --check, mkdocs build --strict"
 	@echo "make dry-run  show the demo DAG's jobs without running them"
 
 $(STAMP): pyproject.toml requirements.lock
@@ -51,12 +51,13 @@ test-fast: lint
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	@echo ">> checking the code's format and style (ruff), the layers (lint-imports), the workflow (snakemake --lint) and its format (snakefmt --check)"
+	@echo ">> checking the code's format and style (ruff), the layers (lint-imports), the workflow (snakemake --lint), its format (snakefmt --check) and the docs site (mkdocs build --strict: a broken link fails)"
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile workflow/
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
 
 dry-run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --dry-run all

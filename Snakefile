@@ -37,6 +37,7 @@ rule data:
         all_shards("dir"),
         all_shards("json"),
         rules.dataset_manifest.output,
+        rules.coverage.output,
 
 
 rule all:

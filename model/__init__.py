@@ -1,6 +1,7 @@
-"""Dasheng: the encoder, its masked autoencoder, checkpoints and the HEAR API.
+"""The Dasheng model library: the encoder, its masked autoencoder, checkpoints, embeddings, HEAR.
 
-See model/README.md for the modules and their shapes.
+It needs torch, torchaudio, safetensors and numpy only, and no stage code. The modules and their
+shapes: docs/model.md (model/README.md points there).
 """
 
 from dasheng_model.checkpoint import CheckpointError, load_checkpoint, load_encoder, save_checkpoint

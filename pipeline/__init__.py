@@ -1,4 +1,6 @@
-"""The Dasheng pipeline's stages, one subpackage each, in the order the data flows:
+"""The Dasheng pipeline: the DAG's stages, the plan of a run, and the command line over them.
+
+One subpackage per stage, in the order the data flows:
 
 - ``dasheng_pipeline.common``: atomic writes, provenance stamps, audio decoding (ffmpeg), manifests, logging;
 - ``dasheng_pipeline.sources``: stage 1, audio from the demo synthesiser, YouTube segment lists or local trees;

@@ -33,7 +33,7 @@ import yaml
 
 from dasheng_pipeline.common import schema
 from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
-from dasheng_pipeline.sources import lists, local
+from dasheng_pipeline.sources import chunking, lists, local
 
 # Config keys that were renamed: old dotted key → new one (refused with a one-line error).
 RENAMED_KEYS = {"training.downstream": "training.quick_checks"}
@@ -79,14 +79,17 @@ def check_inside(key: str, path: str, allow_outside: bool) -> None:
 
 @dataclass(frozen=True)
 class Source:
-    """A source of audio: its config, its chunks ("00000", ...), and for a local source the
+    """A source of audio: its config, its chunks ("00000", ...), for a local source the
     number of audio files in its tree (a parameter of its index job, so that a change of the
-    tree re-runs the index)."""
+    tree re-runs the index), for a mirror each chunk's units (Parquet files, tar shards,
+    archives), and for a route of a corpus its place there."""
 
     name: str
     cfg: dict
     chunks: tuple[str, ...]
     files: int | None = None
+    units: tuple[tuple, ...] = ()
+    route: chunking.Route | None = None
 
     @property
     def type(self) -> str:
@@ -124,15 +127,44 @@ def _local_source(name: str, src: dict, allow_outside: bool) -> Source:
     return Source(name, src, chunk_names(len(files), src["chunk_size"]), files=len(files))
 
 
+def _mirror_source(name: str, src: dict, units: list) -> Source:
+    groups = chunking.chunks_of(src, units)
+    return Source(name, src, chunk_names(len(groups), 1), units=tuple(map(tuple, groups)))
+
+
+def _hf_parquet_source(name: str, src: dict, allow_outside: bool) -> Source:
+    if src["path"]:
+        check_inside(f"sources.{name}.path", src["path"], allow_outside)
+    return _mirror_source(name, src, chunking.units(name, src))
+
+
+def _webdataset_source(name: str, src: dict, allow_outside: bool) -> Source:
+    units = chunking.units(name, src)
+    for unit in units:
+        if "://" not in unit:
+            check_inside(f"sources.{name}.urls", unit, allow_outside)
+    return _mirror_source(name, src, units)
+
+
+def _http_archive_source(name: str, src: dict, allow_outside: bool) -> Source:
+    if src["checksums"]:
+        check_inside(f"sources.{name}.checksums", src["checksums"], allow_outside)
+    return _mirror_source(name, src, chunking.units(name, src))
+
+
 # Source type → its resolver (the schema's $defs/source lists the same types).
 SOURCE_TYPES: dict[str, Callable[[str, dict, bool], Source]] = {
     "demo": _demo_source,
     "youtube": _youtube_source,
     "local": _local_source,
+    "hf_parquet": _hf_parquet_source,
+    "webdataset": _webdataset_source,
+    "http_archive": _http_archive_source,
 }
 
 
 def resolve_sources(config: dict) -> dict[str, Source]:
+    """Every source with its chunks; a route of a corpus also with its place there."""
     out = {}
     for name, src in config["sources"].items():
         if src["type"] not in SOURCE_TYPES:
@@ -140,7 +172,10 @@ def resolve_sources(config: dict) -> dict[str, Source]:
                 f"config key sources.{name}.type: {src['type']!r} is not one of {list(SOURCE_TYPES)}"
             )
         out[name] = SOURCE_TYPES[src["type"]](name, src, config["allow_outside_paths"])
-    return out
+    for corpus, spec in config.get("corpora", {}).items():
+        check_inside(f"corpora.{corpus}.list", spec["list"], config["allow_outside_paths"])
+    routes = chunking.routes(config.get("corpora", {}), config["sources"])
+    return {n: replace(s, route=routes.get(n)) for n, s in out.items()}
 
 
 # ---- stage 4, evaluation tasks

@@ -8,17 +8,27 @@ Each video ID maps to a behaviour (``Server.routes[id] = ...``):
 * ``Reset(after_bytes, path)``      the connection is closed mid-body
 * ``Trickle(path, bytes_per_s)``    a slow transfer
 * ``Flaky(failures, then, code)``   ``failures`` errors, then the behaviour ``then``
+* ``Sequence(routes)``              request i gets ``routes[i]`` (the last one repeats)
 
 URLs are ``http://127.0.0.1:PORT/v/<id>``; ``Server.hits[id]`` counts requests per ID.
+
+``Server.block(after=N, code=403, seconds=None)`` stands in for YouTube refusing a session: once
+N IDs were served, every request gets ``code`` (for ``seconds``, or until ``unblock()``).
+
+:class:`Hub` stands in for the Hugging Face hub (model and dataset repos, revisions, listings,
+files with Range). Archives to download are ``File`` routes too (``/v/<file name>``).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.server
+import json
 import socket
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +72,26 @@ class Flaky:
     headers: dict = field(default_factory=dict)
 
 
+@dataclass
+class Block:
+    after: int
+    code: int = 403
+    seconds: float | None = None
+    started: float | None = None
+
+    def active(self, served: set, key: str) -> bool:
+        if self.started is None and key not in served and len(served) >= self.after:
+            self.started = time.monotonic()
+        if self.started is None:
+            return False
+        return self.seconds is None or time.monotonic() - self.started < self.seconds
+
+
+@dataclass
+class Sequence:
+    routes: list
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HTTPServer
@@ -81,7 +111,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.hits[key] += 1
             count = self.server.hits[key]
+            blocked = self.server.block is not None and self.server.block.active(
+                self.server.served, key
+            )
+        if blocked:
+            self.server.blocked_hits += 1
+            return self._status(self.server.block.code, {})
         route = self.server.routes.get(key)
+        if isinstance(route, Sequence):
+            route = route.routes[min(count, len(route.routes)) - 1]
         if isinstance(route, Flaky):
             route = Status(route.code, route.headers) if count <= route.failures else route.then
         if route is None:
@@ -120,6 +158,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start : end + 1]
+        with self.server.lock:
+            self.server.served.add(key)
         self.send_header("Content-Type", route.content_type)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(body)))
@@ -169,7 +209,25 @@ class Server:
         self.httpd.routes = {}
         self.httpd.hits = collections.Counter()
         self.httpd.lock = threading.Lock()
+        self.httpd.block = None
+        self.httpd.served = set()
+        self.httpd.blocked_hits = 0
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def block(self, after: int, code: int = 403, seconds: float | None = None) -> None:
+        """Refuse every request with ``code`` once ``after`` IDs were served (a session block)."""
+        with self.httpd.lock:
+            self.httpd.block = Block(after, code, seconds)
+            self.httpd.served = set()
+            self.httpd.blocked_hits = 0
+
+    def unblock(self) -> None:
+        with self.httpd.lock:
+            self.httpd.block = None
+
+    @property
+    def blocked_hits(self) -> int:
+        return self.httpd.blocked_hits
 
     @property
     def routes(self) -> dict:
@@ -184,6 +242,156 @@ class Server:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v/{{id}}"
 
     def __enter__(self) -> Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- Hugging Face hub
+
+
+class _HubHandler(http.server.BaseHTTPRequestHandler):
+    """The calls huggingface_hub makes: repo info, the file tree (listing), each file (HEAD + GET,
+    with Range). Unknown repos, revisions and files answer 404 with the hub's X-Error-Code."""
+
+    protocol_version = "HTTP/1.1"
+    server: _HTTPServer
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._route(head=False)
+
+    def do_HEAD(self):
+        self._route(head=True)
+
+    def _route(self, head: bool):
+        path = urllib.parse.unquote(self.path.split("?")[0]).strip("/")
+        with self.server.lock:
+            self.server.hits[path] += 1
+        parts = path.split("/")
+        if parts[0] == "api" and len(parts) >= 6 and parts[4] in ("revision", "tree"):
+            kind, repo, rev = parts[1], "/".join(parts[2:4]), parts[5]
+            return self._api(kind, repo, rev, parts[4], head)
+        kind = "datasets" if parts[0] == "datasets" else "models"
+        parts = parts[1:] if parts[0] == "datasets" else parts
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+            files = self._files(kind, repo, rev)
+            if files is None:
+                return
+            if name not in files:
+                return self._error(404, "EntryNotFound")
+            return self._file(files[name], rev, kind, repo, head)
+        self._error(404, "RepoNotFound")
+
+    def _files(self, kind: str, repo: str, rev: str) -> dict | None:
+        revisions = self.server.repos.get((kind, repo))
+        if revisions is None:
+            self._error(404, "RepoNotFound")
+            return None
+        if rev not in revisions:
+            self._error(404, "RevisionNotFound")
+            return None
+        return revisions[rev]
+
+    def _api(self, kind: str, repo: str, rev: str, what: str, head: bool):
+        files = self._files(kind, repo, rev)
+        if files is None:
+            return
+        if what == "revision":
+            body = {
+                "id": repo,
+                "sha": self.server.sha,
+                "siblings": [{"rfilename": f} for f in files],
+            }
+        else:
+            body = [
+                {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for f, b in sorted(files.items())
+            ]
+        self._send(200, json.dumps(body).encode(), "application/json", head)
+
+    def _file(self, data: bytes, rev: str, kind: str, repo: str, head: bool):
+        start, end, code = 0, len(data) - 1, 200
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            a, _, b = rng[6:].partition("-")
+            start, end, code = int(a or 0), int(b) if b else end, 206
+        extra = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        if code == 206:
+            extra["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        self._send(code, data[start : end + 1], "application/octet-stream", head, extra)
+
+    def _send(self, code: int, body: bytes, ctype: str, head: bool, extra: dict | None = None):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Repo-Commit", self.server.sha)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _error(self, code: int, error_code: str):
+        body = f"{error_code}".encode()
+        self.send_response(code)
+        self.send_header("X-Error-Code", error_code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class Hub:
+    """A loopback stand-in for the Hugging Face hub (``HF_ENDPOINT=hub.endpoint``): model and
+    dataset repos built by a test, at named revisions.
+
+    ``hub.add("datasets", "owner/name", {"data/x.parquet": b"..."}, revisions=("main", SHA))``;
+    ``hub.hits[path]`` counts requests per URL path."""
+
+    SHA = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self):
+        self.httpd = _HTTPServer(("127.0.0.1", 0), _HubHandler)
+        self.httpd.repos = {}
+        self.httpd.hits = collections.Counter()
+        self.httpd.lock = threading.Lock()
+        self.httpd.sha = self.SHA
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def add(self, kind: str, repo: str, files: dict[str, bytes], revisions=("main", SHA)) -> None:
+        self.httpd.repos[(kind, repo)] = {rev: dict(files) for rev in revisions}
+
+    def clear(self) -> None:
+        self.httpd.repos.clear()
+
+    @property
+    def hits(self) -> collections.Counter:
+        return self.httpd.hits
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def env(self, home: Path) -> dict:
+        """Environment variables pointing huggingface_hub at this stand-in (no token, no cache
+        outside ``home``)."""
+        return {
+            "HF_ENDPOINT": self.endpoint,
+            "HF_HOME": str(home),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+        }
+
+    def __enter__(self) -> Hub:
         self.thread.start()
         return self
 

@@ -7,6 +7,7 @@ This module is the one place that resolves the ffmpeg binary (:func:`ffmpeg_exe`
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import re
@@ -89,7 +90,11 @@ def ffmpeg_input_name(source: str | os.PathLike) -> str:
 
 
 def _decode_args(
-    source: str | os.PathLike, sample_rate: int, start_s: float | None, duration_s: float | None
+    source: str | os.PathLike,
+    sample_rate: int,
+    start_s: float | None,
+    duration_s: float | None,
+    from_stdin: bool = False,
 ):
     input_kwargs, output_kwargs = {}, {}
     if start_s:
@@ -98,8 +103,12 @@ def _decode_args(
         # ffmpeg's -t counts timestamps, which may start a few ms late after a seek: ask for a
         # little more and let stream() cut the exact number of samples.
         output_kwargs["t"] = f"{duration_s + 0.5:.6f}"
-    name = ffmpeg_input_name(source)
-    if name.startswith("file:"):
+    name = "pipe:0" if from_stdin else ffmpeg_input_name(source)
+    if from_stdin:
+        # Bytes from a Parquet cell or a tar member: they may open nothing else (a playlist
+        # or concat script among them cannot make ffmpeg read a local file).
+        input_kwargs["protocol_whitelist"] = "pipe"
+    elif name.startswith("file:"):
         input_kwargs["protocol_whitelist"] = LOCAL_PROTOCOLS
     stream = ffmpeg.input(name, **input_kwargs)
     stream = stream.output(
@@ -137,6 +146,35 @@ class _StderrTail(threading.Thread):
         return self.lines[-1] if self.lines else f"ffmpeg exited with status {returncode}"
 
 
+def _feed(pipe, data: bytes) -> None:
+    """Write ``data`` to ffmpeg's stdin (in a thread, so that reading its output never waits on
+    it); ffmpeg may stop reading early (a capped duration, a damaged stream)."""
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+def _start(args: list[str], data: bytes | None):
+    """Start ffmpeg: (process, the thread draining its stderr, the thread feeding ``data``)."""
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL if data is None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    tail = _StderrTail(proc.stderr)
+    tail.start()
+    feeder = None
+    if data is not None:
+        feeder = threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True)
+        feeder.start()
+    return proc, tail, feeder
+
+
 def stream(
     source: str | os.PathLike,
     block_samples: int,
@@ -145,19 +183,18 @@ def stream(
     start_s: float | None = None,
     duration_s: float | None = None,
     strict: bool = True,
+    data: bytes | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode ``source`` and yield consecutive float32 blocks of ``block_samples`` (the last
-    one shorter). Memory stays bounded whatever the file's length.
+    one shorter). Memory stays bounded whatever the file's length. With ``data`` (encoded bytes
+    held in memory, e.g. a Parquet cell or a tar member), ffmpeg reads them on its stdin and
+    ``source`` only names them in messages.
 
     Raises :class:`DecodeError` at the end when ffmpeg fails, or, with ``strict``, when it
     reported decoding errors (a truncated or damaged file) even though it went on."""
-    args = _decode_args(source, sample_rate, start_s, duration_s)
+    args = _decode_args(source, sample_rate, start_s, duration_s, from_stdin=data is not None)
     cap = None if duration_s is None else int(round(duration_s * sample_rate))
-    proc = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    tail = _StderrTail(proc.stderr)
-    tail.start()
+    proc, tail, feeder = _start(args, data)
     emitted = 0
     reached_end = capped = False
     try:
@@ -180,6 +217,8 @@ def stream(
         proc.stdout.close()
         returncode = proc.wait()
         tail.join(timeout=5)
+        if feeder is not None:
+            feeder.join(timeout=5)
     if reached_end and returncode != 0:
         raise DecodeError(os.fspath(source), tail.reason(returncode))
     if (reached_end or capped) and strict and tail.lines:
@@ -208,8 +247,10 @@ def decode(
     duration_s: float | None = None,
     strict: bool = True,
     block_samples: int = SAMPLE_RATE * 60,
+    data: bytes | None = None,
 ) -> np.ndarray:
-    """Decode a whole file (or the segment ``start_s`` + ``duration_s``) to float32 mono."""
+    """Decode a whole file (or the segment ``start_s`` + ``duration_s``) to float32 mono;
+    ``data``: encoded bytes in memory instead of a file (``source`` names them)."""
     blocks = list(
         stream(
             source,
@@ -218,6 +259,7 @@ def decode(
             start_s=start_s,
             duration_s=duration_s,
             strict=strict,
+            data=data,
         )
     )
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
@@ -285,9 +327,11 @@ class ClipReader:
         start_s: float | None = None,
         duration_s: float | None = None,
         sample_rate: int = SAMPLE_RATE,
+        data: bytes | None = None,
     ):
         self.source, self.rules, self.block_samples = source, rules, block_samples
         self.start_s, self.duration_s, self.sample_rate = start_s, duration_s, sample_rate
+        self.data = data
         self.reason = "not read yet"
         self.note = ""
         self.n_samples = 0
@@ -308,6 +352,7 @@ class ClipReader:
                 start_s=self.start_s,
                 duration_s=span,
                 strict=rules.decode_errors == "reject",
+                data=self.data,
             ):
                 truncated = n + block.size > limit
                 if truncated:
@@ -367,9 +412,11 @@ def load_clip(
     start_s: float | None = None,
     duration_s: float | None = None,
     sample_rate: int = SAMPLE_RATE,
+    data: bytes | None = None,
 ) -> tuple[np.ndarray | None, str, str]:
     """Decode and check one whole clip. Returns ``(samples, reason, note)``: samples is None
-    when the clip is rejected (``reason`` says why); ``note`` says when it was truncated."""
+    when the clip is rejected (``reason`` says why); ``note`` says when it was truncated. With
+    ``data``, the encoded bytes come from memory (ffmpeg's stdin) and ``source`` names them."""
     reader = ClipReader(
         source,
         rules,
@@ -377,6 +424,7 @@ def load_clip(
         start_s=start_s,
         duration_s=duration_s,
         sample_rate=sample_rate,
+        data=data,
     )
     blocks = list(reader)
     if reader.reason:

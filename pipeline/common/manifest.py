@@ -75,13 +75,19 @@ def write(
 
 
 def write_fetch(
-    out: str | Path, params: dict, chunk: str, clips: list[dict], versions: dict
+    out: str | Path, params: dict, chunk: str, clips: list[dict], versions: dict, **extra
 ) -> dict:
     """Write a source job's chunk manifest (stamped with the job's params, seed and the given
-    tool versions) and print its summary."""
+    tool versions) and print its summary; ``extra``: more top-level keys (e.g. ``skipped``)."""
     stamp = provenance.stamp(params, params.get("seed"), versions)
     doc = write(
-        out, stage="fetch", source=params["source"], chunk=chunk, clips=clips, provenance=stamp
+        out,
+        stage="fetch",
+        source=params["source"],
+        chunk=chunk,
+        clips=clips,
+        provenance=stamp,
+        **extra,
     )
     print_summary(f"{params['source']} chunk {chunk}", clips)
     return doc

@@ -1,4 +1,6 @@
-"""Stage 4, evaluation: scores encoders on downstream tasks (workflow/rules/evaluate.smk).
+"""Stage 4, evaluation: encoders scored on HEAR and X-ARES tasks, in tables against the paper.
+
+By role (workflow/rules/evaluate.smk runs them):
 
 - ``tasks``: the task folders (HEAR format): the reader, X-ARES shards converted to it, the
   synthesised demo tasks, and the quick sets of the quick checks;

@@ -1,2 +1,5 @@
-"""Stage 2, features: clips → 10 s windows → dB log-mel (the model's own front end) → Parquet
-shards, and the dataset manifest over all shards (workflow/rules/features.smk)."""
+"""Stage 2, features: audio clips → 10 s windows of dB log-mel in Parquet shards, with a manifest.
+
+The log-mel is the model's own front end; the dataset manifest lists every shard with its sha256
+(workflow/rules/features.smk).
+"""

@@ -159,9 +159,27 @@ def _read_clip(
     return blocks, reader.reason, reader.note
 
 
-def run_chunk(manifest_path: str, shard_dir: str, out: str, params: dict, threads: int = 1) -> dict:
-    torch.set_num_threads(max(1, threads))
+def read_fetch(manifest_path: str, keys: str | None = None) -> dict:
+    """A chunk manifest; with a mirror source's key table, a key obtained in an earlier chunk is
+    rejected here (the key table is known only once every chunk of the source is fetched)."""
     fetch = manifest.read(manifest_path)
+    if keys:
+        from dasheng_pipeline.sources import routes
+
+        fetch["clips"] = routes.resolve_clips(fetch, keys)
+    return fetch
+
+
+def run_chunk(
+    manifest_path: str,
+    shard_dir: str,
+    out: str,
+    params: dict,
+    threads: int = 1,
+    keys: str | None = None,
+) -> dict:
+    torch.set_num_threads(max(1, threads))
+    fetch = read_fetch(manifest_path, keys)
     windowing = Windowing.from_config(params["mel"])
     rules = audio.ClipRules.from_config(params["audio"])
     stamp = provenance.stamp(params, params.get("seed"), audio.versions())
@@ -271,10 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="shard manifest (JSON) to write")
     parser.add_argument("--params", required=True, help="JSON: mel, audio, shards, seed")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--keys", help="a mirror source's key table (later copies are rejected)")
     args = parser.parse_args(argv)
     logs.setup()
     try:
-        run_chunk(args.manifest, args.shards, args.out, json.loads(args.params), args.threads)
+        run_chunk(
+            args.manifest, args.shards, args.out, json.loads(args.params), args.threads, args.keys
+        )
     except OSError as exc:
         why = _STORAGE_ERRORS.get(exc.errno)
         if why is None:

@@ -20,7 +20,7 @@ offsets and duplicates, so that each chunk job reads only its own rows.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import collections
 import contextlib
 import json
 import logging
@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,20 @@ log = logging.getLogger(__name__)
 
 # A download may be this much shorter than its segment (codec frame boundaries).
 INCOMPLETE_TOLERANCE_S = 0.5
+# YouTube's answers when it refuses a whole session (about 300 videos an hour, then these for
+# every video): checked before the permanent markers ("isn't available" is not "not available").
+SESSION_MARKERS = (
+    "not a bot",
+    "try again later",
+    "rate-limited",
+    "rate limited",
+    "unusual traffic",
+)
+# HTTP statuses that are one clip's trouble when alone and a session-level block in a burst.
+SUSPECT_STATUSES = (403, 429)
 PERMANENT_MARKERS = (
     "private video",
+    "terminated",
     "video unavailable",
     "has been removed",
     "not available",
@@ -96,13 +109,23 @@ def parse_rate(text: str | None) -> int | None:
 # --------------------------------------------------------------------------- one attempt
 
 
+def _session_level(message: str) -> bool:
+    lowered = message.lower().replace("\u2019", "'")
+    return any(marker in lowered for marker in SESSION_MARKERS)
+
+
 def _classify(exc: BaseException) -> dict:
-    """Turn a yt-dlp error into {transient, reason, retry_after}."""
+    """Turn a yt-dlp error into {transient, kind, reason, retry_after}. ``kind``: ``permanent``
+    (removed, private, copyright, terminated: recorded, never retried), ``transient`` (this clip's
+    trouble: retried), ``session`` (YouTube refuses the whole session: rate limit, bot check) or
+    ``suspect`` (HTTP 403 / 429: one is this clip's, a burst of them is a session-level block)."""
     from yt_dlp.networking.exceptions import HTTPError, TransportError
 
     cause = getattr(exc, "exc_info", None)
     cause = cause[1] if cause and len(cause) > 1 else exc
     message = str(exc).removeprefix("ERROR: ").strip()
+    if _session_level(message):
+        return {"transient": True, "kind": "session", "reason": message[:300], "retry_after": None}
     if isinstance(cause, HTTPError):
         status = cause.status
         retry_after = None
@@ -110,18 +133,37 @@ def _classify(exc: BaseException) -> dict:
             value = cause.response.headers.get("Retry-After")
             retry_after = float(value) if value is not None else None
         transient = status in (408, 425, 429) or status >= 500
+        kind = (
+            "suspect" if status in SUSPECT_STATUSES else "transient" if transient else "permanent"
+        )
         return {
             "transient": transient,
+            "kind": kind,
             "reason": f"HTTP {status} {cause.reason or ''}".strip(),
             "retry_after": retry_after,
         }
     if isinstance(cause, TransportError):
-        return {"transient": True, "reason": f"network error: {cause}", "retry_after": None}
+        return {
+            "transient": True,
+            "kind": "transient",
+            "reason": f"network error: {cause}",
+            "retry_after": None,
+        }
     lowered = message.lower()
     if any(marker in lowered for marker in PERMANENT_MARKERS):
-        return {"transient": False, "reason": message[:300], "retry_after": None}
+        return {
+            "transient": False,
+            "kind": "permanent",
+            "reason": message[:300],
+            "retry_after": None,
+        }
     # ffmpeg range downloads report network trouble only as a non-zero exit.
-    return {"transient": True, "reason": message[:300] or type(exc).__name__, "retry_after": None}
+    return {
+        "transient": True,
+        "kind": "transient",
+        "reason": message[:300] or type(exc).__name__,
+        "retry_after": None,
+    }
 
 
 def _download(url: str, start_s: float, end_s: float, workdir: str, opts: FetchOptions) -> dict:
@@ -293,8 +335,12 @@ def fetch_clip(
     keep_audio: bool,
     rules: audio.ClipRules,
     sleep=time.sleep,
+    clip_id: str | None = None,
 ) -> dict:
-    """Obtain one segment; returns its manifest row."""
+    """Obtain one segment; returns its manifest row (``clip_id``: the corpus's ID of the
+    segment, when the source is a route of a corpus). A failed row caused by a session-level
+    answer carries ``block`` ("session" or "suspect"): :class:`SessionGuard` decides whether it
+    is final."""
     base = {
         "row": seg.row,
         "ytid": seg.ytid,
@@ -306,7 +352,7 @@ def fetch_clip(
         return manifest.clip(
             seg.clip_id if seg.ytid else f"row{seg.row}", "rejected", seg.error, **base
         )
-    clip_id = seg.clip_id
+    clip_id = clip_id or seg.clip_id
     hit = cached(dest, clip_id, keep_audio)
     if hit:
         return manifest.clip(clip_id, "ok", note="cached", attempts=0, **base, **hit)
@@ -326,18 +372,27 @@ def fetch_clip(
                     "retry_after": None,
                     "reason": result["incomplete"],
                 }
-        if not result["transient"] or attempt_no == opts.retries:
+        kind = result.get("kind", "transient" if result["transient"] else "permanent")
+        if kind == "session" or not result["transient"] or attempt_no == opts.retries:
             break
         sleep(backoff_delay(opts, attempt_no, result.get("retry_after")))
-    attempts = attempt_no + 1
-    kind = "transient" if result["transient"] else "permanent"
-    return manifest.clip(
+    return _failed_row(clip_id, result, attempt_no + 1, base)
+
+
+def _failed_row(clip_id: str, result: dict, attempts: int, base: dict) -> dict:
+    kind = result.get("kind", "transient" if result["transient"] else "permanent")
+    shown = "permanent" if kind == "permanent" else "transient"
+    row = manifest.clip(
         clip_id,
         "failed",
-        f"{result['reason']} ({kind}; {attempts} attempt(s))",
+        f"{result['reason']} ({shown}; {attempts} attempt(s))",
         attempts=attempts,
+        reason_class=shown,
         **base,
     )
+    if kind in ("session", "suspect"):
+        row["block"] = kind
+    return row
 
 
 def _store(
@@ -433,6 +488,212 @@ def run_index(list_path: str, params: dict, out: str) -> None:
     )
 
 
+EX_TEMPFAIL = 75  # the job stopped on a session-level block: rerun later, it continues
+
+
+class Blocked(Exception):
+    """YouTube kept refusing the session after every pause: the job stops (nothing is lost)."""
+
+
+def span(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+
+
+class SessionGuard:
+    """Watches a chunk job's downloads for a session-level block and pauses all of them.
+
+    A ``session`` answer (rate-limit message, bot check) blocks at once; ``suspect`` answers
+    (HTTP 403 / 429) block when ``burst`` consecutive clips end with one. A block puts the clips
+    it hit back in the queue, and every download thread waits ``pause_s`` (doubling at each
+    further block without a success in between). After ``max_pauses`` pauses the next block
+    stops the job: the clips not done are left for a rerun, none is marked failed.
+    """
+
+    def __init__(
+        self, burst: int, pause_s: float, max_pauses: int, sleep=time.sleep, clock=time.monotonic
+    ):
+        self.burst, self.pause_s, self.max_pauses = max(1, burst), pause_s, max_pauses
+        self.sleep, self.clock = sleep, clock
+        self.lock = threading.Lock()
+        self.held: list[int] = []  # consecutive suspect clips, not final yet
+        self.pauses = 0  # pauses since the last success
+        self.until = 0.0
+        self.epoch = 0  # blocks so far: an attempt from before a pause cannot block again
+        self.stopped = False
+        self.reason = ""
+        self.paused_s = 0.0
+
+    @classmethod
+    def from_config(cls, src: dict, sleep=time.sleep, clock=time.monotonic) -> SessionGuard:
+        return cls(
+            int(src["block_burst"]),
+            float(src["block_pause_min"]) * 60,
+            int(src["block_pauses"]),
+            sleep,
+            clock,
+        )
+
+    def wait(self) -> int | None:
+        """Before a download: wait out a pause. The current epoch, or None once stopped."""
+        while True:
+            with self.lock:
+                if self.stopped:
+                    return None
+                remaining = self.until - self.clock()
+                if remaining <= 0:
+                    return self.epoch
+            self.sleep(min(remaining, 5.0))
+
+    def outcome(self, index: int, row: dict, epoch: int) -> tuple[list[int], list[int]]:
+        """Record clip ``index``'s row: (clips whose rows are now final, clips to retry)."""
+        kind = row.get("block")
+        with self.lock:
+            if kind is None:
+                if row["status"] == "ok":
+                    self.pauses = 0
+                released, self.held = self.held, []
+                return [*released, index], []
+            if epoch != self.epoch:  # hit by the block already known: try it again after the pause
+                return [], [index]
+            if kind == "suspect" and len(self.held) + 1 < self.burst:
+                self.held.append(index)
+                return [], []
+            retry, self.held = [*self.held, index], []
+            what = row["reason"].rsplit(" (", 1)[0]
+            if kind == "suspect":
+                what = f"{len(retry)} clips in a row failed with {what}"
+            self._block(epoch, what)
+            return [], retry
+
+    def release(self) -> list[int]:
+        """At the end: held suspect clips are ordinary failures after all."""
+        with self.lock:
+            released, self.held = self.held, []
+            return released
+
+    def _block(self, epoch: int, reason: str) -> None:
+        if epoch != self.epoch:
+            return  # started before the pause that this block already caused
+        self.epoch += 1
+        self.reason = reason
+        if self.pauses >= self.max_pauses:
+            self.stopped = True
+            return
+        pause = self.pause_s * 2**self.pauses
+        self.pauses += 1
+        self.paused_s += pause
+        self.until = self.clock() + pause
+        log.warning(
+            f"session-level block ({reason}): every download of this job pauses {span(pause)} "
+            f"(pause {self.pauses} of {self.max_pauses})"
+        )
+
+
+class Journal:
+    """The rows a chunk job has finished, one JSON line each (``.journal.jsonl`` in its audio
+    folder), so that a job stopped by a block or killed continues where it stopped: its ok,
+    rejected and permanently failed clips are not asked for again. Removed once the chunk
+    manifest is written (a later forced rerun retries failures, as always)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[int, dict] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    entry = json.loads(line)  # a line cut by a kill does not parse: skipped
+                    self.rows[int(entry["index"])] = entry["row"]
+        self.lock = threading.Lock()
+
+    def reusable(self, index: int, clip_id: str) -> dict | None:
+        row = self.rows.get(index)
+        if row is None or row["clip_id"] != clip_id:
+            return None
+        if row["status"] == "failed" and row.get("reason_class") != "permanent":
+            return None
+        return row
+
+    def add(self, index: int, row: dict) -> None:
+        line = json.dumps({"index": index, "row": row}, sort_keys=True)
+        with self.lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def download_all(todo: list, fetch, guard: SessionGuard, threads: int, journal: Journal) -> dict:
+    """Run ``fetch(item)`` over ``todo`` (pairs of (index, item)) in ``threads`` threads under the
+    guard; the final rows by index (clips left when the guard stops are absent)."""
+    queue = collections.deque(range(len(todo)))
+    final: dict[int, dict] = {}
+    held: dict[int, dict] = {}
+    busy = 0
+    cond = threading.Condition()
+
+    def settle(done: list[int], retry: list[int], pos: int, row: dict) -> None:
+        held[pos] = row
+        for j in done:
+            final[todo[j][0]] = held.pop(j)
+            journal.add(todo[j][0], final[todo[j][0]])
+        for j in reversed(retry):
+            held.pop(j, None)
+            queue.appendleft(j)
+
+    def worker() -> None:
+        nonlocal busy
+        while True:
+            epoch = guard.wait()
+            with cond:
+                if epoch is not None and not queue and busy:
+                    cond.wait(1.0)  # a clip in flight may come back to the queue
+                    continue
+                if epoch is None or not queue:
+                    cond.notify_all()
+                    return
+                pos = queue.popleft()
+                busy += 1
+            row = fetch(todo[pos][1])
+            done, retry = guard.outcome(pos, row, epoch)
+            with cond:
+                settle(done, retry, pos, row)
+                busy -= 1
+                cond.notify_all()
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, threads))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if not guard.stopped:
+        for j in guard.release():
+            final[todo[j][0]] = held.pop(j)
+    return final
+
+
+def _route_ids(segments: list, params: dict) -> tuple[dict[int, str], collections.Counter]:
+    """In a corpus: each segment's corpus ID, and the segments an earlier route obtained (left
+    out, counted). Outside one: the YouTube source's own clip IDs."""
+    route = params.get("route")
+    skipped: collections.Counter = collections.Counter()
+    if not route:
+        return {s.row: s.clip_id for s in segments}, skipped
+    from dasheng_pipeline.sources import routes
+
+    earlier = routes.IdSet.from_tables(route.get("earlier", []))
+    fmt = params["source_cfg"]["format"]
+    ids = {}
+    for seg in segments:
+        cid = routes.corpus_id(seg, fmt) if not seg.error else seg.clip_id
+        if not seg.error and cid in earlier:
+            skipped["obtained by an earlier route"] += 1
+            continue
+        ids[seg.row] = cid
+    return ids, skipped
+
+
 def run_chunk(
     list_path: str, index_path: str, chunk: str, params: dict, out: str, audio_dir: str
 ) -> None:
@@ -445,32 +706,42 @@ def run_chunk(
     segments = lists.read_chunk(
         list_path, src["format"], index, int(chunk), float(src["segment_s"])
     )
+    ids, skipped = _route_ids(segments, params)
+    segments = [s for s in segments if s.row in ids]
     dest = Path(audio_dir)
     dest.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale_temps(dest)
     for leftover in dest.glob(f".*{atomic.TEMP_MARK}*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    from tqdm import tqdm
+    journal = Journal(dest / ".journal.jsonl")
+    reused = {s.row: journal.reusable(s.row, ids[s.row]) for s in segments}
+    todo = [(s.row, s) for s in segments if reused[s.row] is None]
 
     def fetch(seg: lists.Segment) -> dict:
-        row = fetch_clip(seg, dest, opts, keep_audio, rules)
+        row = fetch_clip(seg, dest, opts, keep_audio, rules, clip_id=ids[seg.row])
         if opts.sleep_between_s and row.get("attempts"):
             time.sleep(opts.sleep_between_s)
         return row
 
-    # Downloads wait on the network: several run at once; rows keep the list's order.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=int(src["download_threads"])) as pool:
-        clips = list(
-            tqdm(
-                pool.map(fetch, segments),
-                total=len(segments),
-                unit="clip",
-                file=sys.stdout,
-                desc=f"{params['source']} chunk {chunk}",
-                mininterval=5,
-            )
+    guard = SessionGuard.from_config(src)
+    label = f"{params['source']} chunk {chunk}"
+    log.info(
+        f"{label}: {len(todo)} clips to fetch, {len(segments) - len(todo)} done by an earlier run"
+    )
+    final = download_all(todo, fetch, guard, int(src["download_threads"]), journal)
+    if guard.stopped:
+        left = len(todo) - len(final)
+        raise Blocked(
+            f"{label}: YouTube blocks this session ({guard.reason}) after {guard.pauses} pause(s) "
+            f"of {span(guard.paused_s)} in all; {left} clip(s) left for a rerun, none marked "
+            f"failed. Rerun later to continue; to avoid blocks: a cookies file (cookies:), a longer "
+            f"sleep_between_s, fewer download jobs at once (--resources downloads=1), or a PO-token "
+            f"provider plugin for yt-dlp"
         )
-    manifest.write_fetch(out, params, chunk, clips, audio.versions())
+    clips = [reused[s.row] or final[s.row] for s in segments]
+    extra = {"skipped": dict(skipped)} if params.get("route") else {}
+    manifest.write_fetch(out, params, chunk, clips, audio.versions(), **extra)
+    journal.remove()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -496,8 +767,12 @@ def main(argv: list[str] | None = None) -> None:
     params = json.loads(args.params)
     if args.command == "index":
         run_index(args.list, params, args.out)
-    else:
+        return
+    try:
         run_chunk(args.list, args.index, args.chunk, params, args.out, args.audio_dir)
+    except Blocked as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EX_TEMPFAIL) from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The user-facing operations, as plain functions; ``dasheng_pipeline.cli`` is a thin command line over them.
+"""The user-facing operations as functions: embed, evaluate, finetune, predict, inspect, export.
+
+``dasheng_pipeline.cli`` is a thin command line over them.
 
 - :func:`embed_files` — audio files, folders or lists → one Parquet row per file (``embed``);
 - :func:`evaluate_task` — a HEAR task folder → the DAG's probe and k-NN scores (``evaluate``);

@@ -2,7 +2,7 @@
 of the session they are written as JSON and Markdown (``fault-figures.{json,md}`` in pytest's base
 temporary folder) and printed in the summary. Tests may add files of their own (a plot, raw samples)
 with ``figures.attach``. With ``DASHENG_FAULT_FIGURES=path/fault-figures.md`` all of them are also
-copied into that folder (``docs/reliability/`` holds the committed copy the README shows)."""
+copied into that folder (``docs/reliability/`` holds the committed copy docs/reliability.md links)."""
 
 from __future__ import annotations
 

@@ -273,6 +273,7 @@ def dag_config(listing: Path, url_template: str) -> dict:
                 "format": "audioset",
                 "chunk_size": 4,
                 "url_template": url_template,
+                "sleep_between_s": 0,  # a loopback server: no politeness pause
                 "retries": 1,
                 "backoff_s": 0.1,
                 "socket_timeout_s": 5,

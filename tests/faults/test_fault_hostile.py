@@ -89,6 +89,7 @@ def test_hostile_names_and_ids_through_the_dag(tmp_path, figures):
                     "type": "youtube",
                     "list": str(listing),
                     "url_template": srv.url_template,
+                    "sleep_between_s": 0,
                     "retries": 0,
                     "socket_timeout_s": 5,
                 },

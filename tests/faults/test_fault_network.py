@@ -82,6 +82,7 @@ def _config(listing, url_template) -> dict:
                 "format": "audioset",
                 "chunk_size": 5,
                 "url_template": url_template,
+                "sleep_between_s": 0,
                 "retries": RETRIES,
                 "backoff_s": 0.2,
                 "max_backoff_s": 2.0,

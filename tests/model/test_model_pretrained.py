@@ -1,12 +1,10 @@
 """dasheng_model.pretrained: one resolver for every way to name weights, and the Hugging Face format."""
 
 import hashlib
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -109,68 +107,12 @@ def test_constructors_default_to_the_release_and_pretrained_false_is_random(tmp_
     assert _same(random, random_encoder("base", 0)) and not _same(random, release)
 
 
-class _FakeHub(http.server.BaseHTTPRequestHandler):
-    """The calls huggingface_hub makes for a snapshot: repo info, the file tree, then each file (HEAD + GET)."""
-
-    files: dict = {}
-    sha = "0123456789abcdef0123456789abcdef01234567"
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, body: bytes, content_type: str, head: bool, etag: str | None = None):
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Repo-Commit", self.sha)
-        if etag:
-            self.send_header("ETag", f'"{etag}"')
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def _route(self, head: bool):
-        parts = self.path.split("?")[0].strip("/").split("/")
-        if parts[:2] == ["api", "models"] and parts[4:5] == ["revision"] and self.files:
-            info = {
-                "id": "/".join(parts[2:4]),
-                "sha": self.sha,
-                "siblings": [{"rfilename": f} for f in self.files],
-            }
-            return self._send(json.dumps(info).encode(), "application/json", head)
-        if parts[:2] == ["api", "models"] and parts[4:5] == ["tree"]:
-            tree = [
-                {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                for f, b in self.files.items()
-            ]
-            return self._send(json.dumps(tree).encode(), "application/json", head)
-        if len(parts) == 5 and parts[2] == "resolve" and parts[4] in self.files:
-            body = self.files[parts[4]]
-            return self._send(
-                body, "application/octet-stream", head, hashlib.sha256(body).hexdigest()
-            )
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_GET(self):
-        self._route(head=False)
-
-    def do_HEAD(self):
-        self._route(head=True)
-
-
-def _load_from_hub(repo_id: str, endpoint: str, home) -> subprocess.CompletedProcess:
+def _load_from_hub(repo_id: str, hub, home) -> subprocess.CompletedProcess:
     code = (
         "import sys; from dasheng_model.pretrained import load, weights_sha256; e = load(sys.argv[1]); "
         "print(e.config.embed_dim, weights_sha256(sys.argv[1], e))"
     )
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
+    env = {**os.environ, **hub.env(home)}
     env.pop("HF_HUB_OFFLINE", None)
     return subprocess.run(
         [sys.executable, "-c", code, repo_id], capture_output=True, text=True, env=env, timeout=120
@@ -180,22 +122,17 @@ def _load_from_hub(repo_id: str, endpoint: str, home) -> subprocess.CompletedPro
 @pytest.mark.network
 def test_a_repo_id_is_fetched_from_the_hub_and_a_failure_is_one_line(tmp_path):
     """huggingface_hub against a loopback server standing in for the hub (no internet)."""
+    from loopback import Hub
+
     encoder = random_encoder("tiny", 4)
     hf = save_hf(encoder, tmp_path / "hf")
-    _FakeHub.files = {
-        name: (hf / name).read_bytes() for name in ("model.safetensors", "config.json")
-    }
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        ok = _load_from_hub("mispeech/dasheng-test", endpoint, tmp_path / "home")
+    with Hub() as hub:
+        files = {name: (hf / name).read_bytes() for name in ("model.safetensors", "config.json")}
+        hub.add("models", "mispeech/dasheng-test", files)
+        ok = _load_from_hub("mispeech/dasheng-test", hub, tmp_path / "home")
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout.split() == ["192", weights_sha256("random:tiny:4", encoder)]
-        _FakeHub.files = {}
-        missing = _load_from_hub("mispeech/absent", endpoint, tmp_path / "home2")
-    finally:
-        server.shutdown()
+        missing = _load_from_hub("mispeech/absent", hub, tmp_path / "home2")
     assert missing.returncode == 1
     last = missing.stderr.strip().splitlines()[-1]
     assert (
@@ -262,19 +199,14 @@ def test_offline_without_a_copy_of_the_release_is_a_one_line_error_never_random_
 def test_the_release_comes_from_the_hub_online_then_from_its_cache_offline(tmp_path):
     """dasheng_base() against a loopback hub serving a base-size mispeech/dasheng-base, then
     with HF_HUB_OFFLINE=1 from the cache it filled."""
+    from loopback import Hub
+
     release = random_encoder("base", 8)
     hf = save_hf(release, tmp_path / "hf")
-    _FakeHub.files = {
-        name: (hf / name).read_bytes() for name in ("model.safetensors", "config.json")
-    }
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        online = _dasheng_base_in_child(tmp_path / "home", endpoint, tmp_path)
-    finally:
-        server.shutdown()
-        _FakeHub.files = {}
+    with Hub() as hub:
+        files = {name: (hf / name).read_bytes() for name in ("model.safetensors", "config.json")}
+        hub.add("models", "mispeech/dasheng-base", files)
+        online = _dasheng_base_in_child(tmp_path / "home", hub.endpoint, tmp_path)
     (hf / "model.safetensors").unlink()  # only the hub's cache holds the weights now
     offline = _dasheng_base_in_child(tmp_path / "home", None, tmp_path)
     assert online.returncode == 0, online.stderr

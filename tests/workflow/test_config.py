@@ -25,8 +25,10 @@ def test_shipped_configs_are_valid(path):
     assert (
         config["mel"]["window_s"] == 10.0 and config["mel"]["min_tail_s"] == 1.0
     )  # defaults filled in
-    for src in config["sources"].values():
-        assert "chunk_size" in src
+    for src in config["sources"].values():  # each type's chunking key, filled in
+        assert {"chunk_size", "files_per_chunk", "shards_per_chunk", "archives_per_chunk"} & set(
+            src
+        )
 
 
 @pytest.mark.parametrize(

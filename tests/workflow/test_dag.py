@@ -199,6 +199,7 @@ def test_a_large_list_builds_its_dag_with_one_job_per_chunk(tmp_path):
         "youtube_chunk": 5,
         "mel_chunk": 5,
         "dataset_manifest": 1,
+        "coverage": 1,
         "data": 1,
     }
 
@@ -228,7 +229,7 @@ def test_the_dag_runs_the_plan_of_the_demo_config(tmp_path, monkeypatch):
     p = plan.resolve(plan.read_config(tmp_path / "test-config.yaml"))
     ev = plan.resolve_evaluation(p, outputs.__contains__)
     out = p.out
-    assert made("demo_chunk") == {
+    assert made("demo_chunk", "hf_parquet_chunk") == {  # the demo's validation clips' mirror too
         f"{out}/manifests/{n}/{c}.json" for n, s in p.sources.items() for c in s.chunks
     }
     assert set(ev.models) == {"trained", "random", "logmel"}

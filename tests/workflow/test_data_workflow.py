@@ -254,6 +254,7 @@ def test_youtube_source_through_snakemake(tmp_path, loopback):
                 "format": "audioset",
                 "chunk_size": 3,
                 "url_template": loopback.url_template,
+                "sleep_between_s": 0,
                 "retries": 0,
                 "socket_timeout_s": 5,
                 "download_threads": 3,

@@ -7,7 +7,7 @@
 
 rule mel_chunk:
     input:
-        fetch_manifest,
+        unpack(mel_inputs),
     output:
         shards=directory(f"{OUT}/shards/{{source}}/{{chunk}}"),
         manifest=f"{OUT}/shards/{{source}}/{{chunk}}.json",
@@ -22,9 +22,11 @@ rule mel_chunk:
         mem_mb=2000,
     params:
         cfg=features_params(),
+        table=lambda wc, input: f"--keys '{input.table}'" if input.table else "",
     shell:
-        "python -m dasheng_pipeline.features.mel --manifest {input:q} --shards {output.shards:q} "
-        "--out {output.manifest:q} --params {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.features.mel --manifest {input.manifest:q} "
+        "--shards {output.shards:q} --out {output.manifest:q} --params {params.cfg:q} "
+        "--threads {threads} {params.table} > {log:q} 2>&1"
 
 
 rule dataset_manifest:
