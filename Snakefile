@@ -7,12 +7,16 @@
 #   snakemake --profile slurm all                 on a SLURM cluster
 from snakemake.utils import min_version, validate
 
+from dasheng_pipeline.plan import check_renamed_keys
+
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
 
+# a renamed key: one line naming the new one (the schema's message would call it unexpected)
+check_renamed_keys(config)
 validate(config, "config/schema.yaml", set_default=True)
 
 

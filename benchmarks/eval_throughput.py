@@ -1,6 +1,6 @@
 """Evaluation throughput: embedding extraction (clips/s) per model size, and probe time per task.
 
-Generates the demo tasks (dasheng_pipeline.evaluation.demo_tasks) in a temporary folder, then
+Generates the demo tasks (dasheng_pipeline.evaluation.tasks.demo) in a temporary folder, then
 
 1. runs ``dasheng_pipeline.evaluation.embeddings.run`` (ffmpeg decode, batching, forward pass, npz writes: the whole step a
    Snakemake ``embed`` job does) for the log-mel baseline and random-init ``tiny`` and ``base``
@@ -27,8 +27,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dasheng_pipeline.evaluation import demo_tasks, hear_tasks, probe  # noqa: E402
 from dasheng_pipeline.evaluation import embeddings as extract  # noqa: E402
+from dasheng_pipeline.evaluation.protocols import hear_mlp as probe  # noqa: E402
+from dasheng_pipeline.evaluation.tasks import demo as demo_tasks  # noqa: E402
+from dasheng_pipeline.evaluation.tasks import hear as hear_tasks  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,6 +95,7 @@ def main() -> None:
                         probe.ProbeConfig.from_dict(cfg),
                         seed=0,
                         threads=args.threads,
+                        stamp_section={"seed": 0, "probe": cfg},
                     )
                     dt = time.perf_counter() - t0
                     m = res["primary_metric"]

@@ -4,7 +4,7 @@
         [--tasks demo_pitch demo_timbre demo_noise demo_events] [--protocols hear demo old_demo]
 
 Reads the embeddings and task folders of a finished evaluation (``<eval>/embeddings/<model>/<task>``,
-``<eval>/tasks/<task>``), runs ``dasheng_pipeline.evaluation.probe.run`` with each protocol and prints, per
+``<eval>/tasks/<task>``), runs ``dasheng_pipeline.evaluation.protocols.hear_mlp.run`` with each protocol and prints, per
 (model, task), the primary test score ×100 and the wall time, then each protocol's mean absolute
 difference from HEAR's score, its largest one, and its total time as a ratio of HEAR's (same run,
 same machine).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dasheng_pipeline.evaluation import probe
+from dasheng_pipeline.evaluation.protocols import hear_mlp as probe
 
 PROTOCOLS = {
     "hear": {},
@@ -59,6 +59,7 @@ def main() -> None:
                     cfg,
                     seed=0,
                     threads=args.threads,
+                    stamp_section={"seed": 0, "probe": protocols[name]},
                 )
                 seconds = time.perf_counter() - t0
                 score = out["metrics"][out["primary_metric"]]["mean"] * 100

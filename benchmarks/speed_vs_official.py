@@ -300,8 +300,10 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
 
     os.environ["TQDM_DISABLE"] = "1"
     logging.disable(logging.WARNING)
-    from dasheng_pipeline.evaluation import demo_tasks, knn, probe
     from dasheng_pipeline.evaluation import embeddings as extract
+    from dasheng_pipeline.evaluation.protocols import hear_mlp as probe
+    from dasheng_pipeline.evaluation.protocols import knn
+    from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
 
     cfg = probe.ProbeConfig(
         hidden_layers=[1], grid_points=2, max_epochs=150, patience=8
@@ -318,10 +320,10 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
                 extract.run(folder, "random", spec, {"seed": 0}, emb, args.threads, dtype)
                 scores[dtype] = []
                 if task in args.probe_mlp:
-                    result = probe.run(folder, emb, cfg, seed=0, threads=args.threads)
+                    result = probe.run(folder, emb, cfg, 0, args.threads, {"seed": 0})
                     metric = result["primary_metric"]
                     scores[dtype].append(f"probe {metric} {result['metrics'][metric]['mean']:.4f}")
-                k = knn.run(folder, emb)
+                k = knn.run(folder, emb, 10, True, 0, {"seed": 0})
                 if not k.get("skipped"):
                     scores[dtype].append(f"k-NN top1_acc {k['metrics']['top1_acc']['mean']:.4f}")
             notes.append(

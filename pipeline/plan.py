@@ -6,8 +6,8 @@ cross-key check lives here and fails with one line naming the config key. Two st
 one part asks which paths the workflow's rules write, known only once every rule file is read:
 
 - :func:`resolve` (``workflow/rules/common.smk``, before any rule): sources and their chunks,
-  the files of each local source, the evaluation tasks, the quick sets of the checks during
-  training, the training job's parameters and resources.
+  the files of each local source, the evaluation tasks, the quick sets of the quick checks
+  during training, the training job's parameters and resources.
 - :func:`resolve_evaluation` (while Snakemake builds the DAG): the models' resolved specs and
   weights files, the models evaluated, the result files, the targets of ``evaluate`` and the
   run's provenance artifacts.
@@ -32,8 +32,23 @@ from dataclasses import dataclass, replace
 import yaml
 
 from dasheng_pipeline.common import schema
-from dasheng_pipeline.evaluation import demo_tasks
+from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
 from dasheng_pipeline.sources import chunking, lists, local
+
+# Config keys that were renamed: old dotted key → new one (refused with a one-line error).
+RENAMED_KEYS = {"training.downstream": "training.quick_checks"}
+
+
+def check_renamed_keys(config: dict) -> None:
+    """Refuse a config that still uses a renamed key, naming the new key (the workflow runs this
+    before the schema's validation, whose message would only say the old key is unexpected)."""
+    for old, new in RENAMED_KEYS.items():
+        node = config
+        *parents, last = old.split(".")
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            raise ValueError(f"config key {old} was renamed to {new}: rename it in the config")
 
 
 def read_config(path: str | os.PathLike | None) -> dict:
@@ -42,6 +57,7 @@ def read_config(path: str | os.PathLike | None) -> dict:
     if path is not None:
         with open(path, encoding="utf-8") as fh:
             config = yaml.safe_load(fh) or {}
+    check_renamed_keys(config)
     return schema.with_defaults(config)
 
 
@@ -177,7 +193,7 @@ class Task:
     demo: bool = False  # a demo task, made by the rule demo_task
     packed_demo: bool = False  # a demo task packed as X-ARES shards (rule demo_xares_source)
     source: str | None = None  # X-ARES: the folder of its shards
-    xares: dict | None = None  # X-ARES: its reader config (evaluation.xares_tasks)
+    xares: dict | None = None  # X-ARES: its reader config (evaluation.tasks.xares)
     domain: str | None = None
     paper_name: str | None = None
     xares_name: str | None = None
@@ -188,7 +204,7 @@ XARES_KEYS += ("labels", "label_sep", "weight", "xares_name", "domain", "mlp")
 
 
 def xares_spec(name: str, spec: dict) -> dict:
-    """An X-ARES task's reader config (the keys dasheng_pipeline.evaluation.xares_tasks reads)."""
+    """An X-ARES task's reader config (the keys dasheng_pipeline.evaluation.tasks.xares reads)."""
     out = {k: spec.get(k) for k in XARES_KEYS if k in spec}
     if not out.get("splits") and not out.get("folds"):
         raise ValueError(
@@ -283,16 +299,17 @@ def _known_tasks(key: str, names: list[str], tasks: dict[str, Task]) -> None:
 
 
 def quick_sets(config: dict, tasks: dict[str, Task]) -> tuple[str, ...]:
-    """The quick sets (evaluation stage) of the downstream checks during training, or none."""
-    checks = config["training"]["downstream"]
+    """The quick sets (written by the evaluation stage) of the quick checks during training, or
+    none."""
+    checks = config["training"]["quick_checks"]
     if not checks["every_epochs"]:
         return ()
     if not checks["tasks"]:
         raise ValueError(
-            "config key training.downstream.tasks: name the tasks of the downstream checks, "
-            "or set training.downstream.every_epochs: 0"
+            "config key training.quick_checks.tasks: name the tasks of the quick checks, "
+            "or set training.quick_checks.every_epochs: 0"
         )
-    _known_tasks("training.downstream.tasks", checks["tasks"], tasks)
+    _known_tasks("training.quick_checks.tasks", checks["tasks"], tasks)
     return tuple(f"{config['out_dir']}/eval/quick/{t}.npz" for t in checks["tasks"])
 
 
@@ -322,10 +339,7 @@ def resolve_training(config: dict, tasks: dict[str, Task], remote_exec: bool) ->
     jobs = -(-t["total_runtime_min"] // t["runtime_min"])  # ceil, in integers
     return Training(
         quick_sets=sets,
-        params={
-            "training": t | ({"downstream_sets": list(sets)} if sets else {}),
-            "seed": config["seed"],
-        },
+        params={"training": t | {"quick_sets": list(sets)}, "seed": config["seed"]},
         threads=-(-t["workers"] // t["nodes"]) * t["cpus_per_worker"],  # workers per node
         gres=f"gpu:{gpus}" if gpus else "",
         retries=0 if remote_exec else max(0, jobs - 1),
@@ -432,7 +446,7 @@ class Evaluation:
     models: tuple[str, ...]
     result_files: tuple[str, ...]
     layer_files: tuple[str, ...]
-    downstream_csv: str | None  # the training's downstream checks, when it makes them
+    quick_checks_csv: str | None  # the training's quick checks, when it makes them
     targets: tuple[str, ...]
     provenance_artifacts: tuple[str, ...]
 
@@ -459,8 +473,8 @@ def _targets(plan: Plan, ev: Evaluation, produced_by_a_rule) -> tuple[str, ...]:
     targets += [f"{eval_out}/plots/domains.png", f"{eval_out}/plots/tasks.png"]
     if ev.layer_files:
         targets.append(f"{eval_out}/plots/layers.png")
-    if ev.downstream_csv and produced_by_a_rule(ev.downstream_csv):
-        targets.append(f"{eval_out}/plots/downstream.png")
+    if ev.quick_checks_csv and produced_by_a_rule(ev.quick_checks_csv):
+        targets.append(f"{eval_out}/plots/quick_checks.png")
     # The loss curve: when the metrics exist, or when the run trains a model it evaluates
     # (never a training run just to draw its curve).
     trains = any(produced_by_a_rule(ev.specs[m].get("path") or "") for m in ev.models)
@@ -477,7 +491,7 @@ def resolve_evaluation(plan: Plan, produced_by_a_rule: Callable[[str], bool]) ->
     specs, models = _models(plan, produced_by_a_rule)
     layers = config["evaluation"]["layers"]["tasks"] if config["evaluation"]["enabled"] else []
     _known_tasks("evaluation.layers.tasks", layers, plan.tasks)
-    every = config["training"]["downstream"]["every_epochs"]
+    every = config["training"]["quick_checks"]["every_epochs"]
     ev = Evaluation(
         specs=specs,
         weights={m: weights_files(s, produced_by_a_rule) for m, s in specs.items()},
@@ -489,7 +503,7 @@ def resolve_evaluation(plan: Plan, produced_by_a_rule: Callable[[str], bool]) ->
             for m in models
         ),
         layer_files=tuple(f"{eval_out}/layers/{m}/{t}.json" for m in models for t in layers),
-        downstream_csv=f"{plan.out}/training/downstream.csv"
+        quick_checks_csv=f"{plan.out}/training/quick_checks.csv"
         if every and "trained" in models
         else None,
         targets=(),

@@ -1,9 +1,11 @@
 """Logging set-up for the entry points. Library code logs through ``logging.getLogger(__name__)``
 and never configures logging itself; an entry point (``python -m dasheng_pipeline...``, the command line)
-calls :func:`setup` once. Progress bars stay on tqdm."""
+calls :func:`setup` once. Progress bars stay on tqdm. (And the entry points' argument parser,
+:func:`entry_parser`.)"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from contextlib import contextmanager
@@ -15,6 +17,12 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
         return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+
+
+def entry_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of the entry point ``python -m <module>``, described by the first
+    paragraph of its docstring ``doc``."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
 
 
 def setup(level: int = logging.INFO, stream=None) -> None:

@@ -51,7 +51,7 @@ from dasheng_model.embed import check_layer, embed, frame_times_ms
 from dasheng_model.frontend import LogMel
 from dasheng_model.inputs import DTYPES, FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_dtype
 from dasheng_pipeline.common import atomic, audio, logs, provenance
-from dasheng_pipeline.evaluation import hear_tasks
+from dasheng_pipeline.evaluation.tasks import hear as hear_tasks
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from dasheng_model.checkpoint import CheckpointError, load_state_dict_strict
 from dasheng_model.encoder import DashengEncoder, EncoderConfig
 from dasheng_model.inputs import check_dtype
 from dasheng_pipeline.common import atomic
-from dasheng_pipeline.evaluation.probe import HParams, build_mlp
+from dasheng_pipeline.evaluation.protocols.hear_mlp import HParams, build_mlp
 from dasheng_pipeline.tools.embed import Model
 
 WEIGHTS = "classifier.safetensors"

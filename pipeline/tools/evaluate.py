@@ -26,7 +26,9 @@ from pathlib import Path
 from dasheng_model import pretrained
 from dasheng_pipeline import plan
 from dasheng_pipeline.common import atomic
-from dasheng_pipeline.evaluation import embeddings, knn, probe
+from dasheng_pipeline.evaluation import embeddings
+from dasheng_pipeline.evaluation.protocols import hear_mlp as probe
+from dasheng_pipeline.evaluation.protocols import knn
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def xares_entry(task_dir: Path, config: dict, where: str) -> tuple[str, dict]:
 def _hear_folder(task_dir: Path, out: Path, settings: dict, config_path) -> Path:
     """The task's HEAR folder: ``task_dir`` itself, or an X-ARES task's shards converted once
     into ``out/task`` (as the DAG's xares_task rule does)."""
-    from dasheng_pipeline.evaluation import xares_tasks
+    from dasheng_pipeline.evaluation.tasks import xares as xares_tasks
 
     if (task_dir / "task_metadata.json").is_file():
         return task_dir
@@ -103,7 +105,7 @@ def _hear_folder(task_dir: Path, out: Path, settings: dict, config_path) -> Path
 
 def _score(protocol: str, task_dir: Path, emb_dir: Path, settings: dict, threads: int) -> dict:
     """One protocol's result, with the DAG's function and params."""
-    from dasheng_pipeline.evaluation import xares_protocols
+    from dasheng_pipeline.evaluation.protocols import xares as xares_protocols
 
     seed = settings["seed"]
     if protocol == "probe":

@@ -42,9 +42,9 @@ from dasheng_model.checkpoint import save_checkpoint
 from dasheng_model.encoder import DashengEncoder, encoder_config
 from dasheng_model.frontend import MEL_PARAMS
 from dasheng_model.mae import DEFAULT_DECODER, MaskedAutoencoder
-from dasheng_pipeline.common import atomic, logs, provenance
+from dasheng_pipeline.common import atomic, logs, provenance, quick_checks
 from dasheng_pipeline.features import shards
-from dasheng_pipeline.training import downstream, loader, schedule, step_checkpoint
+from dasheng_pipeline.training import loader, schedule, step_checkpoint
 from dasheng_pipeline.training.averaging import average_state_dicts, encoder_state
 
 log = logging.getLogger(
@@ -253,7 +253,7 @@ def train_worker(cfg: dict) -> None:  # noqa: C901 (to split: issue 24)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(state_dir / "tensorboard"), purge_step=start_epoch * bpe + skip)
-        check = downstream.DownstreamCheck(
+        check = quick_checks.QuickChecks(
             cfg, state_dir, start_epoch
         )  # k-NN + linear probe every N epochs
     steps = step_checkpoint.StepCheckpoints(state_dir)
@@ -585,7 +585,7 @@ def run(
         "train_shards": train,
         "valid_shards": valid,
         "state_dir": str(state),
-        "downstream_sets": [str(Path(p).resolve()) for p in cfg.get("downstream_sets") or []],
+        "quick_sets": [str(Path(p).resolve()) for p in cfg["quick_sets"]],
         "threads_per_worker": cfg["cpus_per_worker"],
         "mel_stats": dataset["stats"],
     }
@@ -657,7 +657,7 @@ def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
     path = export(best, cfg, stamp, out)
     shutil.copyfile(state / "metrics.csv", out / "metrics.csv")
     shutil.copyfile(state / "throughput.csv", out / "throughput.csv")
-    shutil.copyfile(state / "downstream.csv", out / "downstream.csv")
+    shutil.copyfile(state / quick_checks.CSV_NAME, out / quick_checks.CSV_NAME)
     summary = {
         "encoder": str(path),
         "size": cfg["size"],

@@ -160,7 +160,7 @@ def test_training_job_and_its_quick_sets():
             "runtime_min": 60,
             "total_runtime_min": 150,
             "signal_lead_s": 90,
-            "downstream": {"every_epochs": 2, "tasks": ["demo_noise"]},
+            "quick_checks": {"every_epochs": 2, "tasks": ["demo_noise"]},
         },
     )
     job = plan.resolve(cfg).training
@@ -172,13 +172,13 @@ def test_training_job_and_its_quick_sets():
         2,  # 3 jobs of 60 min hold 150 min: 2 resubmissions
         "'--signal=URG@90'",
     )
-    assert job.params == {"training": cfg["training"] | {"downstream_sets": list(sets)}, "seed": 0}
+    assert job.params == {"training": cfg["training"] | {"quick_sets": list(sets)}, "seed": 0}
     assert plan.resolve(cfg, remote_exec=True).training.retries == 0  # inside a cluster job
     cfg["training"] |= {"use_gpu": False, "signal_lead_s": 0}
-    cfg["training"]["downstream"]["every_epochs"] = 0
+    cfg["training"]["quick_checks"]["every_epochs"] = 0
     job = plan.resolve(cfg).training
     assert (job.gres, job.slurm_extra, job.quick_sets) == ("", "", ())
-    assert job.params == {"training": cfg["training"], "seed": 0}
+    assert job.params == {"training": cfg["training"] | {"quick_sets": []}, "seed": 0}
 
 
 # ---- models
@@ -223,7 +223,7 @@ def test_models_evaluated_and_the_targets():
             "demo_tasks": {"tasks": ["demo_noise"], "speech": False},
             "layers": {"tasks": ["demo_noise"]},
         },
-        training={"downstream": {"every_epochs": 1, "tasks": ["demo_noise"]}},
+        training={"quick_checks": {"every_epochs": 1, "tasks": ["demo_noise"]}},
         models={
             "trained": {"type": "checkpoint", "enabled": "auto"},
             "logmel": {"type": "logmel"},
@@ -233,7 +233,7 @@ def test_models_evaluated_and_the_targets():
     p = plan.resolve(cfg)
     alone = plan.resolve_evaluation(p, NOTHING)  # nothing trains: no trained model
     assert alone.models == ("logmel",) and set(alone.specs) == {"trained", "logmel"}
-    assert alone.downstream_csv is None
+    assert alone.quick_checks_csv is None
     ev = "results/demo/eval"
     assert alone.result_files == (
         f"{ev}/probe/logmel/demo_noise.json",
@@ -248,24 +248,24 @@ def test_models_evaluated_and_the_targets():
     )
     training = {
         f"results/demo/training/{name}"
-        for name in ("encoder.safetensors", "metrics.csv", "downstream.csv")
+        for name in ("encoder.safetensors", "metrics.csv", "quick_checks.csv")
     }
     trains = plan.resolve_evaluation(p, training.__contains__)
     assert trains.models == ("trained", "logmel")
     assert trains.weights["trained"] == ["results/demo/training/encoder.safetensors"]
-    assert trains.downstream_csv == "results/demo/training/downstream.csv"
+    assert trains.quick_checks_csv == "results/demo/training/quick_checks.csv"
     assert trains.layer_files == (
         f"{ev}/layers/trained/demo_noise.json",
         f"{ev}/layers/logmel/demo_noise.json",
     )
-    assert trains.targets[-2:] == (f"{ev}/plots/downstream.png", f"{ev}/plots/loss_curve.png")
+    assert trains.targets[-2:] == (f"{ev}/plots/quick_checks.png", f"{ev}/plots/loss_curve.png")
     assert trains.provenance_artifacts == (
         "results/demo/dataset/manifest.json",
         "results/demo/training/summary.json",
         f"{ev}/results/summary.json",
     )
     cfg["evaluation"]["enabled"] = False
-    cfg["training"]["downstream"]["every_epochs"] = 0
+    cfg["training"]["quick_checks"]["every_epochs"] = 0
     off = plan.resolve_evaluation(plan.resolve(cfg), training.__contains__)
     assert (off.models, off.targets, off.specs) == ((), (), {})
     assert off.provenance_artifacts == trains.provenance_artifacts[:2]
@@ -338,16 +338,16 @@ ERRORS = [
         "config key evaluation.training_metrics: .* outside",
     ),
     (
-        {"training": {"downstream": {"every_epochs": 1}}},
-        "config key training.downstream.tasks: name the tasks of the downstream checks, "
-        "or set training.downstream.every_epochs: 0",
+        {"training": {"quick_checks": {"every_epochs": 1}}},
+        "config key training.quick_checks.tasks: name the tasks of the quick checks, "
+        "or set training.quick_checks.every_epochs: 0",
     ),
     (
         {
-            "training": {"downstream": {"every_epochs": 1, "tasks": ["esc50"]}},
+            "training": {"quick_checks": {"every_epochs": 1, "tasks": ["esc50"]}},
             "evaluation": {"enabled": False},
         },
-        r"config key training.downstream.tasks: \['esc50'\] are not evaluation tasks \(known: \[\]\)",
+        r"config key training.quick_checks.tasks: \['esc50'\] are not evaluation tasks \(known: \[\]\)",
     ),
     ({"sources": {"s": {"type": "ftp"}}}, "config key sources.s.type: 'ftp' is not one of"),
 ]
@@ -396,6 +396,16 @@ def test_each_model_and_layer_error_names_its_key(sections, message, in_tmp):
     with pytest.raises(ValueError, match=message) as err:
         plan.resolve_evaluation(p, NOTHING)
     assert "\n" not in str(err.value)
+
+
+def test_a_renamed_key_names_the_new_one(in_tmp):
+    (in_tmp / "old.yaml").write_text("training:\n  downstream: {every_epochs: 3}\n")
+    with pytest.raises(ValueError) as err:
+        plan.read_config(in_tmp / "old.yaml")
+    assert str(err.value) == (
+        "config key training.downstream was renamed to training.quick_checks: rename it in the config"
+    )
+    plan.check_renamed_keys({"training": {"quick_checks": {}}, "downstream": 1})  # other keys pass
 
 
 def test_paths_inside_pass_when_confined(in_tmp):

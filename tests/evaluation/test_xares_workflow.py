@@ -7,7 +7,7 @@ import pytest
 from helpers import read_json, snakemake
 
 from dasheng_pipeline import cli
-from dasheng_pipeline.evaluation import demo_tasks
+from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
 
 pytestmark = pytest.mark.slow
 

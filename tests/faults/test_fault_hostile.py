@@ -171,7 +171,7 @@ def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
     model's weights (``models.<name>.path``), in the zip and the legacy pickle formats: the job
     fails naming the file, the command never runs, no embedding is written. (The task is a small
     demo task in HEAR format, so that the case runs wherever the suite does.)"""
-    from dasheng_pipeline.evaluation import demo_tasks
+    from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
 
     hear_task = tmp_path / "task"
     demo_tasks.generate("demo_noise", hear_task, seed=0, scale=0.1)

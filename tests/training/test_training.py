@@ -70,6 +70,8 @@ TRAINING = {
     "total_runtime_min": 30,
     "checkpoint_every_min": 0,
     "signal_lead_s": 0,
+    "quick_checks": {"every_epochs": 0, "tasks": [], "k": 10, "layers": "all"},
+    "quick_sets": [],
 }
 
 
@@ -343,7 +345,7 @@ def _first_checkpoint(state: Path, timeout=300) -> None:
 
 
 def _quick_set(path: Path) -> Path:
-    """A two-class quick set (dasheng_pipeline.evaluation.quickset's format): quiet vs loud low bins."""
+    """A two-class quick set (dasheng_pipeline.common.quick_checks's format): quiet vs loud low bins."""
     rng = np.random.default_rng(0)
     label = np.arange(24) % 2
     mel = rng.normal(-40, 5, (24, 64, 101))
@@ -362,12 +364,12 @@ def _quick_set(path: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_lost_worker_is_restarted_from_the_last_checkpoint(demo_shards, uninterrupted):
-    """... with downstream checks every epoch in this run only: they leave the training unchanged
+    """... with quick checks every epoch in this run only: they leave the training unchanged
     (the same validation losses as the uninterrupted run without them), and the resumed run has one
     row per epoch and method."""
     checks = {
-        "downstream": {"every_epochs": 1, "k": 3, "layers": "last"},
-        "downstream_sets": [str(_quick_set(demo_shards / "quick.npz"))],
+        "quick_checks": {"every_epochs": 1, "tasks": ["toy"], "k": 3, "layers": "last"},
+        "quick_sets": [str(_quick_set(demo_shards / "quick.npz"))],
     }
     proc = train(demo_shards, "c", checks, wait=False)
     _first_checkpoint(demo_shards / "state-c")
@@ -382,7 +384,7 @@ def test_a_lost_worker_is_restarted_from_the_last_checkpoint(demo_shards, uninte
     assert val_losses(demo_shards / "out-c/metrics.csv") == val_losses(
         uninterrupted / "metrics.csv"
     )
-    rows = list(csv.DictReader(open(demo_shards / "out-c/downstream.csv", newline="")))
+    rows = list(csv.DictReader(open(demo_shards / "out-c/quick_checks.csv", newline="")))
     assert [(r["epoch"], r["step"], r["layer"], r["method"]) for r in rows] == [
         (str(e), str(4 * (e + 1)), "6", m) for e in range(3) for m in ("knn", "linear")
     ]

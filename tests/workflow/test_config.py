@@ -10,7 +10,7 @@ from helpers import REPO
 from snakemake.utils import validate
 
 from dasheng_pipeline.common.audio import ClipRules
-from dasheng_pipeline.evaluation.probe import ProbeConfig
+from dasheng_pipeline.evaluation.protocols.hear_mlp import ProbeConfig
 
 SCHEMA = str(REPO / "config" / "schema.yaml")
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))
@@ -155,3 +155,13 @@ def test_the_package_ships_the_workflow_schema():
     from dasheng_pipeline.common import schema
 
     assert schema.load() == yaml.safe_load(open(SCHEMA))
+
+
+def test_a_renamed_key_fails_the_workflow_with_one_line_naming_the_new_key(tmp_path):
+    from helpers import snakemake
+
+    old = {"sources": {"d": {"type": "demo"}}, "training": {"downstream": {"every_epochs": 3}}}
+    proc = snakemake(tmp_path, old, "-n", check=False, timeout=120)
+    assert proc.returncode != 0
+    line = "config key training.downstream was renamed to training.quick_checks: rename it in the config"
+    assert line in (proc.stdout + proc.stderr).splitlines()

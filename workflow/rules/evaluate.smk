@@ -1,9 +1,12 @@
-# Stage 4, evaluation (package pipeline/evaluation/). For every (model, task): embeddings
-# (frame + clip, per split), then the task's protocols (HEAR's MLP probe, the paper's k-NN,
-# X-ARES's MLP and k-NN); then the score tables, the comparison with the paper and X-ARES, and
-# the plots. Tasks: the demo tasks (synthesised by `demo_task`, in HEAR format; some also packed
-# as X-ARES shards by `demo_xares_source`), and any HEAR task folder or X-ARES task (tar shards,
-# converted to a HEAR folder by `xares_task`) named in config["evaluation"]["tasks"]. Models:
+# Stage 4, evaluation (package pipeline/evaluation/: tasks/, protocols/, report/). For every
+# (model, task): embeddings (frame + clip, per split), then the task's protocols (HEAR's MLP
+# probe, the paper's k-NN, X-ARES's MLP and k-NN); then the score tables, the comparison with the
+# paper and X-ARES, and the plots (the loss curve is the training stage's own figure). The quick
+# sets feed the quick checks during training and the layer-wise table (quick checks:
+# pipeline/common/quick_checks.py). Tasks: the demo tasks (synthesised by `demo_task`, in HEAR
+# format; some also packed as X-ARES shards by `demo_xares_source`), and any HEAR task folder or
+# X-ARES task (tar shards, converted to a HEAR folder by `xares_task`) named in
+# config["evaluation"]["tasks"]. Models:
 # config["models"] (trained encoder, random-init encoder, log-mel baseline, official Dasheng
 # checkpoints, HEAR-API modules); a model with `enabled: auto` is evaluated when its weights
 # exist or a job of the workflow produces them.
@@ -21,7 +24,7 @@ rule demo_task:
     params:
         cfg=seed_json(demo_tasks={"scale": EVAL["demo_tasks"]["scale"]}),
     shell:
-        "python -m dasheng_pipeline.evaluation.demo_tasks --task {wildcards.task} --params {params.cfg:q} "
+        "python -m dasheng_pipeline.evaluation.tasks.demo --task {wildcards.task} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -38,7 +41,7 @@ rule demo_xares_source:
         demo=lambda wc: wc.task.removesuffix("_xares"),
         cfg=seed_json(demo_tasks={"scale": EVAL["demo_tasks"]["scale"]}),
     shell:
-        "python -m dasheng_pipeline.evaluation.demo_tasks --task {params.demo} --xares --params {params.cfg:q} "
+        "python -m dasheng_pipeline.evaluation.tasks.demo --task {params.demo} --xares --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -57,7 +60,7 @@ rule xares_task:
         spec=eval_xares_task_spec,
         cfg=seed_json(),
     shell:
-        "python -m dasheng_pipeline.evaluation.xares_tasks --name {wildcards.task} --spec {params.spec:q} "
+        "python -m dasheng_pipeline.evaluation.tasks.xares --name {wildcards.task} --spec {params.spec:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -109,7 +112,7 @@ rule probe:
     params:
         cfg=seed_json(probe=EVAL["probe"]),
     shell:
-        "python -m dasheng_pipeline.evaluation.probe --task {input.task:q} --embeddings {input.embeddings:q} "
+        "python -m dasheng_pipeline.evaluation.protocols.hear_mlp --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -129,7 +132,7 @@ rule knn:
     params:
         cfg=seed_json(knn=EVAL["knn"]),
     shell:
-        "python -m dasheng_pipeline.evaluation.knn --task {input.task:q} --embeddings {input.embeddings:q} "
+        "python -m dasheng_pipeline.evaluation.protocols.knn --task {input.task:q} --embeddings {input.embeddings:q} "
         "--params {params.cfg:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -151,7 +154,7 @@ rule xares_protocol:
     params:
         cfg=seed_json(xares=EVAL["xares"]),
     shell:
-        "python -m dasheng_pipeline.evaluation.xares_protocols --protocol {wildcards.protocol} --task {input.task:q} "
+        "python -m dasheng_pipeline.evaluation.protocols.xares --protocol {wildcards.protocol} --task {input.task:q} "
         "--embeddings {input.embeddings:q} --params {params.cfg:q} --out {output:q} --threads {threads} "
         "> {log:q} 2>&1"
 
@@ -185,7 +188,7 @@ rule eval_results:
         cfg=eval_results_params,
         out_dir=lambda wildcards, output: os.path.dirname(output.scores),
     shell:
-        "python -m dasheng_pipeline.evaluation.results --inputs {input.results:q} --paper {input.paper:q} "
+        "python -m dasheng_pipeline.evaluation.report.results --inputs {input.results:q} --paper {input.paper:q} "
         "--xares {input.xares:q} "
         "--params {params.cfg:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
@@ -211,7 +214,7 @@ rule eval_plots:
     params:
         cfg=eval_results_params,
     shell:
-        "python -m dasheng_pipeline.evaluation.plots scores --scores {input:q} --domains {output.domains:q} "
+        "python -m dasheng_pipeline.evaluation.report.plots scores --scores {input:q} --domains {output.domains:q} "
         "--tasks {output.tasks:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
@@ -231,7 +234,7 @@ rule eval_loss_curve:
     params:
         cfg=seed_json(),
     shell:
-        "python -m dasheng_pipeline.evaluation.plots loss --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.training.curve --metrics {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
 rule quick_set:
@@ -248,7 +251,7 @@ rule quick_set:
     params:
         cfg=seed_json(**EVAL["quick_sets"]),
     shell:
-        "python -m dasheng_pipeline.evaluation.quickset --task {input.task:q} --params {params.cfg:q} "
+        "python -m dasheng_pipeline.evaluation.tasks.quick_sets --task {input.task:q} --params {params.cfg:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -270,7 +273,7 @@ rule layer_scores:
         cfg=seed_json(k=EVAL["layers"]["k"]),
         spec=eval_model_spec,
     shell:
-        "python -m dasheng_pipeline.evaluation.layers score --quick {input.quick:q} --model {wildcards.model} "
+        "python -m dasheng_pipeline.evaluation.report.layers score --quick {input.quick:q} --model {wildcards.model} "
         "--spec {params.spec:q} --params {params.cfg:q} --out {output:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -293,27 +296,27 @@ rule eval_layers:
         cfg=seed_json(),
         out_dir=lambda wildcards, output: os.path.dirname(output.csv),
     shell:
-        "python -m dasheng_pipeline.evaluation.layers table --inputs {input:q} --out-dir {params.out_dir:q} "
+        "python -m dasheng_pipeline.evaluation.report.layers table --inputs {input:q} --out-dir {params.out_dir:q} "
         "--plot {output.plot:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
-rule eval_downstream_curve:
+rule eval_quick_checks_curve:
     input:
-        f"{OUT}/training/downstream.csv",
+        f"{OUT}/training/quick_checks.csv",
     output:
         report(
-            f"{EVAL_OUT}/plots/downstream.png",
-            caption="../report/downstream.rst",
+            f"{EVAL_OUT}/plots/quick_checks.png",
+            caption="../report/quick_checks.rst",
             category="Training",
         ),
     log:
-        f"{EVAL_LOGS}/downstream_curve.log",
+        f"{EVAL_LOGS}/quick_checks_curve.log",
     conda:
         "../../envs/eval.yaml"
     params:
         cfg=seed_json(),
     shell:
-        "python -m dasheng_pipeline.evaluation.plots downstream --csv {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
+        "python -m dasheng_pipeline.evaluation.report.plots quick_checks --csv {input:q} --out {output:q} --params {params.cfg:q} > {log:q} 2>&1"
 
 
 rule evaluate:

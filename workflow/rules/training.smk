@@ -14,13 +14,13 @@ rule train:
     input:
         dataset=f"{OUT}/dataset/manifest.json",
         shards=all_shards("dir"),
-        downstream=list(TRAINING.quick_sets),
+        quick_sets=list(TRAINING.quick_sets),
     output:
         encoder=f"{OUT}/training/encoder.safetensors",
         sidecar=f"{OUT}/training/encoder.json",
         metrics=f"{OUT}/training/metrics.csv",
         throughput=f"{OUT}/training/throughput.csv",
-        downstream=f"{OUT}/training/downstream.csv",
+        quick_checks=f"{OUT}/training/quick_checks.csv",
         summary=f"{OUT}/training/summary.json",
         curve=f"{OUT}/training/loss_curve.png",
     log:

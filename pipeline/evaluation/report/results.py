@@ -1,4 +1,4 @@
-"""Score tables of the evaluation, and the comparison with the paper: ``python -m dasheng_pipeline.evaluation.results``.
+"""Score tables and the comparison with the paper: ``python -m dasheng_pipeline.evaluation.report.results``.
 
 Reads the probe, k-NN and X-ARES result JSONs (``<method>/<model>/<task>.json``, the file stem is the
 task's name in the config) and writes:
@@ -22,7 +22,6 @@ A task matches a paper task when its config name, ``<task_name>_<mode>`` or ``ta
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -36,7 +35,7 @@ from dasheng_pipeline.evaluation.metrics import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PAPER_CSV = REPO / "config" / "paper_results.csv"
 
 # The paper's grouping of the HEAR tasks into domains (Section 3.1.2 and Table 4; Gunshot
@@ -72,7 +71,9 @@ DOMAIN_TITLES = {
 DASHENG = ("Dasheng-Base", "Dasheng-0.6B", "Dasheng-1.2B")
 
 
-def read_paper(path: str | Path = PAPER_CSV) -> list[dict]:
+def read_published(path: str | Path) -> list[dict]:
+    """Published scores (``config/paper_results.csv``, ``config/xares_results.csv``): the CSV's
+    rows with ``score`` a float, or None where the source prints none ('' or '-')."""
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
@@ -201,12 +202,75 @@ XARES_CAPTION = (
 )
 
 
-def read_xares(path: str | Path = XARES_CSV) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        r["score"] = float(r["score"]) if r["score"] not in ("", "-") else None
-    return rows
+def _xares_task(
+    task: str,
+    by_model: dict[str, dict],
+    models: list[str],
+    proto: str,
+    pub: dict,
+    tasks_cfg: dict,
+    sums: dict[str, list],
+) -> tuple[list[str], list[dict]]:
+    """One task's table row and long-form rows under one X-ARES protocol; adds its weighted
+    scores to ``sums`` (model → [Σ score × weight, Σ weight])."""
+    method = f"xares_{proto}"
+    any_r = next(iter(by_model.values()))
+    xname = (tasks_cfg.get(task) or {}).get("xares_name") or any_r.get("xares_name") or task
+    published_score = pub.get((xname, proto))
+    if published_score is None:
+        published_score = pub.get((task, proto))
+    weight = any_r.get("weight")
+    cells, rows = [task, any_r["primary_metric"], str(weight)], []
+    for m in models:
+        r = by_model.get(m)
+        v = r["metrics"][r["primary_metric"]] if r else None
+        cells.append(_fmt(v["mean"], v["std"]) if v else "–")
+        if v and v["mean"] is not None and weight:
+            sums[m][0] += v["mean"] * weight
+            sums[m][1] += weight
+        rows.append(
+            {
+                "protocol": method,
+                "task": task,
+                "xares_task": xname,
+                "metric": any_r["primary_metric"],
+                "model": m,
+                "score": None if not v else v["mean"],
+                "weight": weight,
+                "published_dasheng_base": published_score,
+            }
+        )
+    cells.append(_fmt(published_score))
+    return cells, rows
+
+
+def _xares_average(
+    proto: str, models: list[str], pub: dict, sums: dict[str, list]
+) -> tuple[list[str], list[dict]]:
+    """The weighted averages' table row and long-form rows under one X-ARES protocol."""
+    published = pub.get(("weighted_average_public", proto))
+    mean = {m: sums[m][0] / sums[m][1] if sums[m][1] else None for m in models}
+    cells = [
+        "**weighted average**",
+        "",
+        str(sums[models[0]][1] if models else ""),
+        *[_fmt(mean[m]) if sums[m][1] else "–" for m in models],
+        _fmt(published) + " (all public tasks)",
+    ]
+    rows = [
+        {
+            "protocol": f"xares_{proto}",
+            "task": "weighted_average",
+            "xares_task": "weighted_average_public",
+            "metric": "weighted_mean",
+            "model": m,
+            "score": mean[m],
+            "weight": sums[m][1],
+            "published_dasheng_base": published,
+        }
+        for m in models
+    ]
+    return cells, rows
 
 
 def xares_tables(
@@ -228,57 +292,12 @@ def xares_tables(
             by_task[r["key"]][r["model"]] = r
         body, sums = [], {m: [0.0, 0] for m in models}
         for task in sorted(by_task):
-            any_r = next(iter(by_task[task].values()))
-            xname = (tasks_cfg.get(task) or {}).get("xares_name") or any_r.get("xares_name") or task
-            published_score = pub.get((xname, proto))
-            if published_score is None:
-                published_score = pub.get((task, proto))
-            weight = any_r.get("weight")
-            cells = [task, any_r["primary_metric"], str(weight)]
-            for m in models:
-                r = by_task[task].get(m)
-                v = r["metrics"][r["primary_metric"]] if r else None
-                cells.append(_fmt(v["mean"], v["std"]) if v else "–")
-                if v and v["mean"] is not None and weight:
-                    sums[m][0] += v["mean"] * weight
-                    sums[m][1] += weight
-                out_rows.append(
-                    {
-                        "protocol": method,
-                        "task": task,
-                        "xares_task": xname,
-                        "metric": any_r["primary_metric"],
-                        "model": m,
-                        "score": None if not v else v["mean"],
-                        "weight": weight,
-                        "published_dasheng_base": published_score,
-                    }
-                )
-            cells.append(_fmt(published_score))
+            cells, rows = _xares_task(task, by_task[task], models, proto, pub, tasks_cfg, sums)
             body.append(cells)
-        avg = [_fmt(sums[m][0] / sums[m][1]) if sums[m][1] else "–" for m in models]
-        body.append(
-            [
-                "**weighted average**",
-                "",
-                str(sums[models[0]][1] if models else ""),
-                *avg,
-                _fmt(pub.get(("weighted_average_public", proto))) + " (all public tasks)",
-            ]
-        )
-        for m in models:
-            out_rows.append(
-                {
-                    "protocol": method,
-                    "task": "weighted_average",
-                    "xares_task": "weighted_average_public",
-                    "metric": "weighted_mean",
-                    "model": m,
-                    "score": sums[m][0] / sums[m][1] if sums[m][1] else None,
-                    "weight": sums[m][1],
-                    "published_dasheng_base": pub.get(("weighted_average_public", proto)),
-                }
-            )
+            out_rows += rows
+        cells, rows = _xares_average(proto, models, pub, sums)
+        body.append(cells)
+        out_rows += rows
         md.append(
             markdown_table(["task", "metric", "weight", *models, "published dasheng-base"], body)
         )
@@ -297,6 +316,74 @@ XARES_COLUMNS = [
 ]
 
 
+def _method_table(rows: list[dict], models: list[str], method: str, title: str) -> str:
+    """One method's scores: a row per (task, metric), a column per model ('' without scores)."""
+    mrows = [r for r in rows if r["method"] == method]
+    if not mrows:
+        return ""
+    keys = sorted(
+        {(r["task"], r["metric"], r["primary"], r["domain"]) for r in mrows},
+        key=lambda k: (k[3], k[0], not k[2], k[1]),
+    )
+    lookup = {(r["task"], r["metric"], r["model"]): r for r in mrows}
+    body = []
+    for task, metric, primary, domain in keys:
+        cells = []
+        for m in models:
+            r = lookup.get((task, metric, m))
+            cells.append(_fmt(r["score"], r["std"]) if r else "–")
+        body.append([task, domain, metric + (" (primary)" if primary else "")] + cells)
+    return f"\n## {title}\n\n" + markdown_table(["task", "domain", "metric"] + models, body)
+
+
+def _domain_table(rows: list[dict], models: list[str]) -> str:
+    """The per-domain averages of the primary probe scores ('' without any)."""
+    avgs = domain_averages(rows, models)
+    present = [d for d in (*DOMAINS, "other", "average") if any(d in avgs[m] for m in models)]
+    if not present:
+        return ""
+    body = [
+        [m]
+        + [(_fmt(avgs[m][d][0]) + f" ({avgs[m][d][1]})") if d in avgs[m] else "–" for d in present]
+        for m in models
+    ]
+    return (
+        "\n## Per-domain averages of the primary probe scores (number of tasks)\n\n"
+        "As the paper's Table 4: the mean over a domain's tasks; Average = mean of the domains.\n\n"
+        + markdown_table(["model"] + [DOMAIN_TITLES[d] for d in present], body)
+    )
+
+
+EFFECT_LABELS = {
+    "probe": "primary probe score",
+    "knn": "k-NN accuracy",
+    "xares_mlp": "X-ARES MLP score",
+    "xares_knn": "X-ARES k-NN accuracy",
+}
+EFFECT_HEADER = [
+    "task",
+    "metric",
+    "trained",
+    "random-init",
+    "log-mel",
+    "trained − random",
+    "trained − log-mel",
+]
+
+
+def _effect_table(rows: list[dict], models: list[str], method: str) -> str:
+    """Did pre-training help on one method ('' when trained and a baseline are not both there)."""
+    helped = pretraining_effect(rows, models, method)
+    if not helped:
+        return ""
+    return (
+        f"\n## Did pre-training help? ({METHOD_TITLES[method]})\n\n"
+        f"The trained encoder's {EFFECT_LABELS[method]} minus its random-init twin's, and minus the log-mel "
+        "baseline's (×100; positive = the trained encoder is better); the last row is the "
+        "mean over tasks.\n\n" + markdown_table(EFFECT_HEADER, helped)
+    )
+
+
 def scores_markdown(
     rows: list[dict], models: list[str], stamp: dict, protocols: list[str] | None = None
 ) -> str:
@@ -308,67 +395,9 @@ def scores_markdown(
     ]
     if protocols:
         parts.append("\nProbe protocol: " + "; ".join(protocols) + ".\n")
-    for method, title in METHOD_TITLES.items():
-        mrows = [r for r in rows if r["method"] == method]
-        if not mrows:
-            continue
-        keys = sorted(
-            {(r["task"], r["metric"], r["primary"], r["domain"]) for r in mrows},
-            key=lambda k: (k[3], k[0], not k[2], k[1]),
-        )
-        lookup = {(r["task"], r["metric"], r["model"]): r for r in mrows}
-        body = []
-        for task, metric, primary, domain in keys:
-            cells = []
-            for m in models:
-                r = lookup.get((task, metric, m))
-                cells.append(_fmt(r["score"], r["std"]) if r else "–")
-            body.append([task, domain, metric + (" (primary)" if primary else "")] + cells)
-        parts.append(
-            f"\n## {title}\n\n" + markdown_table(["task", "domain", "metric"] + models, body)
-        )
-    avgs = domain_averages(rows, models)
-    present = [d for d in (*DOMAINS, "other", "average") if any(d in avgs[m] for m in models)]
-    if present:
-        body = [
-            [m]
-            + [
-                (_fmt(avgs[m][d][0]) + f" ({avgs[m][d][1]})") if d in avgs[m] else "–"
-                for d in present
-            ]
-            for m in models
-        ]
-        parts.append(
-            "\n## Per-domain averages of the primary probe scores (number of tasks)\n\n"
-            "As the paper's Table 4: the mean over a domain's tasks; Average = mean of the domains.\n\n"
-            + markdown_table(["model"] + [DOMAIN_TITLES[d] for d in present], body)
-        )
-    for method, label in (
-        ("probe", "primary probe score"),
-        ("knn", "k-NN accuracy"),
-        ("xares_mlp", "X-ARES MLP score"),
-        ("xares_knn", "X-ARES k-NN accuracy"),
-    ):
-        helped = pretraining_effect(rows, models, method)
-        if helped:
-            parts.append(
-                f"\n## Did pre-training help? ({METHOD_TITLES[method]})\n\n"
-                f"The trained encoder's {label} minus its random-init twin's, and minus the log-mel "
-                "baseline's (×100; positive = the trained encoder is better); the last row is the "
-                "mean over tasks.\n\n"
-                + markdown_table(
-                    [
-                        "task",
-                        "metric",
-                        "trained",
-                        "random-init",
-                        "log-mel",
-                        "trained − random",
-                        "trained − log-mel",
-                    ],
-                    helped,
-                )
-            )
+    parts += [_method_table(rows, models, m, title) for m, title in METHOD_TITLES.items()]
+    parts.append(_domain_table(rows, models))
+    parts += [_effect_table(rows, models, method) for method in EFFECT_LABELS]
     parts.append(_provenance_md(stamp))
     return "".join(parts)
 
@@ -419,7 +448,120 @@ def _provenance_md(stamp: dict) -> str:
     )
 
 
-def build_comparison(  # noqa: C901 (to split: issue 24)
+def _paper_models(paper_rows: list[dict]) -> list[str]:
+    """A paper table's models, Dasheng's first."""
+    names = list(dict.fromkeys(p["model"] for p in paper_rows))
+    return [m for m in names if m in DASHENG] + [m for m in names if m not in DASHENG]
+
+
+def _paper_table(
+    rows: list[dict], models: list[str], paper_rows: list[dict], table: str, method: str, comp
+) -> str:
+    """Our primary scores of one method next to a paper table's, for the same-named tasks;
+    appends the long-form rows to ``comp``."""
+    ours = [
+        r
+        for r in rows
+        if r["method"] == method
+        and r["primary"]
+        and r["paper_task"]
+        and any(p["task"] == r["paper_task"] for p in paper_rows)
+    ]
+    tasks = sorted({r["paper_task"] for r in ours})
+    if not tasks:
+        return "No evaluated task shares a name with this table's tasks.\n"
+    show = _paper_models(paper_rows)
+    lookup = {(p["task"], p["model"]): p for p in paper_rows}
+    body = []
+    for task in tasks:
+        mine = {r["model"]: r for r in ours if r["paper_task"] == task}
+        column = next(p["column"] for p in paper_rows if p["task"] == task)
+        for m, r in mine.items():
+            for pm in show:
+                p = lookup.get((task, pm))
+                comp.append(
+                    {
+                        "table": table,
+                        "task": task,
+                        "column": column,
+                        "metric": r["metric"],
+                        "model": m,
+                        "score": None if r["score"] is None else round(r["score"] * 100, 2),
+                        "paper_model": pm,
+                        "paper_score": p["score"] if p else None,
+                    }
+                )
+        cells = [task, column] + [_fmt(mine[m]["score"]) if m in mine else "–" for m in models]
+        cells += [
+            f"{lookup[(task, pm)]['score']:.1f}"
+            if (task, pm) in lookup and lookup[(task, pm)]["score"] is not None
+            else "–"
+            for pm in show
+        ]
+        body.append(cells)
+    return markdown_table(["task", "paper column"] + [f"ours: {m}" for m in models] + show, body)
+
+
+def _domain_row(d: str, tasks_d: list[str], t2: list[dict], models, by_table, comp) -> list[str]:
+    """One domain's row of Table 4: our averages over its matched tasks, the paper's over the
+    same tasks (Table 2) and the paper's Table 4; appends the long-form rows to ``comp``."""
+    t4 = {(p["task"], p["model"]): p["score"] for p in by_table["table4_domains"]}
+    total = sum(1 for v in PAPER_DOMAINS.values() if v == d)
+    cells = [DOMAIN_TITLES[d], f"{len(tasks_d)} of {total}"]
+    for m in models:
+        vals = [
+            r["score"]
+            for r in t2
+            if r["model"] == m and r["paper_task"] in tasks_d and r["score"] is not None
+        ]
+        avg = sum(vals) / len(vals) if len(vals) == len(tasks_d) else None
+        cells.append(_fmt(avg))
+        if avg is not None:
+            comp += [
+                {
+                    "table": "table4_domains",
+                    "task": d,
+                    "column": DOMAIN_TITLES[d],
+                    "metric": "mean primary",
+                    "model": m,
+                    "score": round(avg * 100, 2),
+                    "paper_model": pm,
+                    "paper_score": t4.get((d, pm)),
+                }
+                for pm in DASHENG
+            ]
+    for pm in DASHENG:
+        same = [
+            p["score"]
+            for p in by_table["table2_hear"]
+            if p["model"] == pm and p["task"] in tasks_d and p["score"] is not None
+        ]
+        cells.append(f"{sum(same) / len(same):.1f}" if len(same) == len(tasks_d) else "–")
+        cells.append(f"{t4[(d, pm)]:.2f}" if (d, pm) in t4 and t4[(d, pm)] is not None else "–")
+    return cells
+
+
+def _domain_comparison(rows: list[dict], models: list[str], by_table, comp) -> str:
+    """Table 4: per-domain averages over the matched HEAR tasks."""
+    t2 = [
+        r
+        for r in rows
+        if r["method"] == "probe" and r["primary"] and r["paper_task"] in PAPER_DOMAINS
+    ]
+    if not t2:
+        return "No evaluated task is one of the paper's 18 HEAR tasks, so no domain average is comparable.\n"
+    body = []
+    for d in DOMAINS:
+        tasks_d = sorted({r["paper_task"] for r in t2 if PAPER_DOMAINS[r["paper_task"]] == d})
+        if tasks_d:
+            body.append(_domain_row(d, tasks_d, t2, models, by_table, comp))
+    header = ["domain", "tasks"] + [f"ours: {m}" for m in models]
+    for pm in DASHENG:
+        header += [f"{pm} (same tasks)", f"{pm} (Table 4)"]
+    return markdown_table(header, body)
+
+
+def build_comparison(
     rows: list[dict], models: list[str], paper: list[dict]
 ) -> tuple[list[dict], str]:
     """Long-form comparison rows and the Markdown document."""
@@ -432,117 +574,14 @@ def build_comparison(  # noqa: C901 (to split: issue 24)
     by_table = defaultdict(list)
     for p in paper:
         by_table[p["table"]].append(p)
-    sections = (
+    for table, method, title in (
         ("table2_hear", "probe", "Table 2: HEAR (MLP probe)"),
         ("table5_knn", "knn", "Table 5: k-NN (k = 10)"),
-    )
-    for table, method, title in sections:
-        ours = [
-            r
-            for r in rows
-            if r["method"] == method
-            and r["primary"]
-            and r["paper_task"]
-            and any(p["task"] == r["paper_task"] for p in by_table[table])
-        ]
-        tasks = sorted({r["paper_task"] for r in ours})
+    ):
         md.append(f"\n## {title}\n\n")
-        if not tasks:
-            md.append("No evaluated task shares a name with this table's tasks.\n")
-            continue
-        paper_models = list(dict.fromkeys(p["model"] for p in by_table[table]))
-        show = [m for m in paper_models if m in DASHENG] + [
-            m for m in paper_models if m not in DASHENG
-        ]
-        lookup = {(p["task"], p["model"]): p for p in by_table[table]}
-        body = []
-        for task in tasks:
-            mine = {r["model"]: r for r in ours if r["paper_task"] == task}
-            column = next(p["column"] for p in by_table[table] if p["task"] == task)
-            for m, r in mine.items():
-                for pm in show:
-                    p = lookup.get((task, pm))
-                    comp.append(
-                        {
-                            "table": table,
-                            "task": task,
-                            "column": column,
-                            "metric": r["metric"],
-                            "model": m,
-                            "score": None if r["score"] is None else round(r["score"] * 100, 2),
-                            "paper_model": pm,
-                            "paper_score": p["score"] if p else None,
-                        }
-                    )
-            cells = [task, column] + [_fmt(mine[m]["score"]) if m in mine else "–" for m in models]
-            cells += [
-                f"{lookup[(task, pm)]['score']:.1f}"
-                if (task, pm) in lookup and lookup[(task, pm)]["score"] is not None
-                else "–"
-                for pm in show
-            ]
-            body.append(cells)
-        md.append(
-            markdown_table(["task", "paper column"] + [f"ours: {m}" for m in models] + show, body)
-        )
-    # Table 4: per-domain averages over the matched HEAR tasks
+        md.append(_paper_table(rows, models, by_table[table], table, method, comp))
     md.append("\n## Table 4: domain averages\n\n")
-    t2 = [
-        r
-        for r in rows
-        if r["method"] == "probe" and r["primary"] and r["paper_task"] in PAPER_DOMAINS
-    ]
-    if not t2:
-        md.append(
-            "No evaluated task is one of the paper's 18 HEAR tasks, so no domain average is comparable.\n"
-        )
-    else:
-        t2_paper = by_table["table2_hear"]
-        t4 = {(p["task"], p["model"]): p["score"] for p in by_table["table4_domains"]}
-        body = []
-        for d in DOMAINS:
-            tasks_d = sorted({r["paper_task"] for r in t2 if PAPER_DOMAINS[r["paper_task"]] == d})
-            if not tasks_d:
-                continue
-            total = sum(1 for v in PAPER_DOMAINS.values() if v == d)
-            cells = [DOMAIN_TITLES[d], f"{len(tasks_d)} of {total}"]
-            for m in models:
-                vals = [
-                    r["score"]
-                    for r in t2
-                    if r["model"] == m and r["paper_task"] in tasks_d and r["score"] is not None
-                ]
-                avg = sum(vals) / len(vals) if len(vals) == len(tasks_d) else None
-                cells.append(_fmt(avg))
-                if avg is not None:
-                    for pm in DASHENG:
-                        comp.append(
-                            {
-                                "table": "table4_domains",
-                                "task": d,
-                                "column": DOMAIN_TITLES[d],
-                                "metric": "mean primary",
-                                "model": m,
-                                "score": round(avg * 100, 2),
-                                "paper_model": pm,
-                                "paper_score": t4.get((d, pm)),
-                            }
-                        )
-            for pm in DASHENG:
-                same = [
-                    p["score"]
-                    for p in t2_paper
-                    if p["model"] == pm and p["task"] in tasks_d and p["score"] is not None
-                ]
-                cells.append(f"{sum(same) / len(same):.1f}" if len(same) == len(tasks_d) else "–")
-                cells.append(
-                    f"{t4[(d, pm)]:.2f}" if (d, pm) in t4 and t4[(d, pm)] is not None else "–"
-                )
-            body.append(cells)
-        header = ["domain", "tasks"] + [f"ours: {m}" for m in models]
-        for pm in DASHENG:
-            header += [f"{pm} (same tasks)", f"{pm} (Table 4)"]
-        md.append(markdown_table(header, body))
+    md.append(_domain_comparison(rows, models, by_table, comp))
     return comp, "".join(md)
 
 
@@ -591,11 +630,11 @@ def run(
 ) -> dict:
     out_dir = Path(out_dir)
     results = load_results(inputs)
-    paper = read_paper(paper_csv)
-    tasks_cfg = params.get("tasks", {})
-    models = list(params.get("models") or dict.fromkeys(r["model"] for r in results))
+    paper = read_published(paper_csv)
+    tasks_cfg = params["tasks"]
+    models = list(params["models"] or dict.fromkeys(r["model"] for r in results))
     rows = build_rows(results, tasks_cfg, paper)
-    stamp = provenance.stamp(params, params.get("seed"))
+    stamp = provenance.stamp(params, params["seed"])
     for r in rows:  # the table's own stamp where a result has none
         r["config_hash"] = r["config_hash"] or stamp["config_hash"]
         r["git_sha"] = r["git_sha"] or stamp["git_sha"]
@@ -609,7 +648,7 @@ def run(
     )
     write_csv(out_dir / "comparison.csv", comp, COMPARISON_COLUMNS)
     atomic.write_bytes(out_dir / "comparison.md", (comp_md + _provenance_md(stamp)).encode())
-    xrows, xmd = xares_tables(results, models, read_xares(xares_csv), tasks_cfg)
+    xrows, xmd = xares_tables(results, models, read_published(xares_csv), tasks_cfg)
     write_csv(out_dir / "xares.csv", xrows, XARES_COLUMNS)
     atomic.write_bytes(out_dir / "xares.md", (xmd + _provenance_md(stamp)).encode())
     summary = {
@@ -631,14 +670,12 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.results", description=__doc__.split("\n\n")[0]
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.report.results", __doc__)
     parser.add_argument("--inputs", nargs="+", required=True, help="probe and k-NN result JSONs")
     parser.add_argument(
         "--params",
-        default="{}",
-        help="JSON: seed, models (order), tasks {name: {domain, paper_name}}",
+        required=True,
+        help="JSON: seed, models (order), tasks {name: {domain, paper_name, xares_name}}",
     )
     parser.add_argument("--paper", default=str(PAPER_CSV), help="the paper's numbers (CSV)")
     parser.add_argument("--xares", default=str(XARES_CSV), help="X-ARES's published numbers (CSV)")

@@ -1,17 +1,13 @@
-"""Score tables, the comparison with the paper, plots, and the demo task generator."""
+"""Score tables, the comparison with the paper and X-ARES, and the plots (pipeline/evaluation/report/)."""
 
 import csv
-import hashlib
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from dasheng_pipeline.common.provenance import stamp
-from dasheng_pipeline.evaluation import demo_tasks, hear_tasks, plots, results
-from dasheng_pipeline.sources import demo
-from dasheng_pipeline.training import curve
+from dasheng_pipeline.evaluation.report import plots, results
 
 
 def _result(path, method, model, task, metric, mean, *, domain=None, mode="full", folds=1):
@@ -153,7 +149,7 @@ def test_comparison_is_empty_without_same_named_tasks(tmp_path):
         0.5,
         domain="music",
     )
-    results.run([f], tmp_path / "out", {"seed": 0})
+    results.run([f], tmp_path / "out", {"seed": 0, "models": [], "tasks": {}})
     assert "No evaluated task shares a name" in (tmp_path / "out/comparison.md").read_text()
     assert (tmp_path / "out/comparison.csv").read_text().strip() == ",".join(
         results.COMPARISON_COLUMNS
@@ -162,84 +158,12 @@ def test_comparison_is_empty_without_same_named_tasks(tmp_path):
 
 def test_plots_are_pngs_with_provenance(fake_results, tmp_path):
     root, files = fake_results
-    results.run(files, root / "out", {"seed": 0})
+    results.run(files, root / "out", {"seed": 0, "models": [], "tasks": {}})
     rows = plots._read_scores(root / "out/scores.csv")
     st = stamp({"plots": 1}, 0)
     plots.domain_bars(rows, ["trained", "random", "logmel"], tmp_path / "d.png", st)
     plots.task_radar(rows, ["trained", "random", "logmel"], tmp_path / "t.png", st)
-    metrics_csv = tmp_path / "metrics.csv"
-    metrics_csv.write_text(
-        "epoch,step,train_loss,val_loss\n"
-        + "".join(
-            f"{s // 10},{s},{1.0 / (1 + s):.4f},{'' if s % 10 else f'{1.1 / (1 + s):.4f}'}\n"
-            for s in range(50)
-        )
-    )
-    curve.loss_curve(metrics_csv, tmp_path / "l.png", st)
-    for name in ("d.png", "t.png", "l.png"):
+    for name in ("d.png", "t.png"):
         img = Image.open(tmp_path / name)
         assert img.format == "PNG" and img.size[0] > 300
         assert json.loads(img.info["Description"])["provenance"]["config_hash"] == st["config_hash"]
-    bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="expected columns 'step' or 'epoch' and 'train_loss'"):
-        curve.loss_curve(bad, tmp_path / "x.png", st)
-
-
-def _tree_hash(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def test_demo_tasks_are_deterministic_held_out_hear_folders(tmp_path):
-    assert demo.CORPUS_STREAM == 0 and all(s.stream >= 1 for s in demo_tasks.SPECS.values())
-    assert len({s.stream for s in demo_tasks.SPECS.values()}) == len(demo_tasks.SPECS)
-    for name in ("demo_pitch", "demo_events"):
-        demo_tasks.generate(name, tmp_path / f"a/{name}", seed=0, scale=0.3)
-        demo_tasks.generate(name, tmp_path / f"b/{name}", seed=0, scale=0.3)
-        assert _tree_hash(tmp_path / f"a/{name}") == _tree_hash(tmp_path / f"b/{name}")
-    pitch = hear_tasks.load_task(tmp_path / "a/demo_pitch")
-    assert pitch.vocabulary == [str(n) for n in range(48, 72)] and pitch.evaluation == [
-        "pitch_acc",
-        "chroma_acc",
-    ]
-    raw = json.loads((tmp_path / "a/demo_pitch/train.json").read_text())
-    assert all(isinstance(v[0], int) for v in raw.values())  # numeric labels, as NSynth's
-    counts = {s: len(pitch.clips(s)[0]) for s in pitch.splits}
-    assert counts == {
-        "train": 72,
-        "valid": 24,
-        "test": 24,
-    }  # 24 notes × 5 clips (scale 0.3 → the minimum, 5): 3/1/1
-    ev = hear_tasks.load_task(tmp_path / "a/demo_events")
-    assert ev.is_event and ev.metadata["domain"] == "env"
-    for split in ev.splits:
-        for clip in ev.clips(split)[0]:
-            assert 1 <= len(clip.events) <= 3
-            assert all(0 <= e.start_ms < e.end_ms <= 3000 for e in clip.events)
-    x = hear_tasks.load_audio(ev.clips("test")[0][0])
-    assert x.shape == (48000,) and np.abs(x).max() > 0.05
-    # another seed gives other audio
-    demo_tasks.generate("demo_pitch", tmp_path / "c/demo_pitch", seed=1, scale=0.3)
-    assert _tree_hash(tmp_path / "c/demo_pitch") != _tree_hash(tmp_path / "a/demo_pitch")
-    assert demo_tasks.available("false") == list(demo_tasks.SYNTHETIC)
-
-
-@pytest.mark.skipif(
-    demo_tasks.espeak_exe() is None,
-    reason="espeak-ng is not installed (the speech demo tasks are optional)",
-)
-def test_speech_demo_tasks_with_espeak(tmp_path):
-    for name in demo_tasks.SPEECH:
-        demo_tasks.generate(name, tmp_path / name, seed=0, scale=0.2)
-        task = hear_tasks.load_task(tmp_path / name)
-        assert task.metadata["domain"] == "speech"
-        clip = task.clips(task.splits[0])[0][0]
-        x = hear_tasks.load_audio(clip)
-        assert (
-            x.shape == (int(task.metadata["sample_duration"] * 16000),) and np.abs(x).max() > 0.01
-        )
-    assert demo_tasks.available("auto") == list(demo_tasks.SYNTHETIC + demo_tasks.SPEECH)

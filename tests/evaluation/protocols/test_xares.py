@@ -15,8 +15,12 @@ import torch
 
 from dasheng_model.hear import random_encoder
 from dasheng_model.xares import XaresDashengEncoder
-from dasheng_pipeline.evaluation import demo_tasks, embeddings, xares_protocols, xares_tasks
-from dasheng_pipeline.evaluation.hear_tasks import load_task
+from dasheng_pipeline import plan
+from dasheng_pipeline.evaluation import embeddings
+from dasheng_pipeline.evaluation.protocols import xares as xares_protocols
+from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
+from dasheng_pipeline.evaluation.tasks import xares as xares_tasks
+from dasheng_pipeline.evaluation.tasks.hear import load_task
 
 xares_checker = pytest.importorskip(
     "xares.audio_encoder_checker", reason="xares (dev extra) is not installed"
@@ -76,7 +80,7 @@ def tasks(tmp_path_factory):
     out = {}
     for layout, cfg in configs.items():
         task_dir, emb_dir = root / "tasks" / layout, root / "emb" / layout
-        xares_tasks.convert(xares_tasks.XaresSpec.from_config(f"synth_{layout}", cfg), task_dir)
+        xares_tasks.convert(xares_tasks.XaresSpec.from_config(f"synth_{layout}", cfg), task_dir, 0)
         embeddings.run(
             task_dir, "random", {"type": "random", "size": "tiny", "seed": 0}, {"seed": 0}, emb_dir
         )
@@ -158,11 +162,18 @@ def _batches(task, emb_dir, splits, batch_size=32, shuffle_seed=None):
     return Loader()
 
 
+def run_protocol(protocol: str, task_dir, emb_dir) -> dict:
+    """An X-ARES protocol as its job runs it, with the schema's settings (X-ARES 0.1.3's)."""
+    x = plan.read_config(None)["evaluation"]["xares"]
+    params = {"seed": SEED, "xares": x}
+    return xares_protocols.run(protocol, task_dir, emb_dir, SEED, x["mlp"], x["knn"], 1, params)
+
+
 @pytest.mark.parametrize("layout", ["folds", "split"])
 def test_knn_equals_xares_knn(tasks, layout):
     task_dir, emb_dir = tasks[layout]
     task = load_task(task_dir)
-    ours = xares_protocols.run("xares_knn", task_dir, emb_dir, seed=SEED)
+    ours = run_protocol("xares_knn", task_dir, emb_dir)
     theirs = []
     for fold in xares_protocols.xares_folds(task):
         trainer = xares_trainer.KNNTrainer(num_classes=len(task.vocabulary))
@@ -184,7 +195,7 @@ MLP_TOLERANCE = (
 def test_mlp_close_to_xares_mlp(tasks, layout, tmp_path):
     task_dir, emb_dir = tasks[layout]
     task = load_task(task_dir)
-    ours = xares_protocols.run("xares_mlp", task_dir, emb_dir, seed=SEED)
+    ours = run_protocol("xares_mlp", task_dir, emb_dir)
     theirs = []
     for fold in xares_protocols.xares_folds(task):
         torch.manual_seed(SEED)

@@ -1,4 +1,4 @@
-"""HEAR's downstream MLP probe on frozen embeddings: ``python -m dasheng_pipeline.evaluation.probe``.
+"""HEAR's MLP probe on frozen embeddings: ``python -m dasheng_pipeline.evaluation.protocols.hear_mlp``.
 
 The protocol (``shared/design/hear-facts.md``):
 
@@ -40,8 +40,11 @@ import torch
 from torch import nn
 
 from dasheng_pipeline.common import atomic, logs, provenance, sections
-from dasheng_pipeline.evaluation import hear_tasks, metrics
-from dasheng_pipeline.evaluation.embeddings import load_meta, load_split
+from dasheng_pipeline.evaluation import metrics
+from dasheng_pipeline.evaluation.embeddings import load_meta
+from dasheng_pipeline.evaluation.protocols import inputs
+from dasheng_pipeline.evaluation.protocols.inputs import SplitData
+from dasheng_pipeline.evaluation.tasks import hear
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,8 @@ class ProbeConfig:
 
 def protocol(cfg: ProbeConfig) -> str:
     """Which protocol ``cfg`` is: ``HEAR``, or ``HEAR except`` the keys it changes (HEAR's value)."""
-    hear = asdict(ProbeConfig())
-    changed = [f"{k} {v} (HEAR {hear[k]})" for k, v in asdict(cfg).items() if v != hear[k]]
+    hear_cfg = asdict(ProbeConfig())
+    changed = [f"{k} {v} (HEAR {hear_cfg[k]})" for k, v in asdict(cfg).items() if v != hear_cfg[k]]
     return "HEAR" if not changed else "HEAR except " + ", ".join(changed)
 
 
@@ -140,63 +143,18 @@ def build_mlp(
 # -- data ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SplitData:
-    """Inputs and targets of one or more task splits joined together."""
-
-    x: np.ndarray  # (n, D): clips (scene) or frames (event)
-    y: np.ndarray  # (n, C) float32 multi-hot
-    files: list[str]  # event tasks: file of each clip (offsets index into x)
-    offsets: np.ndarray | None = None  # event tasks: (n_files + 1,)
-    timestamps: np.ndarray | None = None  # event tasks: (n,) ms
-    events: list[dict] | None = None  # event tasks: reference events (s)
+def frame_targets(events, timestamps: np.ndarray, hop_ms: float, index: dict[str, int], C: int):
+    """HEAR's frame labels: a frame is on for an event's label when its timestamp lies in
+    [start, end] (``hop_ms`` is not needed)."""
+    y = np.zeros((len(timestamps), C), np.float32)
+    for ev in events:
+        y[(timestamps >= ev.start_ms) & (timestamps <= ev.end_ms), index[ev.label]] = 1.0
+    return y
 
 
-def load_splits(task: hear_tasks.Task, emb_dir: Path, splits: tuple[str, ...]) -> SplitData:
-    index = task.label_index
-    C = len(task.vocabulary)
-    xs, ys, files, offs, stamps, events = [], [], [], [0], [], []
-    for split in splits:
-        arr = load_split(emb_dir, split)
-        labels = task.split_labels(split)
-        names = [str(f) for f in arr["files"]]
-        if task.is_event:
-            if "frames" not in arr:
-                raise ValueError(
-                    f"{emb_dir}/{split}.npz has no frame embeddings; an event task needs them"
-                )
-            for i, name in enumerate(names):
-                a, b = int(arr["offsets"][i]), int(arr["offsets"][i + 1])
-                ts = arr["timestamps"][a:b]
-                y = np.zeros((b - a, C), np.float32)
-                for ev in labels[name]:
-                    y[(ts >= ev.start_ms) & (ts <= ev.end_ms), index[ev.label]] = 1.0
-                    events.append(
-                        {
-                            "file": f"{split}/{name}",
-                            "label": ev.label,
-                            "onset": ev.start_ms / 1000,
-                            "offset": ev.end_ms / 1000,
-                        }
-                    )
-                xs.append(arr["frames"][a:b])
-                ys.append(y)
-                stamps.append(ts)
-                offs.append(offs[-1] + (b - a))
-                files.append(f"{split}/{name}")
-        else:
-            y = np.zeros((len(names), C), np.float32)
-            for i, name in enumerate(names):
-                for lab in labels[name]:
-                    y[i, index[lab]] = 1.0
-            xs.append(arr["clip"])
-            ys.append(y)
-            files += [f"{split}/{n}" for n in names]
-    x = np.concatenate(xs).astype(np.float32)
-    y = np.concatenate(ys)
-    if task.is_event:
-        return SplitData(x, y, files, np.array(offs, np.int64), np.concatenate(stamps), events)
-    return SplitData(x, y, files)
+def load_splits(task: hear.Task, emb_dir: Path, splits: tuple[str, ...]) -> SplitData:
+    """The probe's inputs of ``splits``: clip or frame embeddings, HEAR's targets."""
+    return inputs.load_splits(task, emb_dir, splits, frame_targets)
 
 
 # -- event post-processing -----------------------------------------------------------------------------
@@ -246,7 +204,7 @@ def median_frames(median_ms: float, hop_ms: float) -> int:
 class Scorer:
     """Scores predictions of a split with the task's metrics (and picks event post-processing)."""
 
-    def __init__(self, task: hear_tasks.Task, cfg: ProbeConfig):
+    def __init__(self, task: hear.Task, cfg: ProbeConfig):
         self.task, self.cfg = task, cfg
         self.multiclass = task.prediction_type == "multiclass"
 
@@ -384,32 +342,19 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def run(
-    task_dir: str | Path,
-    emb_dir: str | Path,
-    cfg: ProbeConfig,
-    seed: int,
-    threads: int = 1,
-    stamp_section: dict | None = None,
-) -> dict:
-    torch.set_num_threads(max(1, threads))
-    task = hear_tasks.load_task(task_dir)
-    emb_dir = Path(emb_dir)
-    meta = load_meta(emb_dir)
-    scorer = Scorer(task, cfg)
-    check_every = int(cfg.check_every_by_task.get(task.name, cfg.check_every))
-    folds = task.folds()
-    points = grid(cfg, seed)
+def _search(
+    task: hear.Task, emb_dir: Path, cfg: ProbeConfig, scorer: Scorer, seed: int, check_every: int
+) -> tuple[Trained, list[dict], int]:
+    """The grid search on the first split: the best point's model, every point's record and the
+    number of training items."""
     from tqdm import tqdm
 
-    t0 = time.perf_counter()
-    first = folds[0]
+    first = task.folds()[0]
     tr, va = load_splits(task, emb_dir, first.train), load_splits(task, emb_dir, first.valid)
     search = []
     best: Trained | None = None
-    for hp in tqdm(
-        points, desc=f"probe {meta['model']}/{task.name} grid", unit="point", file=sys.stdout
-    ):
+    desc = f"probe {load_meta(emb_dir)['model']}/{task.name} grid"
+    for hp in tqdm(grid(cfg, seed), desc=desc, unit="point", file=sys.stdout):
         result = train(tr, va, hp, cfg, scorer, seed, check_every)
         search.append(
             {
@@ -428,41 +373,67 @@ def run(
             best = result
     assert best is not None
     log.info(f"best grid point: {best.hp} (validation {task.primary_metric} {best.val_score:.4f})")
+    return best, search, len(tr.x)
+
+
+def _test_split(
+    task: hear.Task, emb_dir: Path, fold: hear.Fold, trained: Trained, n_train: int, scorer: Scorer
+) -> dict:
+    """The record of one split: its test scores with the model trained on it."""
+    te = load_splits(task, emb_dir, fold.test)
+    probs = scorer.probabilities(predict(trained.model, torch.from_numpy(te.x)))
+    scores = {m: scorer.score(m, probs, te, trained.min_duration_ms) for m in task.evaluation}
+    log.info(
+        f"  split {fold.index} (test {', '.join(fold.test)}): "
+        + ", ".join(f"{m} {v:.4f}" for m, v in scores.items())
+    )
+    return {
+        "index": fold.index,
+        "train": list(fold.train),
+        "valid": list(fold.valid),
+        "test": list(fold.test),
+        "n_train": int(n_train),
+        "n_test": int(len(te.x)),
+        "val_score": trained.val_score,
+        "epochs": trained.epochs,
+        "best_epoch": trained.best_epoch,
+        "min_duration_ms": trained.min_duration_ms,
+        "scores": scores,
+    }
+
+
+def run(
+    task_dir: str | Path,
+    emb_dir: str | Path,
+    cfg: ProbeConfig,
+    seed: int,
+    threads: int,
+    stamp_section: dict,
+) -> dict:
+    """HEAR's probe on one task's embeddings: the grid searched on the first split, the best
+    point retrained on every split; returns the result (``stamp_section``: what the provenance
+    stamp hashes, the job's params)."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(max(1, threads))
+    task = hear.load_task(task_dir)
+    emb_dir = Path(emb_dir)
+    meta = load_meta(emb_dir)
+    scorer = Scorer(task, cfg)
+    check_every = int(cfg.check_every_by_task.get(task.name, cfg.check_every))
+    t0 = time.perf_counter()
+    best, search, n_first = _search(task, emb_dir, cfg, scorer, seed, check_every)
     fold_results = []
-    for fold in tqdm(
-        folds, desc=f"probe {meta['model']}/{task.name} splits", unit="split", file=sys.stdout
-    ):
-        if fold.index == 0:
-            trained = best
-        else:
+    desc = f"probe {meta['model']}/{task.name} splits"
+    for fold in tqdm(task.folds(), desc=desc, unit="split", file=sys.stdout):
+        trained, n_train = best, n_first
+        if fold.index != 0:
             tr, va = load_splits(task, emb_dir, fold.train), load_splits(task, emb_dir, fold.valid)
-            trained = train(tr, va, best.hp, cfg, scorer, seed, check_every)
-        te = load_splits(task, emb_dir, fold.test)
-        probs = scorer.probabilities(predict(trained.model, torch.from_numpy(te.x)))
-        scores = {m: scorer.score(m, probs, te, trained.min_duration_ms) for m in task.evaluation}
-        fold_results.append(
-            {
-                "index": fold.index,
-                "train": list(fold.train),
-                "valid": list(fold.valid),
-                "test": list(fold.test),
-                "n_train": int(len(tr.x)),
-                "n_test": int(len(te.x)),
-                "val_score": trained.val_score,
-                "epochs": trained.epochs,
-                "best_epoch": trained.best_epoch,
-                "min_duration_ms": trained.min_duration_ms,
-                "scores": scores,
-            }
-        )
-        log.info(
-            f"  split {fold.index} (test {', '.join(fold.test)}): "
-            + ", ".join(f"{m} {v:.4f}" for m, v in scores.items())
-        )
-    elapsed = time.perf_counter() - t0
+            trained, n_train = train(tr, va, best.hp, cfg, scorer, seed, check_every), len(tr.x)
+        fold_results.append(_test_split(task, emb_dir, fold, trained, n_train, scorer))
     summary = {m: _mean_std([f["scores"][m] for f in fold_results]) for m in task.evaluation}
     log.info(
-        f"probe done in {elapsed:.1f} s: "
+        f"probe done in {time.perf_counter() - t0:.1f} s: "
         + ", ".join(
             f"{m} {v['mean']:.4f} ± {v['std']:.4f}"
             for m, v in summary.items()
@@ -470,14 +441,7 @@ def run(
         )
     )
     return {
-        "method": "probe",
-        "model": meta["model"],
-        "task": task.name,
-        "task_dir": str(task_dir),
-        "task_mode": task.metadata.get("mode"),
-        "domain": task.metadata.get("domain"),
-        "embedding_type": task.embedding_type,
-        "split_mode": task.split_mode,
+        **inputs.result_fields("probe", meta, task, task_dir),
         "primary_metric": task.primary_metric,
         "metrics": summary,
         "best_hparams": asdict(best.hp),
@@ -487,28 +451,20 @@ def run(
         "protocol": protocol(cfg),
         "seed": seed,
         "embeddings_provenance": meta.get("provenance"),
-        "provenance": provenance.stamp(
-            stamp_section if stamp_section is not None else {"probe": asdict(cfg)}, seed
-        ),
+        "provenance": provenance.stamp(stamp_section, seed),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser(
-        "dasheng_pipeline.evaluation.probe", __doc__, "seed, probe (ProbeConfig keys)"
+    parser = inputs.scoring_parser(
+        "dasheng_pipeline.evaluation.protocols.hear_mlp", __doc__, "seed, probe (ProbeConfig keys)"
     )
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
     with logs.one_line_errors():
-        result = run(
-            args.task,
-            args.embeddings,
-            ProbeConfig.from_dict(params.get("probe")),
-            int(params.get("seed", 0)),
-            args.threads,
-            params,
-        )
+        seed, cfg = int(params["seed"]), ProbeConfig.from_dict(params["probe"])
+        result = run(args.task, args.embeddings, cfg, seed, args.threads, params)
     atomic.write_json(args.out, result)
 
 

@@ -1,4 +1,4 @@
-"""X-ARES task data (webdataset tar shards) → a HEAR task folder: ``python -m dasheng_pipeline.evaluation.xares_tasks``.
+"""X-ARES task data (webdataset tar shards) → a HEAR task folder: ``python -m dasheng_pipeline.evaluation.tasks.xares``.
 
 An X-ARES task (https://github.com/jimbozhang/xares, PyPI ``xares``) is a folder of webdataset tar
 shards: each sample is an audio member (``flac``, ``wav``, ``mp3``, ``ogg``, ``m4a``, ``wma``,
@@ -28,19 +28,18 @@ error (a :class:`TaskError` naming the task, the folder and the pattern).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dasheng_pipeline.common import atomic, logs, provenance
-from dasheng_pipeline.evaluation.hear_tasks import TaskError, normalise_label
+from dasheng_pipeline.evaluation.tasks.hear import TaskError, normalise_label
 
 log = logging.getLogger(__name__)
 
@@ -271,84 +270,68 @@ def file_name(key: str, ext: str) -> str:
     return (_SAFE.sub("_", key).strip("._") or "clip") + "." + ext
 
 
-def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None = None) -> dict:
-    """Read the task's shards and write the HEAR task folder ``out``; returns its metadata."""
-    root = Path(spec.path)
-    if not root.is_dir():
-        raise TaskError(
-            f"task {spec.name!r}: folder {str(root)!r} does not exist (download the X-ARES task there)"
-        )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.clean_stale_temps(out)
-    rejects: list[dict] = []
-    per_split: dict[str, list[Sample]] = {}
-    patterns = {}
+def read_splits(spec: XaresSpec, rejects: list[dict]) -> dict[str, list[Sample]]:
+    """Every split's samples, shard by shard; bad samples and shards go to ``rejects``."""
     from tqdm import tqdm
 
+    per_split: dict[str, list[Sample]] = {}
     for split in spec.split_names():
-        paths = shards(spec, split)
-        patterns[split] = spec.pattern(split)
         samples: list[Sample] = []
         for path in tqdm(
-            paths, desc=f"{spec.name}/{split}", unit="shard", file=sys.stdout, mininterval=5
+            shards(spec, split),
+            desc=f"{spec.name}/{split}",
+            unit="shard",
+            file=sys.stdout,
+            mininterval=5,
         ):
             samples += read_shard(path, spec, split, rejects)
         per_split[split] = samples
-    vocab = vocabulary(spec, [s for v in per_split.values() for s in v])
+    return per_split
+
+
+def write_split(
+    spec: XaresSpec, split: str, samples: list[Sample], vocab: list[str], out: Path, rejects: list
+) -> dict[str, Any]:
+    """Write a split's audio under ``16000/<split>/`` and return its ``<split>.json`` mapping;
+    samples with unknown labels or a repeated file name go to ``rejects``."""
     known = set(vocab)
-    contents: dict[str, dict] = {}
-    for split, samples in per_split.items():
-        audio_dir = out / "16000" / split
-        if audio_dir.exists():
-            shutil.rmtree(audio_dir)
-        audio_dir.mkdir(parents=True)
-        mapping: dict[str, Any] = {}
-        for s in samples:
-            labels = [ev["label"] for ev in s.target] if spec.kind == "frame" else s.target
-            unknown = sorted(set(labels) - known)
-            name = file_name(s.key, s.audio_ext)
-            reason = None
-            if unknown:
-                reason = (
-                    f"label(s) {unknown} not in the task's labels ({len(vocab)}); "
-                    "add them to 'labels' or fix the data"
-                )
-            elif name in mapping:
-                reason = f"duplicate key in split {split!r} (file name {name!r})"
-            if reason:
-                rejects.append({"split": split, "file": s.key, "shard": s.shard, "reason": reason})
-                continue
-            with open(
-                audio_dir / name, "wb"
-            ) as fh:  # the folder is the job's output: atomic as a whole
-                fh.write(s.audio)
-            mapping[name] = s.target
-        if not mapping:
-            atomic.write_json(out / "rejects.json", {"rejects": rejects})
-            raise TaskError(
-                f"task {spec.name!r}, folder {str(root)!r}, pattern {patterns[split]!r}: no usable sample "
-                f"in split {split!r} ({sum(r['split'] == split for r in rejects)} rejected, see "
-                f"{out / 'rejects.json'})"
+    audio_dir = out / "16000" / split
+    if audio_dir.exists():
+        shutil.rmtree(audio_dir)
+    audio_dir.mkdir(parents=True)
+    mapping: dict[str, Any] = {}
+    for s in samples:
+        labels = [ev["label"] for ev in s.target] if spec.kind == "frame" else s.target
+        unknown = sorted(set(labels) - known)
+        name = file_name(s.key, s.audio_ext)
+        reason = None
+        if unknown:
+            reason = (
+                f"label(s) {unknown} not in the task's labels ({len(vocab)}); "
+                "add them to 'labels' or fix the data"
             )
-        contents[split] = mapping
-        atomic.write_json(out / f"{split}.json", mapping)
-    for r in rejects:
-        log.warning(
-            f"task {spec.name!r}, split {r['split']!r}, shard {r['shard']!r}: skipped {r['file']!r}: {r['reason']}"
-        )
-    atomic.write_json(out / "rejects.json", {"rejects": rejects})
-    with atomic.atomic_open(out / "labelvocabulary.csv", "w", encoding="utf-8", newline="") as fh:
-        fh.write(
-            "idx,label\n" + "".join(f"{i},{_csv_cell(label)}\n" for i, label in enumerate(vocab))
-        )
+        elif name in mapping:
+            reason = f"duplicate key in split {split!r} (file name {name!r})"
+        if reason:
+            rejects.append({"split": split, "file": s.key, "shard": s.shard, "reason": reason})
+            continue
+        # the folder is the job's output: atomic as a whole
+        (audio_dir / name).write_bytes(s.audio)
+        mapping[name] = s.target
+    return mapping
+
+
+def task_metadata(
+    spec: XaresSpec, contents: dict[str, dict], rejects: list[dict], stamp: dict
+) -> dict:
+    """``task_metadata.json`` of the converted task, with its ``xares`` block."""
     splits = spec.split_names()
     n_test = (
         len(contents["test"])
         if spec.folds is None
         else round(sum(len(contents[s]) for s in splits) / len(splits))
     )
-    meta = {
+    return {
         "task_name": spec.name,
         "version": "xares",
         "mode": None,
@@ -367,20 +350,58 @@ def convert(spec: XaresSpec, out: str | Path, seed: int = 0, params: dict | None
             "weight": int(spec.weight) if spec.weight is not None else int(n_test),
             "test_clips": int(n_test),
             "name": spec.xares_name or spec.name,
-            "source": str(root),
-            "patterns": patterns,
+            "source": str(Path(spec.path)),
+            "patterns": {split: spec.pattern(split) for split in splits},
             "valid_is_test": spec.folds is None and spec.splits["valid"] == spec.splits["test"],
             "mlp": dict(spec.mlp),
             "rejected": len(rejects),
         },
-        "provenance": provenance.stamp(
-            params if params is not None else {"xares_task": asdict(spec)}, seed
-        ),
+        "provenance": stamp,
     }
+
+
+def convert(spec: XaresSpec, out: str | Path, seed: int, params: dict | None = None) -> dict:
+    """Read the task's shards and write the HEAR task folder ``out``; returns its metadata
+    (``params``: what the provenance stamp hashes, the job's params; by default the DAG's
+    ``{"seed": seed}``)."""
+    root = Path(spec.path)
+    if not root.is_dir():
+        raise TaskError(
+            f"task {spec.name!r}: folder {str(root)!r} does not exist (download the X-ARES task there)"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.clean_stale_temps(out)
+    rejects: list[dict] = []
+    per_split = read_splits(spec, rejects)
+    vocab = vocabulary(spec, [s for v in per_split.values() for s in v])
+    contents: dict[str, dict] = {}
+    for split, samples in per_split.items():
+        mapping = write_split(spec, split, samples, vocab, out, rejects)
+        if not mapping:
+            atomic.write_json(out / "rejects.json", {"rejects": rejects})
+            raise TaskError(
+                f"task {spec.name!r}, folder {str(root)!r}, pattern {spec.pattern(split)!r}: no usable "
+                f"sample in split {split!r} ({sum(r['split'] == split for r in rejects)} rejected, "
+                f"see {out / 'rejects.json'})"
+            )
+        contents[split] = mapping
+        atomic.write_json(out / f"{split}.json", mapping)
+    for r in rejects:
+        log.warning(
+            f"task {spec.name!r}, split {r['split']!r}, shard {r['shard']!r}: skipped {r['file']!r}: {r['reason']}"
+        )
+    atomic.write_json(out / "rejects.json", {"rejects": rejects})
+    with atomic.atomic_open(out / "labelvocabulary.csv", "w", encoding="utf-8", newline="") as fh:
+        fh.write(
+            "idx,label\n" + "".join(f"{i},{_csv_cell(label)}\n" for i, label in enumerate(vocab))
+        )
+    stamp = provenance.stamp({"seed": seed} if params is None else params, seed)
+    meta = task_metadata(spec, contents, rejects, stamp)
     atomic.write_json(out / "task_metadata.json", meta)
     log.info(
         f"{spec.name}: {meta['clips']} clips, {len(vocab)} labels, rejected {len(rejects)}; splits "
-        + ", ".join(f"{s} {len(contents[s])}" for s in splits)
+        + ", ".join(f"{s} {len(contents[s])}" for s in spec.split_names())
     )
     return meta
 
@@ -414,17 +435,14 @@ def write_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.xares_tasks",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.tasks.xares", __doc__)
     parser.add_argument("--name", required=True, help="task name (the config key)")
     parser.add_argument(
         "--spec",
         required=True,
         help="JSON: the task's config (path, label, kind, splits|folds, ...)",
     )
-    parser.add_argument("--params", default="{}", help="JSON: seed (and anything to stamp)")
+    parser.add_argument("--params", required=True, help="JSON: seed (and anything to stamp)")
     parser.add_argument("--out", required=True, help="HEAR task folder to write")
     args = parser.parse_args(argv)
     logs.setup()
@@ -433,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         convert(
             XaresSpec.from_config(args.name, json.loads(args.spec)),
             args.out,
-            int(params.get("seed", 0)),
+            int(params["seed"]),
             params,
         )
 

@@ -1,13 +1,14 @@
-"""Figures of the evaluation: ``python -m dasheng_pipeline.evaluation.plots``.
+"""Figures of the evaluation: ``python -m dasheng_pipeline.evaluation.report.plots``.
 
 - ``domains``: grouped bars of the primary probe score per domain (Env / Speech / Music / Other and
   their average), one bar per model, as the paper's Table 4;
 - ``tasks``: a radar of the primary probe score of every task, one polygon per model, like the
   paper's Figure 1 (bars when there are fewer than 3 tasks);
-- ``loss``: the training loss curve (:func:`dasheng_pipeline.training.curve.loss_curve`) of the run, or of
-  the CSV ``evaluation.training_metrics`` names;
-- ``downstream``: downstream score vs step, from the training's ``downstream.csv``
-  (:func:`dasheng_pipeline.training.downstream.downstream_curve`).
+- ``quick_checks``: the quick checks' score against the training step, from the training's
+  ``quick_checks.csv`` (:func:`dasheng_pipeline.common.quick_checks.quick_checks_curve`).
+
+(The loss curve of the report is the training stage's own figure, ``python -m
+dasheng_pipeline.training.curve``: the evaluation stage imports nothing of the training stage.)
 
 PNG files, written atomically, with the provenance stamp in the PNG's ``Description`` text chunk.
 Rendering uses matplotlib's Agg backend (no display needed).
@@ -15,7 +16,6 @@ Rendering uses matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dasheng_pipeline.common import logs, provenance
+from dasheng_pipeline.common import logs, provenance, quick_checks
 from dasheng_pipeline.common.figures import plt, save_png
 from dasheng_pipeline.evaluation.metrics import LOWER_IS_BETTER
-from dasheng_pipeline.evaluation.results import DOMAIN_TITLES, DOMAINS, domain_averages
-from dasheng_pipeline.training import curve, downstream
+from dasheng_pipeline.evaluation.report.results import DOMAIN_TITLES, DOMAINS, domain_averages
 
 log = logging.getLogger(__name__)
 
@@ -125,38 +124,26 @@ def task_radar(rows: list[dict], models: list[str], path: str | Path, stamp: dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.plots", description=__doc__.split("\n\n")[0]
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.report.plots", __doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("scores", help="domain bars and task radar from scores.csv")
     s.add_argument("--scores", required=True)
     s.add_argument("--domains", required=True, help="output PNG")
     s.add_argument("--tasks", required=True, help="output PNG")
-    s.add_argument("--params", default="{}", help="JSON: seed, models (order)")
-    lo = sub.add_parser("loss", help="training loss curve")
-    lo.add_argument("--metrics", required=True, help="CSV: step|epoch, train_loss, val_loss")
-    lo.add_argument("--out", required=True)
-    lo.add_argument("--params", default="{}")
-    dc = sub.add_parser("downstream", help="downstream score vs step (training's downstream.csv)")
-    dc.add_argument("--csv", required=True)
-    dc.add_argument("--out", required=True)
-    dc.add_argument("--params", default="{}")
+    s.add_argument("--params", required=True, help="JSON: seed, models (order)")
+    qc = sub.add_parser("quick_checks", help="quick checks' score vs step (quick_checks.csv)")
+    qc.add_argument("--csv", required=True)
+    qc.add_argument("--out", required=True)
+    qc.add_argument("--params", required=True, help="JSON: seed")
     args = parser.parse_args(argv)
-    if args.cmd == "downstream":
-        logs.setup()
-        params = json.loads(args.params)
-        downstream.downstream_curve(
-            args.csv, args.out, provenance.stamp(params, params.get("seed"))
-        )
-        return None
-    if args.cmd == "loss":  # the training stage's own plot, of this run's or a given metrics CSV
-        return curve.main(["--metrics", args.metrics, "--out", args.out, "--params", args.params])
     logs.setup()
     params = json.loads(args.params)
-    stamp = provenance.stamp(params, params.get("seed"))
+    stamp = provenance.stamp(params, params["seed"])
+    if args.cmd == "quick_checks":
+        quick_checks.quick_checks_curve(args.csv, args.out, stamp)
+        return
     rows = _read_scores(args.scores)
-    models = list(params.get("models") or dict.fromkeys(r["model"] for r in rows))
+    models = list(params["models"] or dict.fromkeys(r["model"] for r in rows))
     domain_bars(rows, models, args.domains, stamp)
     task_radar(rows, models, args.tasks, stamp)
     log.info("wrote %s and %s", args.domains, args.tasks)

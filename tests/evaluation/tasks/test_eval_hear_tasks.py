@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from eval_testutil import write_task
 
-from dasheng_pipeline.evaluation import hear_tasks
-from dasheng_pipeline.evaluation.hear_tasks import TaskError, folds_for, load_task
+from dasheng_pipeline.evaluation.tasks import hear as hear_tasks
+from dasheng_pipeline.evaluation.tasks.hear import TaskError, folds_for, load_task
 
 
 def test_reader_on_the_real_spoken_digit_fixture(hear_task):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dasheng_pipeline.evaluation import metrics
-from dasheng_pipeline.evaluation.probe import frames_to_events, median_frames
+from dasheng_pipeline.evaluation.protocols.hear_mlp import frames_to_events, median_frames
 
 
 def test_top1_pitch_and_chroma_accuracy():

@@ -1,5 +1,5 @@
 """Read HEAR task folders (the output of hear-preprocess, or the demo tasks of
-``dasheng_pipeline.evaluation.demo_tasks``).
+``dasheng_pipeline.evaluation.tasks.demo``).
 
 A task folder holds ``task_metadata.json``, ``labelvocabulary.csv`` (``idx,label``), one
 ``<split>.json`` per split (scene: ``{"file.wav": [label, ...]}``; event:
@@ -18,7 +18,6 @@ train = the other folds.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -357,28 +356,8 @@ def _audio_root(root: Path, where) -> tuple[Path, int]:
     return best, int(best.name)
 
 
-def load_task(root: str | os.PathLike) -> Task:  # noqa: C901 (to split: issue 24)
-    """Read and validate a task folder's metadata and vocabulary (split files are read lazily)."""
-    root = Path(root)
-    task_label = root.name
-
-    def where(filename: str, fieldname: str | None = None) -> str:
-        text = f"task {task_label!r}, file {str(root / filename)!r}"
-        return text + (f", field {fieldname!r}" if fieldname else "")
-
-    if not root.is_dir():
-        raise TaskError(f"task {task_label!r}: folder {str(root)!r} does not exist")
-    meta_path = root / METADATA
-    if not meta_path.is_file():
-        raise TaskError(f"{where(METADATA)}: missing (not a HEAR task folder?)")
-    meta = _read_object(meta_path, where(METADATA), "a JSON object")
-    name = _require(meta, "task_name", where, str)
-    if not name:
-        raise TaskError(f"{where(METADATA, 'task_name')}: empty")
-    task_label = name
-    _require(meta, "embedding_type", where, str, EMBEDDING_TYPES)
-    _require(meta, "prediction_type", where, str, PREDICTION_TYPES)
-    mode = _require(meta, "split_mode", where, str, SPLIT_MODES)
+def _check_metrics(meta: dict, where) -> None:
+    """``evaluation``: known metric names; an event task's primary metric is an event metric."""
     evaluation = _require(meta, "evaluation", where, list)
     if not evaluation or not all(isinstance(m, str) for m in evaluation):
         raise TaskError(
@@ -398,6 +377,10 @@ def load_task(root: str | os.PathLike) -> Task:  # noqa: C901 (to split: issue 2
         raise TaskError(
             f"{where(METADATA, 'prediction_type')}: event tasks are multilabel, got {meta['prediction_type']!r}"
         )
+
+
+def _check_splits(meta: dict, mode: str, where) -> list[str]:
+    """``splits`` (and ``nfolds`` of a k-fold task): unique plain names that fit the split mode."""
     splits = _require(meta, "splits", where, list)
     if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in splits):
         raise TaskError(
@@ -411,16 +394,33 @@ def load_task(root: str | os.PathLike) -> Task:  # noqa: C901 (to split: issue 2
                 f"{where(METADATA, 'splits')}: split_mode 'trainvaltest' needs splits "
                 f"{list(TRAINVALTEST)}, got {splits}"
             )
-    else:
-        nfolds = _require(meta, "nfolds", where, int)
-        if nfolds < 3:
-            raise TaskError(
-                f"{where(METADATA, 'nfolds')}: k-fold tasks need at least 3 folds, got {nfolds}"
-            )
-        if len(splits) != nfolds:
-            raise TaskError(
-                f"{where(METADATA, 'splits')}: {len(splits)} splits but nfolds is {nfolds}"
-            )
+        return splits
+    nfolds = _require(meta, "nfolds", where, int)
+    if nfolds < 3:
+        raise TaskError(
+            f"{where(METADATA, 'nfolds')}: k-fold tasks need at least 3 folds, got {nfolds}"
+        )
+    if len(splits) != nfolds:
+        raise TaskError(f"{where(METADATA, 'splits')}: {len(splits)} splits but nfolds is {nfolds}")
+    return splits
+
+
+def _read_metadata(root: Path, where) -> dict:
+    """``task_metadata.json``, every field checked; ``where`` names the task (by its
+    ``task_name`` once read)."""
+    meta_path = root / METADATA
+    if not meta_path.is_file():
+        raise TaskError(f"{where(METADATA)}: missing (not a HEAR task folder?)")
+    meta = _read_object(meta_path, where(METADATA), "a JSON object")
+    name = _require(meta, "task_name", where, str)
+    if not name:
+        raise TaskError(f"{where(METADATA, 'task_name')}: empty")
+    where.task = name
+    _require(meta, "embedding_type", where, str, EMBEDDING_TYPES)
+    _require(meta, "prediction_type", where, str, PREDICTION_TYPES)
+    mode = _require(meta, "split_mode", where, str, SPLIT_MODES)
+    _check_metrics(meta, where)
+    _check_splits(meta, mode, where)
     duration = meta.get("sample_duration")
     if duration is not None and (
         isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0
@@ -428,11 +428,32 @@ def load_task(root: str | os.PathLike) -> Task:  # noqa: C901 (to split: issue 2
         raise TaskError(
             f"{where(METADATA, 'sample_duration')}: expected seconds > 0 or null, got {duration!r}"
         )
+    return meta
+
+
+class _Where:
+    """``task 'x', file 'y', field 'z'`` for the messages about a task folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.task = root, root.name
+
+    def __call__(self, filename: str, fieldname: str | None = None) -> str:
+        text = f"task {self.task!r}, file {str(self.root / filename)!r}"
+        return text + (f", field {fieldname!r}" if fieldname else "")
+
+
+def load_task(root: str | os.PathLike) -> Task:
+    """Read and validate a task folder's metadata and vocabulary (split files are read lazily)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TaskError(f"task {root.name!r}: folder {str(root)!r} does not exist")
+    where = _Where(root)
+    meta = _read_metadata(root, where)
     vocabulary = _read_vocabulary(root, where)
     if meta["prediction_type"] == "multiclass" and len(vocabulary) < 2:
         raise TaskError(f"{where(VOCABULARY)}: a multiclass task needs at least 2 labels")
     audio_root, rate = _audio_root(root, where)
-    missing = [s for s in splits if not (audio_root / s).is_dir()]
+    missing = [s for s in meta["splits"] if not (audio_root / s).is_dir()]
     if missing:
         raise TaskError(f"{where(audio_root.name + '/')}: no audio folder for splits {missing}")
     return Task(
@@ -443,24 +464,3 @@ def load_task(root: str | os.PathLike) -> Task:  # noqa: C901 (to split: issue 2
 def load_audio(clip: Clip, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
     """A clip's audio, float32 mono at ``sample_rate`` (16 kHz), through ffmpeg."""
     return audio.decode(clip.path, sample_rate=sample_rate)
-
-
-def scoring_parser(
-    module: str, doc: str, params_help: str, threads: bool = True
-) -> argparse.ArgumentParser:
-    """The command line shared by the jobs that score a task's embeddings (probe, k-NN, X-ARES
-    protocols): ``--task``, ``--embeddings``, ``--params`` (JSON), ``--out`` (result JSON), ``--threads``."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
-    parser.add_argument(
-        "--task", required=True, help="task folder (HEAR format; X-ARES tasks after xares_tasks)"
-    )
-    parser.add_argument(
-        "--embeddings",
-        required=True,
-        help="folder written by python -m dasheng_pipeline.evaluation.embeddings",
-    )
-    parser.add_argument("--params", default="{}", help=f"JSON: {params_help}")
-    parser.add_argument("--out", required=True, help="result JSON")
-    if threads:
-        parser.add_argument("--threads", type=int, default=1)
-    return parser

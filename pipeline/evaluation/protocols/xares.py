@@ -1,4 +1,4 @@
-"""X-ARES's two protocols on frozen embeddings: ``python -m dasheng_pipeline.evaluation.xares_protocols``.
+"""X-ARES's two protocols on frozen embeddings: ``python -m dasheng_pipeline.evaluation.protocols.xares``.
 
 Read from X-ARES 0.1.3's own code (``xares/task.py``, ``xares/trainer.py``, ``xares/models/simple.py``),
 and checked against it in ``tests/evaluation/test_xares.py``:
@@ -49,8 +49,11 @@ import torch
 from torch import nn
 
 from dasheng_pipeline.common import atomic, logs, provenance, sections
-from dasheng_pipeline.evaluation import hear_tasks, metrics
-from dasheng_pipeline.evaluation.embeddings import load_meta, load_split
+from dasheng_pipeline.evaluation import metrics
+from dasheng_pipeline.evaluation.embeddings import load_meta
+from dasheng_pipeline.evaluation.protocols import inputs
+from dasheng_pipeline.evaluation.protocols.inputs import SplitData
+from dasheng_pipeline.evaluation.tasks import hear
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +86,11 @@ class KnnConfig:
 # -- the task as X-ARES sees it ---------------------------------------------------------------------
 
 
-def task_kind(task: hear_tasks.Task) -> str:
+def task_kind(task: hear.Task) -> str:
     return "frame" if task.is_event else task.prediction_type
 
 
-def task_info(task: hear_tasks.Task) -> dict:
+def task_info(task: hear.Task) -> dict:
     """X-ARES's view of a task folder: kind, metric, weight, name (from the ``xares`` block an X-ARES
     task carries; a HEAR task gets its kind's metric and its test size as weight)."""
     x = dict(task.metadata.get("xares") or {})
@@ -102,27 +105,21 @@ def task_info(task: hear_tasks.Task) -> dict:
     }
 
 
-def xares_folds(task: hear_tasks.Task) -> list[hear_tasks.Fold]:
+def xares_folds(task: hear.Task) -> list[hear.Fold]:
     """X-ARES's rotation: train/valid/test, or per fold i: train = the other folds, valid = test = fold i."""
     if task.split_mode == "trainvaltest":
-        return [hear_tasks.Fold(0, ("train",), ("valid",), ("test",))]
+        return [hear.Fold(0, ("train",), ("valid",), ("test",))]
     return [
-        hear_tasks.Fold(i, tuple(s for s in task.splits if s != held), (held,), (held,))
+        hear.Fold(i, tuple(s for s in task.splits if s != held), (held,), (held,))
         for i, held in enumerate(task.splits)
     ]
 
 
-@dataclass
-class Data:
-    x: np.ndarray  # (N, D) clip embeddings, or (ΣT, D) frames for frame tasks
-    y: np.ndarray  # (N, C) or (ΣT, C) float32 multi-hot
-    offsets: np.ndarray | None = None  # frame tasks: clip i is rows offsets[i]:offsets[i+1]
-
-
 def frame_targets(
-    events, n_frames: int, hop_ms: float, index: dict[str, int], C: int
+    events, timestamps: np.ndarray, hop_ms: float, index: dict[str, int], C: int
 ) -> np.ndarray:
     """X-ARES's frame labels: frame k is on for an event when ceil(onset / hop) <= k < ceil(offset / hop)."""
+    n_frames = len(timestamps)
     y = np.zeros((n_frames, C), np.float32)
     for ev in events:
         a, b = math.ceil(ev.start_ms / hop_ms - 1e-9), math.ceil(ev.end_ms / hop_ms - 1e-9)
@@ -130,34 +127,9 @@ def frame_targets(
     return y
 
 
-def load_data(task: hear_tasks.Task, emb_dir: Path, splits: tuple[str, ...]) -> Data:
-    index, C = task.label_index, len(task.vocabulary)
-    xs, ys, offs = [], [], [0]
-    for split in splits:
-        arr = load_split(emb_dir, split)
-        labels = task.split_labels(split)
-        names = [str(f) for f in arr["files"]]
-        if task.is_event:
-            if "frames" not in arr:
-                raise ValueError(
-                    f"{emb_dir}/{split}.npz has no frame embeddings; a frame task needs them"
-                )
-            ts = arr["timestamps"]
-            hop = float(np.median(np.diff(ts[: min(len(ts), 50)]))) if len(ts) > 1 else 40.0
-            for i, name in enumerate(names):
-                a, b = int(arr["offsets"][i]), int(arr["offsets"][i + 1])
-                xs.append(arr["frames"][a:b])
-                ys.append(frame_targets(labels[name], b - a, hop, index, C))
-                offs.append(offs[-1] + b - a)
-        else:
-            y = np.zeros((len(names), C), np.float32)
-            for i, name in enumerate(names):
-                for lab in labels[name]:
-                    y[i, index[lab]] = 1.0
-            xs.append(arr["clip"])
-            ys.append(y)
-    x = np.concatenate(xs).astype(np.float32)
-    return Data(x, np.concatenate(ys), np.array(offs, np.int64) if task.is_event else None)
+def load_data(task: hear.Task, emb_dir: Path, splits: tuple[str, ...]) -> SplitData:
+    """X-ARES's inputs of ``splits``: clip embeddings, or frames with X-ARES's frame labels."""
+    return inputs.load_splits(task, emb_dir, splits, frame_targets)
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -187,7 +159,7 @@ def segment_f1_macro(
     )
 
 
-def score(metric: str, logits: np.ndarray, data: Data, window: int = 25) -> float:
+def score(metric: str, logits: np.ndarray, data: SplitData, window: int = 25) -> float:
     if metric == "accuracy":
         return float((logits.argmax(1) == data.y.argmax(1)).mean())
     if metric == "mAP":
@@ -247,7 +219,7 @@ def cosine_lr(lr: float, epoch: int, epochs: int, decay_fraction: float = 0.1) -
     return lr + (end - lr) / 2 * (1 - math.cos(math.pi * (epoch - 1) / epochs))
 
 
-def _batches(data: Data, order: np.ndarray, batch_size: int):
+def _batches(data: SplitData, order: np.ndarray, batch_size: int):
     """Index arrays of rows per batch of ``batch_size`` items (clips; a frame task's clip is its frames)."""
     for i in range(0, len(order), batch_size):
         items = order[i : i + batch_size]
@@ -258,7 +230,13 @@ def _batches(data: Data, order: np.ndarray, batch_size: int):
 
 
 def train_mlp(
-    train: Data, valid: Data, kind: str, metric: str, cfg: MlpConfig, seed: int, window: int = 25
+    train: SplitData,
+    valid: SplitData,
+    kind: str,
+    metric: str,
+    cfg: MlpConfig,
+    seed: int,
+    window: int = 25,
 ) -> tuple[XaresMlp, dict]:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -299,89 +277,90 @@ def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
 # -- running a protocol on a task ------------------------------------------------------------------
 
 
-def run(
-    protocol: str,
-    task_dir: str | Path,
-    emb_dir: str | Path,
-    seed: int = 0,
-    mlp: dict | None = None,
-    knn: dict | None = None,
-    threads: int = 1,
-    stamp_section: dict | None = None,
+def _score_fold(
+    protocol: str, task: hear.Task, emb_dir: Path, fold: hear.Fold, info: dict, cfg: dict, seed: int
 ) -> dict:
-    """Score one task's embeddings with ``protocol`` (``xares_mlp`` or ``xares_knn``); returns the result
-    (``metrics[metric]`` = mean, std and per-fold scores, ``weight`` for X-ARES's weighted average)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
-    torch.set_num_threads(max(1, threads))
-    task = hear_tasks.load_task(task_dir)
-    emb_dir = Path(emb_dir)
-    meta = load_meta(emb_dir)
-    info = task_info(task)
-    kind, metric = info["kind"], info["metric"]
-    mlp_cfg = MlpConfig.from_dict({**(mlp or {}), **info["mlp"]})
-    knn_cfg = KnnConfig.from_dict(knn)
-    folds = xares_folds(task)
-    result = {
-        "method": protocol,
-        "model": meta["model"],
-        "task": task.name,
-        "task_dir": str(task_dir),
-        "task_mode": task.metadata.get("mode"),
-        "domain": task.metadata.get("domain"),
-        "embedding_type": task.embedding_type,
-        "split_mode": task.split_mode,
-        "kind": kind,
-        "primary_metric": metric,
+    """The record of one fold: its test score, and the MLP's training record."""
+    metric = info["metric"]
+    tr, te = load_data(task, emb_dir, fold.train), load_data(task, emb_dir, fold.test)
+    entry = {
+        "index": fold.index,
+        "train": list(fold.train),
+        "valid": list(fold.valid),
+        "test": list(fold.test),
+        "n_train": int(len(tr.x)),
+        "n_test": int(te.clips),
+    }
+    if protocol == "xares_knn":
+        knn = cfg["knn"]
+        votes = knn_predict(
+            tr.x, tr.y.argmax(1), te.x, len(task.vocabulary), knn.k, knn.temperature
+        )
+        entry["score"] = score(metric, votes, te)
+    else:
+        va = te if fold.valid == fold.test else load_data(task, emb_dir, fold.valid)
+        model, info_fit = train_mlp(tr, va, info["kind"], metric, cfg["mlp"], seed)
+        entry.update(info_fit)
+        entry["score"] = score(metric, predict(model, te.x), te)
+    log.info(f"  fold {fold.index} (test {', '.join(fold.test)}): {metric} {entry['score']:.4f}")
+    return entry
+
+
+def _result_header(protocol, task, task_dir, meta, info, folds, cfg, seed, stamp_section) -> dict:
+    return {
+        **inputs.result_fields(protocol, meta, task, task_dir),
+        "kind": info["kind"],
+        "primary_metric": info["metric"],
         "xares_name": info["name"],
         "xares_format": info["is_xares"],
         "rotation": "k-fold: train on the other folds, validate and test on the held-out fold"
         if len(folds) > 1
         else "train / valid / test",
-        "config": {"mlp": asdict(mlp_cfg)} if protocol == "xares_mlp" else {"knn": asdict(knn_cfg)},
+        "config": {"mlp": asdict(cfg["mlp"])}
+        if protocol == "xares_mlp"
+        else {"knn": asdict(cfg["knn"])},
         "seed": seed,
         "embeddings_provenance": meta.get("provenance"),
-        "provenance": provenance.stamp(
-            stamp_section
-            if stamp_section is not None
-            else {"protocol": protocol, "mlp": asdict(mlp_cfg), "knn": asdict(knn_cfg)},
-            seed,
-        ),
+        "provenance": provenance.stamp(stamp_section, seed),
     }
+
+
+def run(
+    protocol: str,
+    task_dir: str | Path,
+    emb_dir: str | Path,
+    seed: int,
+    mlp: dict,
+    knn: dict,
+    threads: int,
+    stamp_section: dict,
+) -> dict:
+    """Score one task's embeddings with ``protocol`` (``xares_mlp`` or ``xares_knn``); returns the result
+    (``metrics[metric]`` = mean, std and per-fold scores, ``weight`` for X-ARES's weighted average;
+    ``stamp_section``: what the provenance stamp hashes, the job's params)."""
+    from tqdm import tqdm
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+    torch.set_num_threads(max(1, threads))
+    task = hear.load_task(task_dir)
+    emb_dir = Path(emb_dir)
+    meta = load_meta(emb_dir)
+    info = task_info(task)
+    kind, metric = info["kind"], info["metric"]
+    cfg = {"mlp": MlpConfig.from_dict({**mlp, **info["mlp"]}), "knn": KnnConfig.from_dict(knn)}
+    folds = xares_folds(task)
+    result = _result_header(protocol, task, task_dir, meta, info, folds, cfg, seed, stamp_section)
     if protocol == "xares_knn" and kind != "multiclass":
         log.info(
             f"X-ARES k-NN skipped for {task.name}: {kind} task (X-ARES runs k-NN on multiclass tasks only)"
         )
         return {**result, "skipped": f"{kind} task", "metrics": {}, "folds": [], "weight": None}
-    from tqdm import tqdm
-
-    out_folds = []
-    for fold in tqdm(
-        folds, desc=f"{protocol} {meta['model']}/{task.name}", unit="fold", file=sys.stdout
-    ):
-        tr, te = load_data(task, emb_dir, fold.train), load_data(task, emb_dir, fold.test)
-        entry = {
-            "index": fold.index,
-            "train": list(fold.train),
-            "valid": list(fold.valid),
-            "test": list(fold.test),
-            "n_train": int(len(tr.x)),
-            "n_test": int(len(te.x) if te.offsets is None else len(te.offsets) - 1),
-        }
-        if protocol == "xares_knn":
-            votes = knn_predict(
-                tr.x, tr.y.argmax(1), te.x, len(task.vocabulary), knn_cfg.k, knn_cfg.temperature
-            )
-            entry["score"] = score(metric, votes, te)
-        else:
-            va = te if fold.valid == fold.test else load_data(task, emb_dir, fold.valid)
-            model, info_fit = train_mlp(tr, va, kind, metric, mlp_cfg, seed)
-            entry.update(info_fit)
-            entry["score"] = score(metric, predict(model, te.x), te)
-        out_folds.append(entry)
-        log.info(
-            f"  fold {fold.index} (test {', '.join(fold.test)}): {metric} {entry['score']:.4f}"
-        )
+    desc = f"{protocol} {meta['model']}/{task.name}"
+    out_folds = [
+        _score_fold(protocol, task, emb_dir, fold, info, cfg, seed)
+        for fold in tqdm(folds, desc=desc, unit="fold", file=sys.stdout)
+    ]
     values = np.array([f["score"] for f in out_folds], np.float64)
     n_test = int(round(np.mean([f["n_test"] for f in out_folds])))
     summary = {
@@ -389,9 +368,7 @@ def run(
         "std": float(np.nanstd(values)),
         "folds": [float(v) for v in values],
     }
-    log.info(
-        f"{protocol} {meta['model']}/{task.name}: {metric} {summary['mean']:.4f} ± {summary['std']:.4f}"
-    )
+    log.info(f"{desc}: {metric} {summary['mean']:.4f} ± {summary['std']:.4f}")
     weight = info["weight"] if info["weight"] is not None else n_test
     return {
         **result,
@@ -402,69 +379,19 @@ def run(
     }
 
 
-def evaluate_task(
-    task: str | Path | dict,
-    model: dict,
-    protocol: str,
-    work_dir: str | Path,
-    *,
-    name: str | None = None,
-    model_name: str = "model",
-    seed: int = 0,
-    batch_size: int = 16,
-    threads: int = 1,
-    mlp: dict | None = None,
-    knn: dict | None = None,
-) -> dict:
-    """Evaluate one task for one encoder with one protocol, end to end, and return the result dict.
-
-    ``task``: a HEAR task folder, or an X-ARES task's config (``{"path": ..., "label": ..., "kind": ...,
-    "splits" | "folds": ...}``, as under ``evaluation.tasks``), converted first into
-    ``work_dir/task``; ``model``: a model spec as under ``models:`` (``{"type": "checkpoint", "path":
-    ...}``, ``{"type": "random", "size": "base"}``, ``{"type": "logmel"}``); ``protocol``: ``xares_mlp``
-    or ``xares_knn``. The embeddings go to ``work_dir/embeddings/<model_name>`` (reused when there).
-    The score is ``result["metrics"][result["primary_metric"]]["mean"]``.
-    """
-    from dasheng_pipeline.evaluation import embeddings, xares_tasks
-
-    work_dir = Path(work_dir)
-    if isinstance(task, dict):
-        spec = xares_tasks.XaresSpec.from_config(name or Path(task["path"]).name, task)
-        task_dir = work_dir / "task"
-        if not (task_dir / "task_metadata.json").is_file():
-            xares_tasks.convert(spec, task_dir, seed)
-    else:
-        task_dir = Path(task)
-    emb_dir = work_dir / "embeddings" / model_name
-    if not (emb_dir / "meta.json").is_file():
-        embeddings.run(
-            task_dir, model_name, model, {"seed": seed, "batch_size": batch_size}, emb_dir, threads
-        )
-    return run(protocol, task_dir, emb_dir, seed, mlp, knn, threads)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = hear_tasks.scoring_parser(
-        "dasheng_pipeline.evaluation.xares_protocols",
+    parser = inputs.scoring_parser(
+        "dasheng_pipeline.evaluation.protocols.xares",
         __doc__,
-        "seed, xares {mlp {epochs, lr, batch_size}, knn {k, temperature}}",
+        "seed, xares {mlp {epochs, lr, batch_size, decay_fraction}, knn {k, temperature}}",
     )
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS)
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    x = params.get("xares", {})
+    seed, x, task, emb = int(params["seed"]), params["xares"], args.task, args.embeddings
     with logs.one_line_errors():
-        result = run(
-            args.protocol,
-            args.task,
-            args.embeddings,
-            int(params.get("seed", 0)),
-            x.get("mlp"),
-            x.get("knn"),
-            args.threads,
-            params,
-        )
+        result = run(args.protocol, task, emb, seed, x["mlp"], x["knn"], args.threads, params)
     atomic.write_json(args.out, result)
 
 

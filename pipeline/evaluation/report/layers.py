@@ -1,54 +1,45 @@
-"""Layer-wise probe: ``python -m dasheng_pipeline.evaluation.layers {score,table}``.
+"""Layer-wise probe: ``python -m dasheng_pipeline.evaluation.report.layers {score,table}``.
 
-- ``score``: one model on one quick set (``dasheng_pipeline.evaluation.quickset``): the clip embeddings of
-  every block (``dasheng_model.embed.embed_layers``) scored with the quick k-NN and linear probe of the
-  pre-training checks (``dasheng_pipeline.training.downstream.quick_scores``); the log-mel baseline has
-  one "layer" (0: the clip's mean log-mel); a HEAR module has none (no rows). → JSON.
+- ``score``: one model on one quick set (``dasheng_pipeline.evaluation.tasks.quick_sets``): the clip
+  embeddings of every block (``dasheng_model.embed.embed_layers``) scored with the quick checks'
+  k-NN and linear probe (:mod:`dasheng_pipeline.common.quick_checks`, as during pre-training); the
+  log-mel baseline has one "layer" (0: the clip's mean log-mel); a HEAR module has none (no rows).
+  → JSON.
 - ``table``: every score JSON → ``layers.csv`` (model, task, method, layer, score),
   ``layers.md`` (per task: one row per layer, one column per model and method) and
   ``layers.png`` (per task: score against depth, one line per model).
 
 This is the quick protocol (a linear read-out on clip means, the task's first split), not the
 HEAR probe: it shows where in the network a property is linearly available, and how that moves
-with training. The paper's tables use the last layer and the HEAR probe (``probe``, ``knn``).
+with training. The paper's tables use the last layer and the HEAR probe (``protocols``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from dasheng_pipeline.common import atomic, logs, provenance
 from dasheng_pipeline.common.figures import plt, save_png
-from dasheng_pipeline.evaluation.embeddings import EncoderEmbedder, LogMelEmbedder, build_embedder
-from dasheng_pipeline.training.downstream import (
+from dasheng_pipeline.common.quick_checks import (
     METHODS,
-    QuickTask,
     layer_scores,
-    load_quick_task,
+    load_quick_set,
+    logmel_features,
     quick_scores,
 )
+from dasheng_pipeline.evaluation.embeddings import EncoderEmbedder, LogMelEmbedder, build_embedder
 
 log = logging.getLogger(__name__)
 
 FIELDS = ["model", "task", "method", "layer", "score"]
 
 
-def logmel_features(task: QuickTask) -> np.ndarray:
-    """(n, 64): each clip's mean dB log-mel over its real frames."""
-    T = task.mel.shape[2]
-    real = np.arange(T)[None, :] < task.valid_frames[:, None]  # (n, T)
-    mel = task.mel.astype(np.float32)
-    return (mel * real[:, None, :]).sum(2) / task.valid_frames[:, None]
-
-
-def score(quick: str | Path, model_name: str, spec: dict, seed: int = 0, k: int = 10) -> dict:
-    task = load_quick_task(quick)
+def score(quick: str | Path, model_name: str, spec: dict, seed: int, k: int) -> dict:
+    """Every block of one model scored on one quick set (rows: model, task, method, layer, score)."""
+    task = load_quick_set(quick)
     embedder = build_embedder({**spec, "layer": None}, seed)  # every block is scored
     if isinstance(embedder, EncoderEmbedder):
         rows = layer_scores(embedder.encoder, task, k, "all")
@@ -73,7 +64,8 @@ def score(quick: str | Path, model_name: str, spec: dict, seed: int = 0, k: int 
     }
 
 
-def table(inputs: list[str], out_dir: str | Path, plot: str | Path, seed: int = 0) -> list[dict]:
+def table(inputs: list[str], out_dir: str | Path, plot: str | Path, seed: int) -> list[dict]:
+    """Every score JSON → ``layers.csv``, ``layers.md`` and the plot."""
     rows = [r for path in inputs for r in json.loads(Path(path).read_text())["rows"]]
     out_dir = Path(out_dir)
     stamp = provenance.stamp({"inputs": sorted(Path(p).name for p in inputs)}, seed)
@@ -165,28 +157,28 @@ def _plot(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.layers", description=__doc__.split("\n\n")[0]
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.report.layers", __doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="one model on one quick set → JSON")
     s.add_argument(
-        "--quick", required=True, help=".npz from python -m dasheng_pipeline.evaluation.quickset"
+        "--quick",
+        required=True,
+        help=".npz from python -m dasheng_pipeline.evaluation.tasks.quick_sets",
     )
     s.add_argument("--model", required=True)
     s.add_argument("--spec", required=True, help="JSON model spec (as for the embeddings)")
-    s.add_argument("--params", default="{}", help="JSON: seed, k")
+    s.add_argument("--params", required=True, help="JSON: seed, k")
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("table", help="score JSONs → layers.csv, layers.md, layers.png")
     t.add_argument("--inputs", nargs="+", required=True)
     t.add_argument("--out-dir", required=True)
-    t.add_argument("--plot", required=True)
-    t.add_argument("--params", default="{}", help="JSON: seed")
+    t.add_argument("--params", required=True, help="JSON: seed")
+    t.add_argument("--plot", required=True, help="layers.png to write")
     args = parser.parse_args(argv)
     logs.setup()
     params = json.loads(args.params)
-    seed = int(params.get("seed", 0))
+    seed = int(params["seed"])
     with logs.one_line_errors():
         if args.cmd == "score":
             import torch
@@ -194,9 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(max(1, args.threads))
             atomic.write_json(
                 args.out,
-                score(
-                    args.quick, args.model, json.loads(args.spec), seed, int(params.get("k", 10))
-                ),
+                score(args.quick, args.model, json.loads(args.spec), seed, int(params["k"])),
             )
         else:
             table(args.inputs, args.out_dir, args.plot, seed)

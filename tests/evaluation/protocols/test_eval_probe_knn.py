@@ -6,16 +6,29 @@ import numpy as np
 import pytest
 import torch
 from eval_testutil import SR, separable_task, write_task
+from helpers import REPO
 
 from dasheng_model.checkpoint import save_checkpoint
 from dasheng_model.embed import embed
 from dasheng_model.encoder import DashengEncoder
 from dasheng_model.frontend import LogMel
 from dasheng_pipeline.evaluation import embeddings as extract
-from dasheng_pipeline.evaluation import hear_tasks, knn, probe
-from dasheng_pipeline.evaluation.probe import HParams, ProbeConfig
+from dasheng_pipeline.evaluation.protocols import hear_mlp as probe
+from dasheng_pipeline.evaluation.protocols import knn
+from dasheng_pipeline.evaluation.protocols.hear_mlp import HParams, ProbeConfig
+from dasheng_pipeline.evaluation.tasks import hear as hear_tasks
 
 FAST = {"grid_points": 2, "max_epochs": 120, "patience": 10}
+KNN = {"k": 10, "use_valid": True}
+
+
+def run_probe(task, emb, cfg: dict) -> dict:
+    """The probe as its job runs it, with seed 0 (cfg: evaluation.probe keys, HEAR's otherwise)."""
+    return probe.run(task, emb, ProbeConfig.from_dict(cfg), 0, 1, {"seed": 0, "probe": cfg})
+
+
+def run_knn(task, emb) -> dict:
+    return knn.run(task, emb, KNN["k"], KNN["use_valid"], 0, {"seed": 0, "knn": KNN})
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +61,19 @@ def test_logmel_baseline_embeddings(separable):
 
 def test_linearly_separable_task_reaches_095_with_the_logmel_baseline(separable):
     task_dir, emb = separable
-    result = probe.run(task_dir, emb, ProbeConfig.from_dict(FAST), seed=0)
+    result = run_probe(task_dir, emb, FAST)
     assert result["primary_metric"] == "top1_acc"
     assert result["metrics"]["top1_acc"]["mean"] >= 0.95
     assert len(result["grid"]) == 2 and result["folds"][0]["n_test"] == 12
     assert set(result["provenance"]) == {"config_hash", "seed", "versions", "git_sha"}
     # deterministic: the same seed gives the same scores and search
-    again = probe.run(task_dir, emb, ProbeConfig.from_dict(FAST), seed=0)
+    again = run_probe(task_dir, emb, FAST)
     assert again["grid"] == result["grid"] and again["metrics"] == result["metrics"]
 
 
 def test_knn_on_the_separable_task(separable):
     task_dir, emb = separable
-    result = knn.run(task_dir, emb, k=10)
+    result = run_knn(task_dir, emb)
     assert result["metrics"]["top1_acc"]["mean"] >= 0.9
     assert (
         result["folds"][0]["n_references"] == 24 and result["folds"][0]["n_test"] == 12
@@ -231,12 +244,10 @@ def test_event_probe_finds_tone_bursts(tmp_path):
         seconds=2.0,
     )
     extract.run(task, "logmel", {"type": "logmel"}, {"frames": "events"}, tmp_path / "emb")
-    result = probe.run(
-        task, tmp_path / "emb", ProbeConfig.from_dict({**FAST, "hidden_layers": [1]}), seed=0
-    )
+    result = run_probe(task, tmp_path / "emb", {**FAST, "hidden_layers": [1]})
     assert result["metrics"]["event_onset_200ms_fms"]["mean"] >= 0.75
     assert result["folds"][0]["min_duration_ms"] in (125, 250)
-    skipped = knn.run(task, tmp_path / "emb")
+    skipped = run_knn(task, tmp_path / "emb")
     assert skipped["skipped"] == "event task" and skipped["metrics"] == {}
 
 
@@ -249,20 +260,16 @@ def test_the_demo_probe_protocol_fits_as_the_full_hear_grid(tmp_path):
     (1 step per epoch, 2 grid points, patience 8) stopped before it fit, 4 clips below (70.8)."""
     import yaml
 
-    from dasheng_pipeline.evaluation import demo_tasks
+    from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
 
     task = tmp_path / "demo_pitch"
     demo_tasks.generate("demo_pitch", task, seed=0, scale=0.5)
     emb = tmp_path / "emb"
     extract.run(task, "logmel", {"type": "logmel"}, {"seed": 0}, emb)
-    from pathlib import Path
-
-    demo_cfg = yaml.safe_load((Path(__file__).parents[2] / "config/config.yaml").read_text())[
-        "evaluation"
-    ]["probe"]
+    demo_cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())["evaluation"]["probe"]
 
     def score(cfg: dict) -> float:
-        out = probe.run(task, emb, ProbeConfig.from_dict(cfg), seed=0)
+        out = run_probe(task, emb, cfg)
         return out["metrics"]["pitch_acc"]["mean"]
 
     clip = 1 / 24  # one test clip

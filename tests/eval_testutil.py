@@ -1,4 +1,4 @@
-"""Helpers of the evaluation tests (imported by name: pytest puts this folder on sys.path)."""
+"""Helpers of the evaluation tests (tests/evaluation/ and its sub-folders import it by name: tests/ is on sys.path)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dasheng_pipeline.evaluation.demo_tasks import wav_bytes
+from dasheng_pipeline.evaluation.tasks.demo import wav_bytes
 
 SR = 16000
 

@@ -21,7 +21,6 @@ carries ``domain`` (env/speech/music) and the provenance stamp.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -438,45 +437,40 @@ def clip_plan(spec: Spec, scale: float) -> list[str]:
     return [label for _ in range(per_class) for label in spec.labels]
 
 
-def generate(
-    name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None
-) -> dict:
-    """Write task ``name`` to folder ``out``; returns its metadata."""
-    if name not in SPECS:
-        raise ValueError(f"unknown demo task {name!r}; expected one of {sorted(SPECS)}")
-    spec = SPECS[name]
-    out = Path(out)
-    plan = clip_plan(spec, scale)
+def split_names(spec: Spec) -> list[str]:
+    if spec.split_mode == "trainvaltest":
+        return ["train", "valid", "test"]
+    return [f"fold{i:02d}" for i in range(spec.nfolds)]
+
+
+def _write_clips(spec: Spec, out: Path, seed: int, plan: list[str]) -> dict[str, dict]:
+    """Synthesise every clip of the plan into ``16000/<split>/``; returns each split's labels."""
+    from tqdm import tqdm
+
     splits_of = (
         assign_splits(spec, plan) if spec.embedding_type == "scene" else _event_splits(len(plan))
     )
-    split_names = (
-        ["train", "valid", "test"]
-        if spec.split_mode == "trainvaltest"
-        else [f"fold{i:02d}" for i in range(spec.nfolds)]
-    )
     n = int(round(spec.seconds * SR))
-    out.mkdir(parents=True, exist_ok=True)
-    contents: dict[str, dict] = {s: {} for s in split_names}
-    from tqdm import tqdm
-
+    contents: dict[str, dict] = {s: {} for s in split_names(spec)}
     for index, (label, split) in enumerate(
-        tqdm(list(zip(plan, splits_of)), desc=name, unit="clip", file=sys.stdout, mininterval=5)
+        tqdm(
+            list(zip(plan, splits_of)), desc=spec.name, unit="clip", file=sys.stdout, mininterval=5
+        )
     ):
         rng = np.random.default_rng([seed, spec.stream, index])
-        samples, events = MAKERS[name](rng, label, n)
-        fname = f"{name}-{index:05d}.wav"
+        samples, events = MAKERS[spec.name](rng, label, n)
+        fname = f"{spec.name}-{index:05d}.wav"
         atomic.write_bytes(out / str(SR) / split / fname, wav_bytes(samples))
         if spec.embedding_type == "event":
             contents[split][fname] = list(events)
         else:
             contents[split][fname] = [int(label) if spec.numeric_labels else label]
-    for split, mapping in contents.items():
-        atomic.write_json(out / f"{split}.json", mapping)
-    with atomic.atomic_open(out / "labelvocabulary.csv", "w", encoding="utf-8", newline="") as fh:
-        fh.write("idx,label\n" + "".join(f"{i},{label}\n" for i, label in enumerate(spec.labels)))
+    return contents
+
+
+def _metadata(spec: Spec, clips: int, stamp: dict) -> dict:
     meta = {
-        "task_name": name,
+        "task_name": spec.name,
         "version": VERSION,
         "mode": "full",
         "embedding_type": spec.embedding_type,
@@ -484,19 +478,40 @@ def generate(
         "split_mode": spec.split_mode,
         "sample_duration": spec.seconds,
         "evaluation": list(spec.evaluation),
-        "splits": split_names,
+        "splits": split_names(spec),
         "domain": spec.domain,
-        "clips": len(plan),
-        "provenance": provenance.stamp(
-            params if params is not None else {"task": name, "scale": scale}, seed, audio.versions()
-        ),
+        "clips": clips,
+        "provenance": stamp,
     }
     if spec.nfolds:
         meta["nfolds"] = spec.nfolds
+    return meta
+
+
+def generate(
+    name: str, out: str | Path, seed: int, scale: float, params: dict | None = None
+) -> dict:
+    """Write task ``name`` to folder ``out``; returns its metadata (``params``: what the
+    provenance stamp hashes, the job's params; by default the DAG's)."""
+    if name not in SPECS:
+        raise ValueError(f"unknown demo task {name!r}; expected one of {sorted(SPECS)}")
+    spec = SPECS[name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = clip_plan(spec, scale)
+    contents = _write_clips(spec, out, seed, plan)
+    for split, mapping in contents.items():
+        atomic.write_json(out / f"{split}.json", mapping)
+    with atomic.atomic_open(out / "labelvocabulary.csv", "w", encoding="utf-8", newline="") as fh:
+        fh.write("idx,label\n" + "".join(f"{i},{label}\n" for i, label in enumerate(spec.labels)))
+    if params is None:
+        params = {"seed": seed, "demo_tasks": {"scale": scale}}
+    stamp = provenance.stamp(params, seed, audio.versions())
+    meta = _metadata(spec, len(plan), stamp)
     atomic.write_json(out / "task_metadata.json", meta)
     log.info(
         f"{name}: {len(plan)} clips of {spec.seconds:g} s, {len(spec.labels)} labels, splits "
-        + ", ".join(f"{s} {len(contents[s])}" for s in split_names)
+        + ", ".join(f"{s} {len(contents[s])}" for s in meta["splits"])
     )
     return meta
 
@@ -521,12 +536,12 @@ def xares_config(name: str, path: str) -> dict:
 
 
 def generate_xares(
-    name: str, out: str | Path, seed: int, scale: float = 1.0, params: dict | None = None
+    name: str, out: str | Path, seed: int, scale: float, params: dict | None = None
 ) -> list[Path]:
     """Demo task ``name`` as an X-ARES task: webdataset shards in ``out`` (``wds-audio-fold-<k>-000000.tar``
     or ``wds-audio-<split>-000000.tar``), each sample a wav and a json ``{"label": ...}`` (events:
     ``{"label": [{onset, offset, label}, ...]}`` in seconds). The same clips as the HEAR demo task."""
-    from dasheng_pipeline.evaluation import xares_tasks
+    from dasheng_pipeline.evaluation.tasks import xares
 
     out = Path(out)
     hear_dir = out / ".hear"
@@ -550,7 +565,7 @@ def generate_xares(
             if split.startswith("fold")
             else f"wds-audio-{split}-*.tar"
         )
-        written += xares_tasks.write_shards(samples, out / stem)
+        written += xares.write_shards(samples, out / stem)
     shutil.rmtree(hear_dir)
     log.info(f"{name}: X-ARES shards in {out}: {', '.join(p.name for p in written)}")
     return written
@@ -561,10 +576,7 @@ def _event_splits(count: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m dasheng_pipeline.evaluation.demo_tasks",
-        description=__doc__.split("\n\n")[0],
-    )
+    parser = logs.entry_parser("dasheng_pipeline.evaluation.tasks.demo", __doc__)
     parser.add_argument("--task", required=True, choices=sorted(SPECS))
     parser.add_argument("--params", required=True, help="JSON: seed, demo_tasks (scale, speech)")
     parser.add_argument("--out", required=True, help="task folder to write")
