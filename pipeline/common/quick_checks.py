@@ -368,8 +368,7 @@ def quick_checks_curve(csv_path: str | Path, path: str | Path, stamp: dict) -> N
         _plot_method(ax, rows, tasks, method, style)
     ax.set_xlabel("training step")
     ax.set_ylabel("top-1 accuracy (%)")
-    # the title it had as downstream.png, kept: the renamed file is the same figure
-    ax.set_title("Downstream score vs step (k-NN dashed, linear probe solid; last layer)")
+    ax.set_title("Quick-check score vs step (k-NN dashed, linear probe solid; last layer)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     save_png(fig, path, stamp)
