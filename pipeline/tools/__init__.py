@@ -1,6 +1,7 @@
 """The user-facing operations, as plain functions; ``dasheng_pipeline.cli`` is a thin command line over them.
 
 - :func:`embed_files` — audio files, folders or lists → one Parquet row per file (``embed``);
+- :func:`read_embeddings` — an ``embed`` output → paths, clip embeddings (N, D), frames per file;
 - :func:`evaluate_task` — a HEAR task folder → the DAG's probe and k-NN scores (``evaluate``);
 - :func:`finetune` — labelled audio → a classifier on the encoder (``finetune``);
 - :func:`predict` — a classifier → top-k labels per file or per 10 s chunk (``predict``);
@@ -15,6 +16,7 @@ import importlib
 
 _WHERE = {
     "embed_files": "dasheng_pipeline.tools.embed",
+    "read_embeddings": "dasheng_pipeline.tools.store",
     "evaluate_task": "dasheng_pipeline.tools.evaluate",
     "finetune": "dasheng_pipeline.tools.finetune",
     "predict": "dasheng_pipeline.tools.predict",
