@@ -17,11 +17,13 @@ recording's log-mel into these windows itself (:func:`split_windows`) and runs t
 - :class:`WindowBatcher`: windows from any number of recordings in, frame embeddings out, in
   batches. Windows of the same length (in mel frames) go together without padding: the same
   numbers, bit for bit, as the window alone (the encoder's results do not depend on unpadded
-  batch mates). When more than ``pool`` windows wait (many different lengths), the longest
-  ``batch_size`` of them run together, padded to the longest and masked (padded tokens are never
-  attended to and drop out of the sums): equal to the window alone within float rounding (about
-  1e-6). The order in which windows arrive decides the batches, so the same inputs in the same
-  order give the same bytes.
+  batch mates). Only when more than ``pool`` windows of other lengths wait (a corpus of clips of
+  many lengths) do the longest ``batch_size`` of them run together, padded to the longest and
+  masked (padded tokens are never attended to and drop out of the sums): equal to the window
+  alone within float rounding (about 1e-6); :meth:`WindowBatcher.flush` never pads. So a long
+  recording (full windows and one shorter last window) gives the same bits as the encoder on the
+  whole recording, and the order in which windows arrive decides the batches: the same inputs in
+  the same order give the same bytes.
 - :func:`embed_mels`: whole log-mels in memory → frames and clip embeddings per item.
 
 A clip embedding is the mean of the item's frames: each window's frames are summed in float32
@@ -148,7 +150,8 @@ class WindowBatcher:
     """Windows in (:meth:`add`), results out as their batches run; :meth:`flush` runs the rest.
 
     ``batch_size``: windows per forward pass; ``pool``: windows that may wait for a batch of their
-    own length before the longest run together padded (default 4 × ``batch_size``).
+    own length before the longest run together padded (default 4 × ``batch_size``; the evaluation
+    uses ``batch_size - 1``: a batch of clips of different lengths runs padded, as HEAR's does).
     """
 
     def __init__(
@@ -192,10 +195,12 @@ class WindowBatcher:
         return done
 
     def flush(self) -> list[Window]:
-        """Run every waiting window (longest first, padded together)."""
+        """Run every waiting window, longest first, each length on its own (no padding)."""
         done = []
-        while self.waiting:
-            done += self._run(self._longest())
+        for frames in sorted(self._waiting, reverse=True):
+            same = self._waiting.pop(frames)
+            for b in range(0, len(same), self.batch_size):
+                done += self._run(same[b : b + self.batch_size])
         return done
 
     def _longest(self) -> list[tuple[int, Hashable, torch.Tensor]]:
@@ -270,10 +275,11 @@ def embed_mels(
     batch_size: int = 8,
     dtype="fp32",
     layer: Layer = "last",
+    pool: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Whole dB log-mels (64, T_i) → per item (frames (T_i // 4, D), clip (D,)), float32 on the CPU,
     through a :class:`WindowBatcher` (the windows of all items batched together)."""
-    batcher = WindowBatcher(encoder, batch_size, dtype, layer)
+    batcher = WindowBatcher(encoder, batch_size, dtype, layer, pool)
     dim = encoder.embed_dim
     items: list[Pooled] = []
     for i, mel in enumerate(mels):

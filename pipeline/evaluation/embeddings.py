@@ -105,7 +105,9 @@ class EncoderEmbedder(Embedder):
             for x in batch:  # at least one token: shorter clips padded with silence
                 x = np.pad(x, (0, max(0, SAMPLES_PER_TOKEN - x.size)))
                 mels.append(self.logmel(torch.from_numpy(x)[None])[0])
-        out = embed_mels(self.encoder, mels, self.batch_size, self.dtype, self.layer)
+        # the batch's clips together: padded (masked) when their lengths differ
+        pool = self.batch_size - 1
+        out = embed_mels(self.encoder, mels, self.batch_size, self.dtype, self.layer, pool)
         return [
             (frames.numpy(), frame_times_ms(frames.shape[0]).numpy(), clip.numpy())
             for frames, clip in out

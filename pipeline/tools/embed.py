@@ -394,7 +394,7 @@ def _merge(run: _Run, old_rejects: dict[str, inputs.Reject]) -> None:
     empty = store.schema(run.model.dim, run.with_frames).empty_table()
     table = pa.concat_tables([empty, *tables])
     last = {p: i for i, p in enumerate(table.column("path").to_pylist())}
-    table = table.take(sorted(last.values())).sort_by("path")
+    table = table.take(pa.array(sorted(last.values()), pa.int64())).sort_by("path")
     if parts.is_dir() or not out.is_file():
         store.write_table(table, out, run.meta)
     if run.with_frames:
