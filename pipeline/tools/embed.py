@@ -490,19 +490,22 @@ def embed_files(
     device: str = "auto",
     dtype: str = "fp32",
     decode_threads: int = 2,
-    flush_s: float = FLUSH_S,
+    flush_s: float | None = None,
     progress: bool = True,
 ) -> Summary:
     """Embed every audio file named by ``inputs_`` into ``out`` (Parquet); see the module docstring.
 
     ``batch_size``: 10 s windows per forward pass; ``flush_s``: seconds between the parts written
-    while the run goes. Raises :class:`EmbedError` (after the work) when a named input does not
-    exist or nothing could be embedded, :class:`Interrupted` on SIGINT / SIGTERM.
+    while the run goes (default ``FLUSH_S``, 30 s). Raises :class:`EmbedError` (after the work)
+    when a named input does not exist or nothing could be embedded, :class:`Interrupted` on
+    SIGINT / SIGTERM.
     """
     t0 = time.perf_counter()
     out = Path(out)
+    flush_s = FLUSH_S if flush_s is None else flush_s
     _check_numbers(batch_size, decode_threads, flush_s)
     store.check_writable(out)
+    store.check_ours(out)
     model = model if isinstance(model, Model) else Model.load(model, device, dtype)
     done, old_rejects = _done_before(out, model, frames)
     items, rejects = inputs.collect(inputs_)

@@ -140,6 +140,23 @@ def _read_checked(path: Path, expected: pa.Schema, frames: bool) -> pa.Table:
     return table
 
 
+def check_ours(out: Path) -> None:
+    """Refuse, before any work, an ``OUT`` that ``embed`` did not write (its schema only)."""
+    if not out.is_file():
+        return
+    try:
+        found = pq.read_schema(out)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise EmbedError(
+            f"{out}: not a Parquet file embed can add to ({exc}); pass another --out"
+        ) from exc
+    if META_KEY not in (found.metadata or {}):
+        raise EmbedError(
+            f"{out}: a Parquet file that embed did not write (no '{META_KEY.decode()}' "
+            "metadata); pass another --out"
+        )
+
+
 def read_tables(out: Path, dim: int, frames: bool) -> list[pa.Table]:
     """OUT and its parts, each checked (:func:`_read_checked`)."""
     expected = schema(dim, frames)
