@@ -23,7 +23,7 @@ def separable(tmp_path_factory):
     root = tmp_path_factory.mktemp("sep")
     task = separable_task(root / "task")
     emb = root / "emb"
-    extract.run(task, "logmel", {"type": "logmel"}, {"seed": 0}, emb)
+    extract.run(task, "logmel", "logmel", {"seed": 0}, emb)
     return task, emb
 
 
@@ -122,7 +122,7 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     extract.run(
         task,
         "trained",
-        {"type": "checkpoint", "path": str(ckpt)},
+        str(ckpt),
         {"seed": 0, "batch_size": 4},
         tmp_path / "ck",
     )
@@ -142,7 +142,7 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
             "--model",
             "trained",
             "--spec",
-            json.dumps({"type": "checkpoint", "path": str(ckpt)}),
+            str(ckpt),
             "--params",
             '{"batch_size": 4}',
             "--dtype",
@@ -166,24 +166,24 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     extract.run(
         task,
         "hear",
-        {"type": "hear_module", "module": "dasheng_model.hear", "path": "random:tiny"},
+        "hear:dasheng_model.hear:random:tiny",
         {},
         tmp_path / "h",
     )
-    extract.run(task, "random", {"type": "random", "size": "tiny", "seed": 0}, {}, tmp_path / "r")
+    extract.run(task, "random", "random:tiny:0", {}, tmp_path / "r")
     for split in ("train", "test"):
         h, r = extract.load_split(tmp_path / "h", split), extract.load_split(tmp_path / "r", split)
         np.testing.assert_allclose(h["clip"], r["clip"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(h["timestamps"], r["timestamps"])
     with pytest.raises(ValueError, match="cannot import HEAR module 'no_such_module'"):
-        extract.build_embedder({"type": "hear_module", "module": "no_such_module"})
+        extract.build_embedder("hear:no_such_module")
 
 
 def test_missing_wav_is_reported_and_skipped(tmp_path, caplog):
     task = separable_task(tmp_path / "task")
     gone = sorted((task / "16000" / "train").iterdir())[0]
     gone.unlink()
-    meta = extract.run(task, "logmel", {"type": "logmel"}, {}, tmp_path / "emb")
+    meta = extract.run(task, "logmel", "logmel", {}, tmp_path / "emb")
     [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert f"skipped '{gone.name}': missing wav file" in warning.message
     assert "task 'separable', split 'train'" in warning.message
@@ -200,7 +200,7 @@ def test_missing_wav_is_reported_and_skipped(tmp_path, caplog):
         hear_tasks.TaskError,
         match=r"task 'separable', file '.*valid.json': no usable clip in split 'valid'",
     ):
-        extract.run(task, "logmel", {"type": "logmel"}, {}, tmp_path / "emb2")
+        extract.run(task, "logmel", "logmel", {}, tmp_path / "emb2")
 
 
 def test_event_probe_finds_tone_bursts(tmp_path):
@@ -230,7 +230,7 @@ def test_event_probe_finds_tone_bursts(tmp_path):
         audio=audio,
         seconds=2.0,
     )
-    extract.run(task, "logmel", {"type": "logmel"}, {"frames": "events"}, tmp_path / "emb")
+    extract.run(task, "logmel", "logmel", {"frames": "events"}, tmp_path / "emb")
     result = probe.run(
         task, tmp_path / "emb", ProbeConfig.from_dict({**FAST, "hidden_layers": [1]}), seed=0
     )
@@ -254,7 +254,7 @@ def test_the_demo_probe_protocol_fits_as_the_full_hear_grid(tmp_path):
     task = tmp_path / "demo_pitch"
     demo_tasks.generate("demo_pitch", task, seed=0, scale=0.5)
     emb = tmp_path / "emb"
-    extract.run(task, "logmel", {"type": "logmel"}, {"seed": 0}, emb)
+    extract.run(task, "logmel", "logmel", {"seed": 0}, emb)
     from pathlib import Path
 
     demo_cfg = yaml.safe_load((Path(__file__).parents[2] / "config/config.yaml").read_text())[
