@@ -160,6 +160,48 @@ class Model:
         return WindowBatcher(self.encoder, batch_size, self.dtype)
 
 
+@dataclass
+class WholeFile:
+    """A model that takes a whole file at once: the log-mel baseline (``logmel``) or a HEAR module
+    (``hear:<module>[:<path>]``), through the evaluation's embedders. Unlike an encoder's, its
+    memory grows with a file's length."""
+
+    spec: str
+    embedder: object  # dasheng_pipeline.evaluation.embeddings.Embedder
+    sha256: str
+    dim: int
+    device: torch.device = torch.device("cpu")
+    dtype: str = "fp32"
+    logmel: LogMel = field(default_factory=LogMel)
+
+    @classmethod
+    def load(cls, spec: str, device: str = "auto", dtype: str = "fp32") -> WholeFile:
+        from dasheng_pipeline.evaluation.embeddings import build_embedder
+
+        resolve_device(device)  # a bad --device fails the same way
+        embedder = build_embedder(spec, dtype=dtype)
+        return cls(spec, embedder, embedder.sha256, embedder.dim, dtype=embedder.dtype)
+
+    def embed(self, decoded: inputs.Decoded) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """A checked file → (frames (T, D), their times in ms, clip (D,))."""
+        rate = self.embedder.sample_rate
+        samples = decoded.samples
+        if samples is None or rate != audio.SAMPLE_RATE:
+            samples = audio.decode(decoded.item.path, sample_rate=rate)
+        ((frames, times, clip),) = self.embedder([samples])
+        return torch.from_numpy(np.asarray(frames)), np.asarray(times), torch.from_numpy(clip)
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "fp32") -> Model | WholeFile:
+    """Any model spec string: an encoder (a checkpoint, a hub id, ``random:``) as a :class:`Model`,
+    ``logmel`` and ``hear:<module>[:<path>]`` as a :class:`WholeFile`."""
+    from dasheng_pipeline.evaluation.embeddings import HEAR_PREFIX, LOGMEL
+
+    if str(spec) == LOGMEL or str(spec).startswith(HEAR_PREFIX):
+        return WholeFile.load(str(spec), device, dtype)
+    return Model.load(spec, device, dtype)
+
+
 def embed_waveforms(
     model: Model, waves: list[np.ndarray], batch_size: int = 8
 ) -> list[torch.Tensor]:
@@ -207,6 +249,7 @@ class _File:
     total: torch.Tensor | None = None  # float64 sum of the frames
     waiting: dict[int, Window] = field(default_factory=dict)  # arrived ahead of their turn
     writer_next: int = 0  # the next window the frames file takes
+    clip: torch.Tensor | None = None  # given by a whole-file model
 
     def put(self, index: int, window: Window) -> None:
         self.received += 1
@@ -227,9 +270,11 @@ class _File:
 class _Run:
     """The state of one ``embed_files`` run: files in flight, rows not yet in a part."""
 
-    def __init__(self, model: Model, out: Path, frames: bool, batch_size: int, flush_s: float):
+    def __init__(
+        self, model: Model | WholeFile, out: Path, frames: bool, batch_size: int, flush_s: float
+    ):
         self.model, self.out, self.with_frames = model, out, frames
-        self.batcher = model.batcher(batch_size)
+        self.batcher = model.batcher(batch_size) if isinstance(model, Model) else None
         self.streaming = StreamingLogMel(model.logmel)
         self.flush_s, self.last_flush = flush_s, time.monotonic()
         self.files: dict[int, _File] = {}
@@ -258,6 +303,9 @@ class _Run:
         self.bar.total += decoded.seconds
         n = 0
         try:
+            if self.batcher is None:
+                self._whole(fid, f)
+                return
             for n, mel in enumerate(decoded.windows(self.streaming), 1):
                 self._take(self.batcher.add((fid, n - 1), mel))
                 self.flush_if_due()
@@ -267,6 +315,18 @@ class _Run:
         f.windows = n
         if f.done:
             self._finish(fid)
+
+    def _whole(self, fid: int, f: _File) -> None:
+        """A whole-file model: the file at once, its own frame times and clip."""
+        frames, times, f.clip = self.model.embed(f.decoded)
+        if f.writer is not None:
+            f.writer.write(frames, times)
+            f.writer_next = 1
+        f.windows = 1
+        f.put(-1, Window((fid, 0), frames, frames.sum(0)))  # (-1: already written)
+        self.bar.update(f.decoded.seconds)
+        self._finish(fid)
+        self.flush_if_due()
 
     def _take(self, results: list[Window]) -> None:
         for r in results:
@@ -297,7 +357,7 @@ class _Run:
             "duration_s": n / audio.SAMPLE_RATE,
             "chunks": -(-mel_frames(n) // WINDOW_FRAMES),
             "num_frames": f.frames,
-            "embedding": clip_mean(f.total, f.frames).numpy(),
+            "embedding": (f.clip if f.clip is not None else clip_mean(f.total, f.frames)).numpy(),
         }
         if f.writer is not None:
             f.writer.commit()
@@ -322,7 +382,8 @@ class _Run:
         self.last_flush = time.monotonic()
 
     def close(self) -> None:
-        self._take(self.batcher.flush())
+        if self.batcher is not None:
+            self._take(self.batcher.flush())
         self.flush_if_due(force=True)
 
     def abort(self) -> None:
@@ -337,7 +398,7 @@ class _Run:
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _metadata(model: Model, with_frames: bool, batch_size: int) -> dict:
+def _metadata(model: Model | WholeFile, with_frames: bool, batch_size: int) -> dict:
     section = {
         "model": model.spec,
         "model_sha256": model.sha256,
@@ -361,7 +422,9 @@ def _check_numbers(batch_size: int, decode_threads: int, flush_s: float) -> None
         raise EmbedError(f"flush_s {flush_s}: expected a number of seconds >= 0")
 
 
-def _done_before(out: Path, model: Model, frames: bool) -> tuple[set, dict[str, inputs.Reject]]:
+def _done_before(
+    out: Path, model: Model | WholeFile, frames: bool
+) -> tuple[set, dict[str, inputs.Reject]]:
     """The keys of OUT's rows (and parts), and its rejects; refuses another model's OUT."""
     tables = store.read_tables(out, model.dim, frames)
     stored = next((t.column("model_sha256")[0].as_py() for t in tables if t.num_rows), None)
@@ -506,7 +569,7 @@ def embed_files(
     _check_numbers(batch_size, decode_threads, flush_s)
     store.check_writable(out)
     store.check_ours(out)
-    model = model if isinstance(model, Model) else Model.load(model, device, dtype)
+    model = model if isinstance(model, Model | WholeFile) else load_model(model, device, dtype)
     done, old_rejects = _done_before(out, model, frames)
     items, rejects = inputs.collect(inputs_)
     todo = _todo(items, done, old_rejects)

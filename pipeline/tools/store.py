@@ -202,7 +202,12 @@ class FramesWriter:
         self.buffer: list[torch.Tensor] = []
         self.written = 0  # frames
 
-    def write(self, frames: torch.Tensor) -> None:
+    def write(self, frames: torch.Tensor, times_ms: np.ndarray | None = None) -> None:
+        """The next frames (n, D); ``times_ms``: their times when not the encoder's 25 Hz ones."""
+        if times_ms is not None:
+            self._flush()
+            self._write(frames.numpy(), np.asarray(times_ms, np.float32))
+            return
         self.buffer.append(frames)
         if len(self.buffer) >= ROW_GROUP_WINDOWS:
             self._flush()
@@ -211,12 +216,14 @@ class FramesWriter:
         if not self.buffer:
             return
         frames = torch.cat(self.buffer).numpy()
-        times = frame_times_ms(self.written + frames.shape[0])[self.written :].numpy()
+        self.buffer.clear()
+        self._write(frames, frame_times_ms(self.written + frames.shape[0])[self.written :].numpy())
+
+    def _write(self, frames: np.ndarray, times: np.ndarray) -> None:
         flat = pa.array(frames.reshape(-1), type=pa.float32())
         column = pa.FixedSizeListArray.from_arrays(flat, self.dim)
         self.writer.write_table(pa.table([pa.array(times), column], schema=frames_schema(self.dim)))
         self.written += frames.shape[0]
-        self.buffer.clear()
 
     def commit(self) -> None:
         self._flush()

@@ -361,3 +361,26 @@ def test_numerics_portable_is_applied_before_any_tensor_work(tmp_path):
         )
         assert proc.stdout.split() in (["0", "AVX2"], ["0", "DEFAULT"]), proc.stderr
     assert _cli("--numerics", "fast", "embed").returncode == 2
+
+
+def test_every_model_spec_string_embeds(tmp_path, speech_commands):
+    """The baseline and HEAR modules take the same spec strings as in the DAG's models: and the
+    evaluate command; the project's own HEAR module gives the encoder's bits."""
+    words = sorted(p for p in speech_commands.glob("*/*.wav") if "background" not in str(p))
+    files = [speech_commands / LONG, *words[:2]]
+    got = {}
+    for spec in ("random:tiny", "hear:dasheng_model.hear:random:tiny", "logmel"):
+        out = tmp_path / f"{spec.replace(':', '_')}.parquet"
+        assert (
+            cli.main(
+                ["embed", *map(str, files), "--model", spec, "--out", str(out), "--frames", "-q"]
+            )
+            == 0
+        )
+        got[spec] = read_embeddings(out)
+    enc, mod, mel = got.values()
+    assert enc.meta["model"] == "random:tiny" and mod.meta["model"].startswith("hear:")
+    assert np.array_equal(enc.clips, mod.clips)
+    assert all(np.array_equal(a, b) for a, b in zip(enc.frames, mod.frames))
+    assert mel.clips.shape == (3, 64) and mel.frames[0].shape == enc.frames[0].shape[:1] + (64,)
+    np.testing.assert_allclose(mel.frames.times_ms(1), enc.frames.times_ms(1))
