@@ -3,7 +3,7 @@
 
     from dasheng_pipeline.tools import embed_files, read_embeddings
     summary = embed_files(["recordings/"], "random:tiny", "e.parquet", frames=True)
-    paths, clips, frames, meta = read_embeddings("e.parquet")
+    e = read_embeddings("e.parquet")  # e.paths, e.clips (N, D), e.frames[i] (T_i, D)
 
 How a file is embedded, as the paper's protocol: decode to 16 kHz mono (ffmpeg, any format, any
 rate and channels), the 64-bin dB log-mel of the whole file, cut into windows of 1008 mel frames

@@ -16,8 +16,8 @@ memory. Files that cannot be used go to ``OUT.rejects.csv`` (path, reason, size,
 While a run goes, finished rows wait in ``OUT.parts/`` (what an interrupted run keeps).
 
     from dasheng_pipeline.tools import read_embeddings
-    paths, clips, frames, meta = read_embeddings("e.parquet")   # clips: (N, D) float32
-    first = frames[0]                                           # (T, D) float32, read on demand
+    e = read_embeddings("e.parquet")  # also a tuple: paths, clips, frames, meta, table
+    e.paths, e.clips.shape, e.frames[0].shape  # resolved paths; (N, D) and (T, D) float32
 """
 
 from __future__ import annotations
