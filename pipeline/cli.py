@@ -29,7 +29,8 @@ log = logging.getLogger("dasheng-pipeline")
 
 EPILOG = (
     "MODEL: a checkpoint file (official .pt or our .safetensors), a Hugging Face folder or repo id "
-    "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B."
+    "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B; embed and "
+    "evaluate also take logmel (the log-mel baseline) and hear:<module>[:<path>] (a HEAR module)."
 )
 
 
@@ -84,7 +85,8 @@ def _add_embed(sub) -> None:
         "embed",
         help="audio files → clip (and frame) embeddings, one Parquet row per file",
         description="Embed audio files, folders (recursive) or lists (.txt/.csv) into one Parquet "
-        "row per file; long files in 10 s windows; a rerun skips what is done.",
+        "row per file; files of any length in 10 s windows, in the same memory; a rerun skips what "
+        "is done (docs/cli/embed.md).",
         epilog=EPILOG,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")

@@ -9,7 +9,10 @@
 - :func:`export_model` — a model → ONNX, the Hugging Face layout, the official ``.pt`` or ours
   (``export``; the model library's own :func:`dasheng_model.export.export_model`).
 
-Models are named by the specs of :mod:`dasheng_model.pretrained` everywhere.
+Models are named by one spec string everywhere (the DAG's ``models:`` resolve to the same):
+a checkpoint, a Hugging Face folder or repo id, ``random:<size>[:<seed>]``
+(:mod:`dasheng_model.pretrained`), and for ``embed`` and ``evaluate`` also ``logmel`` and
+``hear:<module>[:<path>]``.
 """
 
 import importlib
