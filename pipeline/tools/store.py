@@ -256,7 +256,8 @@ def remove_orphan_frames(out: Path, table: pa.Table) -> None:
 
 class Frames(Sequence):
     """The frame embeddings of each row, read from its frames file when asked for: ``frames[i]``
-    is (T_i, D) float32, ``frames.times_ms(i)`` their centres in milliseconds."""
+    is (T_i, D) float32 (a read-only view of Arrow's buffer: ``.copy()`` for a writable one),
+    ``frames.times_ms(i)`` their centres in milliseconds."""
 
     def __init__(self, folder: Path, names: list[str | None], dim: int):
         self.folder, self.names, self.dim = folder, names, dim
@@ -283,7 +284,7 @@ class Embedded(NamedTuple):
     """What :func:`read_embeddings` returns (a tuple: ``paths, clips, frames, meta = ...``)."""
 
     paths: list[str]  # resolved paths, OUT's order (sorted)
-    clips: np.ndarray  # (N, D) float32: one embedding per file
+    clips: np.ndarray  # (N, D) float32: one embedding per file (read-only, as Arrow's frames)
     frames: Frames | None  # per file (T_i, D) float32, read on demand; None without --frames
     meta: dict  # model, model_sha256, dtype, provenance …
     table: pa.Table  # every column (input, duration_s, num_frames …)
