@@ -57,9 +57,7 @@ def main() -> None:
         tmp = Path(tmp)
         for name in args.tasks:
             demo_tasks.generate(name, tmp / "tasks" / name, seed=0, scale=args.scale)
-        models = [("logmel", {"type": "logmel"})] + [
-            (s, {"type": "random", "size": s, "seed": 0}) for s in args.sizes
-        ]
+        models = [("logmel", "logmel")] + [(s, f"random:{s}:0") for s in args.sizes]
         for name in args.tasks:
             task = hear_tasks.load_task(tmp / "tasks" / name)
             n = sum(len(task.clips(s)[0]) for s in task.splits)

@@ -316,7 +316,7 @@ def bench_probe(args, device: torch.device) -> tuple[list[tuple], list[str]]:
             scores = {}
             for dtype in ("fp32", "bf16"):
                 emb = Path(tmp) / f"emb-{task}-{dtype}"
-                spec = {"type": "random", "size": args.probe_size, "seed": 0}
+                spec = f"random:{args.probe_size}:0"
                 extract.run(folder, "random", spec, {"seed": 0}, emb, args.threads, dtype)
                 scores[dtype] = []
                 if task in args.probe_mlp:

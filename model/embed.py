@@ -50,14 +50,18 @@ def frame_times_ms(num_frames: int) -> torch.Tensor:
     return torch.arange(num_frames, dtype=torch.float32) * FRAME_MS + FRAME_CENTRE_MS
 
 
-def _pool(frames: torch.Tensor, num_frames: torch.Tensor | None) -> Embeddings:
+def _pool(frames: torch.Tensor, num_frames: torch.Tensor | None, sums: bool = False):
+    """Padding frames zeroed, clip = the mean of the real ones → Embeddings; ``sums=True``:
+    (frames, their float32 sums (B, D), num_frames) instead (the windows' batcher adds them up)."""
     B, T, _ = frames.shape
     if num_frames is None:
         num_frames = torch.full((B,), T, dtype=torch.long)
     real = torch.arange(T, device=frames.device) < num_frames.to(frames.device)[:, None]  # (B, T)
     frames = torch.where(real[..., None], frames.float(), 0.0)
-    clip = frames.sum(dim=1) / num_frames.to(frames.device)[:, None]
-    return Embeddings(frames, clip, num_frames.cpu())
+    total = frames.sum(dim=1)
+    if sums:
+        return frames, total, num_frames.cpu()
+    return Embeddings(frames, total / num_frames.to(frames.device)[:, None], num_frames.cpu())
 
 
 # bf16 copies of each encoder's Linear/Conv2d weights, kept between calls (autocast would cast

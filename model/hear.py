@@ -16,7 +16,9 @@ autocast (CPU or GPU; front end in fp32, embeddings float32), see ``dasheng_mode
 
 Timestamp embeddings are the encoder's 25 Hz frames; a frame's timestamp is the centre of the
 four mel frames it covers (40·k + 15 ms). Scene embeddings are the mean of the frames.
-Clips longer than 10.08 s go through the model in chunks of 252 frames, concatenated.
+Each sound's log-mel is cut into windows of 1008 mel frames (10.08 s, the model's chunk), and the
+windows of all sounds go through the encoder together, ``batch_size`` at a time
+(``dasheng_model.windows``, the batcher every embedding path of the project uses).
 ``load_model(path, layer=...)`` takes the embeddings from another block than the last
 (``"last"``, a block number 1 … depth, or ``"mean"`` of all blocks; see ``dasheng_model.embed``).
 """
@@ -27,11 +29,12 @@ import torch
 from torch import nn
 
 from dasheng_model import pretrained
-from dasheng_model.embed import Layer, check_layer, embed, frame_times_ms
+from dasheng_model.embed import Layer, check_layer, frame_times_ms
 from dasheng_model.encoder import DashengEncoder
 from dasheng_model.frontend import SAMPLE_RATE
-from dasheng_model.inputs import check_dtype
+from dasheng_model.inputs import check_dtype, check_waveform
 from dasheng_model.pretrained import RANDOM_PREFIX, RANDOM_SEED, random_encoder
+from dasheng_model.windows import embed_mels
 
 __all__ = [
     "RANDOM_PREFIX",
@@ -60,7 +63,7 @@ class HearModel(nn.Module):
         )  # which block's output is the embedding
         self.scene_embedding_size = encoder.embed_dim
         self.timestamp_embedding_size = encoder.embed_dim
-        self.batch_size = batch_size  # sounds per forward pass
+        self.batch_size = batch_size  # 10.08 s windows per forward pass
 
 
 def load_model(
@@ -86,21 +89,26 @@ def _check_audio(audio: torch.Tensor) -> None:
         raise ValueError("expected at least one sound, got Tensor[0, n_samples]")
 
 
-def _frames(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
-    """(n_sounds, n_samples) → (n_sounds, T, D) frame embeddings, in batches of ``model.batch_size``."""
-    _check_audio(audio)
-    parts = [
-        embed(model.encoder, chunk, dtype=model.dtype, layer=model.layer).frames
-        for chunk in audio.split(model.batch_size)
-    ]
-    return torch.cat(parts).to(audio.device)
+def embed_sounds(
+    encoder: DashengEncoder, audio: torch.Tensor, batch_size: int, dtype="fp32", layer="last"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_sounds, n_samples) at 16 kHz → (frames (n, T, D), clip embeddings (n, D)) float32, on
+    the audio's device: each sound's log-mel in windows through the batcher."""
+    wav, _ = check_waveform(audio)
+    device = encoder.time_pos_embed.device
+    with torch.no_grad():
+        mels = encoder.front_end(wav.to(device))  # (n, 64, T): per sound, as alone
+    out = embed_mels(encoder, list(mels), batch_size, dtype, layer)
+    frames = torch.stack([f for f, _ in out]).to(audio.device)
+    return frames, torch.stack([c for _, c in out]).to(audio.device)
 
 
 def get_timestamp_embeddings(
     audio: torch.Tensor, model: HearModel
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """→ (embeddings (n_sounds, T, D) float32, timestamps (n_sounds, T) in ms at frame centres)."""
-    frames = _frames(audio, model)
+    _check_audio(audio)
+    frames, _ = embed_sounds(model.encoder, audio, model.batch_size, model.dtype, model.layer)
     n, T, _ = frames.shape
     timestamps = frame_times_ms(T).to(frames.device).expand(n, T).contiguous()
     return frames, timestamps
@@ -108,4 +116,5 @@ def get_timestamp_embeddings(
 
 def get_scene_embeddings(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     """→ (n_sounds, D) float32: the mean of each sound's frame embeddings."""
-    return _frames(audio, model).mean(dim=1)
+    _check_audio(audio)
+    return embed_sounds(model.encoder, audio, model.batch_size, model.dtype, model.layer)[1]

@@ -7,10 +7,13 @@
     dasheng-pipeline inspect results/demo/training/encoder.safetensors
     dasheng-pipeline export dasheng_base.pt --to onnx --out dasheng_base.onnx
 
-``--model`` everywhere: a checkpoint file (official .pt, ours .safetensors), a Hugging Face folder or
-repo id, or ``random:<size>[:<seed>]``. Each function logs what it did (stdout); progress bars go
-to stderr. Exit status: 0 done, 1 an error (one line on stderr saying
-what to do), 2 a usage error, 130 interrupted.
+``--model`` everywhere is one model spec string: a checkpoint file (official .pt, ours .safetensors),
+a Hugging Face folder or repo id, or ``random:<size>[:<seed>]`` (``evaluate`` also ``logmel`` and
+``hear:<module>[:<path>]``); the DAG's ``models:`` resolve to the same strings. Each function logs
+what it did (stdout); progress bars go to stderr. ``--numerics portable`` (or
+``$DASHENG_NUMERICS``) caps the CPU kernels at AVX2 before any tensor work
+(:mod:`dasheng_model.numerics`). Exit status: 0 done, 1 an error (one line on stderr saying what to
+do), 2 a usage error, 130 interrupted (the message says what was kept).
 """
 
 from __future__ import annotations
@@ -26,8 +29,28 @@ log = logging.getLogger("dasheng-pipeline")
 
 EPILOG = (
     "MODEL: a checkpoint file (official .pt or our .safetensors), a Hugging Face folder or repo id "
-    "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B."
+    "(owner/name), or random:<size>[:<seed>] with size tiny, base, 0.6B or 1.2B; embed and "
+    "evaluate also take logmel (the log-mel baseline) and hear:<module>[:<path>] (a HEAR module)."
 )
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number >= ``low`` (else a usage error naming the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: expected a whole number of at least {low}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+POSITIVE = _at_least(1)
 
 
 def _parser_with(parent: argparse.ArgumentParser):
@@ -42,7 +65,9 @@ def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", required=True, metavar="MODEL", help="the encoder (see below)")
     p.add_argument(
-        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+        "--device",
+        default="auto",
+        help="auto (CUDA when present, else the CPU), cpu, cuda, cuda:1 … (default: auto)",
     )
     p.add_argument(
         "--dtype",
@@ -51,7 +76,7 @@ def _model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
         help="bf16: autocast around the transformer, front end in fp32 (default: fp32)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=8, help="10 s windows per forward pass (default: 8)"
+        "--batch-size", type=POSITIVE, default=8, help="10 s windows per forward pass (default: 8)"
     )
 
 
@@ -60,7 +85,8 @@ def _add_embed(sub) -> None:
         "embed",
         help="audio files → clip (and frame) embeddings, one Parquet row per file",
         description="Embed audio files, folders (recursive) or lists (.txt/.csv) into one Parquet "
-        "row per file; long files in 10 s windows; a rerun skips what is done.",
+        "row per file; files of any length in 10 s windows, in the same memory; a rerun skips what "
+        "is done (docs/cli/embed.md).",
         epilog=EPILOG,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")
@@ -73,7 +99,10 @@ def _add_embed(sub) -> None:
         help="also store the 25 Hz frame embeddings and their times",
     )
     p.add_argument(
-        "--decode-threads", type=int, default=2, help="files decoded ahead in threads (default: 2)"
+        "--decode-threads",
+        type=POSITIVE,
+        default=2,
+        help="files decoded ahead in threads (default: 2)",
     )
     _model_args(p)
 
@@ -110,7 +139,7 @@ def _add_evaluate(sub) -> None:
         "--model",
         required=True,
         metavar="MODEL",
-        help="the encoder (see below), or logmel for the baseline",
+        help="the encoder (see below), logmel for the baseline, or hear:<module>[:<path>]",
     )
     p.add_argument("--out", help="output folder (default: eval-<task name>)")
     protocols = [
@@ -131,7 +160,7 @@ def _add_evaluate(sub) -> None:
         help="a workflow config (e.g. config/config.yaml, config/xares.yaml): its seed, "
         "evaluation settings and X-ARES task descriptions",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (default: 1)")
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
@@ -171,13 +200,15 @@ def _add_finetune(sub) -> None:
         help="linear/mlp: frozen encoder, embeddings cached; full: the encoder trained too (default: mlp)",
     )
     p.add_argument(
-        "--folds", type=int, default=0, help="K-fold cross-validation instead of one split"
+        "--folds", type=_at_least(0), default=0, help="K-fold cross-validation instead of one split"
     )
     for flag in ("--valid-fraction", "--test-fraction"):
         p.add_argument(
             flag, type=float, default=0.15, help="stratified split, when the CSV gives none"
         )
-    p.add_argument("--epochs", type=int, default=None, help="default: 100 (linear/mlp), 10 (full)")
+    p.add_argument(
+        "--epochs", type=POSITIVE, default=None, help="default: 100 (linear/mlp), 10 (full)"
+    )
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (linear/mlp), 1e-4 (full)")
     p.add_argument(
         "--layer-decay", type=float, default=0.75, help="full: layer-wise lr decay (default: 0.75)"
@@ -228,7 +259,7 @@ def _add_predict(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio file, folder or list of files")
     p.add_argument("--classifier", required=True, help="folder written by finetune")
     p.add_argument("--out", required=True, help="output .csv")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument(
         "--chunks", action="store_true", help="one row per 10 s chunk instead of per file"
     )
@@ -328,7 +359,13 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="store_true", help="print the versions and exit")
     top.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    quiet = argparse.ArgumentParser(add_help=False)  # -q after the subcommand too
+    numerics = {
+        "choices": ["native", "portable"],
+        "help": "native: the CPU's widest kernels; portable: capped at AVX2, the same numbers on "
+        "every x86-64 CPU kind (default: $DASHENG_NUMERICS, else native)",
+    }
+    top.add_argument("--numerics", default=None, **numerics)
+    quiet = argparse.ArgumentParser(add_help=False)  # -q and --numerics after the subcommand too
     quiet.add_argument(
         "-q",
         "--quiet",
@@ -336,6 +373,7 @@ def parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="no progress bars, warnings only",
     )
+    quiet.add_argument("--numerics", default=argparse.SUPPRESS, **numerics)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_with(quiet))
     for add, _ in COMMANDS.values():
         add(sub)
@@ -362,15 +400,19 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help()
         return 2
     logs.setup(logging.WARNING if args.quiet else logging.INFO)
+    from dasheng_model import numerics
+
+    try:
+        numerics.apply(args.numerics)  # before any tensor work (torch is imported below)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: --numerics: {exc}", file=sys.stderr)
+        return 1
     from dasheng_model.checkpoint import CheckpointError
 
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print(
-            "interrupted: what was finished is kept; rerun the same command to continue",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as exc:
+        print(getattr(exc, "message", "interrupted"), file=sys.stderr)
         return 130
     except (
         CheckpointError,

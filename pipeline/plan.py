@@ -397,40 +397,78 @@ def is_hub_id(path: str, produced_by_a_rule: Callable[[str], bool]) -> bool:
     )
 
 
-def model_spec(config: dict, name: str, produced_by_a_rule: Callable[[str], bool]) -> dict:
-    """The model's config with defaults resolved: a checkpoint "trained" without a path is the
-    training's encoder, a random encoder's size and seed default to training.size and seed."""
-    spec = {k: v for k, v in config["models"][name].items() if k != "enabled"}
-    path = spec.get("path")
-    if path and (
-        (spec["type"] == "checkpoint" and not is_hub_id(path, produced_by_a_rule))
-        or os.path.exists(path)
-    ):
-        check_inside(f"models.{name}.path", path, config["allow_outside_paths"])
-    if spec["type"] == "checkpoint" and not path:
+RANDOM_PREFIX, LOGMEL, HEAR_PREFIX = "random:", "logmel", "hear:"  # the model spec strings
+
+
+def spec_path(spec: str) -> str | None:
+    """The file (or folder, or hub id) a model spec string names, or None (random, logmel, a HEAR
+    module without a path)."""
+    if spec.startswith(RANDOM_PREFIX) or spec == LOGMEL:
+        return None
+    if spec.startswith(HEAR_PREFIX):
+        return spec[len(HEAR_PREFIX) :].partition(":")[2] or None
+    return spec
+
+
+def _typed_spec(config: dict, name: str, m: dict) -> str:
+    """A ``type:`` entry (with path, size, seed, module) → its model spec string."""
+    kind, path = m.get("type"), m.get("path")
+    if kind == "checkpoint":
+        if path:
+            return path
         if name != "trained":
             raise ValueError(f"config key models.{name}.path: a checkpoint model needs a path")
-        spec["path"] = f"{config['out_dir']}/training/encoder.safetensors"
-    if spec["type"] == "random":
-        spec["size"] = spec.get("size") or config["training"]["size"]
-        spec["seed"] = config["seed"] if spec.get("seed") is None else spec["seed"]
-    if spec["type"] == "hear_module" and not spec.get("module"):
-        raise ValueError(
-            f"config key models.{name}.module: a hear_module model needs a module name"
-        )
-    return spec
+        return f"{config['out_dir']}/training/encoder.safetensors"
+    if kind == "random":
+        size = m.get("size") or config["training"]["size"]
+        return f"{RANDOM_PREFIX}{size}:{config['seed'] if m.get('seed') is None else m['seed']}"
+    if kind == "logmel":
+        return LOGMEL
+    if kind == "hear_module":
+        if not m.get("module"):
+            raise ValueError(
+                f"config key models.{name}.module: a hear_module model needs a module name"
+            )
+        return f"{HEAR_PREFIX}{m['module']}" + (f":{path}" if path else "")
+    raise ValueError(
+        f"config key models.{name}: give a spec (the command line's --model, e.g. random:tiny) "
+        f"or a type (checkpoint, random, logmel, hear_module)"
+    )
+
+
+def model_spec(config: dict, name: str, produced_by_a_rule: Callable[[str], bool]) -> dict:
+    """The model's config → ``{"spec": <model spec string>, "layer": ...}``: the string the command
+    line takes as ``--model`` (``spec:`` as written, or made from ``type:`` and its keys: a
+    checkpoint "trained" without a path is the training's encoder, a random encoder's size and
+    seed default to training.size and seed)."""
+    m = config["models"][name]
+    if m.get("spec"):
+        given = [k for k in ("type", "path", "size", "seed", "module") if m.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"config key models.{name}: give either spec or {', '.join(given)}, not both"
+            )
+        spec = m["spec"]
+    else:
+        spec = _typed_spec(config, name, m)
+    path = spec_path(spec)
+    hear = spec.startswith(HEAR_PREFIX)
+    if path and ((not hear and not is_hub_id(path, produced_by_a_rule)) or os.path.exists(path)):
+        check_inside(f"models.{name}.path", path, config["allow_outside_paths"])
+    return {"spec": spec, "layer": m.get("layer")}
 
 
 def weights_files(spec: dict, produced_by_a_rule: Callable[[str], bool]) -> list[str]:
     """The model's weights file, so that Snakemake (re)builds embeddings when it changes: a
     checkpoint file, a Hugging Face folder's model.safetensors, none for a hub repo id (fetched
     by the job) or a HEAR module's path that names no file."""
-    path = spec.get("path")
+    path = spec_path(spec["spec"])
     if not path:
         return []
-    if spec["type"] == "checkpoint" and os.path.isdir(path):
+    checkpoint = not spec["spec"].startswith(HEAR_PREFIX)
+    if checkpoint and os.path.isdir(path):
         return [os.path.join(path, "model.safetensors")]
-    if spec["type"] == "checkpoint" and not is_hub_id(path, produced_by_a_rule):
+    if checkpoint and not is_hub_id(path, produced_by_a_rule):
         return [path]
     return [path] if os.path.isfile(path) else []
 
@@ -459,7 +497,7 @@ def _models(plan: Plan, produced_by_a_rule) -> tuple[dict[str, dict], tuple[str,
         if m["enabled"] is False:
             continue
         specs[name] = model_spec(plan.config, name, produced_by_a_rule)
-        path = specs[name].get("path")
+        path = spec_path(specs[name]["spec"])
         if m["enabled"] is True or not path or os.path.exists(path) or produced_by_a_rule(path):
             names.append(name)
     return specs, tuple(names)
@@ -477,7 +515,7 @@ def _targets(plan: Plan, ev: Evaluation, produced_by_a_rule) -> tuple[str, ...]:
         targets.append(f"{eval_out}/plots/quick_checks.png")
     # The loss curve: when the metrics exist, or when the run trains a model it evaluates
     # (never a training run just to draw its curve).
-    trains = any(produced_by_a_rule(ev.specs[m].get("path") or "") for m in ev.models)
+    trains = any(produced_by_a_rule(spec_path(ev.specs[m]["spec"]) or "") for m in ev.models)
     metrics = plan.training_metrics
     if os.path.exists(metrics) or (trains and produced_by_a_rule(metrics)):
         targets.append(f"{eval_out}/plots/loss_curve.png")

@@ -2,6 +2,16 @@
 check a clip, and write 16 kHz FLAC.
 
 This module is the one place that resolves the ffmpeg binary (:func:`ffmpeg_exe`).
+
+Damaged and truncated files, one rule for every format (:func:`stream` with ``strict``): a file
+is undecodable when ffmpeg reports a decoding error, or when it ends before its container says it
+ends. ffmpeg itself notices the second for most formats (FLAC, MP4/M4A, a WAV cut inside a
+sample: decoding errors); where it goes on silently, the container's own record of its length is
+checked once the whole file is read: a WAV's ``data`` chunk size against the bytes present, an MP3's
+Xing/Info header (the duration ffmpeg reports, when it is not an estimate from the bitrate)
+against the audio decoded, and an Ogg stream (Vorbis, Opus, FLAC in Ogg) must end on a complete
+page flagged end-of-stream. A stream without such a record (a raw MP3 without an Info header, a
+WAV streamed with an unknown size) cannot be told apart from a complete one and is taken as it is.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import functools
 import os
 import re
 import shutil
+import struct
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -29,6 +40,9 @@ LOCAL_PROTOCOLS = "file,pipe"
 # ffmpeg prefixes messages with "[name @ 0x55d1...]": addresses differ per run, drop them so
 # that reasons recorded in manifests are reproducible.
 _CONTEXT_PREFIX = re.compile(r"\[[^\]]*@ 0x[0-9a-fA-F]+\]\s*")
+_LEVEL = re.compile(r"\[(panic|fatal|error|warning|info|verbose|debug|trace)\]\s*")
+_INPUT = re.compile(r"^Input #0, ([\w,]+), from ")
+_DURATION = re.compile(r"^Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 
 
 class DecodeError(RuntimeError):
@@ -122,25 +136,48 @@ def _decode_args(
         sn=None,
         **output_kwargs,
     )
-    return stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").compile(
-        cmd=ffmpeg_exe()
-    )
+    # info: the input's format and declared duration (the truncation checks); each line tagged
+    # with its level, so that only errors count as damage
+    quiet = ("-nostdin", "-hide_banner", "-nostats", "-loglevel", "repeat+level+info")
+    return stream.global_args(*quiet).compile(cmd=ffmpeg_exe())
 
 
 class _StderrTail(threading.Thread):
-    """Drains a pipe (so ffmpeg never blocks on it) and keeps its last lines."""
+    """Drains a pipe (so ffmpeg never blocks on it): keeps its last error lines, the input's
+    format and declared duration."""
 
     def __init__(self, pipe, keep: int = 20):
         super().__init__(daemon=True)
         self.pipe = pipe
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)  # errors
+        self.format = ""  # ffmpeg's name of the input's container, e.g. "wav", "ogg", "mp3"
+        self.declared_s: float | None = None  # the duration the container declares
+        self.estimated = False  # ffmpeg estimated that duration from the bitrate
 
     def run(self) -> None:
+        kind = "error"
         for raw in iter(self.pipe.readline, b""):
             line = _CONTEXT_PREFIX.sub("", raw.decode("utf-8", "replace")).strip()
-            if line:
-                self.lines.append(line)
+            level = _LEVEL.match(line)
+            text = line[level.end() :].strip() if level else line
+            if level:  # a line without one continues the last (a file name with a newline)
+                kind = level.group(1)
+            if not text:
+                continue
+            if kind in ("panic", "fatal", "error"):
+                self.lines.append(text)
+            elif kind == "warning" and "Estimating duration from bitrate" in text:
+                self.estimated = True
+            elif kind == "info":
+                self._info(text)
         self.pipe.close()
+
+    def _info(self, text: str) -> None:
+        if m := _INPUT.match(text):
+            self.format = self.format or m.group(1)
+        elif (m := _DURATION.match(text)) and self.declared_s is None:
+            h, mnt, sec = m.groups()
+            self.declared_s = int(h) * 3600 + int(mnt) * 60 + float(sec)
 
     def reason(self, returncode: int) -> str:
         return self.lines[-1] if self.lines else f"ffmpeg exited with status {returncode}"
@@ -173,6 +210,64 @@ def _start(args: list[str], data: bytes | None):
         feeder = threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True)
         feeder.start()
     return proc, tail, feeder
+
+
+def _wav_cut(path: str) -> str | None:
+    """A WAV whose ``data`` chunk declares more bytes than the file holds: why, else None."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        size = os.fstat(fh.fileno()).st_size
+        while chunk := fh.read(8):
+            if len(chunk) < 8:
+                return None
+            name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"data":
+                have = size - fh.tell()
+                if length in (0, 0xFFFFFFFF) or have >= length:  # unknown size, or complete
+                    return None
+                return f"its data chunk declares {length} bytes, the file holds {have}"
+            fh.seek(length + (length & 1), os.SEEK_CUR)
+    return None
+
+
+def _ogg_cut(path: str) -> str | None:
+    """An Ogg stream whose last page is incomplete or not flagged end-of-stream: why, else None."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - 65307 - 27))  # a page is at most 65 307 bytes
+        tail = fh.read()
+    at = tail.rfind(b"OggS")
+    while at >= 0 and (len(tail) - at < 27 or tail[at + 4] != 0):
+        at = tail.rfind(b"OggS", 0, at)
+    if at < 0:
+        return "no Ogg page at its end"
+    segments = tail[at + 26]
+    table = tail[at + 27 : at + 27 + segments]
+    if len(table) < segments or at + 27 + segments + sum(table) > len(tail):
+        return "its last Ogg page is incomplete"
+    if not tail[at + 5] & 0x04:
+        return "its last Ogg page does not end the stream (no end-of-stream flag)"
+    return None
+
+
+def truncation(source: str | os.PathLike, tail: _StderrTail, samples: int, rate: int) -> str | None:
+    """Why a file read to its end is shorter than its container says (the module docstring's
+    rule), or None. Local files only."""
+    path = os.fspath(source)
+    if "://" in path or not os.path.isfile(path):
+        return None
+    formats = set(tail.format.split(","))
+    if "wav" in formats:
+        return _wav_cut(path)
+    if "ogg" in formats:
+        return _ogg_cut(path)
+    if "mp3" in formats and tail.declared_s is not None and not tail.estimated:
+        decoded = samples / rate
+        if decoded < tail.declared_s - max(0.1, 0.005 * tail.declared_s):
+            return f"{decoded:.2f} s decoded of the {tail.declared_s:.2f} s its header declares"
+    return None
 
 
 def stream(
@@ -225,6 +320,10 @@ def stream(
         raise DecodeError(
             os.fspath(source), f"decoding errors (damaged or truncated file): {tail.lines[-1]}"
         )
+    if reached_end and strict and not start_s:
+        cut = truncation(source, tail, emitted, sample_rate)
+        if cut:
+            raise DecodeError(os.fspath(source), f"truncated file: {cut}")
 
 
 def _read_exact(pipe, nbytes: int) -> bytes:

@@ -12,22 +12,26 @@ plus ``rejects.json`` (every clip that could not be embedded: missing wav, undec
 reason; also printed to the log) and ``meta.json`` (model, task, dimensions, counts, provenance),
 written last. The probe and k-NN steps read these without the encoder.
 
-``--dtype fp32|bf16`` (the DAG passes ``evaluation.dtype``): bf16 runs our encoders (``checkpoint``,
-``random``) under bf16 autocast (``dasheng_model.embed``); the log-mel baseline and HEAR modules always run
-as they are. ``meta.json`` records the precision used.
+``--dtype fp32|bf16`` (the DAG passes ``evaluation.dtype``): bf16 runs our encoders under bf16
+autocast (``dasheng_model.embed``); the log-mel baseline and HEAR modules always run as they are.
+``meta.json`` records the precision used, the model spec and its weights' sha256.
 
-Models (``spec["type"]``):
+Models are named by the same spec string as on the command line (``--spec``; the DAG resolves its
+``models:`` entries to it in ``dasheng_pipeline.plan``; as JSON ``{"spec": ..., "layer": ...}``):
 
-- ``checkpoint``: our ``.safetensors`` (encoder or MAE), an official Dasheng ``.pt`` release, or a
+- a checkpoint: our ``.safetensors`` (encoder or MAE), an official Dasheng ``.pt`` release, or a
   Hugging Face-format folder or repo id (``dasheng_model.pretrained.load``);
-- ``random``: a random-init encoder of ``size`` from ``seed`` (``dasheng_model.pretrained.random_encoder``);
+- ``random:<size>[:<seed>]``: a random-init encoder (``dasheng_model.pretrained.random_encoder``);
 - ``logmel``: the baseline: clip = mean over time of the 64-bin dB log-mel; frames = the log-mel
   averaged over groups of 4 frames (25 Hz, the encoder's frame rate and timestamps);
-- ``hear_module``: any importable module with the HEAR API (``load_model(path)``,
+- ``hear:<module>[:<path>]``: any importable module with the HEAR API (``load_model(path)``,
   ``get_scene_embeddings``, ``get_timestamp_embeddings``); audio is decoded at its ``sample_rate``.
 
-``layer`` (``checkpoint``, ``random``; and ``hear_module``, passed to its ``load_model`` when set):
-``last`` (the default and the paper's protocol), a block number, or ``mean`` of all blocks
+Our encoders embed each clip in 10.08 s windows of its own log-mel through
+``dasheng_model.windows`` (the batcher every embedding path uses).
+
+``layer`` (encoders; and HEAR modules, passed to their ``load_model`` when set): ``last`` (the
+default and the paper's protocol), a block number, or ``mean`` of all blocks
 (``dasheng_model.embed``). ``--layer`` on the command line overrides the spec's.
 """
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import importlib
 import json
 import logging
@@ -47,15 +52,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dasheng_model.embed import check_layer, embed, frame_times_ms
-from dasheng_model.frontend import LogMel
+from dasheng_model import pretrained
+from dasheng_model.embed import check_layer, frame_times_ms
+from dasheng_model.frontend import MEL_PARAMS, LogMel
 from dasheng_model.inputs import DTYPES, FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, check_dtype
+from dasheng_model.windows import embed_mels
 from dasheng_pipeline.common import atomic, audio, logs, provenance
 from dasheng_pipeline.evaluation.tasks import hear as hear_tasks
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("checkpoint", "random", "logmel", "hear_module")
+LOGMEL = "logmel"
+HEAR_PREFIX = "hear:"
+SPEC_FORMS = (
+    "a checkpoint file or folder, a Hugging Face repo id, random:<size>[:<seed>], logmel "
+    "or hear:<module>[:<path>]"
+)
 
 
 class Embedder:
@@ -65,42 +77,48 @@ class Embedder:
     dim: int
     description: str
     dtype = "fp32"  # the precision it runs in
+    spec = ""  # the model spec string
+    sha256 = ""  # of the weights (the log-mel baseline: of its parameters)
 
     def __call__(self, batch: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         raise NotImplementedError
 
 
 class EncoderEmbedder(Embedder):
-    def __init__(self, encoder, description: str, dtype: str = "fp32", layer="last"):
+    def __init__(
+        self, encoder, description: str, dtype: str = "fp32", layer="last", batch_size: int = 16
+    ):
         self.encoder = encoder.eval()
         self.dim = encoder.embed_dim
         self.dtype = check_dtype(dtype)
         self.layer = check_layer(layer, len(encoder.blocks))
+        self.batch_size = batch_size  # 10 s windows per forward pass
+        self.logmel = LogMel()
         description = description if self.layer == "last" else f"{description}, layer {self.layer}"
         self.description = (
             description if self.dtype == "fp32" else f"{description}, {self.dtype} autocast"
         )
 
     def __call__(self, batch):
-        longest = max(SAMPLES_PER_TOKEN, max(x.size for x in batch))
-        wav = torch.zeros(len(batch), longest)
-        lengths = torch.empty(len(batch), dtype=torch.long)
-        for i, x in enumerate(batch):
-            wav[i, : x.size] = torch.from_numpy(x)
-            lengths[i] = max(SAMPLES_PER_TOKEN, x.size)
-        out = embed(self.encoder, wav, lengths=lengths, dtype=self.dtype, layer=self.layer)
-        results = []
-        for i in range(len(batch)):
-            n = int(out.num_frames[i])
-            results.append(
-                (out.frames[i, :n].numpy(), frame_times_ms(n).numpy(), out.clip[i].numpy())
-            )
-        return results
+        mels = []
+        with torch.no_grad():
+            for x in batch:  # at least one token: shorter clips padded with silence
+                x = np.pad(x, (0, max(0, SAMPLES_PER_TOKEN - x.size)))
+                mels.append(self.logmel(torch.from_numpy(x)[None])[0])
+        # the batch's clips together: padded (masked) when their lengths differ
+        pool = self.batch_size - 1
+        out = embed_mels(self.encoder, mels, self.batch_size, self.dtype, self.layer, pool)
+        return [
+            (frames.numpy(), frame_times_ms(frames.shape[0]).numpy(), clip.numpy())
+            for frames, clip in out
+        ]
 
 
 class LogMelEmbedder(Embedder):
     dim = 64
     description = "log-mel mean (64-d dB log-mel; frames: means of 4 mel frames, 25 Hz)"
+    spec = LOGMEL
+    sha256 = hashlib.sha256(atomic.canonical_json(MEL_PARAMS).encode()).hexdigest()
 
     def __init__(self):
         self.logmel = LogMel().eval()
@@ -184,39 +202,59 @@ class HearModuleEmbedder(Embedder):
         return results
 
 
-def build_embedder(spec: dict, seed: int = 0, dtype: str = "fp32") -> Embedder:
-    """``dtype`` ("fp32"/"bf16") applies to our encoders (checkpoint, random) only."""
-    kind = spec.get("type")
-    if kind == "checkpoint":
-        from dasheng_model.pretrained import load
-
-        path = spec.get("path")
-        if not path:
-            raise ValueError("models: a 'checkpoint' model needs a 'path'")
-        return EncoderEmbedder(load(path), f"checkpoint {path}", dtype, spec.get("layer") or "last")
-    if kind == "random":
-        from dasheng_model.pretrained import random_encoder
-
-        size = spec.get("size") or "base"
-        model_seed = spec.get("seed")
-        model_seed = seed if model_seed is None else int(model_seed)
-        return EncoderEmbedder(
-            random_encoder(size, model_seed),
-            f"random-init {size} encoder (seed {model_seed})",
-            dtype,
-            spec.get("layer") or "last",
-        )
-    if kind == "logmel":
-        if spec.get("layer") not in (None, "last"):
+def parse_spec(spec) -> tuple[str, object]:
+    """A model as ``--spec`` gives it → (spec string, layer or None): a spec string, or the DAG's
+    ``{"spec": ..., "layer": ...}`` (``dasheng_pipeline.plan.model_spec``)."""
+    if isinstance(spec, dict):
+        if not isinstance(spec.get("spec"), str) or not spec["spec"]:
             raise ValueError(
-                f"models: the log-mel baseline has no layers (layer {spec['layer']!r}); leave layer unset"
+                f"model {json.dumps(spec, sort_keys=True)}: expected {{'spec': <model spec>, "
+                f"'layer': ...}} with a model spec string ({SPEC_FORMS})"
+            )
+        return spec["spec"], spec.get("layer")
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model {spec!r}: expected a model spec string ({SPEC_FORMS})")
+    return spec, None
+
+
+def _hear_embedder(spec: str, layer) -> HearModuleEmbedder:
+    module, _, path = spec[len(HEAR_PREFIX) :].partition(":")
+    if not module:
+        raise ValueError(f"model {spec!r}: name the module, hear:<module>[:<path>]")
+    embedder = HearModuleEmbedder(module, path, layer)
+    embedder.spec = spec
+    weights = Path(path).expanduser() if path else None
+    if weights is not None and weights.is_file():
+        embedder.sha256 = atomic.sha256_file(weights)
+    else:  # no weights file: the spec names the model
+        embedder.sha256 = hashlib.sha256(spec.encode()).hexdigest()
+    return embedder
+
+
+def build_embedder(spec, seed: int = 0, dtype: str = "fp32", batch_size: int = 16) -> Embedder:
+    """A model spec string (or ``{"spec": ..., "layer": ...}``) → its Embedder; ``dtype``
+    ("fp32"/"bf16") applies to our encoders only. (``seed`` is unused: a random encoder's seed is
+    part of its spec, ``random:<size>:<seed>``, 0 when left out.)"""
+    if isinstance(spec, Embedder):  # built already (the evaluate command checks its sha256 first)
+        return spec
+    text, layer = parse_spec(spec)
+    if text == LOGMEL:
+        if layer not in (None, "last"):
+            raise ValueError(
+                f"models: the log-mel baseline has no layers (layer {layer!r}); leave layer unset"
             )
         return LogMelEmbedder()
-    if kind == "hear_module":
-        if not spec.get("module"):
-            raise ValueError("models: a 'hear_module' model needs a 'module' (importable name)")
-        return HearModuleEmbedder(spec["module"], spec.get("path") or "", spec.get("layer"))
-    raise ValueError(f"models: unknown model type {kind!r}; expected one of {MODEL_TYPES}")
+    if text.startswith(HEAR_PREFIX):
+        return _hear_embedder(text, layer)
+    encoder = pretrained.load(text)
+    if text.startswith(pretrained.RANDOM_PREFIX):
+        size, model_seed = pretrained.parse_random(text)
+        description = f"random-init {size} encoder (seed {model_seed})"
+    else:
+        description = f"checkpoint {text}"
+    embedder = EncoderEmbedder(encoder, description, dtype, layer or "last", batch_size)
+    embedder.spec, embedder.sha256 = text, pretrained.weights_sha256(text, encoder)
+    return embedder
 
 
 def prefetch(
@@ -313,35 +351,15 @@ def load_meta(folder: str | Path) -> dict:
         return json.load(fh)
 
 
-def run(
-    task_dir: str | Path,
-    model_name: str,
-    spec: dict,
-    params: dict,
-    out: str | Path,
-    threads: int = 1,
-    dtype: str = "fp32",
-) -> dict:
-    dtype = check_dtype(dtype)
-    torch.set_num_threads(max(1, threads))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.clean_stale_temps(out)
-    seed = int(params.get("seed", 0))
-    task = hear_tasks.load_task(task_dir)
+def _embed_splits(
+    task: hear_tasks.Task, embedder: Embedder, params: dict, model_name: str, out: Path
+) -> tuple[dict, list[hear_tasks.Reject]]:
+    """Every split into ``out/<split>.npz``; returns the counts per split and every reject."""
     store_frames = params.get("frames", "all") == "all" or task.is_event
-    t0 = time.perf_counter()
-    embedder = build_embedder(spec, seed, dtype)
-    log.info(
-        f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
-        f"({task.embedding_type}, {task.split_mode}, audio {task.sample_rate} Hz → {embedder.sample_rate} Hz)"
-    )
     all_rejects: list[hear_tasks.Reject] = []
     counts = {}
     for split in task.splits:
         clips, rejects = task.clips(split)
-        for r in rejects:
-            log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
         arrays, bad = embed_split(
             embedder,
             clips,
@@ -349,9 +367,9 @@ def run(
             int(params.get("decode_threads", 2)),
             f"{model_name}/{task.name}/{split}",
         )
-        for r in bad:
-            log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
         rejects += bad
+        for r in rejects:
+            log.warning(f"task {task.name!r}, split {split!r}: skipped {r.file!r}: {r.reason}")
         all_rejects += rejects
         if arrays["files"].size == 0:
             atomic.write_json(out / "rejects.json", {"rejects": [r.as_dict() for r in all_rejects]})
@@ -367,28 +385,62 @@ def run(
             "rejected": len(rejects),
             "frames": int(arrays["frames"].shape[0]) if "frames" in arrays else None,
         }
+    return counts, all_rejects
+
+
+def run(
+    task_dir: str | Path,
+    model_name: str,
+    spec: str | dict,
+    params: dict,
+    out: str | Path,
+    threads: int = 1,
+    dtype: str = "fp32",
+) -> dict:
+    """Embed every split of the HEAR task at ``task_dir`` with the model ``spec`` (a spec string,
+    or ``{"spec": ..., "layer": ...}``) into ``out``; returns (and writes) ``meta.json``."""
+    dtype = check_dtype(dtype)
+    torch.set_num_threads(max(1, threads))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.clean_stale_temps(out)
+    seed = int(params.get("seed", 0))
+    task = hear_tasks.load_task(task_dir)
+    t0 = time.perf_counter()
+    embedder = build_embedder(spec, seed, dtype, int(params.get("batch_size", 16)))
+    log.info(
+        f"model {model_name}: {embedder.description}, {embedder.dim}-d; task {task.name} "
+        f"({task.embedding_type}, {task.split_mode}, audio {task.sample_rate} Hz → {embedder.sample_rate} Hz)"
+    )
+    counts, rejects = _embed_splits(task, embedder, params, model_name, out)
     elapsed = time.perf_counter() - t0
     n = sum(c["clips"] for c in counts.values())
     log.info(
         f"embedded {n} clips in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} clips/s); "
-        f"rejected {len(all_rejects)}"
+        f"rejected {len(rejects)}"
     )
-    atomic.write_json(out / "rejects.json", {"rejects": [r.as_dict() for r in all_rejects]})
+    atomic.write_json(out / "rejects.json", {"rejects": [r.as_dict() for r in rejects]})
     meta = {
         "model": model_name,
-        "model_spec": spec,
+        "model_spec": embedder.spec if isinstance(spec, Embedder) else spec,
+        "model_sha256": embedder.sha256,
         "model_description": embedder.description,
         "dim": embedder.dim,
         "sample_rate": embedder.sample_rate,
         "task": task.name,
         "task_dir": str(task_dir),
         "embedding_type": task.embedding_type,
-        "frames_stored": store_frames,
+        "frames_stored": params.get("frames", "all") == "all" or task.is_event,
         "dtype": embedder.dtype,
         "splits": counts,
-        "rejected": len(all_rejects),
+        "rejected": len(rejects),
         "provenance": provenance.stamp(
-            {"model": spec, "params": params, "task": task.name, "dtype": embedder.dtype},
+            {
+                "model": embedder.spec if isinstance(spec, Embedder) else spec,
+                "params": params,
+                "task": task.name,
+                "dtype": embedder.dtype,
+            },
             seed,
             audio.versions(),
         ),
@@ -405,7 +457,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", required=True, help="HEAR task folder")
     parser.add_argument("--model", required=True, help="model name (for messages and meta.json)")
     parser.add_argument(
-        "--spec", required=True, help="JSON model spec: type, path, size, seed, module"
+        "--spec",
+        required=True,
+        help='the model: a spec string (random:tiny:0, logmel, a path …) or JSON {"spec": ..., "layer": ...}',
     )
     parser.add_argument(
         "--params", default="{}", help="JSON: seed, batch_size, frames, decode_threads"
@@ -424,9 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logs.setup()
     with logs.one_line_errors():
-        spec = json.loads(args.spec)
+        spec = args.spec
+        if spec.lstrip().startswith("{"):
+            spec = json.loads(spec)
         if args.layer is not None:
-            spec["layer"] = args.layer
+            spec = {"spec": parse_spec(spec)[0], "layer": args.layer}
         run(
             args.task, args.model, spec, json.loads(args.params), args.out, args.threads, args.dtype
         )

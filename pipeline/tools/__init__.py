@@ -3,6 +3,7 @@
 ``dasheng_pipeline.cli`` is a thin command line over them.
 
 - :func:`embed_files` — audio files, folders or lists → one Parquet row per file (``embed``);
+- :func:`read_embeddings` — an ``embed`` output → paths, clip embeddings (N, D), frames per file;
 - :func:`evaluate_task` — a HEAR task folder → the DAG's probe and k-NN scores (``evaluate``);
 - :func:`finetune` — labelled audio → a classifier on the encoder (``finetune``);
 - :func:`predict` — a classifier → top-k labels per file or per 10 s chunk (``predict``);
@@ -10,13 +11,17 @@
 - :func:`export_model` — a model → ONNX, the Hugging Face layout, the official ``.pt`` or ours
   (``export``; the model library's own :func:`dasheng_model.export.export_model`).
 
-Models are named by the specs of :mod:`dasheng_model.pretrained` everywhere.
+Models are named by one spec string everywhere (the DAG's ``models:`` resolve to the same):
+a checkpoint, a Hugging Face folder or repo id, ``random:<size>[:<seed>]``
+(:mod:`dasheng_model.pretrained`), and for ``embed`` and ``evaluate`` also ``logmel`` and
+``hear:<module>[:<path>]``.
 """
 
 import importlib
 
 _WHERE = {
     "embed_files": "dasheng_pipeline.tools.embed",
+    "read_embeddings": "dasheng_pipeline.tools.store",
     "evaluate_task": "dasheng_pipeline.tools.evaluate",
     "finetune": "dasheng_pipeline.tools.finetune",
     "predict": "dasheng_pipeline.tools.predict",

@@ -29,7 +29,7 @@ from dasheng_model.encoder import DashengEncoder, EncoderConfig
 from dasheng_model.inputs import check_dtype
 from dasheng_pipeline.common import atomic
 from dasheng_pipeline.evaluation.protocols.hear_mlp import HParams, build_mlp
-from dasheng_pipeline.tools.embed import Model
+from dasheng_pipeline.tools.embed import Model, resolve_device
 
 WEIGHTS = "classifier.safetensors"
 CONFIG = "classifier.json"
@@ -191,7 +191,7 @@ def load(
     folder = Path(folder)
     meta = _read_meta(folder)
     head, tensors = _read_head(folder, meta)
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if meta["mode"] == "full":
         model = _fine_tuned_encoder(folder, meta, tensors, dev, dtype)
     else:

@@ -10,7 +10,13 @@ and ``xares_protocol`` rules, so a task gives the same numbers here as in ``snak
   folder (``config/xares.yaml`` lists X-ARES's public tasks); protocols ``xares_mlp`` and
   ``xares_knn`` by default. The shards are converted once into ``out/task``.
 
-Writes in ``out``: ``embeddings/`` (per split, as the DAG's) and ``<protocol>.json`` per protocol.
+``model`` is a model spec string, the same as everywhere (``embed --model``, the DAG's ``models:``):
+a checkpoint, a Hugging Face folder or repo id, ``random:<size>[:<seed>]``, ``logmel`` or
+``hear:<module>[:<path>]``.
+
+Writes in ``out``: ``embeddings/`` (per split, as the DAG's) and ``<protocol>.json`` per protocol,
+each naming the model (its spec) and its weights' sha256. An ``out`` that holds another model's
+results is refused (pass another ``--out``).
 The settings are the workflow's, resolved by the same code (:mod:`dasheng_pipeline.plan`): ``seed``
 and ``evaluation.{probe,knn,xares,batch_size,decode_threads}`` of ``config`` (a workflow config
 file such as ``config/config.yaml``), the schema's defaults (``config/schema.yaml``: HEAR's
@@ -19,11 +25,11 @@ protocol, the paper's k-NN, X-ARES's MLP and k-NN) for what it leaves out or wit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
-from dasheng_model import pretrained
 from dasheng_pipeline import plan
 from dasheng_pipeline.common import atomic
 from dasheng_pipeline.evaluation import embeddings
@@ -31,16 +37,6 @@ from dasheng_pipeline.evaluation.protocols import hear_mlp as probe
 from dasheng_pipeline.evaluation.protocols import knn
 
 log = logging.getLogger(__name__)
-
-
-def model_spec(model: str) -> dict:
-    """A ``--model`` string → the DAG's ``models:`` entry for it (``logmel``: the log-mel baseline)."""
-    if model == "logmel":
-        return {"type": "logmel"}
-    if model.startswith(pretrained.RANDOM_PREFIX):
-        size, seed = pretrained.parse_random(model)
-        return {"type": "random", "size": size, "seed": seed}
-    return {"type": "checkpoint", "path": model}
 
 
 PROTOCOLS = ("probe", "knn", "xares_mlp", "xares_knn")
@@ -122,6 +118,24 @@ def _score(protocol: str, task_dir: Path, emb_dir: Path, settings: dict, threads
     )
 
 
+def check_out(out: Path, embedder: embeddings.Embedder) -> None:
+    """Refuse an ``out`` that holds the results of another model (its embeddings' meta.json or a
+    protocol's JSON name other weights)."""
+    records = [out / "embeddings" / "meta.json", *(out / f"{p}.json" for p in PROTOCOLS)]
+    for path in records:
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        sha = doc.get("model_sha256")
+        if sha != embedder.sha256:
+            theirs = f"sha256 {sha[:12]}…" if sha else "no sha256 recorded"
+            raise ValueError(
+                f"{path}: the results of another model ({doc.get('model_spec') or doc.get('model')}, "
+                f"{theirs}; this model {embedder.spec}, sha256 {embedder.sha256[:12]}…); "
+                "pass another --out, or delete it"
+            )
+
+
 def evaluate_task(
     task_dir: str | os.PathLike,
     model: str,
@@ -129,11 +143,12 @@ def evaluate_task(
     *,
     protocols: list[str] | None = None,
     config: str | os.PathLike | None = None,
-    name: str = "model",
+    name: str | None = None,
     threads: int = 1,
 ) -> dict:
-    """Embeddings of ``model`` on the task at ``task_dir`` and its scores under ``protocols``
-    (default: by the task's format); returns ``{protocol: result}``, each as the DAG's JSON."""
+    """Embeddings of ``model`` (a model spec string) on the task at ``task_dir`` and its scores
+    under ``protocols`` (default: by the task's format); returns ``{protocol: result}``, each as
+    the DAG's JSON plus ``model_sha256``. ``name``: the model's name in them (default: its spec)."""
     task_dir, out = Path(task_dir), Path(out)
     settings = settings_from_config(config)
     is_hear = (task_dir / "task_metadata.json").is_file()
@@ -141,12 +156,15 @@ def evaluate_task(
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise ValueError(f"unknown protocols {unknown}; expected some of {list(PROTOCOLS)}")
+    embedder = embeddings.build_embedder(model, batch_size=settings["embed"]["batch_size"])
+    check_out(out, embedder)
     task_dir = _hear_folder(task_dir, out, settings, config)
     emb_dir = out / "embeddings"
-    embeddings.run(task_dir, name, model_spec(model), settings["embed"], emb_dir, threads)
+    embeddings.run(task_dir, name or model, embedder, settings["embed"], emb_dir, threads)
     results = {}
     for protocol in protocols:
-        results[protocol] = _score(protocol, task_dir, emb_dir, settings, threads)
+        result = _score(protocol, task_dir, emb_dir, settings, threads)
+        results[protocol] = {**result, "model_spec": model, "model_sha256": embedder.sha256}
         atomic.write_json(out / f"{protocol}.json", results[protocol])
     return results
 

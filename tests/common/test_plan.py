@@ -184,23 +184,32 @@ def test_training_job_and_its_quick_sets():
 # ---- models
 
 
-def test_model_specs_resolve_their_defaults(in_tmp):
+def test_model_specs_resolve_to_the_command_lines_spec_strings(in_tmp):
     cfg = config(
         seed=7,
         training={"size": "tiny"},
         models={
             "trained": {"type": "checkpoint"},
             "random": {"type": "random"},
-            "random0": {"type": "random", "size": "base", "seed": 0},
+            "random0": {"type": "random", "size": "base", "seed": 0, "layer": 3},
             "hub": {"type": "checkpoint", "path": "mispeech/dasheng-base"},
             "hear": {"type": "hear_module", "module": "my.module", "path": "x/y"},
+            "bare": {"type": "hear_module", "module": "my.module"},
+            "logmel": {"type": "logmel"},
+            "given": {"spec": "random:tiny:3", "layer": "mean"},
         },
     )
     spec = lambda name, produced=NOTHING: plan.model_spec(cfg, name, produced)  # noqa: E731
-    assert spec("trained")["path"] == "results/demo/training/encoder.safetensors"
-    assert (spec("random")["size"], spec("random")["seed"]) == ("tiny", 7)
-    assert (spec("random0")["size"], spec("random0")["seed"]) == ("base", 0)
-    assert "enabled" not in spec("random")
+    assert spec("trained") == {"spec": "results/demo/training/encoder.safetensors", "layer": None}
+    assert spec("random") == {"spec": "random:tiny:7", "layer": None}
+    assert spec("random0") == {"spec": "random:base:0", "layer": 3}
+    assert [spec(m)["spec"] for m in ("hub", "hear", "bare", "logmel")] == [
+        "mispeech/dasheng-base",
+        "hear:my.module:x/y",
+        "hear:my.module",
+        "logmel",
+    ]
+    assert spec("given") == {"spec": "random:tiny:3", "layer": "mean"}  # as written
     assert plan.is_hub_id("mispeech/dasheng-base", NOTHING)
     assert plan.weights_files(spec("hub"), NOTHING) == []  # fetched by the job
     made = lambda path: path == "mispeech/dasheng-base"  # noqa: E731
@@ -208,11 +217,16 @@ def test_model_specs_resolve_their_defaults(in_tmp):
     assert plan.weights_files(spec("hub", made), made) == ["mispeech/dasheng-base"]
     assert not plan.is_hub_id("owner/model.pt", NOTHING)
     assert plan.weights_files(spec("hear"), NOTHING) == []  # a path that names no file
+    assert (
+        plan.weights_files(spec("random"), NOTHING)
+        == plan.weights_files(spec("bare"), NOTHING)
+        == []
+    )
     (in_tmp / "x").mkdir()
     (in_tmp / "x/y").write_bytes(b"")
     assert plan.weights_files(spec("hear"), NOTHING) == ["x/y"]
     (in_tmp / "hf").mkdir()
-    assert plan.weights_files({"type": "checkpoint", "path": "hf"}, NOTHING) == [
+    assert plan.weights_files({"spec": "hf", "layer": None}, NOTHING) == [
         os.path.join("hf", "model.safetensors")
     ]
 
@@ -373,6 +387,12 @@ LATE_ERRORS = [  # resolve_evaluation's (models, layers): raised once the rules 
         {"models": {"m": {"type": "hear_module"}}},
         "config key models.m.module: a hear_module model needs a module name",
     ),
+    (
+        {"models": {"m": {"spec": "random:tiny", "type": "random"}}},
+        "config key models.m: give either spec or type, not both",
+    ),
+    ({"models": {"m": {"layer": 2}}}, "config key models.m: give a spec .* or a type"),
+    ({"models": {"m": {"spec": "OUTSIDE"}}}, "config key models.m.path: .* outside"),
 ]
 
 

@@ -10,7 +10,6 @@ reason, and refused input is named."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -199,7 +198,7 @@ def test_crafted_pickle_checkpoint_runs_nothing(tmp_path, figures):
                 "--model",
                 "evil",
                 "--spec",
-                json.dumps({"type": "checkpoint", "path": str(path)}),
+                str(path),
                 "--out",
                 str(out),
             ],

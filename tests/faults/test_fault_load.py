@@ -1,16 +1,24 @@
-"""Load: one mel job over 10 000 clips, through the DAG, with its memory sampled as it goes.
+"""Load: one mel job over 10 000 clips, through the DAG, with its memory sampled as it goes; and
+``dasheng-pipeline embed --frames`` on one long recording against a short one.
 
 The clips are demo audio (0.6–1 s each): 500 distinct clips from the demo generator, each hard-linked
 20 times under its own name in a local corpus tree (``audio.keep_audio: false``, so the mel job
 decodes all 10 000 files itself with ffmpeg). What is measured is the mel job's resident memory
 against the number of clips it has done (read from its progress bar in the job log): it must stay
-flat, since a chunk is written part by part and nothing per clip is kept but its manifest row."""
+flat, since a chunk is written part by part and nothing per clip is kept but its manifest row.
+
+The recordings loop the shared fixture's 61 s file (a lavfi tone without it) with ffmpeg: 10 minutes
+and 2 hours, each embedded by the command line in a fresh process; its peak resident memory is the
+kernel's high-water mark (``ru_maxrss`` of the waited child). The 10-hour ``base`` figure of the same
+measurement is a benchmark (BENCHMARKS.md, P11)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +30,8 @@ pytestmark = pytest.mark.slow
 
 CLIPS = 10_000
 DISTINCT = 500
+EMBED_MINUTES = (10, 120)  # one recording each, embedded with --frames by the tiny encoder
+MAX_EMBED_RATIO = 1.1  # peak RSS of the long one over the short one
 CHECKPOINTS = (1000, 2000, 5000)
 MAX_GROWTH_MIB = 100  # 10 kB per clip; a kept window is 128 kB
 
@@ -166,3 +176,56 @@ def _plot(samples: list[tuple[int, int]], path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _recording(folder: Path, minutes: int) -> Path:
+    from helpers import SPEECH_COMMANDS
+
+    from dasheng_pipeline.common.audio import ffmpeg_exe
+
+    loop = SPEECH_COMMANDS / "_background_noise_" / "running_tap.wav"
+    source = ["-stream_loop", "-1", "-i", str(loop)] if loop.is_file() else []
+    source = source or ["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=16000"]
+    path = folder / f"{minutes}min.flac"
+    cmd = [ffmpeg_exe(), "-nostdin", "-loglevel", "error", *source, "-t", str(60 * minutes)]
+    subprocess.run([*cmd, "-ac", "1", "-ar", "16000", str(path)], check=True)
+    return path
+
+
+def _embed_peak_mib(audio: Path, out: Path) -> int:
+    """Peak RSS (MiB) of ``embed --frames`` on ``audio`` in a fresh process."""
+    cmd = [sys.executable, "-m", "dasheng_pipeline.cli", "embed", str(audio), "--frames", "-q"]
+    cmd += ["--model", "random:tiny", "--out", str(out)]
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1]) >> 10
+
+
+def test_embed_memory_does_not_grow_with_the_recordings_length(tmp_path, figures):
+    peaks, frames = {}, {}
+    t0 = time.monotonic()
+    for minutes in EMBED_MINUTES:
+        audio = _recording(tmp_path, minutes)
+        out = tmp_path / f"{minutes}min.parquet"
+        peaks[minutes] = _embed_peak_mib(audio, out)
+        audio.unlink()
+        from dasheng_pipeline.tools import read_embeddings
+
+        frames[minutes] = int(read_embeddings(out).table.column("num_frames")[0].as_py())
+    short, long = EMBED_MINUTES
+    ratio = peaks[long] / peaks[short]
+    figures.record(
+        "load",
+        f"embed --frames, one {long // 60} h recording against {short} min (tiny)",
+        tried=1,
+        survived=int(ratio <= MAX_EMBED_RATIO),
+        peak_rss_mib=" / ".join(f"{peaks[m]} ({m} min)" for m in EMBED_MINUTES),
+        ratio=round(ratio, 3),
+        seconds=round(time.monotonic() - t0),
+    )
+    assert frames == {m: m * 60 * 25 for m in EMBED_MINUTES}  # every 40 ms frame, on disk
+    assert ratio <= MAX_EMBED_RATIO, peaks

@@ -10,12 +10,10 @@ from helpers import REPO
 MAX_LINES = 60
 # Functions still over the limit, to be cut into named steps (issue 24); the list only shrinks.
 OVER_TODAY = {
-    "pipeline/evaluation/embeddings.py::run",
     "pipeline/features/mel.py::run_chunk",
     "pipeline/features/shards.py::build_dataset_manifest",
     "pipeline/sources/youtube.py::_download",
     "pipeline/sources/youtube.py::_store",
-    "pipeline/tools/embed.py::embed_files",
     "pipeline/training/train.py::train_worker",
     "pipeline/training/train.py::_train",
 }

@@ -1,12 +1,14 @@
 """What the trainers take: clip embeddings from the shared embedding cache (frozen modes), or the
 log-mels in memory (full mode). An example whose file cannot be decoded moves to the rejects.
 
-The cache: ``<root>/embeddings/<key>/embeddings.parquet`` (``embed``'s format and resume rules),
-``<root>`` = ``cache_dir``, else ``$DASHENG_CACHE_DIR``, else
+The cache: ``<root>/embeddings/<key>/embeddings.parquet``, written by ``embed`` itself
+(:func:`dasheng_pipeline.tools.embed.embed_files`: its windows and batcher, format and resume
+rules), ``<root>`` = ``cache_dir``, else ``$DASHENG_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/dasheng-pipeline`` (``~/.cache/dasheng-pipeline``). The key hashes what the
-embeddings depend on: every file's absolute path, size and modification time in DATA's order,
+embeddings depend on: every file's resolved path, size and modification time in DATA's order,
 the weights' sha256, dtype, device type, batch size and window. Runs that share a key take turns
-(``flock`` on the folder's ``.lock``); every file in it is written atomically.
+(``flock`` on the folder's ``.lock``); every file in it is written atomically. The full mode's
+log-mels go through the same windows and batcher (``Model.frames``).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from dasheng_model.windows import WINDOW_FRAMES
 from dasheng_pipeline.common import atomic
 from dasheng_pipeline.tools import inputs
 from dasheng_pipeline.tools.embed import (
-    WINDOW_FRAMES,
+    MissingInputs,
     Model,
+    NothingEmbedded,
     embed_files,
     read_embeddings,
     read_rejects,
@@ -39,7 +43,7 @@ from dasheng_pipeline.tools.finetune.data import Data, FinetuneError
 log = logging.getLogger(__name__)
 
 ENV = "DASHENG_CACHE_DIR"
-FORMAT = 1  # what a cache folder holds; a change here gives new keys
+FORMAT = 2  # what a cache folder holds; a change here gives new keys (2: embed's resolved paths)
 TABLE = "embeddings.parquet"
 
 
@@ -63,7 +67,7 @@ def cache_key(files: list[inputs.Item], model: Model, batch_size: int) -> tuple[
         "batch_size": batch_size,
         "window_frames": WINDOW_FRAMES,
     }
-    listing = [[os.path.abspath(i.path), i.size, i.mtime_ns] for i in files]
+    listing = [[i.real, i.size, i.mtime_ns] for i in files]
     files_sha256 = hashlib.sha256(atomic.canonical_json(listing).encode()).hexdigest()
     about = {**settings, "files": len(files), "files_sha256": files_sha256}
     return hashlib.sha256(atomic.canonical_json(about).encode()).hexdigest()[:32], about
@@ -114,9 +118,9 @@ def _take(table: pa.Table | None, data: Data, failed: dict[str, inputs.Reject]) 
     rows = {key: i for i, key in enumerate(keys)}
     keep, take = [], []
     for e in data.examples:
-        path = os.path.abspath(e.item.path)
-        row = rows.get((path, e.item.size, e.item.mtime_ns))
+        row = rows.get(e.item.key)
         if row is None:
+            path = e.item.real
             reason = failed[path].reason if path in failed else "not embedded"
             data.rejects.append((e.item.path, reason))
         else:
@@ -137,16 +141,19 @@ def frozen_features(
     folder = _open_folder(data, model, batch_size, cache_dir)
     table_path = folder / TABLE
     with locked(folder):
-        summary = embed_files(
-            [os.path.abspath(e.item.path) for e in data.examples],
-            model,
-            table_path,
-            batch_size=batch_size,
-            device=str(model.device),
-            dtype=model.dtype,
-            progress=progress,
-        )
-        table = read_embeddings(table_path)[0] if table_path.is_file() else None
+        try:
+            summary = embed_files(
+                [e.item.real for e in data.examples],
+                model,
+                table_path,
+                batch_size=batch_size,
+                device=str(model.device),
+                dtype=model.dtype,
+                progress=progress,
+            )
+        except (NothingEmbedded, MissingInputs) as exc:  # those examples move to the rejects
+            summary = exc.summary
+        table = read_embeddings(table_path).table if table_path.is_file() else None
         failed = read_rejects(rejects_path(table_path))
     use = CacheUse(folder, summary.embedded, summary.skipped)
     log.info(f"embeddings: {use.embedded} files embedded, {use.cached} from the cache {folder}")

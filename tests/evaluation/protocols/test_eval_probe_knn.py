@@ -36,7 +36,7 @@ def separable(tmp_path_factory):
     root = tmp_path_factory.mktemp("sep")
     task = separable_task(root / "task")
     emb = root / "emb"
-    extract.run(task, "logmel", {"type": "logmel"}, {"seed": 0}, emb)
+    extract.run(task, "logmel", "logmel", {"seed": 0}, emb)
     return task, emb
 
 
@@ -135,7 +135,7 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     extract.run(
         task,
         "trained",
-        {"type": "checkpoint", "path": str(ckpt)},
+        str(ckpt),
         {"seed": 0, "batch_size": 4},
         tmp_path / "ck",
     )
@@ -155,7 +155,7 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
             "--model",
             "trained",
             "--spec",
-            json.dumps({"type": "checkpoint", "path": str(ckpt)}),
+            str(ckpt),
             "--params",
             '{"batch_size": 4}',
             "--dtype",
@@ -179,24 +179,24 @@ def test_tiny_checkpoint_and_hear_module_models(tmp_path):
     extract.run(
         task,
         "hear",
-        {"type": "hear_module", "module": "dasheng_model.hear", "path": "random:tiny"},
+        "hear:dasheng_model.hear:random:tiny",
         {},
         tmp_path / "h",
     )
-    extract.run(task, "random", {"type": "random", "size": "tiny", "seed": 0}, {}, tmp_path / "r")
+    extract.run(task, "random", "random:tiny:0", {}, tmp_path / "r")
     for split in ("train", "test"):
         h, r = extract.load_split(tmp_path / "h", split), extract.load_split(tmp_path / "r", split)
         np.testing.assert_allclose(h["clip"], r["clip"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(h["timestamps"], r["timestamps"])
     with pytest.raises(ValueError, match="cannot import HEAR module 'no_such_module'"):
-        extract.build_embedder({"type": "hear_module", "module": "no_such_module"})
+        extract.build_embedder("hear:no_such_module")
 
 
 def test_missing_wav_is_reported_and_skipped(tmp_path, caplog):
     task = separable_task(tmp_path / "task")
     gone = sorted((task / "16000" / "train").iterdir())[0]
     gone.unlink()
-    meta = extract.run(task, "logmel", {"type": "logmel"}, {}, tmp_path / "emb")
+    meta = extract.run(task, "logmel", "logmel", {}, tmp_path / "emb")
     [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert f"skipped '{gone.name}': missing wav file" in warning.message
     assert "task 'separable', split 'train'" in warning.message
@@ -213,7 +213,7 @@ def test_missing_wav_is_reported_and_skipped(tmp_path, caplog):
         hear_tasks.TaskError,
         match=r"task 'separable', file '.*valid.json': no usable clip in split 'valid'",
     ):
-        extract.run(task, "logmel", {"type": "logmel"}, {}, tmp_path / "emb2")
+        extract.run(task, "logmel", "logmel", {}, tmp_path / "emb2")
 
 
 def test_event_probe_finds_tone_bursts(tmp_path):
@@ -243,7 +243,7 @@ def test_event_probe_finds_tone_bursts(tmp_path):
         audio=audio,
         seconds=2.0,
     )
-    extract.run(task, "logmel", {"type": "logmel"}, {"frames": "events"}, tmp_path / "emb")
+    extract.run(task, "logmel", "logmel", {"frames": "events"}, tmp_path / "emb")
     result = run_probe(task, tmp_path / "emb", {**FAST, "hidden_layers": [1]})
     assert result["metrics"]["event_onset_200ms_fms"]["mean"] >= 0.75
     assert result["folds"][0]["min_duration_ms"] in (125, 250)
@@ -265,7 +265,7 @@ def test_the_demo_probe_protocol_fits_as_the_full_hear_grid(tmp_path):
     task = tmp_path / "demo_pitch"
     demo_tasks.generate("demo_pitch", task, seed=0, scale=0.5)
     emb = tmp_path / "emb"
-    extract.run(task, "logmel", {"type": "logmel"}, {"seed": 0}, emb)
+    extract.run(task, "logmel", "logmel", {"seed": 0}, emb)
     demo_cfg = yaml.safe_load((REPO / "config/config.yaml").read_text())["evaluation"]["probe"]
 
     def score(cfg: dict) -> float:

@@ -81,9 +81,7 @@ def tasks(tmp_path_factory):
     for layout, cfg in configs.items():
         task_dir, emb_dir = root / "tasks" / layout, root / "emb" / layout
         xares_tasks.convert(xares_tasks.XaresSpec.from_config(f"synth_{layout}", cfg), task_dir, 0)
-        embeddings.run(
-            task_dir, "random", {"type": "random", "size": "tiny", "seed": 0}, {"seed": 0}, emb_dir
-        )
+        embeddings.run(task_dir, "random", "random:tiny:0", {"seed": 0}, emb_dir)
         out[layout] = (task_dir, emb_dir)
     return out
 

@@ -27,12 +27,12 @@ def quick(tmp_path_factory):
 
 
 def test_quick_scores_and_the_layer_table(quick, tmp_path):
-    logmel = layers.score(quick, "logmel", {"type": "logmel"}, seed=0, k=10)
+    logmel = layers.score(quick, "logmel", {"spec": "logmel", "layer": None}, seed=0, k=10)
     assert [(r["layer"], r["method"]) for r in logmel["rows"]] == [(0, "knn"), (0, "linear")]
     assert all(r["score"] >= 0.9 for r in logmel["rows"])  # the classes differ in spectrum
     torch.manual_seed(0)
     ckpt = save_checkpoint(DashengEncoder("tiny"), tmp_path / "tiny.safetensors", seed=0)
-    spec = {"type": "checkpoint", "path": str(ckpt), "layer": "mean"}
+    spec = {"spec": str(ckpt), "layer": "mean"}
     enc = layers.score(quick, "trained", spec, seed=0, k=10)
     assert [(r["layer"], r["method"]) for r in enc["rows"]] == [
         (k, m) for k in range(1, 7) for m in ("knn", "linear")
@@ -56,7 +56,7 @@ def test_model_specs_take_a_layer():
     from dasheng_model.embed import embed
     from dasheng_pipeline.evaluation.embeddings import build_embedder
 
-    emb = build_embedder({"type": "random", "size": "tiny", "seed": 0, "layer": "2"})
+    emb = build_embedder({"spec": "random:tiny:0", "layer": "2"})
     assert emb.layer == 2 and emb.description.endswith(", layer 2")
     x = (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32)
     ((frames, _, clip),) = emb([x])
@@ -64,6 +64,6 @@ def test_model_specs_take_a_layer():
         clip, embed(emb.encoder, torch.from_numpy(x)[None], layer=2).clip[0].numpy(), atol=1e-6
     )
     with pytest.raises(ValueError, match="block number 1..6"):
-        build_embedder({"type": "random", "size": "tiny", "layer": 9})
+        build_embedder({"spec": "random:tiny", "layer": 9})
     with pytest.raises(ValueError, match="log-mel baseline has no layers"):
-        build_embedder({"type": "logmel", "layer": "mean"})
+        build_embedder({"spec": "logmel", "layer": "mean"})
