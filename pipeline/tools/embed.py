@@ -40,7 +40,7 @@ import torch
 
 from dasheng_model import pretrained
 from dasheng_model.embed import FRAME_MS
-from dasheng_model.encoder import DashengEncoder
+from dasheng_model.encoder import DashengEncoder, release_plain_weights
 from dasheng_model.frontend import LogMel
 from dasheng_model.inputs import check_dtype
 from dasheng_model.windows import (
@@ -569,7 +569,11 @@ def embed_files(
     _check_numbers(batch_size, decode_threads, flush_s)
     store.check_writable(out)
     store.check_ours(out)
-    model = model if isinstance(model, Model | WholeFile) else load_model(model, device, dtype)
+    if not isinstance(model, Model | WholeFile):
+        model = load_model(model, device, dtype)
+        if isinstance(model, Model) and model.device.type == "cpu":
+            # a model of its own, only for inference: its packed weights replace the plain ones
+            release_plain_weights(model.encoder, model.dtype)
     done, old_rejects = _done_before(out, model, frames)
     items, rejects = inputs.collect(inputs_)
     todo = _todo(items, done, old_rejects)

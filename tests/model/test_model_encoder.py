@@ -289,3 +289,23 @@ def test_an_encoder_built_under_inference_mode_runs():
     with torch.no_grad():
         reference = random_encoder("tiny").eval()(wav)
     torch.testing.assert_close(frames, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_released_plain_weights_give_the_same_embeddings_and_refuse_training(dtype):
+    from dasheng_model.embed import embed
+    from dasheng_model.encoder import release_plain_weights
+
+    if not encoder_module._ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear ops: nothing is packed or released")
+    wav = noise(2, 3.0, seed=5)
+    enc = random_encoder("tiny").eval()
+    before = embed(enc, wav, dtype=dtype).frames
+    weights = sum(m.weight.nbytes for m in enc.modules() if isinstance(m, encoder_module.Linear))
+    assert release_plain_weights(enc, dtype) == weights > 0
+    assert all(m.weight.numel() == 0 for m in enc.modules() if isinstance(m, encoder_module.Linear))
+    torch.testing.assert_close(embed(enc, wav, dtype=dtype).frames, before, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="packed CPU inference weights"):
+        enc(wav)  # with gradients: the plain path, whose weights are gone
+    with pytest.raises(RuntimeError, match="packed CPU inference weights"):
+        enc.train()
