@@ -33,9 +33,9 @@ include: "workflow/rules/report.smk"
 # exactly the chunks whose outputs are missing.
 rule data:
     input:
-        all_fetch_manifests(),
-        all_shards("dir"),
-        all_shards("json"),
+        DATA.manifests(),
+        DATA.shards("dir"),
+        DATA.shards("json"),
         rules.dataset_manifest.output,
         rules.coverage.output,
 

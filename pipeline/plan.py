@@ -382,6 +382,107 @@ def resolve(config: dict, *, remote_exec: bool = False) -> Plan:
     )
 
 
+# ---- the data stage's files: where they lie, and what each job reads
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The data stage's paths under ``out_dir`` and each job's inputs (the rule files' input
+    functions call these with their wildcards)."""
+
+    plan: Plan
+
+    @property
+    def out(self) -> str:
+        return self.plan.out
+
+    def names_in(self, *kinds: str) -> list[str]:
+        return [n for n, s in self.plan.sources.items() if s.type in kinds]
+
+    def manifest(self, source: str, chunk: str) -> str:
+        return f"{self.out}/manifests/{source}/{chunk}.json"
+
+    def manifests(self, source: str | None = None) -> list[str]:
+        """Every chunk manifest (of one source, or of all)."""
+        names = [source] if source else list(self.plan.sources)
+        return [self.manifest(n, c) for n in names for c in self.plan.sources[n].chunks]
+
+    def shards(self, kind: str) -> list[str]:
+        """Every chunk's shard folder (kind "dir") or shard manifest (kind "json")."""
+        suffix = "" if kind == "dir" else f".{kind}"
+        return [
+            f"{self.out}/shards/{n}/{c}{suffix}"
+            for n, s in self.plan.sources.items()
+            for c in s.chunks
+        ]
+
+    def corpus_ids(self, corpus: str) -> str:
+        return f"{self.out}/corpora/{corpus}/ids.parquet"
+
+    def source_keys(self, source: str) -> str:
+        return f"{self.out}/keys/{source}.parquet"
+
+    def route(self, source: str) -> dict | None:
+        """A route's corpus, its ID table and the key tables of the routes before it."""
+        route = self.plan.sources[source].route
+        if route is None:
+            return None
+        earlier = [self.source_keys(n) for n in route.earlier]
+        return {"corpus": route.corpus, "ids": self.corpus_ids(route.corpus), "earlier": earlier}
+
+    def route_inputs(self, source: str) -> list[str]:
+        """A chunk's route inputs: its corpus's ID table (a mirror rejects what the list lacks)
+        and the key tables of the earlier routes (what they obtained)."""
+        route = self.route(source)
+        if route is None:
+            return []
+        mirror = self.plan.sources[source].type in chunking.MIRROR_TYPES
+        return ([route["ids"]] if mirror else []) + route["earlier"]
+
+    def mirror_units(self, source: str, chunk: str) -> list:
+        return list(self.plan.sources[source].units[int(chunk)])
+
+    def mirror_inputs(self, source: str, chunk: str) -> list[str]:
+        """A mirror chunk's local files (a rule may make them) and its route inputs."""
+        units = self.mirror_units(source, chunk)
+        src = self.plan.sources[source].cfg
+        return chunking.local_inputs(src, units) + self.route_inputs(source)
+
+    def keyed_sources(self) -> list[str]:
+        """Sources with a key table: every mirror (its duplicates across chunks) and every
+        route a later route builds on."""
+        sources = self.plan.sources
+        earlier = {n for s in sources.values() if s.route for n in s.route.earlier}
+        return [n for n, s in sources.items() if s.type in chunking.MIRROR_TYPES or n in earlier]
+
+    def demo_mirrors(self) -> list[str]:
+        """Demo sources that write a mirror of themselves (mirror_share above 0)."""
+        return [n for n in self.names_in("demo") if self.plan.sources[n].cfg["mirror_share"] > 0]
+
+    def mel_inputs(self, source: str, chunk: str) -> dict:
+        """A mel job's chunk manifest, and for a mirror its source's key table (the mel job
+        rejects a key already obtained in an earlier chunk)."""
+        mirror = self.plan.sources[source].type in chunking.MIRROR_TYPES
+        table = [self.source_keys(source)] if mirror else []
+        return {"manifest": self.manifest(source, chunk), "table": table}
+
+    def coverage_layout(self) -> dict:
+        """What the coverage report reads: every source's manifests (a mirror's with its key
+        table), every corpus's ID table and routes."""
+        sources = {
+            n: {
+                "manifests": self.manifests(n),
+                "keys": self.source_keys(n) if s.type in chunking.MIRROR_TYPES else None,
+            }
+            for n, s in self.plan.sources.items()
+        }
+        corpora = {
+            c: {"ids": self.corpus_ids(c), "routes": list(spec["routes"])}
+            for c, spec in self.plan.config["corpora"].items()
+        }
+        return {"sources": sources, "corpora": corpora, "seed": self.plan.config["seed"]}
+
+
 # ---- models and targets, once the rules are known
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")

@@ -479,3 +479,32 @@ def test_the_evaluate_command_resolves_as_the_workflow(in_tmp):
     )
     with pytest.raises(ValueError, match="no evaluation.tasks entry in cfg.yaml names it"):
         evaluate.xares_entry(Path("y"), settings["config"], "in cfg.yaml")
+
+
+def test_the_data_files_of_the_demo_with_its_route():
+    """The demo's held-out corpus: a mirror (route 1) and the generator (route 2) with an ID list."""
+    data = plan.DataFiles(plan.resolve(plan.read_config(REPO / "config" / "config.yaml")))
+    out = "results/demo"
+    assert data.names_in("hf_parquet") == ["demo_valid_mirror"]
+    assert data.demo_mirrors() == ["demo_valid"]
+    assert data.keyed_sources() == ["demo_valid_mirror"]
+    ids, keys = f"{out}/corpora/demo_valid/ids.parquet", f"{out}/keys/demo_valid_mirror.parquet"
+    assert data.route("demo_valid") == {"corpus": "demo_valid", "ids": ids, "earlier": [keys]}
+    assert data.route_inputs("demo_valid") == [keys]  # the generator fills what the mirror lacks
+    assert data.route_inputs("demo_valid_mirror") == [ids]  # a mirror rejects what the list lacks
+    assert data.route("demo") is None and data.route_inputs("demo") == []
+    assert data.mirror_inputs("demo_valid_mirror", "00000") == [
+        f"{out}/mirror/demo_valid/data/demo_valid-00000.parquet",
+        ids,
+    ]
+    assert data.mel_inputs("demo_valid_mirror", "00000")["table"] == [keys]
+    assert data.mel_inputs("demo", "00001") == {
+        "manifest": f"{out}/manifests/demo/00001.json",
+        "table": [],
+    }
+    layout = data.coverage_layout()
+    assert layout["corpora"] == {
+        "demo_valid": {"ids": ids, "routes": ["demo_valid_mirror", "demo_valid"]}
+    }
+    assert layout["sources"]["demo_valid_mirror"]["keys"] == keys
+    assert len(data.manifests()) == len(data.shards("json")) == len(data.shards("dir"))

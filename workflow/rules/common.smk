@@ -52,17 +52,18 @@ def seed_json(**extra):
     return as_json({"seed": config["seed"], **extra})
 
 
-# ---- stage 1, audio (sources.smk)
+# ---- stages 1 and 2, audio and features (sources.smk, features.smk): paths and each job's
+# inputs are the plan's (plan.DataFiles)
 
-
-def names_of(kind):
-    return [name for name, src in SOURCES.items() if src.type == kind]
+DATA = plan.DataFiles(PLAN)
+MIRRORS = chunking.MIRROR_TYPES
+CORPORA = config["corpora"]
 
 
 def source_params(name, **extra):
     """Params of a source's jobs: its own config, the audio rules, the seed (and for a route
     of a corpus, where its corpus's IDs and the earlier routes' key tables are)."""
-    route = route_params(name)
+    route = DATA.route(name)
     return seed_json(
         source=name,
         source_cfg=SOURCES[name].cfg,
@@ -71,130 +72,6 @@ def source_params(name, **extra):
         **({"route": route} if route else {}),
         **extra,
     )
-
-
-MIRRORS = chunking.MIRROR_TYPES
-CORPORA = config["corpora"]
-
-
-def names_in(kinds):
-    return [name for name, src in SOURCES.items() if src.type in kinds]
-
-
-def corpus_ids(corpus):
-    return f"{OUT}/corpora/{corpus}/ids.parquet"
-
-
-def source_keys(name):
-    return f"{OUT}/keys/{name}.parquet"
-
-
-def route_params(name):
-    """A route's corpus, its ID table and the key tables of the routes before it (or None)."""
-    route = SOURCES[name].route
-    if route is None:
-        return None
-    return {
-        "corpus": route.corpus,
-        "ids": corpus_ids(route.corpus),
-        "earlier": [source_keys(n) for n in route.earlier],
-    }
-
-
-def route_inputs(wildcards):
-    """A chunk's route inputs: its corpus's ID table (a mirror rejects what the list lacks) and
-    the key tables of the earlier routes (what they obtained)."""
-    route = route_params(wildcards.source)
-    if route is None:
-        return []
-    ids = [route["ids"]] if SOURCES[wildcards.source].type in MIRRORS else []
-    return ids + route["earlier"]
-
-
-def mirror_units(wildcards):
-    return list(SOURCES[wildcards.source].units[int(wildcards.chunk)])
-
-
-def mirror_inputs(wildcards):
-    """A mirror chunk's local files (a rule may make them) and its route inputs."""
-    src = SOURCES[wildcards.source].cfg
-    return chunking.local_inputs(src, mirror_units(wildcards)) + route_inputs(wildcards)
-
-
-def mirror_params(wildcards):
-    return source_params(wildcards.source, files=mirror_units(wildcards))
-
-
-def keyed_sources():
-    """Sources with a key table: every mirror (its duplicates across chunks) and every route a
-    later route builds on."""
-    earlier = {n for s in SOURCES.values() if s.route for n in s.route.earlier}
-    return [n for n, s in SOURCES.items() if s.type in MIRRORS or n in earlier]
-
-
-def keys_inputs(wildcards):
-    """A source's chunk manifests (its key table reads them)."""
-    return [
-        f"{OUT}/manifests/{wildcards.source}/{c}.json"
-        for c in SOURCES[wildcards.source].chunks
-    ]
-
-
-def demo_mirrors():
-    """Demo sources that write a mirror of themselves (mirror_share above 0)."""
-    return [
-        n for n, s in SOURCES.items() if s.type == "demo" and s.cfg["mirror_share"] > 0
-    ]
-
-
-def coverage_layout():
-    """What the coverage report reads: every source's manifests (a mirror's with its key
-    table), every corpus's ID table and routes."""
-    return {
-        "sources": {
-            n: {
-                "manifests": [f"{OUT}/manifests/{n}/{c}.json" for c in s.chunks],
-                "keys": source_keys(n) if s.type in MIRRORS else None,
-            }
-            for n, s in SOURCES.items()
-        },
-        "corpora": {
-            c: {"ids": corpus_ids(c), "routes": list(spec["routes"])}
-            for c, spec in CORPORA.items()
-        },
-        "seed": config["seed"],
-    }
-
-
-def all_fetch_manifests():
-    return [
-        f"{OUT}/manifests/{n}/{c}.json" for n, s in SOURCES.items() for c in s.chunks
-    ]
-
-
-# ---- stage 2, features (features.smk)
-
-
-def fetch_manifest(wildcards):
-    return f"{OUT}/manifests/{wildcards.source}/{wildcards.chunk}.json"
-
-
-def mel_inputs(wildcards):
-    """A mel job's chunk manifest, and for a mirror its source's key table (the mel job rejects
-    a key already obtained in an earlier chunk)."""
-    mirror = SOURCES[wildcards.source].type in MIRRORS
-    return {
-        "manifest": fetch_manifest(wildcards),
-        "table": [source_keys(wildcards.source)] if mirror else [],
-    }
-
-
-def all_shards(kind):
-    """Every chunk's shard folder (kind "dir") or shard manifest (kind "json")."""
-    suffix = "" if kind == "dir" else f".{kind}"
-    return [
-        f"{OUT}/shards/{n}/{c}{suffix}" for n, s in SOURCES.items() for c in s.chunks
-    ]
 
 
 def features_params():

@@ -7,7 +7,7 @@
 
 rule mel_chunk:
     input:
-        unpack(mel_inputs),
+        unpack(lambda wc: DATA.mel_inputs(wc.source, wc.chunk)),
     output:
         shards=directory(f"{OUT}/shards/{{source}}/{{chunk}}"),
         manifest=f"{OUT}/shards/{{source}}/{{chunk}}.json",
@@ -31,8 +31,8 @@ rule mel_chunk:
 
 rule dataset_manifest:
     input:
-        manifests=all_shards("json"),
-        shards=all_shards("dir"),
+        manifests=DATA.shards("json"),
+        shards=DATA.shards("dir"),
     output:
         manifest=f"{OUT}/dataset/manifest.json",
         rejects=f"{OUT}/dataset/rejects.json",

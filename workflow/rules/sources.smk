@@ -13,13 +13,13 @@
 
 rule demo_chunk:
     input:
-        route_inputs,
+        lambda wc: DATA.route_inputs(wc.source),
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
-        source=constraint(names_of("demo")),
+        source=constraint(DATA.names_in("demo")),
         chunk=r"\d+",
     conda:
         "../../envs/data.yaml"
@@ -39,7 +39,7 @@ rule youtube_index:
     log:
         f"{LOGS}/sources/{{source}}.index.log",
     wildcard_constraints:
-        source=constraint(names_of("youtube")),
+        source=constraint(DATA.names_in("youtube")),
     conda:
         "../../envs/data.yaml"
     params:
@@ -55,13 +55,13 @@ rule youtube_chunk:
     input:
         list=lambda wc: SOURCES[wc.source].cfg["list"],
         index=f"{OUT}/lists/{{source}}.index.json",
-        route=route_inputs,
+        route=lambda wc: DATA.route_inputs(wc.source),
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
-        source=constraint(names_of("youtube")),
+        source=constraint(DATA.names_in("youtube")),
         chunk=r"\d+",
     conda:
         "../../envs/data.yaml"
@@ -82,7 +82,7 @@ rule local_index:
     log:
         f"{LOGS}/sources/{{source}}.index.log",
     wildcard_constraints:
-        source=constraint(names_of("local")),
+        source=constraint(DATA.names_in("local")),
     conda:
         "../../envs/data.yaml"
     params:
@@ -99,7 +99,7 @@ rule local_chunk:
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
-        source=constraint(names_of("local")),
+        source=constraint(DATA.names_in("local")),
         chunk=r"\d+",
     conda:
         "../../envs/data.yaml"
@@ -118,7 +118,7 @@ rule demo_mirror:
     log:
         f"{LOGS}/sources/{{source}}.mirror.log",
     wildcard_constraints:
-        source=constraint(demo_mirrors()),
+        source=constraint(DATA.demo_mirrors()),
     conda:
         "../../envs/data.yaml"
     params:
@@ -130,20 +130,22 @@ rule demo_mirror:
 
 rule hf_parquet_chunk:
     input:
-        mirror_inputs,
+        lambda wc: DATA.mirror_inputs(wc.source, wc.chunk),
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
-        source=constraint(names_of("hf_parquet")),
+        source=constraint(DATA.names_in("hf_parquet")),
         chunk=r"\d+",
     conda:
         "../../envs/data.yaml"
     resources:
         mirror_downloads=1,  # --resources mirror_downloads=N caps them (YouTube's: downloads)
     params:
-        cfg=mirror_params,
+        cfg=lambda wc: source_params(
+            wc.source, files=DATA.mirror_units(wc.source, wc.chunk)
+        ),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
         download_dir=lambda wc: f"{OUT}/downloads/{wc.source}",
     shell:
@@ -154,20 +156,22 @@ rule hf_parquet_chunk:
 
 rule webdataset_chunk:
     input:
-        mirror_inputs,
+        lambda wc: DATA.mirror_inputs(wc.source, wc.chunk),
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
-        source=constraint(names_of("webdataset")),
+        source=constraint(DATA.names_in("webdataset")),
         chunk=r"\d+",
     conda:
         "../../envs/data.yaml"
     resources:
         mirror_downloads=1,  # --resources mirror_downloads=N caps them (YouTube's: downloads)
     params:
-        cfg=mirror_params,
+        cfg=lambda wc: source_params(
+            wc.source, files=DATA.mirror_units(wc.source, wc.chunk)
+        ),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
         download_dir=lambda wc: f"{OUT}/downloads/{wc.source}",
     shell:
@@ -178,20 +182,22 @@ rule webdataset_chunk:
 
 rule http_archive_chunk:
     input:
-        mirror_inputs,
+        lambda wc: DATA.mirror_inputs(wc.source, wc.chunk),
     output:
         f"{OUT}/manifests/{{source}}/{{chunk}}.json",
     log:
         f"{LOGS}/sources/{{source}}/{{chunk}}.log",
     wildcard_constraints:
-        source=constraint(names_of("http_archive")),
+        source=constraint(DATA.names_in("http_archive")),
         chunk=r"\d+",
     conda:
         "../../envs/data.yaml"
     resources:
         mirror_downloads=1,  # --resources mirror_downloads=N caps them (YouTube's: downloads)
     params:
-        cfg=mirror_params,
+        cfg=lambda wc: source_params(
+            wc.source, files=DATA.mirror_units(wc.source, wc.chunk)
+        ),
         audio_dir=lambda wc: f"{OUT}/audio/{wc.source}/{wc.chunk}",
         download_dir=lambda wc: f"{OUT}/downloads/{wc.source}",
     shell:
@@ -202,13 +208,13 @@ rule http_archive_chunk:
 
 rule source_manifests:
     input:
-        keys_inputs,
+        lambda wc: DATA.manifests(wc.source),
     output:
         f"{OUT}/keys/{{source}}.manifests.txt",
     log:
         f"{LOGS}/sources/{{source}}.manifests.log",
     wildcard_constraints:
-        source=constraint(keyed_sources()),
+        source=constraint(DATA.keyed_sources()),
     conda:
         "../../envs/data.yaml"
     shell:
@@ -223,7 +229,7 @@ rule source_keys:
     log:
         f"{LOGS}/sources/{{source}}.keys.log",
     wildcard_constraints:
-        source=constraint(keyed_sources()),
+        source=constraint(DATA.keyed_sources()),
     conda:
         "../../envs/data.yaml"
     params:
@@ -259,9 +265,9 @@ rule corpus_ids:
 
 rule coverage:
     input:
-        manifests=all_fetch_manifests(),
-        ids=[corpus_ids(c) for c in CORPORA],
-        tables=[source_keys(n) for n in names_in(MIRRORS)],
+        manifests=DATA.manifests(),
+        ids=[DATA.corpus_ids(c) for c in CORPORA],
+        tables=[DATA.source_keys(n) for n in DATA.names_in(*MIRRORS)],
     output:
         csv=report(
             f"{OUT}/data/coverage.csv",
@@ -278,6 +284,6 @@ rule coverage:
     conda:
         "../../envs/data.yaml"
     params:
-        layout=coverage_layout(),
+        layout=DATA.coverage_layout(),
     script:
         "../scripts/coverage.py"

@@ -13,7 +13,7 @@
 rule train:
     input:
         dataset=f"{OUT}/dataset/manifest.json",
-        shards=all_shards("dir"),
+        shards=DATA.shards("dir"),
         quick_sets=list(TRAINING.quick_sets),
     output:
         encoder=f"{OUT}/training/encoder.safetensors",
