@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import yaml
 
+from dasheng_model import numerics
 from dasheng_pipeline.common import schema
 from dasheng_pipeline.evaluation.tasks import demo as demo_tasks
 from dasheng_pipeline.sources import chunking, lists, local
@@ -313,6 +314,17 @@ def quick_sets(config: dict, tasks: dict[str, Task]) -> tuple[str, ...]:
     return tuple(f"{config['out_dir']}/eval/quick/{t}.npz" for t in checks["tasks"])
 
 
+def numerics_params(config: dict) -> dict:
+    """What the jobs' params say of ``numerics`` (nothing for native: the params, and so the
+    provenance hashes and run names, of a native config stay as they were)."""
+    return {"numerics": config["numerics"]} if config["numerics"] != "native" else {}
+
+
+def job_environment(config: dict) -> dict[str, str]:
+    """The environment every job runs in for ``numerics`` (empty for native)."""
+    return numerics.environment(config["numerics"])
+
+
 @dataclass(frozen=True)
 class Training:
     """The training job: its quick-set inputs, --params, CPUs per node, GPUs (gres),
@@ -339,7 +351,11 @@ def resolve_training(config: dict, tasks: dict[str, Task], remote_exec: bool) ->
     jobs = -(-t["total_runtime_min"] // t["runtime_min"])  # ceil, in integers
     return Training(
         quick_sets=sets,
-        params={"training": t | {"quick_sets": list(sets)}, "seed": config["seed"]},
+        params={
+            "training": t | {"quick_sets": list(sets)},
+            "seed": config["seed"],
+            **numerics_params(config),
+        },
         threads=-(-t["workers"] // t["nodes"]) * t["cpus_per_worker"],  # workers per node
         gres=f"gpu:{gpus}" if gpus else "",
         retries=0 if remote_exec else max(0, jobs - 1),

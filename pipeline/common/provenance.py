@@ -91,6 +91,8 @@ def stamp(
 ) -> dict:
     """The provenance record of an artifact produced from ``section`` of the config."""
     versions = dict(package_versions())
+    if "torch" in sys.modules:  # the CPU kernels that computed it (numerics: native | portable)
+        versions["cpu_kernels"] = sys.modules["torch"].backends.cpu.get_cpu_capability()
     if extra_versions:
         versions.update(extra_versions)
     return {

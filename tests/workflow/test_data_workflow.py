@@ -303,3 +303,11 @@ def test_a_bad_config_key_fails_fast_naming_it(tmp_path):
         "config key sources.x.list: segment list 'missing.csv' not found"
         in proc.stdout + proc.stderr
     )
+
+
+def test_portable_numerics_reach_every_job(tmp_path):
+    """numerics: portable caps the CPU kernels in the jobs' environment; the shards record the
+    kernels that computed them (on a CPU wider than AVX2 they would say AVX512 otherwise)."""
+    snakemake(tmp_path, {**DEMO, "numerics": "portable"}, "data")
+    meta = shards.read_meta(tmp_path / "results/demo/shards/demo/00000/part-000.parquet")
+    assert meta["provenance"]["versions"]["cpu_kernels"] == "AVX2"

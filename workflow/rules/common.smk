@@ -13,8 +13,13 @@ from dasheng_pipeline.sources import chunking
 # (the project's .venv, or the conda envs of --sdm conda). workflow/lib holds the import names of
 # the checkout's model/ and pipeline/ folders (links), as the installed package has them.
 # (Snakemake formats the prefix too, hence the doubled braces.)
+# With numerics: portable every job also caps its CPU kernels (plan.job_environment).
 JOB_PYTHONPATH = os.path.join(workflow.basedir, "workflow", "lib")
-shell.prefix('export PYTHONPATH="%s${{PYTHONPATH:+:$PYTHONPATH}}"; ' % JOB_PYTHONPATH)
+JOB_ENV = "".join(f"export {k}={v}; " for k, v in plan.job_environment(config).items())
+shell.prefix(
+    'export PYTHONPATH="%s${{PYTHONPATH:+:$PYTHONPATH}}"; %s'
+    % (JOB_PYTHONPATH, JOB_ENV)
+)
 
 OUT = config["out_dir"]
 LOGS = f"{OUT}/logs"
@@ -49,7 +54,7 @@ def as_json(obj):
 
 
 def seed_json(**extra):
-    return as_json({"seed": config["seed"], **extra})
+    return as_json({"seed": config["seed"], **plan.numerics_params(config), **extra})
 
 
 # ---- stages 1 and 2, audio and features (sources.smk, features.smk): paths and each job's
