@@ -49,7 +49,7 @@
 #   SLURM_LOCAL_MEM_MB      memory each node offers in MB (default: detected minus 1024, divided by N)
 #   SLURM_LOCAL_SUBNET      the multi-node cluster's /24, as its first three numbers (default 10.211.0)
 #   SLURM_LOCAL_SLURMD_TIMEOUT  seconds without an answer before slurmctld marks a node DOWN
-#                           (SlurmdTimeout; default 30 for one node, 20 for several)
+#                           (SlurmdTimeout; default 30 for one node, 15 for several)
 #   SLURM_LOCAL_NO_INSTALL  1: never run apt-get (fail if the packages are missing)
 #   SLURM_LOCAL_TIMEOUT_S   seconds to wait for the nodes to become idle (default: 60)
 #
@@ -215,13 +215,18 @@ CONF
   else
     echo "# A node that does not answer for SlurmdTimeout s is DOWN and its jobs end (NODE_FAIL); a"
     echo "# failed job is not requeued by SLURM (Snakemake resubmits it)."
-    echo "SlurmdTimeout=${SLURM_LOCAL_SLURMD_TIMEOUT:-20}"
+    echo "SlurmdTimeout=${SLURM_LOCAL_SLURMD_TIMEOUT:-15}"
     echo "JobRequeue=0"
     for node in $(node_names "$n"); do
       echo "NodeName=$node NodeHostname=$node NodeAddr=$(node_addr "$node") $HW RealMemory=$MEM State=UNKNOWN"
     done
   fi
-  echo "PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  if (( n == 1 )); then
+    echo "PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  else
+    echo "# LLN: each job goes to the least loaded node (the jobs of a DAG spread over the nodes)"
+    echo "PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP LLN=YES"
+  fi
 }
 
 write_conf() {  # write_conf N; sets CONF_CHANGED=1 when the file was (re)written

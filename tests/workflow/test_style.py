@@ -33,8 +33,6 @@ OVER_TODAY = {
     "pipeline/tools/finetune.py::_write_metrics",
     "pipeline/tools/finetune.py::finetune",
     "pipeline/tools/predict.py::predict",
-    "pipeline/training/train.py::train_worker",
-    "pipeline/training/train.py::_train",
 }
 
 
