@@ -203,11 +203,17 @@ class Training:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def log(self) -> str:
+        """The training log of the current (or last) job."""
         return (self.work / "results/demo/logs/training/train.log").read_text(errors="replace")
 
+    def nodes(self) -> tuple[str, list[str]]:
+        """The current job's Ray head node and worker nodes, as the launcher logged them."""
+        m = re.search(r"ray_slurm: head (\S+) \(.*\), workers: (.*)", self.log())
+        return m.group(1), m.group(2).split()
 
-def node_of(placement: list[dict], rank: int) -> str:
-    return next(r["host"] for r in placement if r["rank"] == rank)
+
+def ip_of(placement: list[dict], host: str) -> str:
+    return next(r["ip"] for r in placement if r["host"] == host)
 
 
 def node_state(node: str) -> str:
@@ -264,7 +270,7 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
         at = t.at_step(6)
         saved = t.checkpoint_now(job1)
         killed_at = t.at_step(saved + 2)
-        victim = node_of(first, 1)  # rank 1's node: a worker node, not the head
+        head, [victim] = t.nodes()  # a worker node (it holds one of the ranks), not the head
         t_kill = kill_node(victim)
         lost = wait_for(
             "the driver's record of the lost node",
@@ -297,14 +303,14 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
     # (b) training job 1 ran on two nodes, lost the worker node, exited 75; the next ran elsewhere
     train_jobs = t.jobs()
     assert len(train_jobs) >= 2 and len(alloc[job1]) == 2, (train_jobs, alloc)
-    assert {r["host"] for r in first} == set(alloc[job1]) and len(first) == 2
+    assert {r["host"] for r in first} == set(alloc[job1]) == {head, victim} and len(first) == 2
     log = t.log()
     assert re.search(
         r"2 workers on 2 host\(s\): rank 0 on dnode\d \(10\.\d+\.\d+\.\d+\), rank 1 on", log
     )
     attempts = t.attempts()
     print("attempts\n" + "\n".join(map(json.dumps, attempts)))
-    assert lost["slurm_job"] == job1 and lost["lost"] == [f"{victim} ({first[1]['ip']})"], lost
+    assert lost["slurm_job"] == job1 and lost["lost"] == [f"{victim} ({ip_of(first, victim)})"]
     assert re.search(rf"_job_complete: JobId={job1} WEXITSTATUS [1-9]", ctld)
     last = attempts[-1]
     assert last["outcome"] == "finished" and last["resumed_from"] == "step checkpoint"
@@ -377,11 +383,12 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
     try:
         job1 = t.job(1)
         placement = t.placement(job1)
+        assert len({r["host"] for r in placement}) == 2, placement
         t.at_step(6)
         saved = t.checkpoint_now(job1)
         t.at_step(saved + 2)
-        # (1) rank 1's worker hangs: SIGSTOP
-        worker_node = node_of(placement, 1)
+        # (1) the worker on the worker node hangs: SIGSTOP
+        head, [worker_node] = t.nodes()
         on_node = set(script("pids", worker_node).stdout.split())
         [hung] = [p for p in train_workers(job1) if str(p.pid) in on_node]
         hung.suspend()
@@ -401,7 +408,7 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
         # (2) the head node is lost in epoch 1
         t.at_step(STEPS_PER_EPOCH + 4)
         saved2 = t.checkpoint_now(job1)
-        head = node_of(t.file("placement.json")["ranks"], 0)
+        t.at_step(saved2 + 2)
         t_kill = kill_node(head)
         job2 = t.job(2, timeout=600)
         t_resumed2 = resumed_after(t, t_kill)
