@@ -263,7 +263,8 @@ net_up() {  # net_up N: the bridge, the controller's and the nodes' namespaces (
     ip link add "$BRIDGE" type bridge 2>/dev/null \
       || not_here "cannot create a bridge (ip link add type bridge): no CAP_NET_ADMIN in this container?"
   fi
-  ip -4 addr show dev "$BRIDGE" | grep -qF "inet $SUBNET.1/" || ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+  # (grep -q on a here-string, not a pipe: with pipefail, a writer cut off by grep -q fails the test)
+  grep -qF "inet $SUBNET.1/" <<< "$(ip -4 addr show dev "$BRIDGE")" || ip addr add "$SUBNET.1/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   ns_up "$CTL_NS" dasheng-v0 "$SUBNET.2"
   hosts_file "$CTL_NS" "$CTL_HOST" "$1"
@@ -275,7 +276,7 @@ net_up() {  # net_up N: the bridge, the controller's and the nodes' namespaces (
 
 ns_up() {  # ns_up NAMESPACE VETH ADDRESS: a namespace joined to the bridge, with ADDRESS on eth0
   local ns=$1 veth=$2 addr=$3
-  if ! ip netns list | grep -qw "^$ns"; then
+  if ! grep -qw "^$ns" <<< "$(ip netns list)"; then
     say "creating network namespace $ns ($addr)"
     ip netns add "$ns" 2>/dev/null || not_here "cannot create network namespaces (ip netns add): not permitted here"
   fi
@@ -286,7 +287,7 @@ ns_up() {  # ns_up NAMESPACE VETH ADDRESS: a namespace joined to the bridge, wit
   ip link set "$veth" master "$BRIDGE"
   ip link set "$veth" up
   ip -n "$ns" link set lo up
-  ip -n "$ns" -4 addr show dev eth0 | grep -qF "inet $addr/" || ip -n "$ns" addr add "$addr/24" dev eth0
+  grep -qF "inet $addr/" <<< "$(ip -n "$ns" -4 addr show dev eth0)" || ip -n "$ns" addr add "$addr/24" dev eth0
   ip -n "$ns" link set eth0 up
 }
 
@@ -545,7 +546,7 @@ check_node() {  # check_node NODE: a node of the running multi-node layout
   local n
   n=$(configured_nodes)
   (( n > 1 )) || die "no multi-node cluster is configured (scripts/slurm_local.sh start --nodes N)"
-  node_names "$n" | grep -qx "$1" || die "no node '$1' (nodes: $(node_names "$n" | tr '\n' ' '))"
+  grep -qx "$1" <<< "$(node_names "$n")" || die "no node '$1' (nodes: $(node_names "$n" | tr '\n' ' '))"
 }
 
 cmd_kill_node() {

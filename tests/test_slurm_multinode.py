@@ -53,6 +53,8 @@ from slurm_util import (
     wait_for,
 )
 
+from dasheng_pipeline.training.step_checkpoint import StepCheckpoints
+
 pytestmark = pytest.mark.slow
 
 FULL = os.environ.get("DASHENG_SLURM_MULTINODE", "") == "full"
@@ -191,9 +193,10 @@ class Training:
         )
 
     def newest_checkpoint(self) -> int | None:
+        """The step of the newest complete step checkpoint (the training's own rule)."""
         state = self.state()
-        steps = sorted(state.glob("steps/step-*[0-9]")) if state else []
-        return int(steps[-1].name.split("-")[1]) if steps else None
+        folders = StepCheckpoints(state).folders() if state else []
+        return int(folders[0].name.split("-")[1]) if folders else None
 
     def attempts(self) -> list[dict]:
         state = self.state()
@@ -425,14 +428,14 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
     assert "A worker health check has been hanging" in log, log[-4000:]
     ctld = slurmctld_log()
     # job 1 died with its head node: SLURM ended it (NODE_FAIL) and its driver wrote no attempt
-    assert re.search(rf"JobId={job1} .*(NODE_FAIL|node failure|NodeFail)", ctld, re.I), ctld[-3000:]
+    assert f"Killing JobId={job1} on failed node {head}" in ctld, ctld[-3000:]
     attempts = t.attempts()
     print("attempts\n" + "\n".join(map(json.dumps, attempts)))
     assert [(a["slurm_job"], a["outcome"], a["resumed_from"], a["start_step"]) for a in attempts][
         -1
     ] == (job2, "finished", "step checkpoint", saved2)
     same_training(reference, remote)
-    t_end = ctld_time(ctld, rf"JobId={job1} .*(?:NODE_FAIL|node failure)")
+    t_end = ctld_time(ctld, rf"Killing JobId={job1} on failed node")
     t_next = ctld_time(ctld, rf"_slurm_rpc_submit_batch_job: JobId={job2} ")
     node_figures.record(
         "node loss",
