@@ -231,15 +231,16 @@ def restore_nodes() -> None:
 
 
 def resumed_after(t: Training, since: float, timeout: float = 900) -> float:
-    """The time the training made its first step after ``since`` (progress.json rewritten)."""
+    """The time of the first training step of workers started after ``since`` (a new job's, or a
+    restarted worker group's: their rank 0 rewrites resume.json, then progress.json)."""
 
     def check():
-        state = t.state()
         try:
-            mtime = (state / "progress.json").stat().st_mtime
+            started = (t.state() / "resume.json").stat().st_mtime
+            stepped = (t.state() / "progress.json").stat().st_mtime
         except (OSError, TypeError):
             return None
-        return mtime if mtime > since else None
+        return stepped if started > since and stepped > started else None
 
     return wait_for("the resumed training's first step", check, timeout, every=0.1, run=t.run)
 
@@ -396,17 +397,9 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
         [hung] = [p for p in train_workers(job1) if str(p.pid) in on_node]
         hung.suspend()
         t_hang = time.time()
-        restarted = wait_for(
-            "the worker group's restart after the hang",
-            lambda: (
-                (t.file("resume.json") or {}).get("step") == saved
-                and (t.state() / "resume.json").stat().st_mtime > t_hang
-                and time.time()
-            ),
-            300,
-            run=run,
-        )
-        t_resumed = resumed_after(t, restarted)
+        t_resumed = resumed_after(t, t_hang, timeout=300)
+        restarted = (t.state() / "resume.json").stat().st_mtime
+        assert t.file("resume.json")["step"] == saved and t.jobs() == [job1]
         assert not hung.is_running() or hung.status() == "zombie", "the hung worker still exists"
         # (2) the head node is lost in epoch 1
         t.at_step(STEPS_PER_EPOCH + 4)
