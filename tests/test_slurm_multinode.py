@@ -315,7 +315,11 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
     attempts = t.attempts()
     print("attempts\n" + "\n".join(map(json.dumps, attempts)))
     assert lost["slurm_job"] == job1 and lost["lost"] == [f"{victim} ({ip_of(first, victim)})"]
-    assert re.search(rf"_job_complete: JobId={job1} WEXITSTATUS [1-9]", ctld)
+    # the job ends with the driver's exit (FAILED) or, if SLURM marks the node DOWN first, NODE_FAIL
+    ended = (
+        rf"(?:_job_complete: JobId={job1} WEXITSTATUS [1-9]|Killing JobId={job1} on failed node)"
+    )
+    assert re.search(ended, ctld), ctld[-3000:]
     last = attempts[-1]
     assert last["outcome"] == "finished" and last["resumed_from"] == "step checkpoint"
     assert last["start_step"] == saved and len(last["hosts"]) == 2, last
@@ -337,7 +341,7 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
     )
 
     # what the node loss cost: detection, end of the job, resubmission, resumed training
-    t_end = ctld_time(ctld, rf"_job_complete: JobId={job1} ")
+    t_end = ctld_time(ctld, ended)
     t_next = ctld_time(ctld, rf"_slurm_rpc_submit_batch_job: JobId={train_jobs[1]} ")
     cost = {
         "detected_s": round(lost["time"] - t_kill, 1),
@@ -399,7 +403,14 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
         t_hang = time.time()
         t_resumed = resumed_after(t, t_hang, timeout=300)
         restarted = (t.state() / "resume.json").stat().st_mtime
+        # the same job: Ray Train ended the worker group and started it again from the checkpoint
         assert t.file("resume.json")["step"] == saved and t.jobs() == [job1]
+        hang_log = wait_for(  # (job 1's log: Snakemake rewrites the rule's log for each job)
+            "the resume in the job's log",
+            lambda: "resuming from step checkpoint" in t.log() and t.log(),
+            120,
+        )
+        print("\n".join(line for line in hang_log.splitlines() if "health check" in line))
         assert not hung.is_running() or hung.status() == "zombie", "the hung worker still exists"
         # (2) the head node is lost in epoch 1
         t.at_step(STEPS_PER_EPOCH + 4)
@@ -417,16 +428,18 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
         run.cleanup()
         restore_nodes()
     assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
-    log = t.log()
-    assert "A worker health check has been hanging" in log, log[-4000:]
+    assert (
+        hang_log.count("resuming from step checkpoint") == 1
+        and f"step {saved}, epoch 0" in hang_log.split("resuming from step checkpoint")[1]
+    ), hang_log[-4000:]
     ctld = slurmctld_log()
     # job 1 died with its head node: SLURM ended it (NODE_FAIL) and its driver wrote no attempt
     assert f"Killing JobId={job1} on failed node {head}" in ctld, ctld[-3000:]
     attempts = t.attempts()
     print("attempts\n" + "\n".join(map(json.dumps, attempts)))
-    assert [(a["slurm_job"], a["outcome"], a["resumed_from"], a["start_step"]) for a in attempts][
-        -1
-    ] == (job2, "finished", "step checkpoint", saved2)
+    assert [
+        (a["slurm_job"], a["outcome"], a["resumed_from"], a["start_step"]) for a in attempts
+    ] == [(job2, "finished", "step checkpoint", saved2)]
     same_training(reference, remote)
     t_end = ctld_time(ctld, rf"Killing JobId={job1} on failed node")
     t_next = ctld_time(ctld, rf"_slurm_rpc_submit_batch_job: JobId={job2} ")
