@@ -229,7 +229,8 @@ CONF
   fi
 }
 
-write_conf() {  # write_conf N; sets CONF_CHANGED=1 when the file was (re)written
+write_conf() {  # write_conf N: (re)write $CONF when it differs; sets CONF_CHANGED=1 then. The
+  # daemons of the old configuration are stopped first, while their clients can still reach them.
   local text
   if [[ -e $CONF ]] && ! ours; then
     not_here "$CONF exists and was not written by this script (a real cluster's?); not touching it"
@@ -240,6 +241,11 @@ write_conf() {  # write_conf N; sets CONF_CHANGED=1 when the file was (re)writte
   if [[ -e $CONF ]] && [[ $(cat "$CONF") == "$text" ]]; then
     say "$CONF is up to date"
     return
+  fi
+  if alive "$CTLD_PID" || alive "$SLURMD_PID" || compgen -G "/run/slurmd-$NODE_PREFIX*.pid" >/dev/null; then
+    say "configuration changes: stopping the jobs, slurmctld and slurmd"
+    cancel_jobs
+    stop_all_daemons
   fi
   printf '%s\n' "$text" > "$CONF.tmp" && mv "$CONF.tmp" "$CONF"
   say "wrote $CONF ($1 node(s): $(grep -o 'CPUs=[0-9]*' <<< "$HW") and RealMemory=$MEM each, partition $PARTITION)"
@@ -443,6 +449,13 @@ stop_all_daemons() {  # every slurmd (either layout) and slurmctld; munged stays
   stop_daemon slurmctld "$CTLD_PID"
 }
 
+other_layout_runs() {  # other_layout_runs N: a slurmd of the other layout (one node / N nodes) runs
+  local f
+  if (( $1 > 1 )); then alive "$SLURMD_PID"; return; fi
+  for f in /run/slurmd-"$NODE_PREFIX"*.pid; do alive "$f" && return 0; done
+  return 1
+}
+
 cmd_start() {  # cmd_start [N]
   local n=${1:-} node have
   need_root
@@ -456,12 +469,12 @@ cmd_start() {  # cmd_start [N]
   CONF_CHANGED=0
   write_conf "$n"
   start_munge
+  if [[ $CONF_CHANGED == 0 ]] && other_layout_runs "$n"; then  # (left by an interrupted start)
+    say "daemons of another layout are running: stopping them"
+    stop_all_daemons
+    CONF_CHANGED=1 have=0
+  fi
   if [[ $CONF_CHANGED == 1 ]]; then
-    if alive "$CTLD_PID" || alive "$SLURMD_PID" || compgen -G "/run/slurmd-$NODE_PREFIX*.pid" >/dev/null; then
-      say "configuration changed: restarting slurmctld and slurmd"
-      cancel_jobs
-      stop_all_daemons
-    fi
     if (( have != n )); then
       # another layout: its nodes' states are of no use (and its namespaces go)
       net_down
@@ -489,7 +502,7 @@ cmd_start() {  # cmd_start [N]
 cancel_jobs() {
   alive "$CTLD_PID" || return 0
   local jobs
-  jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
+  jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ' || true)
   if [[ -z ${jobs// /} ]]; then return; fi
   say "cancelling jobs: $jobs"
   # shellcheck disable=SC2086
@@ -498,7 +511,7 @@ cancel_jobs() {
     [[ -z $(squeue -h -t PD,R,CG,S -o %i 2>/dev/null) ]] && return
     sleep 0.5
   done
-  say "some jobs are still listed after 20 s: $(squeue -h -o '%i %T' | tr '\n' ' ')"
+  say "some jobs are still listed after 20 s: $(squeue -h -o '%i %T' | tr '\n' ' ' || true)"
 }
 
 cmd_stop() {
