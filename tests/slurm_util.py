@@ -260,12 +260,23 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def slurmctld_log() -> str:
+def _ctld_log_path() -> Path:
     config = subprocess.run(
         ["scontrol", "show", "config"], capture_output=True, text=True, check=True
     ).stdout
-    path = re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", config, re.M).group(1)
-    return Path(path).read_text(errors="replace")
+    return Path(re.search(r"^SlurmctldLogFile\s*=\s*(\S+)", config, re.M).group(1))
+
+
+def ctld_log_end() -> int:
+    """Where the controller's log ends now: pass it to ``slurmctld_log`` to read a test's part only
+    (the log outlives clusters, and a cluster of a new layout numbers its jobs from 1 again)."""
+    return _ctld_log_path().stat().st_size
+
+
+def slurmctld_log(since: int = 0) -> str:
+    with open(_ctld_log_path(), "rb") as fh:
+        fh.seek(since)
+        return fh.read().decode(errors="replace")
 
 
 def submitted(out: str) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ from slurm_util import (
     DEMO_CONFIG,
     PROFILE,
     Run,
+    ctld_log_end,
     derived_profile,
     files_under,
     local_cluster,
@@ -91,6 +92,7 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     partition = slurm_cluster
     prefix = f"dashengtest{os.getpid()}"
     profile = derived_profile(tmp_path / "profile", partition, prefix)
+    log_start = ctld_log_end()
 
     t0 = time.monotonic()
     local = tmp_path / "local"
@@ -115,7 +117,7 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     # lose track of the jobs and Snakemake would wait forever); the profile's squeue was used.
     assert subprocess.run(["sacct", "-n"], capture_output=True).returncode != 0
     assert "Falling back to 'sacct'" not in out
-    ctld = slurmctld_log()
+    ctld = slurmctld_log(log_start)
     for _, slurm_id in submitted:
         assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0\b", ctld), (
             f"SLURM job {slurm_id}"
@@ -262,6 +264,7 @@ def test_a_training_longer_than_the_time_limit_continues_over_jobs(slurm_cluster
     exit 75, resubmission), and ends bit-identical to one uninterrupted local run of the same config."""
     partition = slurm_cluster
     prefix = f"dashenglong{os.getpid()}"
+    log_start = ctld_log_end()
     profile = derived_profile(
         tmp_path / "profile",
         partition,
@@ -347,7 +350,7 @@ def test_a_training_longer_than_the_time_limit_continues_over_jobs(slurm_cluster
     assert FIRST_STOP < s1 < s2 - SECOND_STOP_AFTER < 60 - SECOND_STOP_AFTER, (s1, s2)
     # SLURM saw the stopped jobs fail (the training exits 75, Snakemake's job wrapper 1), the last
     # succeed, and none reach its time limit (the warning came in time)
-    ctld = slurmctld_log()
+    ctld = slurmctld_log(log_start)
     for slurm_id in jobs[:-1]:
         assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS [1-9]", ctld), slurm_id
     assert re.search(rf"_job_complete: JobId={jobs[-1]} WEXITSTATUS 0\b", ctld)

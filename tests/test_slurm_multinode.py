@@ -39,6 +39,7 @@ from slurm_util import (
     DEMO_CONFIG,
     Run,
     allocations,
+    ctld_log_end,
     ctld_time,
     derived_profile,
     files_under,
@@ -266,6 +267,7 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
 ):
     remote = tmp_path / "slurm"
     profile, prefix = profile_for(tmp_path, cluster)
+    log_start = ctld_log_end()
     run = Run(remote, CONFIG, "--profile", str(profile), "all", prefix=prefix)
     t = Training(run, remote)
     try:
@@ -292,7 +294,7 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
         run.cleanup()
         restore_nodes()
     assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
-    ctld = slurmctld_log()
+    ctld = slurmctld_log(log_start)
     alloc = allocations(ctld)
 
     # (a) the data and evaluation jobs spread over the nodes (SLURM's allocations: no sacct here)
@@ -386,6 +388,7 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
 ):
     remote = copy_data(reference, tmp_path / "slurm")
     profile, prefix = profile_for(tmp_path, cluster)
+    log_start = ctld_log_end()
     run = Run(remote, CONFIG, "--profile", str(profile), *TRAINING_OUTPUTS, prefix=prefix)
     t = Training(run, remote)
     try:
@@ -432,7 +435,7 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
         hang_log.count("resuming from step checkpoint") == 1
         and f"step {saved}, epoch 0" in hang_log.split("resuming from step checkpoint")[1]
     ), hang_log[-4000:]
-    ctld = slurmctld_log()
+    ctld = slurmctld_log(log_start)
     # job 1 died with its head node: SLURM ended it (NODE_FAIL) and its driver wrote no attempt
     assert f"Killing JobId={job1} on failed node {head}" in ctld, ctld[-3000:]
     attempts = t.attempts()
