@@ -458,7 +458,7 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
     )
     node_figures.record(
         "node loss",
-        f"head node killed mid-epoch ({head}: the batch script, driver, Ray head, rank 0)",
+        f"head node killed mid-epoch ({head}: the batch script, the driver, the Ray head and its worker)",
         tried=1,
         survived=1,
         job_ended_s=round(t_end - t_kill, 1) if t_end else None,
