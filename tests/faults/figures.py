@@ -40,18 +40,24 @@ class Figures:
         """A file the test wrote that belongs with the figures (copied along with them)."""
         self.attached.append(Path(path))
 
-    def table(self, rows: list[dict] | None = None) -> str:
+    @staticmethod
+    def line(r: dict) -> str:
+        extra = "; ".join(f"{k} {v}" for k, v in r.items() if k not in ("group", "case", *COUNTS))
+        return f"| {r['group']} | {r['case']} | {r['tried']} | {r['survived']} | {r['clips_lost']} | {extra} |"
+
+    def table(self, rows: list[dict] | None = None, kept: dict | None = None) -> str:
+        """The Markdown table of ``rows`` (this session's by default); ``kept``: lines to reuse
+        verbatim, by (group, case) (a published table's, whose JSON lost the details' order)."""
         rows = self.rows if rows is None else rows
         lines = [
             "| group | case | tried | survived | clips lost | details |",
             "|---|---|---|---|---|---|",
         ]
+        mine = {(r["group"], r["case"]) for r in self.rows}
         for r in rows:
-            extra = "; ".join(
-                f"{k} {v}" for k, v in r.items() if k not in ("group", "case", *COUNTS)
-            )
+            key = (r["group"], r["case"])
             lines.append(
-                f"| {r['group']} | {r['case']} | {r['tried']} | {r['survived']} | {r['clips_lost']} | {extra} |"
+                (kept or {}).get(key) if key not in mine and key in (kept or {}) else self.line(r)
             )
         total = {k: sum(r[k] for r in rows) for k in COUNTS}
         lines.append(
@@ -85,7 +91,13 @@ class Figures:
         target.parent.mkdir(parents=True, exist_ok=True)
         data = target.with_suffix(".json")
         rows = self.merged(json.loads(data.read_text()) if data.exists() else [])
+        kept = {}
+        if target.exists():  # the other groups' lines stay as they were
+            for text in target.read_text().splitlines():
+                cells = [c.strip() for c in text.split("|")]
+                if len(cells) > 3 and cells[1] and not cells[1].startswith(("group", "---", "**")):
+                    kept[(cells[1], cells[2])] = text
         data.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
-        target.write_text(self.table(rows) + "\n")
+        target.write_text(self.table(rows, kept) + "\n")
         for path in self.attached:
             shutil.copyfile(path, target.parent / path.name)
