@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real SLURM cluster on this machine (Debian/Ubuntu, as root, no systemd needed): for trying
 # `snakemake --profile slurm` locally, and used by tests/test_slurm.py and tests/test_slurm_multinode.py.
+# How to try the multi-node profile with it: docs/cluster.md, "Try it on one machine".
 #
 #   scripts/slurm_local.sh start [--nodes N]
 #                                   install slurm-wlm + munge (+ iproute2) if missing, write
