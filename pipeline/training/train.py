@@ -30,11 +30,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,6 +117,8 @@ def select_shards(
 
 # Keys that only say how the run is scheduled: changing them between jobs keeps the run (and resumes it).
 SCHEDULING_KEYS = (
+    "nodes",
+    "hang_timeout_s",
     "runtime_min",
     "total_runtime_min",
     "checkpoint_every_min",
@@ -206,205 +211,308 @@ def start_normalisation_at_data_stats(mae: MaskedAutoencoder, stats: dict) -> No
         )
 
 
-def train_worker(cfg: dict) -> None:  # noqa: C901 (to split: issue 24)
-    """Runs on every Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    from safetensors.torch import load_file, save_file
+@dataclass
+class _Worker:
+    """One Ray Train worker's run: its place in the group, what it trains and where it resumes."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg["threads_per_worker"])))
-    device = ray.train.torch.get_device()
-    # bf16 autocast: asked for (CPU or GPU), or "auto" on a GPU; the front end and the loss stay fp32
-    bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
-    state_dir = Path(cfg["state_dir"])
-    per_rank = cfg["global_batch"] // world
-    bpe, epochs = cfg["batches_per_epoch"], cfg["epochs"]
-    total_steps = bpe * epochs
-    warmup_steps = int(round(cfg["warmup_epochs"] * bpe))
+    cfg: dict
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool  # autocast: asked for (CPU or GPU), or "auto" on a GPU; front end and loss stay fp32
+    state_dir: Path
+    model: Any = None  # the MAE as trained (wrapped for DDP, maybe compiled)
+    optimizer: Any = None
+    start_epoch: int = 0
+    skip: int = 0  # batches of start_epoch done before a step checkpoint
+    resumed: dict | None = None  # what that step checkpoint holds (rows, loss sum)
+    writer: Any = None  # rank 0: TensorBoard
+    check: Any = None  # rank 0: the quick checks
+    steps: Any = None  # the step checkpoints
+    timer: Any = None  # when to write a step checkpoint, when to stop
 
-    torch.manual_seed(cfg["seed"])
-    mae = MaskedAutoencoder(cfg["size"], cfg["decoder"], cfg["mask_ratio"])
-    start_normalisation_at_data_stats(mae, cfg["mel_stats"])
-    optimizer = make_optimizer(mae.parameters(), cfg)
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            mae.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-            optimizer.load_state_dict(
-                torch.load(
-                    os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True
-                )
-            )
-            start_epoch = json.loads(Path(folder, "state.json").read_text())["epoch"] + 1
-    resumed = _resume_from_step_checkpoint(mae, optimizer, start_epoch * bpe, cfg, rank, world)
-    start_epoch, skip = (resumed["epoch"], resumed["batch"]) if resumed else (start_epoch, 0)
-    model = ray.train.torch.prepare_model(mae)
-    if cfg["compile"]:
-        model = torch.compile(model)
+    @property
+    def bpe(self) -> int:
+        return int(self.cfg["batches_per_epoch"])
 
-    metrics_csv, throughput_csv = state_dir / "metrics.csv", state_dir / "throughput.csv"
-    writer = None
-    if rank == 0:
-        _truncate_csv(metrics_csv, METRIC_FIELDS, start_epoch)
-        _truncate_csv(throughput_csv, THROUGHPUT_FIELDS, start_epoch)
-        from torch.utils.tensorboard import SummaryWriter
+    @property
+    def total_steps(self) -> int:
+        return self.bpe * int(self.cfg["epochs"])
 
-        writer = SummaryWriter(str(state_dir / "tensorboard"), purge_step=start_epoch * bpe + skip)
-        check = quick_checks.QuickChecks(
-            cfg, state_dir, start_epoch
-        )  # k-NN + linear probe every N epochs
-    steps = step_checkpoint.StepCheckpoints(state_dir)
-    timer = step_checkpoint.Schedule(
-        step_checkpoint.Control(state_dir), cfg["checkpoint_every_min"], rank, device
-    )
 
+@dataclass
+class _Epoch:
+    """What one epoch's steps add up to."""
+
+    rows: list[dict] = field(default_factory=list)  # rank 0's metric rows
+    loss_sum: Any = 0.0  # the sum of this rank's batch losses (a tensor on the device)
+    wait: float = 0.0  # seconds spent waiting for the loader
+    seconds: float = 0.0
+    batches: int = 0  # batches run in this job
+    last_progress: float = 0.0
+
+
+def train_worker(cfg: dict) -> None:
+    """Runs on every Ray Train worker: build or restore the model, then train epoch by epoch."""
+    w = _start_worker(cfg)
+    _restore(w)
+    _log_placement(w)
+    _open_logs(w)
     train_parts, valid_parts = (
         loader.parts_of(cfg["train_shards"]),
         loader.parts_of(cfg["valid_shards"]),
     )
-    for epoch in range(start_epoch, epochs):
-        data = torch.utils.data.DataLoader(
-            loader.TrainBatches(
-                train_parts,
-                per_rank,
-                bpe,
-                cfg["seed"],
-                epoch,
-                rank,
-                world,
-                cfg["shuffle_buffer"],
-                skip=skip,
-            ),
-            batch_size=None,
-            num_workers=cfg["loader_workers"],
-            pin_memory=device.type == "cuda",
-        )
-        rows, loss_sum, wait = [], 0.0, 0.0
-        if (
-            resumed and epoch == resumed["epoch"]
-        ):  # the part of this epoch done before the step checkpoint
-            rows, loss_sum = resumed["rows"], resumed["loss_sum"].to(device)
-        started = last_progress = time.perf_counter()
-        fetch_start = time.perf_counter()
-        for i, batch in enumerate(data, start=skip):
-            wait += time.perf_counter() - fetch_start
-            step = epoch * bpe + i
-            lr = schedule.learning_rate(
-                step, cfg["lr"], warmup_steps, total_steps, cfg["final_lr_fraction"]
+    for epoch in range(w.start_epoch, cfg["epochs"]):
+        tally = _train_epoch(w, epoch, train_parts)
+        if tally is None:  # stopped on request, after a step checkpoint
+            return
+        _end_epoch(w, epoch, tally, valid_parts)
+    if w.writer is not None:
+        w.writer.close()
+
+
+def _start_worker(cfg: dict) -> _Worker:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(cfg["threads_per_worker"])))
+    device = ray.train.torch.get_device()
+    return _Worker(
+        cfg=cfg,
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        device=device,
+        bf16=cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda"),
+        state_dir=Path(cfg["state_dir"]),
+    )
+
+
+def _restore(w: _Worker) -> None:
+    """The model and optimiser, from the newest epoch checkpoint (Ray's) or, when newer, step
+    checkpoint; then wrapped for DDP."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file
+
+    cfg = w.cfg
+    torch.manual_seed(cfg["seed"])
+    mae = MaskedAutoencoder(cfg["size"], cfg["decoder"], cfg["mask_ratio"])
+    start_normalisation_at_data_stats(mae, cfg["mel_stats"])
+    w.optimizer = make_optimizer(mae.parameters(), cfg)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            mae.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+            w.optimizer.load_state_dict(
+                torch.load(
+                    os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=True
+                )
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            gen = torch.Generator(device=device).manual_seed(_step_seed(cfg["seed"], step, rank))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(
-                    batch["mel"].to(device, non_blocking=True),
-                    batch["valid_frames"].to(device, non_blocking=True),
-                    generator=gen,
-                )
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = loss_sum + out.loss.detach()  # stays on the device: no sync per step
-            if rank == 0 and (i % cfg["log_every"] == 0 or i == bpe - 1):
-                loss = out.loss.detach().item()  # rank 0's own batch loss at this step
-                rows.append(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "lr": f"{lr:.8g}",
-                        "train_loss": f"{loss:.6f}",
-                        "val_loss": "",
-                    }
-                )
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                now = time.perf_counter()
-                if now - last_progress > 1.0 or i == bpe - 1:
-                    atomic.write_json(
-                        state_dir / "progress.json",
-                        {
-                            "step": step + 1,
-                            "total": total_steps,
-                            "epoch": epoch,
-                            "loss": round(loss, 4),
-                        },
-                    )
-                    last_progress = now
-            if i < bpe - 1:  # (the epoch's last step is followed by its epoch checkpoint)
-                save, stop = timer.poll()
-                if save:
-                    _save_step_checkpoint(
-                        steps,
-                        model,
-                        optimizer,
-                        step + 1,
-                        epoch,
-                        i + 1,
-                        rows,
-                        loss_sum,
-                        cfg,
-                        rank,
-                        world,
-                        "stop" if stop else "schedule",
-                    )
-                    timer.saved()
-                if stop:
-                    if rank == 0:
-                        timer.control.mark_stopped({"step": step + 1, "total": total_steps})
-                        writer.close()
-                    return
-            fetch_start = time.perf_counter()
-        seconds = time.perf_counter() - started
-        batches_run, skip = bpe - skip, 0
-        val_loss = validate(
-            model,
-            loader.ValidationBatches(valid_parts, per_rank, cfg["validation_rows"], rank, world),
-            device,
+            w.start_epoch = json.loads(Path(folder, "state.json").read_text())["epoch"] + 1
+    w.resumed = _resume_from_step_checkpoint(
+        mae, w.optimizer, w.start_epoch * w.bpe, cfg, w.rank, w.world
+    )
+    if w.resumed:
+        w.start_epoch, w.skip = w.resumed["epoch"], w.resumed["batch"]
+    w.model = ray.train.torch.prepare_model(mae)
+    if cfg["compile"]:
+        w.model = torch.compile(w.model)
+
+
+def _log_placement(w: _Worker) -> None:
+    """Which host (name and address) each rank runs on: in the log and ``<state>/placement.json``."""
+    import ray.util
+
+    mine = {"rank": w.rank, "host": socket.gethostname(), "ip": ray.util.get_node_ip_address()}
+    ranks = step_checkpoint.gather(mine, w.world)
+    if w.rank == 0:
+        atomic.write_json(w.state_dir / "placement.json", {"ranks": ranks})
+        where = ", ".join(f"rank {r['rank']} on {r['host']} ({r['ip']})" for r in ranks)
+        log.info(f"{w.world} workers on {len({r['host'] for r in ranks})} host(s): {where}")
+
+
+def _open_logs(w: _Worker) -> None:
+    """Rank 0: the metric files (rows of epochs to redo dropped), TensorBoard, quick checks."""
+    w.steps = step_checkpoint.StepCheckpoints(w.state_dir)
+    w.timer = step_checkpoint.Schedule(
+        step_checkpoint.Control(w.state_dir), w.cfg["checkpoint_every_min"], w.rank, w.device
+    )
+    if w.rank != 0:
+        return
+    _truncate_csv(w.state_dir / "metrics.csv", METRIC_FIELDS, w.start_epoch)
+    _truncate_csv(w.state_dir / "throughput.csv", THROUGHPUT_FIELDS, w.start_epoch)
+    from torch.utils.tensorboard import SummaryWriter
+
+    w.writer = SummaryWriter(
+        str(w.state_dir / "tensorboard"), purge_step=w.start_epoch * w.bpe + w.skip
+    )
+    w.check = quick_checks.QuickChecks(w.cfg, w.state_dir, w.start_epoch)  # k-NN + linear probe
+
+
+def _train_epoch(w: _Worker, epoch: int, parts) -> _Epoch | None:
+    """The epoch's steps from ``w.skip`` on; None when a stop request ended the run (after a step
+    checkpoint)."""
+    cfg, bpe = w.cfg, w.bpe
+    data = torch.utils.data.DataLoader(
+        loader.TrainBatches(
+            parts,
+            cfg["global_batch"] // w.world,
+            bpe,
             cfg["seed"],
-            bf16,
+            epoch,
+            w.rank,
+            w.world,
+            cfg["shuffle_buffer"],
+            skip=w.skip,
+        ),
+        batch_size=None,
+        num_workers=cfg["loader_workers"],
+        pin_memory=w.device.type == "cuda",
+    )
+    tally = _Epoch()
+    if w.resumed and epoch == w.resumed["epoch"]:
+        # the part of this epoch done before the step checkpoint
+        tally.rows, tally.loss_sum = w.resumed["rows"], w.resumed["loss_sum"].to(w.device)
+    started = tally.last_progress = time.perf_counter()
+    fetch_start = time.perf_counter()
+    for i, batch in enumerate(data, start=w.skip):
+        tally.wait += time.perf_counter() - fetch_start
+        step = epoch * bpe + i
+        lr, loss = _train_step(w, batch, step)
+        tally.loss_sum = tally.loss_sum + loss  # stays on the device: no sync per step
+        if w.rank == 0 and (i % cfg["log_every"] == 0 or i == bpe - 1):
+            _log_step(w, tally, epoch, step, i, lr, loss.item())
+        # (the epoch's last step is followed by its epoch checkpoint instead)
+        if i < bpe - 1 and _checkpoint_or_stop(w, tally, epoch, step, i):
+            return None
+        fetch_start = time.perf_counter()
+    tally.seconds = time.perf_counter() - started
+    tally.batches, w.skip = bpe - w.skip, 0
+    return tally
+
+
+def _train_step(w: _Worker, batch: dict, step: int):
+    """One optimiser step at the schedule's learning rate; (lr, the batch loss, detached)."""
+    cfg = w.cfg
+    warmup_steps = int(round(cfg["warmup_epochs"] * w.bpe))
+    lr = schedule.learning_rate(
+        step, cfg["lr"], warmup_steps, w.total_steps, cfg["final_lr_fraction"]
+    )
+    for group in w.optimizer.param_groups:
+        group["lr"] = lr
+    gen = torch.Generator(device=w.device).manual_seed(_step_seed(cfg["seed"], step, w.rank))
+    with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.bf16):
+        out = w.model(
+            batch["mel"].to(w.device, non_blocking=True),
+            batch["valid_frames"].to(w.device, non_blocking=True),
+            generator=gen,
         )
-        train_loss = _mean_across_ranks(float(loss_sum), bpe, device)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            timer.saved()
-            continue
-        rows[-1]["val_loss"] = f"{val_loss:.6f}"
-        check.after_epoch(model, epoch, (epoch + 1) * bpe, writer)
-        _append_csv(metrics_csv, METRIC_FIELDS, rows)
-        samples = batches_run * cfg["global_batch"]
-        timer.saved()  # an epoch checkpoint is a resume point too
-        _append_csv(
-            throughput_csv,
-            THROUGHPUT_FIELDS,
-            [
-                {
-                    "epoch": epoch,
-                    "seconds": f"{seconds:.3f}",
-                    "samples_per_s": f"{samples / seconds:.2f}",
-                    "tokens_per_s": f"{samples * TOKENS_PER_WINDOW / seconds:.1f}",
-                    "loader_wait_fraction": f"{wait / seconds:.4f}",
-                }
-            ],
+    out.loss.backward()
+    w.optimizer.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    return lr, out.loss.detach()
+
+
+def _log_step(w: _Worker, tally: _Epoch, epoch: int, step: int, i: int, lr: float, loss: float):
+    """Rank 0: a metric row (its own batch loss), TensorBoard, and progress.json (at most 1/s)."""
+    row = {"epoch": epoch, "step": step, "lr": f"{lr:.8g}", "train_loss": f"{loss:.6f}"}
+    tally.rows.append({**row, "val_loss": ""})
+    w.writer.add_scalar("train/loss", loss, step)
+    w.writer.add_scalar("train/lr", lr, step)
+    now = time.perf_counter()
+    if now - tally.last_progress > 1.0 or i == w.bpe - 1:
+        atomic.write_json(
+            w.state_dir / "progress.json",
+            {"step": step + 1, "total": w.total_steps, "epoch": epoch, "loss": round(loss, 4)},
         )
-        writer.add_scalar("val/loss", val_loss, (epoch + 1) * bpe)
-        writer.add_scalar("throughput/samples_per_s", samples / seconds, epoch)
-        writer.flush()
-        with tempfile.TemporaryDirectory(dir=state_dir) as folder:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()},
-                os.path.join(folder, "model.safetensors"),
-            )
-            torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-            Path(folder, "state.json").write_text(
-                json.dumps({**metrics, "step": (epoch + 1) * bpe}, sort_keys=True)
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    if writer is not None:
-        writer.close()
+        tally.last_progress = now
+
+
+def _checkpoint_or_stop(w: _Worker, tally: _Epoch, epoch: int, step: int, i: int) -> bool:
+    """After a step: a step checkpoint when one is due; True when the run stops here."""
+    save, stop = w.timer.poll()
+    if save:
+        _save_step_checkpoint(
+            w.steps,
+            w.model,
+            w.optimizer,
+            step + 1,
+            epoch,
+            i + 1,
+            tally.rows,
+            tally.loss_sum,
+            w.cfg,
+            w.rank,
+            w.world,
+            "stop" if stop else "schedule",
+        )
+        w.timer.saved()
+    if stop and w.rank == 0:
+        w.timer.control.mark_stopped({"step": step + 1, "total": w.total_steps})
+        w.writer.close()
+    return stop
+
+
+def _end_epoch(w: _Worker, epoch: int, tally: _Epoch, valid_parts) -> None:
+    """Validation, the epoch's metrics and (rank 0) its rows, quick checks and checkpoint."""
+    import ray.train
+
+    cfg = w.cfg
+    val_loss = validate(
+        w.model,
+        loader.ValidationBatches(
+            valid_parts, cfg["global_batch"] // w.world, cfg["validation_rows"], w.rank, w.world
+        ),
+        w.device,
+        cfg["seed"],
+        w.bf16,
+    )
+    train_loss = _mean_across_ranks(float(tally.loss_sum), w.bpe, w.device)
+    metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+    if w.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        w.timer.saved()
+        return
+    tally.rows[-1]["val_loss"] = f"{val_loss:.6f}"
+    w.check.after_epoch(w.model, epoch, (epoch + 1) * w.bpe, w.writer)
+    _append_csv(w.state_dir / "metrics.csv", METRIC_FIELDS, tally.rows)
+    w.timer.saved()  # an epoch checkpoint is a resume point too
+    samples = tally.batches * cfg["global_batch"]
+    _append_csv(
+        w.state_dir / "throughput.csv",
+        THROUGHPUT_FIELDS,
+        [
+            {
+                "epoch": epoch,
+                "seconds": f"{tally.seconds:.3f}",
+                "samples_per_s": f"{samples / tally.seconds:.2f}",
+                "tokens_per_s": f"{samples * TOKENS_PER_WINDOW / tally.seconds:.1f}",
+                "loader_wait_fraction": f"{tally.wait / tally.seconds:.4f}",
+            }
+        ],
+    )
+    w.writer.add_scalar("val/loss", val_loss, (epoch + 1) * w.bpe)
+    w.writer.add_scalar("throughput/samples_per_s", samples / tally.seconds, epoch)
+    w.writer.flush()
+    _report_epoch_checkpoint(w, metrics)
+
+
+def _report_epoch_checkpoint(w: _Worker, metrics: dict) -> None:
+    """Rank 0: the epoch checkpoint (weights, optimiser, state) reported to Ray Train."""
+    import ray.train
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(dir=w.state_dir) as folder:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in _unwrap(w.model).state_dict().items()},
+            os.path.join(folder, "model.safetensors"),
+        )
+        torch.save(w.optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+        Path(folder, "state.json").write_text(
+            json.dumps({**metrics, "step": (metrics["epoch"] + 1) * w.bpe}, sort_keys=True)
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _unwrap(model):
@@ -528,6 +636,8 @@ def _start_ray(address: str | None, cfg: dict, state_dir: Path) -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # reports are once per epoch
+    if cfg.get("hang_timeout_s"):  # a worker that hangs this long is dead: its group restarts
+        os.environ["RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"] = str(cfg["hang_timeout_s"])
     # Ray's own INFO/WARNING chatter (per-report lines, the state-API polling of a cluster without
     # dashboard) would drown the log; errors still reach it, and the progress bar shows the rest.
     quiet = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
@@ -598,44 +708,24 @@ def run(
     control = step_checkpoint.Control(state)
     with step_checkpoint.driver_lock(state):
         control.clear()
+        (state / "placement.json").unlink(missing_ok=True)  # (this job's workers write it)
         with step_checkpoint.signal_handlers(control):
             return _train(cfg, params, worker_cfg, name, state, out, control, address)
 
 
 def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     _start_ray(address, cfg, state)
     step_checkpoint.install_handlers(control)  # again: ray.init sets its own SIGTERM handler
     progress = _Progress(state / "progress.json", cfg["epochs"] * cfg["batches_per_epoch"])
     progress.start()
+    watch = _NodeWatch(state, control)
+    watch.start()
     try:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config=worker_cfg,
-            scaling_config=ScalingConfig(
-                num_workers=cfg["workers"],
-                use_gpu=cfg["use_gpu"],
-                resources_per_worker={
-                    "CPU": cfg["cpus_per_worker"],
-                    **({"GPU": 1} if cfg["use_gpu"] else {}),
-                },
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(state.parent),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=max(cfg["keep_best"], cfg["average_best"]),
-                    checkpoint_score_attribute="val_loss",
-                    checkpoint_score_order="min",
-                ),
-                failure_config=FailureConfig(max_failures=cfg["max_failures"]),
-            ),
-        )
-        result = trainer.fit()
+        result = _trainer(cfg, worker_cfg, name, state).fit()
     finally:
+        watch.stop.set()
         progress.stop.set()
         progress.join(timeout=5)
         ray.shutdown()
@@ -649,15 +739,49 @@ def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
             f"the step checkpoint is in {state / 'steps'}: run again to resume "
             f"(exit status {step_checkpoint.EXIT_RESUME})"
         )
+    return _export_results(cfg, params, result, name, state, out)
+
+
+def _trainer(cfg: dict, worker_cfg: dict, name: str, state: Path):
+    """Ray Train's TorchTrainer for ``train_worker``: one worker per GPU or per CPU slot, Ray's
+    checkpoints (the best by validation loss) in the run's state folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=worker_cfg,
+        scaling_config=ScalingConfig(
+            num_workers=cfg["workers"],
+            use_gpu=cfg["use_gpu"],
+            resources_per_worker={
+                "CPU": cfg["cpus_per_worker"],
+                **({"GPU": 1} if cfg["use_gpu"] else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(state.parent),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=max(cfg["keep_best"], cfg["average_best"]),
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=cfg["max_failures"]),
+        ),
+    )
+
+
+def _export_results(cfg: dict, params: dict, result, name: str, state: Path, out: Path) -> dict:
+    """The averaged encoder, the metric files, the summary and the loss curve in ``out``."""
     best = sorted(
         ((Path(c.path), float(m["val_loss"]), int(m["epoch"])) for c, m in result.best_checkpoints),
         key=lambda item: (item[1], item[2]),
     )[: cfg["average_best"]]
     stamp = provenance.stamp(params, cfg["seed"])
     path = export(best, cfg, stamp, out)
-    shutil.copyfile(state / "metrics.csv", out / "metrics.csv")
-    shutil.copyfile(state / "throughput.csv", out / "throughput.csv")
-    shutil.copyfile(state / quick_checks.CSV_NAME, out / quick_checks.CSV_NAME)
+    for name_ in ("metrics.csv", "throughput.csv", quick_checks.CSV_NAME):
+        shutil.copyfile(state / name_, out / name_)
     summary = {
         "encoder": str(path),
         "size": cfg["size"],
@@ -679,24 +803,85 @@ def _train(cfg, params, worker_cfg, name, state, out, control, address) -> dict:
     return summary
 
 
-def _record_job(state: Path, control: step_checkpoint.Control, result) -> None:
+class _NodeWatch(threading.Thread):
+    """On a cluster of several Ray nodes: when a node that was there at the start is no longer alive
+    (its raylet stopped answering Ray's health checks: a lost machine, or its processes killed),
+    the driver records the attempt and exits at once with :data:`step_checkpoint.EXIT_RESUME`. The
+    workers cannot write a step checkpoint without the lost rank, and Ray Train cannot start the
+    worker group again without the node: the next job (on nodes that work) resumes from the last
+    step checkpoint. On one node, Ray Train's own restarts (``max_failures``) handle a lost worker."""
+
+    def __init__(self, state: Path, control: step_checkpoint.Control, every_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.state, self.control, self.every_s = state, control, every_s
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        try:
+            first = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        except Exception:  # (Ray not reachable: nothing to watch)
+            return
+        if len(first) < 2:
+            return
+        while not self.stop.wait(self.every_s):
+            try:
+                alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            except Exception:
+                continue
+            lost = [n for node_id, n in first.items() if node_id not in alive]
+            if lost and not self.stop.is_set():
+                self._give_up(lost)
+
+    def _give_up(self, lost: list[dict]) -> None:
+        names = [f"{n['NodeManagerHostname']} ({n['NodeManagerAddress']})" for n in lost]
+        try:
+            reached = json.loads((self.state / "progress.json").read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            reached = None
+        log.error(
+            f"Ray node lost: {', '.join(names)}; training reached step {reached}. Stopping with "
+            f"exit status {step_checkpoint.EXIT_RESUME}: the next job resumes from the last "
+            f"step checkpoint ({self.state / 'steps'})"
+        )
+        _record_job(self.state, self.control, None, lost=names, reached=reached)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(step_checkpoint.EXIT_RESUME)
+
+
+def _record_job(
+    state: Path, control: step_checkpoint.Control, result, lost=None, reached=None
+) -> None:
+    """One line of ``attempts.jsonl``: how this job's training ended (``result``: Ray Train's, None
+    when a node was ``lost``; ``reached``: the step the training had reached then)."""
     try:
         resumed = json.loads((state / "resume.json").read_text())
     except (OSError, ValueError):
         resumed = {}
+    try:
+        placement = json.loads((state / "placement.json").read_text())["ranks"]
+    except (OSError, ValueError, KeyError):
+        placement = None
     stopped = control.stopped()
-    outcome = "error" if result.error else "stopped" if stopped else "finished"
-    step_checkpoint.record_attempt(
-        state,
-        {
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "outcome": outcome,
-            "resumed_from": resumed.get("from"),
-            "start_step": resumed.get("step"),
-            "end_step": stopped["step"] if stopped else None,
-            "signal": control.stop_reason() if stopped else None,
-        },
+    outcome = (
+        "node lost" if lost else "error" if result.error else "stopped" if stopped else "finished"
     )
+    entry = {
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "outcome": outcome,
+        "resumed_from": resumed.get("from"),
+        "start_step": resumed.get("step"),
+        "end_step": stopped["step"] if stopped and not lost else None,
+        "signal": control.stop_reason() if stopped and not lost else None,
+        "hosts": [f"{r['host']} ({r['ip']})" for r in placement] if placement else None,
+        "time": round(time.time(), 3),
+    }
+    if lost:
+        entry |= {"lost": lost, "reached_step": reached}
+    step_checkpoint.record_attempt(state, entry)
 
 
 def _last_val_loss(metrics_csv: Path) -> float | None:

@@ -1,61 +1,13 @@
 """The fault suite's figures: every test records its cases (tried, survived, clips lost); at the end
 of the session they are written as JSON and Markdown (``fault-figures.{json,md}`` in pytest's base
 temporary folder) and printed in the summary. Tests may add files of their own (a plot, raw samples)
-with ``figures.attach``. With ``DASHENG_FAULT_FIGURES=path/fault-figures.md`` all of them are also
-copied into that folder (``docs/reliability/`` holds the committed copy docs/reliability.md links)."""
+with ``figures.attach``. With ``DASHENG_FAULT_FIGURES=path/fault-figures.md`` they are also merged
+into that table (``docs/reliability/`` holds the committed copy docs/reliability.md links): see figures.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
-
 import pytest
-
-
-class Figures:
-    def __init__(self):
-        self.rows: list[dict] = []
-        self.attached: list[Path] = []
-
-    def record(
-        self, group: str, case: str, *, tried: int, survived: int, lost: int = 0, **details
-    ) -> None:
-        self.rows.append(
-            {
-                "group": group,
-                "case": case,
-                "tried": tried,
-                "survived": survived,
-                "clips_lost": lost,
-                **details,
-            }
-        )
-
-    def attach(self, path: Path) -> None:
-        """A file the test wrote that belongs with the figures (copied along with them)."""
-        self.attached.append(Path(path))
-
-    def table(self) -> str:
-        lines = [
-            "| group | case | tried | survived | clips lost | details |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in self.rows:
-            extra = "; ".join(
-                f"{k} {v}"
-                for k, v in r.items()
-                if k not in ("group", "case", "tried", "survived", "clips_lost")
-            )
-            lines.append(
-                f"| {r['group']} | {r['case']} | {r['tried']} | {r['survived']} | {r['clips_lost']} | {extra} |"
-            )
-        total = {k: sum(r[k] for r in self.rows) for k in ("tried", "survived", "clips_lost")}
-        lines.append(
-            f"| **total** | | **{total['tried']}** | **{total['survived']}** | **{total['clips_lost']}** | |"
-        )
-        return "\n".join(lines)
+from faults.figures import Figures
 
 
 def pytest_configure(config):
@@ -66,19 +18,9 @@ def pytest_configure(config):
 def figures(request, tmp_path_factory):
     figs = request.config._fault_figures
     yield figs
-    if not figs.rows:
-        return
-    base = tmp_path_factory.getbasetemp()
-    (base / "fault-figures.json").write_text(json.dumps(figs.rows, indent=1, sort_keys=True) + "\n")
-    (base / "fault-figures.md").write_text(figs.table() + "\n")
-    target = os.environ.get("DASHENG_FAULT_FIGURES")
-    if target:
-        target = Path(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(base / "fault-figures.md", target)
-        shutil.copyfile(base / "fault-figures.json", target.with_suffix(".json"))
-        for path in figs.attached:
-            shutil.copyfile(path, target.parent / path.name)
+    if figs.rows:
+        figs.write(tmp_path_factory.getbasetemp())
+        figs.publish()
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -14,8 +14,6 @@ OVER_TODAY = {
     "pipeline/features/shards.py::build_dataset_manifest",
     "pipeline/sources/youtube.py::_download",
     "pipeline/sources/youtube.py::_store",
-    "pipeline/training/train.py::train_worker",
-    "pipeline/training/train.py::_train",
 }
 
 

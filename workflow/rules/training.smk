@@ -30,10 +30,12 @@ rule train:
         "../../envs/train.yaml"
     threads: TRAINING.threads
     resources:
-        # Names of snakemake-executor-plugin-slurm: one task per job; the launcher starts
-        # one Ray node per allocated node (srun), each using all the node's GPUs and CPUs.
+        # Names of snakemake-executor-plugin-slurm: one task per node (sbatch --ntasks: with 1
+        # task SLURM cuts --nodes to 1); the launcher starts one Ray node per allocated node
+        # (srun), each using all the node's GPUs and CPUs. (GPU jobs get no --ntasks:
+        # tasks_per_gpu: 0 in the profile.)
         nodes=config["training"]["nodes"],
-        tasks=1,
+        tasks=config["training"]["nodes"],
         cpus_per_task=TRAINING.threads,
         gres=TRAINING.gres,
         mem_mb=config["training"]["mem_mb"],

@@ -7,26 +7,46 @@
 # waits until all of them joined, runs the command with `--address <head>:<port>`, and tears
 # the cluster down on exit, failure or signal.
 #
+# Every Ray node gets its node's address (`--node-ip-address`: what the host name resolves to, else
+# SLURM's NodeAddr) and a temporary folder of its own (nodes may share /tmp). The log names each
+# node and its address.
+#
 # Overrides (also used by the tests to run a head and a worker on 127.0.0.1):
-#   RAY_NODES          space-separated node names (default: the SLURM allocation's)
+#   RAY_NODES          space-separated node names (default: the SLURM job's, from squeue)
 #   RAY_HEAD_IP        address the workers connect to (default: the first node's IP)
 #   RAY_PORT           head port (default 6379 + SLURM_JOB_ID % 1000)
 #   RAY_WORKER_LAUNCH  command that runs its arguments on node $NODE (default: srun on $NODE)
 #   RAY_CPUS_PER_NODE, RAY_GPUS_PER_NODE   resources each node offers (default: SLURM's)
-#   RAY_TMP            Ray's temp folder (default /tmp/ray-$USER-$SLURM_JOB_ID)
+#   RAY_TMP            Ray's temp folder (default /tmp/ray-$USER-$SLURM_JOB_ID; a worker node's gets
+#                      -<node> appended)
 set -euo pipefail
 
 nodes=${RAY_NODES:-}
-if [[ -z "$nodes" && -n "${SLURM_JOB_NODELIST:-}" ]]; then
-  nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | tr '\n' ' ')
+if [[ -z "$nodes" && -n "${SLURM_JOB_ID:-}" ]]; then
+  # The job's nodes, from slurmctld: inside the job step that Snakemake's jobstep plugin starts
+  # (srun -n1), SLURM_JOB_NODELIST names the step's one node, not the allocation's.
+  nodelist=$(squeue -h -j "$SLURM_JOB_ID" -o %N 2>/dev/null || true)
+  nodelist=${nodelist:-${SLURM_JOB_NODELIST:-}}
+  [[ -n $nodelist ]] && nodes=$(scontrol show hostnames "$nodelist" | tr '\n' ' ')
 fi
 read -r -a node_list <<< "$nodes"
 if (( ${#node_list[@]} < 2 )); then
   exec "$@"    # one node: the driver starts a local Ray instance
 fi
 
+node_ip() {  # node_ip NODE: its address (resolved, else SLURM's NodeAddr), or nothing if unknown
+  local ip
+  ip=$(getent ahostsv4 "$1" 2>/dev/null | awk '{print $1; exit}')
+  if [[ -z $ip ]] && command -v scontrol >/dev/null; then
+    ip=$(scontrol show node "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+    [[ $ip =~ ^[0-9.]+$ ]] || ip=$(getent ahostsv4 "$ip" 2>/dev/null | awk '{print $1; exit}')
+  fi
+  echo "$ip"
+}
+
 head=${node_list[0]}
-head_ip=${RAY_HEAD_IP:-$(getent hosts "$head" | awk '{print $1; exit}')}
+head_ip=${RAY_HEAD_IP:-$(node_ip "$head")}
+[[ -n $head_ip ]] || { echo "ray_slurm: cannot find the address of the head node $head" >&2; exit 1; }
 port=${RAY_PORT:-$(( 6379 + ${SLURM_JOB_ID:-0} % 1000 ))}
 cpus=${RAY_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-1}}
 gpus=${RAY_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
@@ -40,11 +60,20 @@ teardown() {
   # `ray start --block` stops its own node's processes on SIGTERM (srun forwards it to the
   # remote nodes); `ray stop` is not used: it would also stop other Ray instances of this user.
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  # (an srun whose node is lost may not return: 15 s, then SIGKILL)
+  for _ in $(seq 1 150); do
+    local left=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    (( left )) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   exit "$status"
 }
 trap teardown EXIT
 trap 'exit 143' TERM INT
+trap ':' USR1 USR2  # (until the driver runs; then forwarded to it, below)
 driver=""
 on_term() {  # SIGTERM (preemption, scancel): let the driver write its step checkpoint first
   if [[ -n $driver ]]; then
@@ -87,21 +116,31 @@ pids+=($!)
 wait_for_nodes 1
 
 for node in "${node_list[@]:1}"; do
+  ip=$(node_ip "$node")
+  echo "ray_slurm: starting a Ray worker node on $node (${ip:-address unknown: Ray picks one})" >&2
+  args=(ray start --address="$head_ip:$port" --num-cpus="$cpus" --num-gpus="$gpus" --block
+        --temp-dir="$tmp-$node" --disable-usage-stats ${ip:+--node-ip-address="$ip"})
   if [[ -n "${RAY_WORKER_LAUNCH:-}" ]]; then
-    NODE=$node bash -c "$RAY_WORKER_LAUNCH"' "$@"' _ \
-      ray start --address="$head_ip:$port" --num-cpus="$cpus" --num-gpus="$gpus" --block \
-      --disable-usage-stats >&2 &
+    NODE=$node bash -c "$RAY_WORKER_LAUNCH"' "$@"' _ "${args[@]}" >&2 &
   else
-    srun --nodes=1 --ntasks=1 --overlap -w "$node" \
-      ray start --address="$head_ip:$port" --num-cpus="$cpus" --num-gpus="$gpus" --block \
-      --disable-usage-stats >&2 &
+    srun --nodes=1 --ntasks=1 --overlap -w "$node" "${args[@]}" >&2 &
   fi
   pids+=($!)
 done
 wait_for_nodes "${#node_list[@]}"
 echo "ray_slurm: ${#node_list[@]} nodes up" >&2
 trap on_term TERM
-# (SLURM's warning, SIGURG, is ignored by this shell and reaches the driver directly.)
+# (SLURM's warning, SIGURG, is ignored by this shell and reaches the driver directly.) SIGUSR1 (stop)
+# and SIGUSR2 (a step checkpoint) to this shell, e.g. `scancel --signal=USR2 <job>`, go to the driver
+# too; they would end the shell otherwise.
 "$@" --address "$head_ip:$port" &
 driver=$!
-wait "$driver"
+trap 'kill -USR1 "$driver" 2>/dev/null || true' USR1
+trap 'kill -USR2 "$driver" 2>/dev/null || true' USR2
+while :; do
+  status=0
+  wait "$driver" || status=$?
+  # (a trapped signal interrupts `wait` while the driver still runs: wait again)
+  kill -0 "$driver" 2>/dev/null || break
+done
+exit "$status"
