@@ -83,6 +83,15 @@ def kill_all(procs: list[psutil.Process]) -> None:
             pass
 
 
+def signal_trees(jobs: list[psutil.Process], sig: int) -> None:
+    for job in jobs:
+        try:
+            for p in [job, *job.children(recursive=True)]:
+                p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def kill_session(popen: subprocess.Popen, extra_marker: str | None = None) -> None:
     """kill -9 everything the run started (a machine crash as far as the run can tell)."""
     for _ in range(50):
@@ -111,13 +120,17 @@ def kill_at_random_point(
     *,
     mode: str = "all",
     ready=None,
+    freeze: bool = False,
     timeout: float = 300,
 ) -> dict:
     """Wait until a job whose command line holds ``marker`` runs (and ``ready()`` holds), then kill -9
     at a moment drawn from U(0, max_delay) s later, checking a matching job is alive at that moment.
 
     mode "all": the whole run (Snakemake and every job: a crash); mode "job": the job's process
-    tree only (as the OOM killer would), Snakemake sees it fail. Returns what was hit."""
+    tree only (as the OOM killer would), Snakemake sees it fail. ``freeze``: for jobs shorter than
+    a poll's reach, the kill point is ``ready()`` alone (max_delay 0) and the job is stopped
+    (SIGSTOP) the moment it is seen there, so that it cannot finish before the kill. Returns what
+    was hit."""
     deadline = time.monotonic() + timeout
     target = None
     delay = None
@@ -134,9 +147,11 @@ def kill_at_random_point(
         now = time.monotonic()
         if jobs and (ready is None or ready()):
             if target is None:
-                delay = rng.uniform(0, max_delay)
+                delay = rng.uniform(0, max_delay) if max_delay > 0 else 0.0
                 target = now + delay
-            elif now >= target:
+            if now >= target:
+                if freeze:
+                    signal_trees(jobs, signal.SIGSTOP)
                 hit = cmdline(jobs[0])
                 if mode == "all":
                     kill_session(popen)
