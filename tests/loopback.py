@@ -31,6 +31,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 
 @dataclass
@@ -105,9 +106,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self._serve(head=False)
 
-    def _serve(self, head: bool):  # noqa: C901 (to split: issue 24)
+    def _serve(self, head: bool):
         parts = self.path.split("?")[0].strip("/").split("/")
         key = parts[1] if len(parts) == 2 and parts[0] == "v" else None
+        route = self._route(key)
+        if isinstance(route, Status):
+            return self._status(route.code, route.headers)
+        if isinstance(route, Stall):
+            return self._stall(route.seconds)
+        data = Path(route.path).read_bytes()
+        span = self._respond_range(len(data))
+        if span is None:
+            return
+        body = data[span[0] : span[1] + 1]
+        with self.server.lock:
+            self.server.served.add(key)
+        self.send_header("Content-Type", route.content_type)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self._send_body(route, body)
+
+    def _route(self, key: str | None):
+        """This request's behaviour (counted): a ``Status`` for a blocked session or an unknown
+        ID, a ``Sequence`` or ``Flaky`` resolved to the step this request is at."""
         with self.server.lock:
             self.server.hits[key] += 1
             count = self.server.hits[key]
@@ -116,56 +139,51 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
         if blocked:
             self.server.blocked_hits += 1
-            return self._status(self.server.block.code, {})
+            return Status(self.server.block.code, {})
         route = self.server.routes.get(key)
         if isinstance(route, Sequence):
             route = route.routes[min(count, len(route.routes)) - 1]
         if isinstance(route, Flaky):
             route = Status(route.code, route.headers) if count <= route.failures else route.then
-        if route is None:
-            return self._status(404, {})
-        if isinstance(route, Status):
-            return self._status(route.code, route.headers)
-        if isinstance(route, Stall):
-            self.send_response(200)
-            self.send_header("Content-Type", "audio/x-wav")
-            self.send_header("Content-Length", "1000000")
-            self.end_headers()
-            self.wfile.flush()
-            time.sleep(route.seconds)
-            self.close_connection = True
-            return
-        path = route.path
-        data = Path(path).read_bytes()
-        start, end = 0, len(data) - 1
-        rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
-            a, _, b = rng[6:].split(",")[0].partition("-")
-            if a:
-                start = int(a)
-                end = int(b) if b else end
-            else:
-                start = max(0, len(data) - int(b))
-            end = min(end, len(data) - 1)
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start : end + 1]
-        with self.server.lock:
-            self.server.served.add(key)
-        self.send_header("Content-Type", route.content_type)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body)))
+        return Status(404, {}) if route is None else route
+
+    def _stall(self, seconds: float):
+        """Headers of a large body, then nothing."""
+        self.send_response(200)
+        self.send_header("Content-Type", "audio/x-wav")
+        self.send_header("Content-Length", "1000000")
         self.end_headers()
-        if head:
-            return
+        self.wfile.flush()
+        time.sleep(seconds)
+        self.close_connection = True
+
+    def _respond_range(self, size: int) -> tuple[int, int] | None:
+        """Start the answer for the request's Range (200, 206, or a whole 416 answer, then
+        None); the byte span to send, both ends included."""
+        start, end = 0, size - 1
+        rng = self.headers.get("Range")
+        if not (rng and rng.startswith("bytes=")):
+            self.send_response(200)
+            return start, end
+        a, _, b = rng[6:].split(",")[0].partition("-")
+        if a:
+            start = int(a)
+            end = int(b) if b else end
+        else:
+            start = max(0, size - int(b))
+        end = min(end, size - 1)
+        if start >= size:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        return start, end
+
+    def _send_body(self, route, body: bytes):
+        """The body as the route sends it: cut off (Reset), slowly (Trickle) or whole."""
         try:
             if isinstance(route, Reset):
                 self.wfile.write(body[: route.after_bytes])
@@ -203,16 +221,40 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
         pass
 
 
-class Server:
-    def __init__(self):
-        self.httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.routes = {}
+class _Loopback:
+    """A server on 127.0.0.1 (a free port), serving from a daemon thread inside ``with``;
+    ``hits`` counts its requests."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]):
+        self.httpd = _HTTPServer(("127.0.0.1", 0), handler)
         self.httpd.hits = collections.Counter()
         self.httpd.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def hits(self) -> collections.Counter:
+        return self.httpd.hits
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Server(_Loopback):
+    def __init__(self):
+        super().__init__(_Handler)
+        self.httpd.routes = {}
         self.httpd.block = None
         self.httpd.served = set()
         self.httpd.blocked_hits = 0
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def block(self, after: int, code: int = 403, seconds: float | None = None) -> None:
         """Refuse every request with ``code`` once ``after`` IDs were served (a session block)."""
@@ -234,20 +276,8 @@ class Server:
         return self.httpd.routes
 
     @property
-    def hits(self) -> collections.Counter:
-        return self.httpd.hits
-
-    @property
     def url_template(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v/{{id}}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return f"{self.endpoint}/v/{{id}}"
 
 
 # ----------------------------------------------------------------------------- Hugging Face hub
@@ -349,7 +379,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-class Hub:
+class Hub(_Loopback):
     """A loopback stand-in for the Hugging Face hub (``HF_ENDPOINT=hub.endpoint``): model and
     dataset repos built by a test, at named revisions.
 
@@ -359,26 +389,15 @@ class Hub:
     SHA = "0123456789abcdef0123456789abcdef01234567"
 
     def __init__(self):
-        self.httpd = _HTTPServer(("127.0.0.1", 0), _HubHandler)
+        super().__init__(_HubHandler)
         self.httpd.repos = {}
-        self.httpd.hits = collections.Counter()
-        self.httpd.lock = threading.Lock()
         self.httpd.sha = self.SHA
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def add(self, kind: str, repo: str, files: dict[str, bytes], revisions=("main", SHA)) -> None:
         self.httpd.repos[(kind, repo)] = {rev: dict(files) for rev in revisions}
 
     def clear(self) -> None:
         self.httpd.repos.clear()
-
-    @property
-    def hits(self) -> collections.Counter:
-        return self.httpd.hits
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def env(self, home: Path) -> dict:
         """Environment variables pointing huggingface_hub at this stand-in (no token, no cache
@@ -390,11 +409,3 @@ class Hub:
             "HF_HUB_OFFLINE": "0",
             "HF_HUB_DISABLE_XET": "1",
         }
-
-    def __enter__(self) -> Hub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

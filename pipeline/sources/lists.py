@@ -116,7 +116,64 @@ def _number(text: str, name: str) -> tuple[float | None, str]:
     return value, ""
 
 
-def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -> Segment | None:  # noqa: C901 (to split: issue 24)
+# A row's times and labels, by list format: (start_s, end_s, labels, error); an error that is not
+# "" makes the row a rejected clip (its labels, where read, go with it).
+_Times = tuple[float | None, float | None, list[str], str]
+
+
+def _too_few(layout: str, fields: list[str], unit: str = "field(s)") -> _Times:
+    """A row with too few fields: rejected, naming the layout its format expects."""
+    return None, None, [], f"expected {layout}, got {len(fields)} {unit}"
+
+
+def _audioset_times(fields: list[str], segment_s: float) -> _Times:
+    if len(fields) < 3:
+        return _too_few("'YTID, start_seconds, end_seconds, positive_labels'", fields)
+    start, err = _number(fields[1], "start_seconds")
+    end, err2 = _number(fields[2], "end_seconds")
+    labels = [lab for lab in (fields[3].split(",") if len(fields) > 3 else []) if lab]
+    return start, end, labels, err or err2
+
+
+def _vggsound_times(fields: list[str], segment_s: float) -> _Times:
+    if len(fields) < 2:
+        return _too_few("'ytid,start_seconds,label,split'", fields)
+    start, err = _number(fields[1], "start_seconds")
+    end = start + segment_s if start is not None else None
+    return start, end, [fields[2]] if len(fields) > 2 and fields[2] else [], err
+
+
+def _acav100m_times(fields: list[str], segment_s: float) -> _Times:
+    if len(fields) == 1:
+        return 0.0, segment_s, [], ""
+    if len(fields) < 3:
+        return _too_few("'ytid' or 'ytid,start_seconds,end_seconds'", fields, "fields")
+    start, err = _number(fields[1], "start_seconds")
+    end, err2 = _number(fields[2], "end_seconds")
+    return start, end, [], err or err2
+
+
+_TIMES = {"audioset": _audioset_times, "vggsound": _vggsound_times, "acav100m": _acav100m_times}
+
+
+def _is_header(fmt: str, row: int, ytid: str) -> bool:
+    """An ``acav100m`` list may start with a header row (its first field names the column)."""
+    return (
+        fmt == "acav100m"
+        and row == 0
+        and not YOUTUBE_ID.match(ytid)
+        and ytid.lower() in _HEADER_WORDS
+    )
+
+
+def _id_error(ytid: str) -> str:
+    if YOUTUBE_ID.match(ytid):
+        return ""
+    shown = ytid if len(ytid) <= 40 else ytid[:40] + "..."
+    return f"{shown!r} is not a YouTube ID (11 characters of A-Z a-z 0-9 _ -)"
+
+
+def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -> Segment | None:
     """Parse one row. Returns None for a header row (only possible for ``acav100m`` row 0)."""
     seg = Segment(row=row, line=line)
     try:
@@ -126,50 +183,17 @@ def parse_row(fmt: str, row: int, line: int, content: bytes, segment_s: float) -
         return seg
     fields = [f.strip() for f in next(csv.reader([text], skipinitialspace=True), [])]
     ytid = fields[0] if fields else ""
-    if (
-        fmt == "acav100m"
-        and row == 0
-        and not YOUTUBE_ID.match(ytid)
-        and ytid.lower() in _HEADER_WORDS
-    ):
+    if _is_header(fmt, row, ytid):
         return None
-    seg.ytid = ytid
-    if not YOUTUBE_ID.match(ytid):
-        shown = ytid if len(ytid) <= 40 else ytid[:40] + "..."
-        seg.error = f"{shown!r} is not a YouTube ID (11 characters of A-Z a-z 0-9 _ -)"
-        seg.ytid = ""
+    seg.error = _id_error(ytid)
+    if seg.error:
         return seg
-
-    if fmt == "audioset":
-        if len(fields) < 3:
-            seg.error = f"expected 'YTID, start_seconds, end_seconds, positive_labels', got {len(fields)} field(s)"
-            return seg
-        start, err = _number(fields[1], "start_seconds")
-        end, err2 = _number(fields[2], "end_seconds")
-        seg.labels = [lab for lab in (fields[3].split(",") if len(fields) > 3 else []) if lab]
-    elif fmt == "vggsound":
-        if len(fields) < 2:
-            seg.error = f"expected 'ytid,start_seconds,label,split', got {len(fields)} field(s)"
-            return seg
-        start, err = _number(fields[1], "start_seconds")
-        end, err2 = (start + segment_s if start is not None else None), ""
-        seg.labels = [fields[2]] if len(fields) > 2 and fields[2] else []
-    elif fmt == "acav100m":
-        if len(fields) == 1:
-            start, err, end, err2 = 0.0, "", segment_s, ""
-        elif len(fields) >= 3:
-            start, err = _number(fields[1], "start_seconds")
-            end, err2 = _number(fields[2], "end_seconds")
-        else:
-            seg.error = (
-                f"expected 'ytid' or 'ytid,start_seconds,end_seconds', got {len(fields)} fields"
-            )
-            return seg
-    else:
+    seg.ytid = ytid
+    times = _TIMES.get(fmt)
+    if times is None:
         raise ValueError(f"unknown list format {fmt!r}; expected one of {FORMATS}")
-
-    if err or err2:
-        seg.error = err or err2
+    start, end, seg.labels, seg.error = times(fields, segment_s)
+    if seg.error:
         return seg
     if end <= start:
         seg.error = f"end_seconds {end:g} is not after start_seconds {start:g}"

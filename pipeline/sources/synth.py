@@ -196,46 +196,75 @@ def normalise(x: np.ndarray, peak_dbfs: float) -> np.ndarray:
     return x / (np.abs(x).max() + 1e-12) * 10 ** (peak_dbfs / 20)
 
 
-def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:  # noqa: C901 (to split: issue 24)
+def _tone(rng: np.random.Generator, n: int) -> np.ndarray:
+    return tone(n, rng.uniform(80, 4000), rng.uniform(0, 2 * np.pi)) * envelope(n, 0.02, 0.05)
+
+
+def _harmonic(rng: np.random.Generator, n: int) -> np.ndarray:
+    return harmonic(
+        n,
+        midi_to_hz(rng.integers(36, 96)),
+        int(rng.integers(3, 16)),
+        rng.uniform(0.5, 2.0),
+        rng.uniform(0.3, 3.0),
+    )
+
+
+def _chirp(rng: np.random.Generator, n: int) -> np.ndarray:
+    lo, hi = sorted(rng.uniform(60, 7000, 2))
+    f0, f1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
+    return chirp(n, f0, f1) * envelope(n, 0.02, 0.05)
+
+
+def _noise(rng: np.random.Generator, n: int) -> np.ndarray:
+    colour = list(NOISE_COLOURS)[int(rng.integers(len(NOISE_COLOURS)))]
+    return coloured_noise(rng, n, NOISE_COLOURS[colour])
+
+
+def _clicks(rng: np.random.Generator, n: int) -> np.ndarray:
+    return clicks(rng, n, rng.uniform(2, 40), rng.uniform(0, 0.3))
+
+
+def _am(rng: np.random.Generator, n: int) -> np.ndarray:
+    return am(n, rng.uniform(150, 3000), rng.uniform(2, 30), rng.uniform(0.5, 1.0))
+
+
+def _fm(rng: np.random.Generator, n: int) -> np.ndarray:
+    return fm(n, rng.uniform(150, 3000), rng.uniform(2, 200), rng.uniform(0.5, 8.0))
+
+
+def _mixture(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Two or three sounds of the other families, each at a random level."""
+    parts = rng.choice(
+        [f for f in FAMILIES if f != "mixture"], size=int(rng.integers(2, 4)), replace=False
+    )
+    return sum(normalise(render(rng, str(p), n), -rng.uniform(0, 12)) for p in parts)
+
+
+# Each family's generator: its parameters drawn from the rng, in a fixed order (the demo's
+# audio, and so its shards, depend on that order).
+_GENERATORS = {
+    "tone": _tone,
+    "harmonic": _harmonic,
+    "chirp": _chirp,
+    "noise": _noise,
+    "clicks": _clicks,
+    "am": _am,
+    "fm": _fm,
+    "melody": melody,
+    "chords": chords,
+    "babble": babble,
+    "scene": scene,
+    "mixture": _mixture,
+}
+
+
+def render(rng: np.random.Generator, family: str, n: int) -> np.ndarray:
     """A random sound of one family (its parameters drawn from ``rng``), peak 1."""
-    if family == "tone":
-        x = tone(n, rng.uniform(80, 4000), rng.uniform(0, 2 * np.pi)) * envelope(n, 0.02, 0.05)
-    elif family == "harmonic":
-        x = harmonic(
-            n,
-            midi_to_hz(rng.integers(36, 96)),
-            int(rng.integers(3, 16)),
-            rng.uniform(0.5, 2.0),
-            rng.uniform(0.3, 3.0),
-        )
-    elif family == "chirp":
-        lo, hi = sorted(rng.uniform(60, 7000, 2))
-        f0, f1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
-        x = chirp(n, f0, f1) * envelope(n, 0.02, 0.05)
-    elif family == "noise":
-        colour = list(NOISE_COLOURS)[int(rng.integers(len(NOISE_COLOURS)))]
-        x = coloured_noise(rng, n, NOISE_COLOURS[colour])
-    elif family == "clicks":
-        x = clicks(rng, n, rng.uniform(2, 40), rng.uniform(0, 0.3))
-    elif family == "am":
-        x = am(n, rng.uniform(150, 3000), rng.uniform(2, 30), rng.uniform(0.5, 1.0))
-    elif family == "fm":
-        x = fm(n, rng.uniform(150, 3000), rng.uniform(2, 200), rng.uniform(0.5, 8.0))
-    elif family == "melody":
-        x = melody(rng, n)
-    elif family == "chords":
-        x = chords(rng, n)
-    elif family == "babble":
-        x = babble(rng, n)
-    elif family == "scene":
-        x = scene(rng, n)
-    elif family == "mixture":
-        parts = rng.choice(
-            [f for f in FAMILIES if f != "mixture"], size=int(rng.integers(2, 4)), replace=False
-        )
-        x = sum(normalise(render(rng, str(p), n), -rng.uniform(0, 12)) for p in parts)
-    else:
+    generate = _GENERATORS.get(family)
+    if generate is None:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    x = generate(rng, n)
     return x / (np.abs(x).max() + 1e-12)
 
 
