@@ -1,7 +1,7 @@
 """`--profile slurm` against a real single-node SLURM (slurmctld + slurmd + munge, brought up by
-scripts/slurm_local.sh): a small demo DAG (data, training, evaluation) runs through sbatch and
-gives the same outputs as a local run of the same config; the training rule's multi-node GPU
-request reaches sbatch as intended.
+scripts/slurm_local.sh): a training longer than SLURM's time limit goes on over several jobs and
+equals a local run; the training rule's multi-node GPU request reaches sbatch as intended. (The
+whole DAG through SLURM, equal to a local run: tests/test_slurm_multinode.py.)
 
 Needs root and apt-get (or SLURM already installed); skips with a message otherwise. The
 cluster is started by a module fixture and stopped afterwards unless it was already running.
@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,10 +26,8 @@ from slurm_util import (
     Run,
     ctld_log_end,
     derived_profile,
-    files_under,
     local_cluster,
     our_jobs,
-    read_csv,
     read_json,
     run_snakemake,
     slurmctld_log,
@@ -52,6 +49,7 @@ GPU_TRAINING = {
     "gpus_per_node": 2,
     "mem_mb": 5000,
     "runtime_min": 7,
+    "total_runtime_min": 7,  # (no resubmissions: the rejected request fails the run at once)
 }
 
 
@@ -88,73 +86,40 @@ def test_profile_defines_what_a_cluster_needs():
         previous = line if line.strip() else previous
 
 
-def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
-    partition = slurm_cluster
-    prefix = f"dashengtest{os.getpid()}"
-    profile = derived_profile(tmp_path / "profile", partition, prefix)
-    log_start = ctld_log_end()
-
-    t0 = time.monotonic()
-    local = tmp_path / "local"
-    rc, local_out = run_snakemake(local, CONFIG, "--cores", "2", "all")
-    assert rc == 0, f"the local run failed ({rc}):\n{local_out[-8000:]}"
-    t1 = time.monotonic()
-    remote = tmp_path / "slurm"
-    rc, out = run_snakemake(remote, CONFIG, "--profile", str(profile), "all", prefix=prefix)
-    t2 = time.monotonic()
-    print(f"local run {t1 - t0:.0f} s, SLURM run {t2 - t1:.0f} s")
-    assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
-
-    # (a) every job went through sbatch and SLURM ran it to completion
-    local_rules = sorted(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", local_out))
-    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
-    assert len(submitted) == len(local_rules) - 1 >= 15, out[
-        -4000:
-    ]  # all jobs but the target rule `all`
-    rule_of = dict(re.findall(r"Finished jobid: (\d+) \(Rule: (\w+)\)", out))
-    assert sorted([rule_of[j] for j, _ in submitted] + ["all"]) == local_rules
-    # No accounting database here: sacct fails (with it, the plugin's default status command would
-    # lose track of the jobs and Snakemake would wait forever); the profile's squeue was used.
-    assert subprocess.run(["sacct", "-n"], capture_output=True).returncode != 0
-    assert "Falling back to 'sacct'" not in out
-    ctld = slurmctld_log(log_start)
-    for _, slurm_id in submitted:
-        assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0\b", ctld), (
-            f"SLURM job {slurm_id}"
-        )
-    assert our_jobs(prefix) == []
-
-    # (b) the same outputs as the local run
-    a, b = local / "results/demo", remote / "results/demo"
-    for stage in ("manifests", "shards", "dataset", "audio"):
-        fa, fb = files_under(a / stage), files_under(b / stage)
-        assert fa.keys() == fb.keys() and fa, stage
-        for name in fa:
-            assert filecmp.cmp(fa[name], fb[name], shallow=False), f"{stage}/{name} differs"
-    for name in ("encoder.safetensors", "encoder.json"):  # the same weights, metadata and sha256
-        assert filecmp.cmp(a / "training" / name, b / "training" / name, shallow=False), name
-    assert read_csv(a / "training/metrics.csv") == read_csv(b / "training/metrics.csv")
-    for kind in ("probe", "knn"):
-        fa, fb = files_under(a / "eval" / kind), files_under(b / "eval" / kind)
-        assert fa.keys() == fb.keys() and len(fa) == 2, kind
-        for name in fa:
-            ja, jb = json.loads(fa[name].read_text()), json.loads(fb[name].read_text())
-            assert ja["metrics"] == jb["metrics"], f"{kind}/{name}"
-    score = lambda rows: [
-        (r["model"], r["task"], r["method"], r["metric"], r["score"], r["std"]) for r in rows
-    ]
-    assert score(read_csv(a / "eval/results/scores.csv")) == score(
-        read_csv(b / "eval/results/scores.csv")
-    )
-    for png in ("domains", "tasks", "loss_curve"):
-        assert (b / f"eval/plots/{png}.png").stat().st_size > 0
-
-    # (c) the training rule's multi-node GPU request, as sbatch gets it: 2 nodes, 2 GPUs and
-    # workers/nodes x cpus_per_worker = 6 CPUs per node, one task; no --ntasks-per-gpu. This
-    # one-node cluster without GPUs rejects it: the call is in the error message.
-    gpu_config = {**CONFIG, "training": {**CONFIG["training"], **GPU_TRAINING}}
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """The demo's data stages, run locally once: the trainings below start from a copy."""
+    work = tmp_path_factory.mktemp("data")
+    config = {**CONFIG, "evaluation": {"enabled": False}}
     rc, out = run_snakemake(
-        remote,
+        work, config, "--cores", "2", "results/demo/dataset/manifest.json", label="data"
+    )
+    assert rc == 0, out[-6000:]
+    return work
+
+
+def copy_data(demo_data: Path, work: Path) -> Path:
+    shutil.copytree(demo_data, work, ignore=shutil.ignore_patterns(".snakemake"))
+    return work
+
+
+def test_the_training_rules_multi_node_gpu_request_reaches_sbatch(
+    slurm_cluster, demo_data, tmp_path
+):
+    """2 nodes, 2 GPUs and workers/nodes x cpus_per_worker = 6 CPUs per node, one task; no
+    --ntasks-per-gpu. This one-node cluster without GPUs rejects it: the call is in the error.
+    (The whole DAG through --profile slurm, equal to a local run: tests/test_slurm_multinode.py.)"""
+    partition = slurm_cluster
+    prefix = f"dashenggpu{os.getpid()}"
+    profile = derived_profile(tmp_path / "profile", partition, prefix)
+    gpu_config = {
+        **CONFIG,
+        "training": {**CONFIG["training"], **GPU_TRAINING},
+        "evaluation": {"enabled": False},
+    }
+    work = copy_data(demo_data, tmp_path / "w")
+    rc, out = run_snakemake(
+        work,
         gpu_config,
         "--profile",
         str(profile),
@@ -180,6 +145,7 @@ def test_demo_dag_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):
     ):
         assert re.search(rf"(^|\s){re.escape(flag)}(\s|$)", sbatch), (flag, sbatch)
     assert "--ntasks-per-gpu" not in sbatch and "--ntasks" not in sbatch.split("--wrap")[0]
+    assert submitted(out) == [] and our_jobs(prefix) == []
 
 
 # A training that needs several SLURM jobs, bounded by work: 60 steps in three jobs, whatever the
@@ -258,7 +224,9 @@ def _stop_by_the_time_limit(run: Run, remote: Path, job: str) -> None:
             w.resume()
 
 
-def test_a_training_longer_than_the_time_limit_continues_over_jobs(slurm_cluster, tmp_path):
+def test_a_training_longer_than_the_time_limit_continues_over_jobs(
+    slurm_cluster, demo_data, tmp_path
+):
     """The demo's training goes through three SLURM jobs (a stop by SLURM's time-limit warning, a
     stop by `scancel --signal=URG`, the end), each resuming where the last stopped (step checkpoint,
     exit 75, resubmission), and ends bit-identical to one uninterrupted local run of the same config."""
@@ -272,12 +240,8 @@ def test_a_training_longer_than_the_time_limit_continues_over_jobs(slurm_cluster
         **{"slurm-init-seconds-before-status-checks": 5},  # see a stopped job soon
     )
     config = {**CONFIG, "training": CHAIN_TRAINING, "evaluation": {"enabled": False}}
-    remote, local = tmp_path / "slurm", tmp_path / "local"
-    rc, out = run_snakemake(
-        remote, config, "--cores", "2", "results/demo/dataset/manifest.json", label="data"
-    )
-    assert rc == 0, out[-6000:]
-    shutil.copytree(remote, local, ignore=shutil.ignore_patterns(".snakemake"))
+    remote = copy_data(demo_data, tmp_path / "slurm")
+    local = copy_data(demo_data, tmp_path / "local")
     # the uninterrupted local run beside the chain of SLURM jobs
     with ThreadPoolExecutor(1) as pool:
         local_run = pool.submit(

@@ -111,6 +111,7 @@ def reference(tmp_path_factory):
     work = tmp_path_factory.mktemp("local")
     rc, out = run_snakemake(work, CONFIG, "--cores", "2", "all", label="local", timeout=900)
     assert rc == 0, f"the local run failed ({rc}):\n{out[-6000:]}"
+    (work / "snakemake.out").write_text(out)
     return work
 
 
@@ -297,7 +298,22 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
     ctld = slurmctld_log(log_start)
     alloc = allocations(ctld)
 
-    # (a) the data and evaluation jobs spread over the nodes (SLURM's allocations: no sacct here)
+    # (a) every job of the local run but the target `all` went through sbatch, the training twice;
+    # with no accounting database here sacct fails (the plugin's default status command would then
+    # lose track of the jobs and Snakemake would wait forever): the profile's squeue was used
+    local_out = (reference / "snakemake.out").read_text()
+    local_rules = sorted(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", local_out))
+    rule_of = dict(re.findall(r"Finished jobid: (\d+) \(Rule: (\w+)\)", out))
+    sent = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
+    assert sorted({rule_of[j] for j, _ in sent} | {"all"}) == sorted(set(local_rules))
+    assert len(sent) == len(local_rules) >= 16, out[-4000:]  # (less `all`, plus one resubmission)
+    assert subprocess.run(["sacct", "-n"], capture_output=True).returncode != 0
+    assert "Falling back to 'sacct'" not in out
+    for _, slurm_id in sent:
+        if slurm_id != job1:
+            assert re.search(rf"_job_complete: JobId={slurm_id} WEXITSTATUS 0\b", ctld), slurm_id
+
+    # the data and evaluation jobs spread over the nodes (SLURM's allocations: no sacct here)
     jobs = re.findall(r"SLURM jobid (\d+) \(log: [^)]*rule_(\w+)", out)
     table = sorted((rule, job, ",".join(alloc[job])) for job, rule in jobs)
     print("\n".join(f"{rule:24} {job:>5} {nodes}" for rule, job, nodes in table))
@@ -341,6 +357,8 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
     assert score(read_csv(a / "eval/results/scores.csv")) == score(
         read_csv(b / "eval/results/scores.csv")
     )
+    for png in ("domains", "tasks", "loss_curve"):
+        assert (b / f"eval/plots/{png}.png").stat().st_size > 0
 
     # what the node loss cost: detection, end of the job, resubmission, resumed training
     t_end = ctld_time(ctld, ended)

@@ -183,65 +183,11 @@ def run_chunk(
     windowing = Windowing.from_config(params["mel"])
     rules = audio.ClipRules.from_config(params["audio"])
     stamp = provenance.stamp(params, params.get("seed"), audio.versions())
-    meta = {
-        "format_version": shards.FORMAT_VERSION,
-        "mel": windowing.shard_params(),
-        "provenance": stamp,
-    }
-    writer = shards.PartWriter(
-        shard_dir,
-        N_MELS,
-        windowing.window_frames,
-        meta,
-        int(params["shards"]["row_group_size"]),
-        params["shards"]["compression"],
-        int(params["shards"]["max_rows"]),
-    )
+    writer = _part_writer(shard_dir, windowing, params["shards"], stamp)
     builder = ShardBuilder(writer, windowing, fetch["source"], int(params["mel"]["batch_size"]))
-    clips: list[dict] = []
-    ok_rows = [c for c in fetch["clips"] if c["status"] == "ok"]
     try:
-        with cf.ThreadPoolExecutor(max_workers=int(params["audio"]["decode_threads"])) as pool:
-            # Decoding (ffmpeg processes) runs ahead of the mel computation, a bounded distance.
-            ahead = 2 * int(params["audio"]["decode_threads"])
-            futures = {}
-            from tqdm import tqdm
-
-            progress = tqdm(
-                total=len(fetch["clips"]),
-                desc=f"mel {fetch['source']} chunk {fetch['chunk']}",
-                unit="clip",
-                file=sys.stdout,
-                mininterval=5,
-            )
-            ok_index = 0
-            for row in fetch["clips"]:
-                while len(futures) < ahead and ok_index < len(ok_rows):
-                    nxt = ok_rows[ok_index]
-                    futures[id(nxt)] = pool.submit(_read_clip, nxt, rules, windowing)
-                    ok_index += 1
-                progress.update(1)
-                if row["status"] != "ok":
-                    clips.append({**_account(row), "stage": "fetch"})
-                    continue
-                blocks, reason, note = futures.pop(id(row)).result()
-                if reason:
-                    clips.append(manifest.clip(row["clip_id"], "rejected", reason, stage="mel"))
-                    continue
-                samples = np.concatenate(blocks)
-                windows = split_windows(samples, windowing)
-                builder.add_clip(row["clip_id"], row.get("labels") or [], windows)
-                clips.append(
-                    manifest.clip(
-                        row["clip_id"],
-                        "ok",
-                        stage="mel",
-                        windows=len(windows),
-                        duration_s=round(samples.size / SAMPLE_RATE, 6),
-                        **({"note": note} if note else {}),
-                    )
-                )
-            progress.close()
+        decoded = _decoded(fetch, rules, windowing, int(params["audio"]["decode_threads"]))
+        clips = [_add_clip(builder, windowing, row, blocks) for row, blocks in decoded]
         builder.flush()
         parts = writer.close()
     except BaseException:
@@ -265,6 +211,72 @@ def run_chunk(
         clips,
     )
     return doc
+
+
+def _part_writer(
+    shard_dir: str, windowing: Windowing, shard_params: dict, stamp: dict
+) -> shards.PartWriter:
+    meta = {
+        "format_version": shards.FORMAT_VERSION,
+        "mel": windowing.shard_params(),
+        "provenance": stamp,
+    }
+    return shards.PartWriter(
+        shard_dir,
+        N_MELS,
+        windowing.window_frames,
+        meta,
+        int(shard_params["row_group_size"]),
+        shard_params["compression"],
+        int(shard_params["max_rows"]),
+    )
+
+
+def _decoded(fetch: dict, rules: audio.ClipRules, windowing: Windowing, decode_threads: int):
+    """Each row of the chunk with its decoding ``(blocks, reason, note)``, or None for a row the
+    fetch did not obtain. Decoding (ffmpeg processes) runs ahead of the mel computation, a bounded
+    distance."""
+    from tqdm import tqdm
+
+    ok_rows = [c for c in fetch["clips"] if c["status"] == "ok"]
+    ahead, futures, ok_index = 2 * decode_threads, {}, 0
+    with (
+        cf.ThreadPoolExecutor(max_workers=decode_threads) as pool,
+        tqdm(
+            total=len(fetch["clips"]),
+            desc=f"mel {fetch['source']} chunk {fetch['chunk']}",
+            unit="clip",
+            file=sys.stdout,
+            mininterval=5,
+        ) as progress,
+    ):
+        for row in fetch["clips"]:
+            while len(futures) < ahead and ok_index < len(ok_rows):
+                nxt = ok_rows[ok_index]
+                futures[id(nxt)] = pool.submit(_read_clip, nxt, rules, windowing)
+                ok_index += 1
+            progress.update(1)
+            yield row, (futures.pop(id(row)).result() if row["status"] == "ok" else None)
+
+
+def _add_clip(builder: ShardBuilder, windowing: Windowing, row: dict, decoded) -> dict:
+    """One clip's windows into the shards; its line of the manifest."""
+    if decoded is None:
+        return {**_account(row), "stage": "fetch"}
+    blocks, reason, note = decoded
+    if reason:
+        return manifest.clip(row["clip_id"], "rejected", reason, stage="mel")
+    samples = np.concatenate(blocks)
+    windows = split_windows(samples, windowing)
+    builder.add_clip(row["clip_id"], row.get("labels") or [], windows)
+    return manifest.clip(
+        row["clip_id"],
+        "ok",
+        stage="mel",
+        windows=len(windows),
+        duration_s=round(samples.size / SAMPLE_RATE, 6),
+        **({"note": note} if note else {}),
+    )
 
 
 def _account(row: dict) -> dict:

@@ -339,6 +339,31 @@ def combine_stats(parts: list[dict], n_mels: int) -> dict:
     }
 
 
+def _tally(doc: dict, shards: list, rejects: list, totals: dict) -> None:
+    """One shard manifest into the dataset's shard list, rejects and totals."""
+    for i, part in enumerate(doc["shards"]):
+        shards.append({**part, "source": doc["source"], "chunk": doc["chunk"], "part": i})
+    for c in doc["clips"]:
+        totals["clips"] += 1
+        totals[c["status"]] += 1
+        if c["status"] != "ok":
+            rejects.append(
+                {
+                    "source": doc["source"],
+                    "chunk": doc["chunk"],
+                    "clip_id": c["clip_id"],
+                    "status": c["status"],
+                    "stage": c.get("stage", "mel"),
+                    "reason": c["reason"],
+                }
+            )
+    totals["windows"] += doc["rows"]
+    totals["bytes"] += sum(part["bytes"] for part in doc["shards"])
+    totals["hours"] += (
+        doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
+    )
+
+
 def build_dataset_manifest(
     shard_manifests: list[str], params: dict, out: str, rejects_out: str
 ) -> dict:
@@ -363,28 +388,8 @@ def build_dataset_manifest(
             raise ShardError(
                 f"{path}: mel parameters {doc['mel']} differ from the other shards' {mel_params}"
             )
-        for i, part in enumerate(doc["shards"]):
-            shards.append({**part, "source": doc["source"], "chunk": doc["chunk"], "part": i})
         stats.append(doc["stats"])
-        for c in doc["clips"]:
-            totals["clips"] += 1
-            totals[c["status"]] += 1
-            if c["status"] != "ok":
-                rejects.append(
-                    {
-                        "source": doc["source"],
-                        "chunk": doc["chunk"],
-                        "clip_id": c["clip_id"],
-                        "status": c["status"],
-                        "stage": c.get("stage", "mel"),
-                        "reason": c["reason"],
-                    }
-                )
-        totals["windows"] += doc["rows"]
-        totals["bytes"] += sum(part["bytes"] for part in doc["shards"])
-        totals["hours"] += (
-            doc["stats"]["frames"] * doc["mel"]["hop_length"] / doc["mel"]["sample_rate"] / 3600
-        )
+        _tally(doc, shards, rejects, totals)
     if params["shards"]["verify"]:
         verify_all(shards)
     totals["hours"] = round(totals["hours"], 6)

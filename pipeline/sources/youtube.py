@@ -166,28 +166,25 @@ def _classify(exc: BaseException) -> dict:
     }
 
 
-def _download(url: str, start_s: float, end_s: float, workdir: str, opts: FetchOptions) -> dict:
-    """Run yt-dlp once (in the child process). Returns the result dict."""
-    import yt_dlp
-    from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
-    from yt_dlp.utils import download_range_func
+class _Quiet:
+    """A logger for yt-dlp that drops everything: the result dict carries what matters."""
 
-    exe = audio.ffmpeg_exe()
-    FFmpegPostProcessor._ffmpeg_location.set(exe)  # the API does not set it for range downloads
+    def debug(self, msg):
+        pass
 
-    class _Quiet:
-        def debug(self, msg):
-            pass
+    def info(self, msg):
+        pass
 
-        def info(self, msg):
-            pass
+    def warning(self, msg):
+        pass
 
-        def warning(self, msg):
-            pass
+    def error(self, msg):
+        pass
 
-        def error(self, msg):
-            pass
 
+def _ydl_params(workdir: str, opts: FetchOptions, exe: str) -> dict:
+    """yt-dlp's options for one download: no retries of its own (ours are bounded and
+    classified), a socket timeout, the media into ``workdir``."""
     params = {
         "format": "bestaudio/best",
         "outtmpl": {"default": os.path.join(workdir, "media.%(ext)s")},
@@ -213,6 +210,18 @@ def _download(url: str, start_s: float, end_s: float, workdir: str, opts: FetchO
         params["ratelimit"] = parse_rate(opts.rate_limit)
     if opts.cookies:
         params["cookiefile"] = opts.cookies
+    return params
+
+
+def _download(url: str, start_s: float, end_s: float, workdir: str, opts: FetchOptions) -> dict:
+    """Run yt-dlp once (in the child process). Returns the result dict."""
+    import yt_dlp
+    from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
+    from yt_dlp.utils import download_range_func
+
+    exe = audio.ffmpeg_exe()
+    FFmpegPostProcessor._ffmpeg_location.set(exe)  # the API does not set it for range downloads
+    params = _ydl_params(workdir, opts, exe)
     if opts.segment_download:
         params["download_ranges"] = download_range_func(None, [(start_s, end_s)])
     try:
@@ -395,6 +404,30 @@ def _failed_row(clip_id: str, result: dict, attempts: int, base: dict) -> dict:
     return row
 
 
+def _shortfall(samples, seg: lists.Segment, media: float | None) -> str | None:
+    """Why the decoded ``samples`` are too short, or None. A connection closed mid-transfer can
+    look like a clean end of file to ffmpeg: compare with what the segment (or the media, when
+    shorter) should hold."""
+    duration = seg.end_s - seg.start_s
+    expected = duration if not media else max(0.0, min(seg.end_s, float(media)) - seg.start_s)
+    got = samples.size / audio.SAMPLE_RATE
+    if got < expected - INCOMPLETE_TOLERANCE_S:
+        return f"incomplete download: {got:.2f} s of {expected:.2f} s"
+    return None
+
+
+def _keep_media(downloaded: str, stem: Path, offset: float, duration: float) -> Path:
+    """The downloaded media as it came (with a sidecar naming the segment in it)."""
+    media_path = stem.with_name(stem.name + (Path(downloaded).suffix or ".media"))
+    with atomic.atomic_path(media_path) as tmp:
+        shutil.move(downloaded, tmp)
+    atomic.write_json(
+        stem.with_name(stem.name + ".json"),
+        {"file": media_path.name, "offset_s": offset, "duration_s": duration},
+    )
+    return media_path
+
+
 def _store(
     clip_id: str,
     result: dict,
@@ -425,13 +458,8 @@ def _store(
         # A connection reset mid-transfer can leave a file that does not decode: try again.
         result["incomplete"] = f"downloaded file {reason}"
         return None
-    # A connection closed mid-transfer can look like a clean end of file to ffmpeg: compare
-    # with what the segment (or the media, when shorter) should hold.
-    media = result.get("media_duration")
-    expected = duration if not media else max(0.0, min(seg.end_s, float(media)) - seg.start_s)
-    got = samples.size / audio.SAMPLE_RATE
-    if got < expected - INCOMPLETE_TOLERANCE_S:
-        result["incomplete"] = f"incomplete download: {got:.2f} s of {expected:.2f} s"
+    result["incomplete"] = _shortfall(samples, seg, result.get("media_duration"))
+    if result["incomplete"]:
         return None
     if keep_audio:
         flac = dest / f"{name}.flac"
@@ -446,13 +474,7 @@ def _store(
             audio_duration_s=None,
             **base,
         )
-    ext = Path(result["path"]).suffix or ".media"
-    media_path = dest / f"{name}{ext}"
-    with atomic.atomic_path(media_path) as tmp:
-        shutil.move(result["path"], tmp)
-    atomic.write_json(
-        dest / f"{name}.json", {"file": media_path.name, "offset_s": offset, "duration_s": duration}
-    )
+    media_path = _keep_media(result["path"], dest / name, offset, duration)
     return manifest.clip(
         clip_id,
         "ok",
