@@ -133,25 +133,27 @@ def snakemake_env(**extra: str) -> dict:
     return {**env, **extra}
 
 
-def snakemake_cmd(workdir: Path, config: dict, *args: str) -> list[str]:
-    """The command line of a real workflow run with ``config`` (written to the work folder)."""
+def snakemake_cmd(
+    workdir: Path, config: dict, *args: str, label: str = "", cores: int | None = 2
+) -> list[str]:
+    """The command line of a real workflow run with ``config`` (written to the work folder as
+    test-config[-label].yaml); ``cores`` None leaves the number to ``args`` (a profile)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = workdir / "test-config.yaml"
+    cfg = workdir / f"test-config{'-' + label if label else ''}.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=True))
-    return [
+    snakefile, folder = str(REPO / "Snakefile"), str(workdir)
+    cmd = [
         sys.executable,
         "-m",
         "snakemake",
         "-s",
-        str(REPO / "Snakefile"),
+        snakefile,
         "-d",
-        str(workdir),
+        folder,
         "--configfile",
         str(cfg),
-        "--cores",
-        "2",
-        *args,
     ]
+    return cmd + (["--cores", str(cores)] if cores else []) + list(args)
 
 
 def snakemake(

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from helpers import REPO, SLURM_CONF_AT_START, snakemake_env
+from helpers import REPO, SLURM_CONF_AT_START, snakemake_cmd, snakemake_env
 
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 PROFILE = REPO / "slurm" / "config.yaml"
@@ -179,25 +179,11 @@ class Run:
     def __init__(
         self, workdir: Path, config: dict, *args: str, prefix: str | None, label: str = "all"
     ):
-        workdir.mkdir(parents=True, exist_ok=True)
-        cfg = workdir / f"test-config-{label}.yaml"
-        cfg.write_text(yaml.safe_dump(config, sort_keys=True))
+        self.cmd = snakemake_cmd(workdir, config, *args, label=label, cores=None)
         self.log, self.prefix = workdir / f"snakemake-{label}.log", prefix
         # SLURM jobs inherit this environment (sbatch --export=ALL). Ray's socket paths must stay short.
         self.ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
         env = snakemake_env(DASHENG_RAY_TMP=self.ray_tmp)
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(workdir),
-            "--configfile",
-            str(cfg),
-            *args,
-        ]
         with open(self.log, "w") as fh:
             self.proc = subprocess.Popen(
                 self.cmd,

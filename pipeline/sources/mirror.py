@@ -264,26 +264,11 @@ def run(stream: Iterable[Item | Problem], ctx: Context, label: str = "") -> list
 def write_chunk(out: str, params: dict, chunk: str, clips: list[dict], ctx: Context) -> dict:
     """The chunk's manifest: the clips and what was skipped (once their audio is on disk)."""
     sync_stored(ctx)
-    stamp = provenance_stamp(params)
-    doc = manifest.write(
-        out,
-        stage="fetch",
-        source=params["source"],
-        chunk=chunk,
-        clips=clips,
-        provenance=stamp,
-        skipped=dict(sorted(ctx.skipped.items())),
-    )
-    manifest.print_summary(f"{params['source']} chunk {chunk}", clips)
+    skipped = dict(sorted(ctx.skipped.items()))
+    doc = manifest.write_fetch(out, params, chunk, clips, audio.versions(), skipped=skipped)
     if ctx.skipped:
         log.info(f"  skipped: {dict(ctx.skipped)}")
     return doc
-
-
-def provenance_stamp(params: dict) -> dict:
-    from dasheng_pipeline.common import provenance
-
-    return provenance.stamp(params, params.get("seed"), audio.versions())
 
 
 def cleanup(path: Path | None) -> None:

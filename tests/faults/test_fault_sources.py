@@ -170,7 +170,7 @@ def test_kill_9_mid_parquet_file_then_rerun(tmp_path, mirror_reference, archive_
     at_clip = random.Random(0).randint(2, 6)
     ready = lambda: len(list((out / "audio/snap").rglob("*.flac"))) >= at_clip
     try:
-        hit = fu.kill_at_random_point(
+        fu.kill_at_random_point(
             proc, "dasheng_pipeline.sources.hf_parquet", None, 0.0, ready=ready, freeze=True
         )
         broken = fu.untrusted_finals(out)
