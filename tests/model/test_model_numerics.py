@@ -61,6 +61,7 @@ def native() -> tuple[str, str]:
     return run()
 
 
+@pytest.mark.slow  # (four training runs in fresh interpreters)
 def test_portable_numerics_equal_an_avx2_only_cpu_and_native_may_not(native):
     avx2_cpu, cap = run(env=AVX2_ONLY_CPU)
     assert cap == "AVX2"

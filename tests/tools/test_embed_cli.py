@@ -339,6 +339,7 @@ def test_an_interrupted_run_keeps_what_it_says_and_a_rerun_finishes(tmp_path):
     assert read_embeddings(out).paths == sorted(str(p) for p in folder.glob("*.wav"))
 
 
+@pytest.mark.slow  # (three runs of the command line)
 def test_numerics_portable_is_applied_before_any_tensor_work(tmp_path):
     """--numerics portable (also after the subcommand, or $DASHENG_NUMERICS) caps torch's CPU
     kernels at AVX2: the variables are set before torch chooses (dasheng_model.numerics)."""
