@@ -114,19 +114,27 @@ def write_rejects(path: Path, rejects: dict[str, inputs.Reject]) -> None:
 # -- the table and its parts -------------------------------------------------------------------
 
 
-def _read_checked(path: Path, expected: pa.Schema, frames: bool) -> pa.Table:
-    """A table written by ``embed`` with the same layout; else one line that names the file."""
+def _ours(path: Path, read):
+    """``read(path)`` (a schema or a table) of a Parquet file ``embed`` wrote; else one line that
+    names the file."""
     try:
-        table = pq.read_table(path)
+        found = read(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise EmbedError(
             f"{path}: not a Parquet file embed can add to ({exc}); pass another --out"
         ) from exc
-    if META_KEY not in (table.schema.metadata or {}):
+    schema_ = found if isinstance(found, pa.Schema) else found.schema
+    if META_KEY not in (schema_.metadata or {}):
         raise EmbedError(
             f"{path}: a Parquet file that embed did not write (no '{META_KEY.decode()}' "
             "metadata); pass another --out"
         )
+    return found
+
+
+def _read_checked(path: Path, expected: pa.Schema, frames: bool) -> pa.Table:
+    """A table written by ``embed`` with the same layout; else one line that names the file."""
+    table = _ours(path, pq.read_table)
     if table.schema.names != expected.names:
         if set(table.schema.names) ^ set(expected.names) == {"frames_file"}:
             how = "without" if frames else "with"
@@ -142,19 +150,8 @@ def _read_checked(path: Path, expected: pa.Schema, frames: bool) -> pa.Table:
 
 def check_ours(out: Path) -> None:
     """Refuse, before any work, an ``OUT`` that ``embed`` did not write (its schema only)."""
-    if not out.is_file():
-        return
-    try:
-        found = pq.read_schema(out)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise EmbedError(
-            f"{out}: not a Parquet file embed can add to ({exc}); pass another --out"
-        ) from exc
-    if META_KEY not in (found.metadata or {}):
-        raise EmbedError(
-            f"{out}: a Parquet file that embed did not write (no '{META_KEY.decode()}' "
-            "metadata); pass another --out"
-        )
+    if out.is_file():
+        _ours(out, pq.read_schema)
 
 
 def read_tables(out: Path, dim: int, frames: bool) -> list[pa.Table]:
