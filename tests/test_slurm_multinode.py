@@ -23,6 +23,7 @@ them); skips with a message elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -247,6 +248,29 @@ def resumed_after(t: Training, since: float, timeout: float = 900) -> float:
     return wait_for("the resumed training's first step", check, timeout, every=0.1, run=t.run)
 
 
+def after_the_lost_node(run: Run, t: Training, node: str, t_kill: float) -> tuple[float, int, str]:
+    """When the training resumed after ``node`` was killed at ``t_kill``; then, once SLURM marked
+    the node DOWN, the node back (the next tests need three nodes; the resumed job runs already)
+    and the run to its end: (resumed, rc, output)."""
+    t_resumed = resumed_after(t, t_kill)
+    wait_for(f"{node} DOWN in SLURM", lambda: "down" in node_state(node), 300)
+    restore_nodes()
+    rc, out = run.finish(1200)
+    return t_resumed, rc, out
+
+
+@contextlib.contextmanager
+def nodes_restored(run: Run):
+    """A test that stops early kills its run; the nodes come back in any case."""
+    try:
+        yield
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+        run.cleanup()
+        restore_nodes()
+
+
 def same_training(local: Path, remote: Path) -> None:
     """The remote training's encoder, sidecar, metrics and summary equal the local run's."""
     for name in TRAINING_OUTPUTS:
@@ -271,7 +295,7 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
     log_start = ctld_log_end()
     run = Run(remote, CONFIG, "--profile", str(profile), "all", prefix=prefix)
     t = Training(run, remote)
-    try:
+    with nodes_restored(run):
         job1 = t.job(1)
         first = t.placement(job1)
         at = t.at_step(6)
@@ -285,15 +309,7 @@ def test_the_dag_on_three_nodes_survives_a_lost_node_and_equals_a_local_run(
             300,
             run=run,
         )[0]
-        t_resumed = resumed_after(t, t_kill)
-        wait_for(f"{victim} DOWN in SLURM", lambda: "down" in node_state(victim), 300)
-        restore_nodes()  # (the next tests need three nodes; this job already runs)
-        rc, out = run.finish(1200)
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
-        run.cleanup()
-        restore_nodes()
+        t_resumed, rc, out = after_the_lost_node(run, t, victim, t_kill)
     assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
     ctld = slurmctld_log(log_start)
     alloc = allocations(ctld)
@@ -409,7 +425,7 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
     log_start = ctld_log_end()
     run = Run(remote, CONFIG, "--profile", str(profile), *TRAINING_OUTPUTS, prefix=prefix)
     t = Training(run, remote)
-    try:
+    with nodes_restored(run):
         job1 = t.job(1)
         placement = t.placement(job1)
         assert len({r["host"] for r in placement}) == 2, placement
@@ -439,15 +455,7 @@ def test_a_hung_worker_is_ended_by_the_timeout_and_a_lost_head_is_survived(
         t.at_step(saved2 + 2)
         t_kill = kill_node(head)
         job2 = t.job(2, timeout=600)
-        t_resumed2 = resumed_after(t, t_kill)
-        wait_for(f"{head} DOWN in SLURM", lambda: "down" in node_state(head), 300)
-        restore_nodes()
-        rc, out = run.finish(1200)
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
-        run.cleanup()
-        restore_nodes()
+        t_resumed2, rc, out = after_the_lost_node(run, t, head, t_kill)
     assert rc == 0, f"snakemake --profile slurm failed ({rc}):\n{out[-8000:]}"
     assert (
         hang_log.count("resuming from step checkpoint") == 1
