@@ -7,7 +7,9 @@ name, so nothing a rerun would trust. :func:`clean_stale_temps` removes such lef
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -78,6 +80,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)
+
+
+def write_csv(path: str | os.PathLike, header: list[str], rows) -> None:
+    """A CSV table (``\\n`` line ends, UTF-8) written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:

@@ -7,8 +7,6 @@ Each file is embedded as the classifier was trained (the mean of its 25 Hz frame
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -111,14 +109,6 @@ class _Tagger:
         self.summary.audio_seconds += duration
 
 
-def _write_csv(out: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic.write_bytes(out, buf.getvalue().encode("utf-8"))
-
-
 def predict(
     inputs_: list[str | Path],
     classifier: str | Path,
@@ -155,7 +145,7 @@ def predict(
         else:
             tagger.add(item, samples)
     tagger.flush()
-    _write_csv(out, tagger.header, tagger.rows)
+    atomic.write_csv(out, tagger.header, tagger.rows)
     write_rejects(rejects_path(out), found)
     summary.rows, summary.rejected = len(tagger.rows), len(found)
     summary.seconds = time.perf_counter() - t0

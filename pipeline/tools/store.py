@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -103,12 +102,12 @@ def read_rejects(path: Path) -> dict[str, inputs.Reject]:
 
 
 def write_rejects(path: Path, rejects: dict[str, inputs.Reject]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "reason", "size", "mtime_ns"])
-    for r in sorted(rejects.values(), key=lambda r: r.path):
-        writer.writerow([r.path, r.reason, r.size, r.mtime_ns])
-    atomic.write_bytes(path, buf.getvalue().encode("utf-8"))
+    rows = sorted(rejects.values(), key=lambda r: r.path)
+    atomic.write_csv(
+        path,
+        ["path", "reason", "size", "mtime_ns"],
+        [[r.path, r.reason, r.size, r.mtime_ns] for r in rows],
+    )
 
 
 # -- the table and its parts -------------------------------------------------------------------

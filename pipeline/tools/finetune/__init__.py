@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dasheng_pipeline.common import audio, provenance
+from dasheng_pipeline.common import atomic, audio, provenance
 from dasheng_pipeline.tools.classifier import probabilities as scores
 from dasheng_pipeline.tools.embed import Model
 from dasheng_pipeline.tools.finetune import features, report
@@ -154,7 +154,7 @@ def _inputs(
         raise FinetuneError(
             f"DATA {run.source}: no file could be used; see {run.out / 'rejects.csv'}"
         )
-    report.write_csv(run.out / "rejects.csv", ["item", "reason"], [list(r) for r in ds.rejects])
+    atomic.write_csv(run.out / "rejects.csv", ["item", "reason"], [list(r) for r in ds.rejects])
     return x, use
 
 

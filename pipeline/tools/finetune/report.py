@@ -3,8 +3,6 @@ curve.csv, splits.csv, rejects.csv and the figures (confusion matrix or per-clas
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,14 +61,6 @@ class Result:
                 else ""
             )
         )
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic.write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def _fmt(v) -> str | int:
@@ -233,7 +223,7 @@ def write_metrics(
         if multilabel
         else ["label", "examples", "scored", "precision", "recall", "f1"]
     )
-    write_csv(out / "per_class.csv", header, rows)
+    atomic.write_csv(out / "per_class.csv", header, rows)
     metrics = _metrics_json(res, folds, pooled, multilabel)
     atomic.write_json(out / "metrics.json", {**metrics, "provenance": stamp})
     if multilabel:
@@ -249,7 +239,7 @@ def write_splits(out: Path, data: Data, assignments: list[np.ndarray], folds: in
         if folds
         else None
     )
-    write_csv(
+    atomic.write_csv(
         out / "splits.csv",
         ["path", "label", "split"] + (["test_fold"] if test_fold is not None else []),
         [
@@ -263,7 +253,7 @@ def write_splits(out: Path, data: Data, assignments: list[np.ndarray], folds: in
 def write_curve(out: Path, curve: list[dict], metric: str, stamp: dict) -> None:
     from dasheng_pipeline.common.figures import plt, save_png
 
-    write_csv(
+    atomic.write_csv(
         out / "curve.csv",
         ["epoch", "train_loss", "valid_loss", f"valid_{metric}"],
         [
